@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints these as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us (path, config, checkpoint, data)."""
