@@ -1,0 +1,144 @@
+"""mmdet-style Python configs (YOLC's own configs/yolc.py works unmodified), YOLC's defaults, distill_cfg."""
+from __future__ import annotations
+
+import copy
+import types
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+from yolc_kd.errors import UserError
+
+YOLC_CLASSES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle", "awning-tricycle", "bus", "motor")
+IMG_NORM = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+
+# Everything but `model` falls back to these (YOLC's configs/yolc.py recipe, single GPU).
+DEFAULTS: Dict[str, Any] = dict(
+    classes=YOLC_CLASSES,
+    num_classes=10,
+    img_norm_cfg=IMG_NORM,
+    train_pipeline=None,          # None -> YOLC's training augmentation (see yolc_kd.data.augment)
+    test_pipeline=None,           # None -> YOLC's test transform (pad to a multiple of 32 around the image)
+    data=dict(samples_per_gpu=4, workers_per_gpu=2, train=None, val=None, test=None),
+    optimizer=dict(type="SGD", lr=0.0025, momentum=0.9, weight_decay=0.0001),
+    optimizer_config=dict(grad_clip=dict(max_norm=35, norm_type=2)),
+    lr_config=dict(policy="step", warmup="linear", warmup_iters=1000, warmup_ratio=0.001, step=[18, 24]),
+    runner=dict(type="EpochBasedRunner", max_epochs=48),
+    evaluation=dict(interval=1, metric="bbox"),
+    checkpoint_config=dict(interval=1),
+    log_config=dict(interval=50, hooks=[]),
+    seed=0,
+    distill_cfg=None,
+    # keys YOLC's config carries that yolc-kd reads no meaning from, accepted so the file loads as is
+    dataset_type="VisDroneDataset", data_root="", custom_hooks=[], dist_params=dict(backend="nccl"),
+    log_level="INFO", load_from=None, resume_from=None, workflow=[("train", 1)], work_dir=None,
+    gpu_ids=None, fp16=None, auto_scale_lr=None, opencv_num_threads=0, mp_start_method="fork",
+)
+REQUIRED = ("model",)
+
+DISTILL_DEFAULTS: Dict[str, Any] = dict(
+    enable=True, teacher_ckpt=None, teacher_config=None,
+    kd_weight_global_hm=1.0, kd_weight_global_coarse=1.0, kd_weight_local_refine=1.0,
+    use_teacher_crop=True, max_patches_per_img=4, min_patch_size=64, lsm_visualize=False,
+    hm_kd="mse", hm_kd_temperature=1.0,
+)
+_DISTILL_TYPES = dict(
+    enable=bool, teacher_ckpt=(str, type(None)), teacher_config=(str, dict, type(None)),
+    kd_weight_global_hm=(int, float), kd_weight_global_coarse=(int, float), kd_weight_local_refine=(int, float),
+    use_teacher_crop=bool, max_patches_per_img=int, min_patch_size=int, lsm_visualize=bool,
+    hm_kd=str, hm_kd_temperature=(int, float),
+)
+
+
+def _merge(base: dict, child: Mapping) -> dict:
+    """mmcv-style merge: nested dicts merge key by key unless the child sets _delete_=True."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and not value.get("_delete_", False):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = {k: v for k, v in value.items() if k != "_delete_"} if isinstance(value, Mapping) else value
+    return out
+
+
+def _exec_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    if path.suffix != ".py":
+        raise UserError(f"config {path}: only mmdet-style Python configs (.py) are supported")
+    namespace: Dict[str, Any] = {"__file__": str(path), "__name__": "__config__"}
+    try:
+        exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
+    except Exception as exc:  # a config is user code: report where it broke in one line
+        raise UserError(f"config {path}: {type(exc).__name__}: {exc}") from None
+    cfg = {k: v for k, v in namespace.items()
+           if not k.startswith("__") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+    bases = cfg.pop("_base_", None)
+    if bases:
+        merged: dict = {}
+        for b in [bases] if isinstance(bases, str) else bases:
+            merged = _merge(merged, _exec_file((path.parent / b).resolve()))
+        cfg = _merge(merged, cfg)
+    return cfg
+
+
+def _check_types(cfg: Mapping, path: Path) -> None:
+    for key, value in cfg.items():
+        if key not in DEFAULTS and key not in REQUIRED:
+            raise UserError(f"config {path}: unknown key '{key}'")
+        default = DEFAULTS.get(key)
+        if key == "model" and not isinstance(value, Mapping):
+            raise UserError(f"config {path}: 'model' must be a dict, got {type(value).__name__}")
+        if isinstance(default, Mapping) and value is not None and not isinstance(value, Mapping):
+            raise UserError(f"config {path}: '{key}' must be a dict, got {type(value).__name__}")
+        if isinstance(default, (tuple, list)) and key in ("classes",) and not isinstance(value, (tuple, list)):
+            raise UserError(f"config {path}: '{key}' must be a list of names, got {type(value).__name__}")
+        if isinstance(default, int) and not isinstance(default, bool) and key in ("num_classes", "seed") \
+                and (not isinstance(value, int) or isinstance(value, bool)):
+            raise UserError(f"config {path}: '{key}' must be an int, got {type(value).__name__}")
+
+
+def validate_distill_cfg(dcfg: Optional[Mapping], where: Union[str, Path] = "config") -> Dict[str, Any]:
+    """distill_cfg with defaults filled; unknown keys or wrong types name the key and the file."""
+    if dcfg is None:
+        return dict(DISTILL_DEFAULTS, enable=False)
+    if not isinstance(dcfg, Mapping):
+        raise UserError(f"config {where}: 'distill_cfg' must be a dict")
+    out = dict(DISTILL_DEFAULTS)
+    for key, value in dcfg.items():
+        if key not in _DISTILL_TYPES:
+            raise UserError(f"config {where}: unknown key 'distill_cfg.{key}' (known: {', '.join(_DISTILL_TYPES)})")
+        expected = _DISTILL_TYPES[key]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)) or \
+                (isinstance(value, bool) and expected == (int, float)):
+            names = "/".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+            raise UserError(f"config {where}: 'distill_cfg.{key}' must be {names}, got {type(value).__name__}")
+        out[key] = value
+    if not 1 <= out["max_patches_per_img"] <= 16:
+        raise UserError(f"config {where}: 'distill_cfg.max_patches_per_img' must be in 1..16")
+    if out["hm_kd"] not in ("mse", "kl"):
+        raise UserError(f"config {where}: 'distill_cfg.hm_kd' must be 'mse' or 'kl'")
+    return out
+
+
+def load_config(path: Union[str, Path], with_defaults: bool = False) -> Dict[str, Any]:
+    """Execute an mmdet-style Python config and return its settings as a plain dict.
+
+    with_defaults=True fills every missing setting with YOLC's default and validates distill_cfg."""
+    path = Path(path)
+    cfg = _exec_file(path)
+    _check_types(cfg, path)
+    if "model" not in cfg:
+        raise UserError(f"config {path}: missing required key 'model'")
+    if cfg.get("distill_cfg") is not None:
+        validate_distill_cfg(cfg["distill_cfg"], path)
+    if with_defaults:
+        cfg = _merge(copy.deepcopy(DEFAULTS), cfg)
+        cfg["distill_cfg"] = validate_distill_cfg(cfg.get("distill_cfg"), path)
+        if "classes" not in cfg or cfg["classes"] is None:
+            cfg["classes"] = YOLC_CLASSES
+    cfg["_path"] = str(path)
+    return cfg
+
+
+def num_classes_of(model_cfg: Mapping) -> int:
+    return int(model_cfg["bbox_head"]["num_classes"])

@@ -1,0 +1,149 @@
+"""The YOLC detector: HRNet -> HRFPN -> YOLCHead, with YOLC's crop-refine-fuse inference."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from yolc_kd import crops
+from yolc_kd.models.hrfpn import HRFPN
+from yolc_kd.models.hrnet import HRNet
+from yolc_kd.models.yolc_head import Dets, YOLCHead
+
+DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms")
+
+
+class YOLC(nn.Module):
+    def __init__(self, backbone: Mapping, neck: Optional[Mapping], bbox_head: Mapping,
+                 train_cfg: Optional[Mapping] = None, test_cfg: Optional[Mapping] = None,
+                 pretrained: Optional[str] = None, init_cfg=None):
+        super().__init__()
+        self.backbone = _build(backbone, {"HRNet": HRNet}, "backbone")
+        self.neck = _build(neck, {"HRFPN": HRFPN}, "neck") if neck else None
+        head_cfg = dict(bbox_head)
+        head_cfg.update(train_cfg=train_cfg, test_cfg=test_cfg)  # as mmdet's SingleStageDetector
+        self.bbox_head = _build(head_cfg, {"YOLCHead": YOLCHead}, "bbox_head")
+        self.crop_cfg = {**DEFAULT_CROP_CFG, **dict((test_cfg or {}).get("crop", {}))}
+
+    @property
+    def test_cfg(self) -> dict:
+        return self.bbox_head.test_cfg
+
+    def extract_feat(self, img: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        x = self.backbone(img)
+        return self.neck(x) if self.neck is not None else tuple(x)
+
+    def forward_dummy(self, img: torch.Tensor):
+        return self.bbox_head(self.extract_feat(img))
+
+    def forward_train(self, img: torch.Tensor, img_metas: List[Mapping], gt_bboxes: List[torch.Tensor],
+                      gt_labels: List[torch.Tensor], **unused) -> Dict[str, torch.Tensor]:
+        outs = self.bbox_head(self.extract_feat(img))
+        return self.bbox_head.loss(*outs, gt_bboxes, gt_labels, img_metas)
+
+    # ------------------------------------------------------------------ crop helpers (design names)
+    def _crop_img_tensor(self, img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:
+        return crops.crop_img_tensor(img_i, coord)
+
+    def _build_patch_meta(self, meta: Mapping, patch_shape: Sequence[int], coord: Sequence[float],
+                          scale: float = 1.0) -> dict:
+        return crops.build_patch_meta(meta, patch_shape, coord, scale)
+
+    def _remap_bboxes_to_full(self, bboxes: torch.Tensor, meta_patch: Mapping) -> torch.Tensor:
+        return crops.remap_bboxes_to_full(bboxes, meta_patch)
+
+    def make_patches(self, img: torch.Tensor, img_metas: List[Mapping], regions: List[np.ndarray],
+                     upscale: float) -> Tuple[Optional[torch.Tensor], List[dict], List[int]]:
+        """Cut every region (content frame, [x,y,w,h]) of every image, upscale, pad to one batch.
+        Returns the batch, the patch metas and the image index of each patch."""
+        patches, metas, owners = [], [], []
+        for i, (meta, regs) in enumerate(zip(img_metas, regions)):
+            border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.float64)
+            for reg in np.asarray(regs).reshape(-1, 4):
+                coord = [reg[0] + border[2], reg[1] + border[0], reg[2], reg[3]]  # content -> tensor frame
+                patch = self._crop_img_tensor(img[i], coord)
+                if patch.shape[1] < 1 or patch.shape[2] < 1:
+                    continue
+                if upscale != 1.0:
+                    size = (max(1, round(patch.shape[1] * upscale)), max(1, round(patch.shape[2] * upscale)))
+                    patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
+                # the exact scale per axis keeps remap the inverse of crop after rounding the size
+                scale = patch.shape[2] / max(1, int(round(coord[2])))
+                patches.append(patch)
+                metas.append(self._build_patch_meta(meta, patch.shape[1:], coord, scale))
+                owners.append(i)
+        if not patches:
+            return None, [], []
+        batch = crops.pad_batch(patches)
+        for m in metas:
+            m["batch_input_shape"] = tuple(batch.shape[2:])
+            m["pad_shape"] = (*batch.shape[2:], 3)
+        return batch, metas, owners
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def simple_test(self, img: torch.Tensor, img_metas: List[Mapping], rescale: bool = True,
+                    fusion: Optional[str] = None, max_patches: Optional[int] = None,
+                    return_extras: bool = False):
+        """Full-image detection -> LSM on this model's heatmap -> one batched forward over all patches ->
+        remap -> fusion -> class-wise NMS. Returns per image (dets (N,5) [x1,y1,x2,y2,score], labels (N,))."""
+        cfg = self.crop_cfg
+        fusion = fusion or cfg["fusion"]
+        max_patches = cfg["max_patches"] if max_patches is None else max_patches
+        heat, coarse, refine = self.bbox_head(self.extract_feat(img))
+        full = self.bbox_head.get_bboxes(heat, coarse, refine, img_metas, rescale=False)
+        regions: List[np.ndarray] = [np.zeros((0, 4), np.int64) for _ in img_metas]
+        results: List[Dets] = list(full)
+        if fusion != "none" and max_patches > 0:
+            # YOLC quirk kept: LSM reads the blurred heatmap (its get_bboxes blurs the list in place)
+            blurred = [self.bbox_head_blur(heat[0])]
+            for i, (meta, coord) in enumerate(zip(img_metas, self.bbox_head.LSM(blurred, img_metas))):
+                h, w = meta.get("img_shape", img.shape[2:])[:2]
+                regions[i] = crops.select_regions(coord, (h, w), max_patches, cfg["min_patch_size"], cfg["enlarge"])
+            results = self._fuse_patches(img, img_metas, full, regions, fusion)
+        out = []
+        for (dets, labels), meta in zip(results, img_metas):
+            if rescale:
+                dets = dets.clone()
+                dets[:, :4] /= dets.new_tensor(np.asarray(meta.get("scale_factor", 1.0), np.float32) * np.ones(4, np.float32))
+            out.append((dets, labels))
+        if return_extras:
+            return out, dict(heatmap=heat[0], regions=regions)
+        return out
+
+    def bbox_head_blur(self, heat: torch.Tensor) -> torch.Tensor:
+        from yolc_kd.models.yolc_head import gaussian_blur3x3
+        return gaussian_blur3x3(heat)
+
+    def _fuse_patches(self, img, img_metas, full: List[Dets], regions: List[np.ndarray], fusion: str) -> List[Dets]:
+        batch, metas, owners = self.make_patches(img, img_metas, regions, float(self.crop_cfg["upscale"]))
+        per_img: List[List[Dets]] = [[] for _ in img_metas]
+        if batch is not None:
+            ph, pc, pr = self.bbox_head(self.extract_feat(batch))
+            for (dets, labels), m, i in zip(self.bbox_head.get_bboxes(ph, pc, pr, metas, rescale=True), metas, owners):
+                dets = self._remap_bboxes_to_full(dets, m)
+                border = np.asarray(img_metas[i].get("border", np.zeros(4)), np.float32)
+                dets[:, :4] -= dets.new_tensor(border[[2, 0, 2, 0]])  # tensor -> content frame
+                per_img[i].append((dets, labels))
+        iou = float(self.test_cfg.get("nms_cfg", {}).get("iou_threshold", 0.6))
+        out = []
+        for i, (fd, fl) in enumerate(full):
+            pd = torch.cat([d for d, _ in per_img[i]]) if per_img[i] else fd.new_zeros((0, 5))
+            pl = torch.cat([l for _, l in per_img[i]]) if per_img[i] else fl.new_zeros((0,))
+            out.append(crops.fuse_detections((fd, fl), (pd, pl), regions[i], fusion, iou,
+                                             int(self.test_cfg["max_per_img"])))
+        return out
+
+
+def _build(cfg: Mapping, registry: Mapping, what: str) -> nn.Module:
+    cfg = dict(cfg)
+    kind = cfg.pop("type", None)
+    if kind not in registry:
+        raise ValueError(f"{what}: unsupported type {kind!r} (supported: {', '.join(registry)})")
+    try:
+        return registry[kind](**cfg)
+    except TypeError as exc:  # an unknown or missing key in the config dict
+        raise ValueError(f"{what} ({kind}): {exc}") from None

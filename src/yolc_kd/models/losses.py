@@ -1,0 +1,76 @@
+"""YOLC's losses (mmdet semantics): GaussianFocal, GWD and L1, with weight and avg_factor reduction."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+AvgFactor = Optional[Union[float, torch.Tensor]]
+
+
+def reduce_weighted(loss: torch.Tensor, weight: Optional[torch.Tensor], avg_factor: AvgFactor) -> torch.Tensor:
+    """Element-wise weight, then sum / (avg_factor + eps) (mmdet's 'mean' with avg_factor)."""
+    if weight is not None:
+        loss = loss * weight
+    if avg_factor is None:
+        return loss.mean()
+    return loss.sum() / (avg_factor + torch.finfo(torch.float32).eps)
+
+
+def gaussian_focal_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, gamma: float = 4.0) -> torch.Tensor:
+    """Focal loss against a gaussian heatmap; pred are probabilities (no sigmoid here)."""
+    eps = 1e-12
+    pos = target.eq(1)
+    neg_weights = (1 - target).pow(gamma)
+    pos_loss = -(pred + eps).log() * (1 - pred).pow(alpha) * pos
+    neg_loss = -(1 - pred + eps).log() * pred.pow(alpha) * neg_weights
+    return pos_loss + neg_loss
+
+
+def gwd_distance_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """YOLC's 'GWD': 1 - 1/(1 + log1p(||pred - target||_2)) per box, on [cx, cy, w/2, h/2]."""
+    if target.numel() == 0:
+        return pred.sum() * 0
+    distance = torch.square(pred - target).sum(dim=-1).sqrt()
+    return 1 - 1 / (1.0 + torch.log1p(distance))
+
+
+class GaussianFocalLoss(nn.Module):
+    def __init__(self, alpha: float = 2.0, gamma: float = 4.0, loss_weight: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        self.alpha, self.gamma, self.loss_weight = alpha, gamma, loss_weight
+
+    def forward(self, pred, target, weight=None, avg_factor: AvgFactor = None) -> torch.Tensor:
+        loss = gaussian_focal_loss(pred, target, self.alpha, self.gamma)
+        return self.loss_weight * reduce_weighted(loss, weight, avg_factor)
+
+
+class GWDLoss(nn.Module):
+    def __init__(self, loss_weight: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        self.loss_weight = loss_weight
+
+    def forward(self, pred, target, weight=None, avg_factor: AvgFactor = None) -> torch.Tensor:
+        return self.loss_weight * reduce_weighted(gwd_distance_loss(pred, target), weight, avg_factor)
+
+
+class L1Loss(nn.Module):
+    def __init__(self, loss_weight: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        self.loss_weight = loss_weight
+
+    def forward(self, pred, target, weight=None, avg_factor: AvgFactor = None) -> torch.Tensor:
+        loss = pred.sum() * 0 if target.numel() == 0 else torch.abs(pred - target)
+        return self.loss_weight * reduce_weighted(loss, weight, avg_factor)
+
+
+LOSSES = {"GaussianFocalLoss": GaussianFocalLoss, "GWDLoss": GWDLoss, "L1Loss": L1Loss}
+
+
+def build_loss(cfg: Mapping) -> nn.Module:
+    cfg = dict(cfg)
+    kind = cfg.pop("type", None)
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss type {kind!r}; known: {sorted(LOSSES)}")
+    return LOSSES[kind](**cfg)

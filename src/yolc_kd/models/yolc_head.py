@@ -1,0 +1,222 @@
+"""YOLCHead: full-resolution class heatmap + coarse/refined (deformable) box regression at stride 4."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import DeformConv2d, batched_nms
+
+from yolc_kd import crops
+from yolc_kd.models.losses import build_loss
+from yolc_kd.models.targets import yolc_targets
+
+Dets = Tuple[torch.Tensor, torch.Tensor]
+
+DEFAULT_TEST_CFG = dict(topk=1000, local_maximum_kernel=3, max_per_img=300, nms_cfg=dict(iou_threshold=0.6))
+
+
+def grid_points(h: int, w: int, device, dtype=torch.float32) -> torch.Tensor:
+    """(h*w, 2) [x, y] integer grid, row-major (mmdet's MlvlPointGenerator, stride 1, offset 0)."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype),
+                            torch.arange(w, device=device, dtype=dtype), indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
+
+
+def gaussian_blur3x3(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Separable 3x3 gaussian blur with reflect padding (what kornia.gaussian_blur2d does for YOLC)."""
+    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0], dtype=x.dtype, device=x.device) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (1, 1, 0, 0), mode="reflect"), g.view(1, 1, 1, 3).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, 1, 1), mode="reflect"), g.view(1, 1, 3, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def local_maximum(heat: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    hmax = F.max_pool2d(heat, kernel, stride=1, padding=(kernel - 1) // 2)
+    return heat * (hmax == heat).float()
+
+
+class YOLCHead(nn.Module):
+    def __init__(self, in_channel: int, feat_channel: int, num_classes: int,
+                 loss_center_local: Optional[Mapping] = None, loss_xywh: Optional[Mapping] = None,
+                 train_cfg: Optional[Mapping] = None, test_cfg: Optional[Mapping] = None, init_cfg=None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.local_head = nn.Sequential(
+            nn.Conv2d(in_channel, in_channel, 1),
+            nn.BatchNorm2d(in_channel, momentum=0.01),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(in_channel, num_classes * 8, 4, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(num_classes * 8, num_classes * 8, 4, stride=2, padding=1),
+            nn.Conv2d(num_classes * 8, num_classes, 1, groups=num_classes))
+        self.reg_conv = nn.Sequential(
+            nn.Conv2d(in_channel, feat_channel, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(feat_channel, feat_channel, 3, padding=1))
+        self.xywh_init = nn.Conv2d(feat_channel, 4, 1)
+        self.bbox_offset = nn.Conv2d(feat_channel, 18, 1)
+        self.xywh_refine = DeformConv2d(feat_channel, 4, 3, padding=1, bias=False)
+        self.loss_center_local = build_loss(loss_center_local or dict(type="GaussianFocalLoss", loss_weight=1.0))
+        xywh_cfg = loss_xywh or dict(type="GWDLoss", loss_weight=2.0)
+        self.loss_xywh_coarse = build_loss(xywh_cfg)
+        self.loss_xywh_refine = build_loss(xywh_cfg)
+        self.loss_xywh_coarse_l1 = build_loss(dict(type="L1Loss", loss_weight=0.5))
+        self.loss_xywh_refine_l1 = build_loss(dict(type="L1Loss", loss_weight=0.5))
+        base = torch.arange(-1, 2, dtype=torch.float64)
+        # mmcv offset layout (dy, dx) per kernel point, row-major over the 3x3 kernel
+        self.register_buffer("dcn_base_offset", torch.stack([base.repeat_interleave(3), base.repeat(3)], 1)
+                             .reshape(1, -1, 1, 1), persistent=False)
+        self.train_cfg = dict(train_cfg or {})
+        self.test_cfg = {**DEFAULT_TEST_CFG, **dict(test_cfg or {})}
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, DeformConv2d)):
+                nn.init.normal_(m.weight, 0, 0.001)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.ConvTranspose2d):
+                nn.init.normal_(m.weight, 0, 0.02)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, feats: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+        outs = [self.forward_single(f) for f in feats]
+        return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
+
+    def forward_single(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heatmap = self.local_head(feat).sigmoid()  # probabilities, not logits
+        reg_feat = self.reg_conv(feat)
+        coarse = self.xywh_init(reg_feat)
+        offset = self.bbox_offset(reg_feat).sigmoid()
+        refine = self.xywh_refine(reg_feat, self.gen_dcn_offset(coarse.detach(), offset))
+        return heatmap, coarse, refine
+
+    def gen_dcn_offset(self, coarse: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Sampling points spread over the detached coarse box, minus the regular 3x3 grid."""
+        b, _, h, w = coarse.shape
+        grid = grid_points(h, w, coarse.device, coarse.dtype).T.reshape(1, 2, h, w)
+        centre = coarse[:, 0:2] + grid
+        top_left = centre - coarse[:, 2:4]
+        size = 2 * coarse[:, 2:4]
+        dcn = torch.empty(b, 18, h, w, dtype=offset.dtype, device=offset.device)
+        # YOLC quirk kept: x-terms fill the even (dy) channels and y-terms the odd (dx) channels
+        dcn[:, 0::2] = top_left[:, 0:1] + size[:, 0:1] * offset[:, 0::2]
+        dcn[:, 1::2] = top_left[:, 1:2] + size[:, 1:2] * offset[:, 1::2]
+        anchor = grid.repeat(1, 9, 1, 1) + self.dcn_base_offset.to(offset.dtype)
+        return dcn - anchor
+
+    def decode_xywh_to_bbox(self, xywh: torch.Tensor) -> torch.Tensor:
+        """(B,4,h,w) raw output -> (B,h*w,4) [cx, cy, w/2, h/2] in the regression-grid frame (the loss frame)."""
+        b, _, h, w = xywh.shape
+        boxes = xywh.permute(0, 2, 3, 1).reshape(b, h * w, 4)
+        grid = grid_points(h, w, xywh.device, xywh.dtype)
+        return torch.cat([boxes[..., :2] + grid.unsqueeze(0), boxes[..., 2:]], dim=-1)
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, center_local_preds: List[torch.Tensor], xywh_preds_coarse: List[torch.Tensor],
+             xywh_preds_refine: List[torch.Tensor], gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor],
+             img_metas: List[Mapping], gt_bboxes_ignore=None) -> Dict[str, torch.Tensor]:
+        assert len(center_local_preds) == len(xywh_preds_coarse) == len(xywh_preds_refine) == 1
+        heatmap = center_local_preds[0].float()
+        coarse, refine = xywh_preds_coarse[0].float(), xywh_preds_refine[0].float()
+        b = coarse.shape[0]
+        # YOLC quirk kept: the target frame comes from the first image's pad_shape for the whole batch
+        targets, avg_factor = yolc_targets(gt_bboxes, gt_labels, coarse.shape, img_metas[0]["pad_shape"],
+                                           self.num_classes)
+        box_coarse = self.decode_xywh_to_bbox(coarse)
+        box_refine = self.decode_xywh_to_bbox(refine)
+        xywh_t = targets["xywh_target"].reshape(b, -1, 4)
+        w = targets["xywh_target_weight"].reshape(b, -1)
+        w_l1 = targets["xywh_l1target_weight"].reshape(b, -1, 4)
+        return dict(
+            loss_center_heatmap=self.loss_center_local(heatmap, targets["center_heatmap_target"], avg_factor=avg_factor),
+            loss_xywh_coarse=self.loss_xywh_coarse(box_coarse, xywh_t, w, avg_factor=avg_factor),
+            loss_xywh_coarse_l1=self.loss_xywh_coarse_l1(box_coarse, xywh_t, w_l1, avg_factor=avg_factor),
+            loss_xywh_refine=self.loss_xywh_refine(box_refine, xywh_t, w, avg_factor=avg_factor),
+            loss_xywh_refine_l1=self.loss_xywh_refine_l1(box_refine, xywh_t, w_l1, avg_factor=avg_factor))
+
+    # ------------------------------------------------------------------ inference
+    def get_bboxes(self, center_heatmap_preds: List[torch.Tensor], xywh_preds_init: List[torch.Tensor],
+                   xywh_preds: List[torch.Tensor], img_metas: List[Mapping], rescale: bool = True,
+                   with_nms: bool = False) -> List[Dets]:
+        """Top-k peaks of the blurred full-resolution heatmap, boxes from the refined regression (input pixels)."""
+        assert len(center_heatmap_preds) == len(xywh_preds) == 1
+        heat = gaussian_blur3x3(center_heatmap_preds[0])
+        dets, labels = self.decode_heatmap(heat, xywh_preds[0], img_metas[0]["batch_input_shape"],
+                                           k=self.test_cfg["topk"], kernel=self.test_cfg["local_maximum_kernel"])
+        border = dets.new_tensor(np.array([m.get("border", np.zeros(4)) for m in img_metas], dtype=np.float32))
+        dets[..., :4] -= border[:, [2, 0, 2, 0]].unsqueeze(1)
+        if rescale:
+            scale = np.array([np.asarray(m.get("scale_factor", 1.0), dtype=np.float32) * np.ones(4, np.float32)
+                              for m in img_metas])
+            dets[..., :4] /= dets.new_tensor(scale).unsqueeze(1)
+        if not with_nms:
+            return list(zip(dets, labels))
+        return [self.bboxes_nms(d, l) for d, l in zip(dets, labels)]
+
+    def decode_heatmap(self, heat: torch.Tensor, xywh: torch.Tensor, img_shape: Sequence[int], k: int = 100,
+                       kernel: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
+        height, width = xywh.shape[2:]
+        inp_h, inp_w = img_shape[:2]
+        heat = local_maximum(heat, kernel)
+        b, _, hh, hw = heat.shape
+        scores, inds = torch.topk(heat.reshape(b, -1), min(k, heat[0].numel()))
+        labels = inds // (hh * hw)
+        inds = inds % (hh * hw)
+        # full-resolution peak -> its stride-4 regression cell (floor division by 4)
+        ys = (inds // hw).div(4, rounding_mode="floor").float()
+        xs = (inds % hw).div(4, rounding_mode="floor").float()
+        cell = (hw // 4 * ys + xs).long()
+        box = xywh.permute(0, 2, 3, 1).reshape(b, -1, 4).gather(1, cell.unsqueeze(-1).expand(-1, -1, 4))
+        cx, cy = xs + box[..., 0], ys + box[..., 1]
+        sx, sy = inp_w / width, inp_h / height
+        boxes = torch.stack([(cx - box[..., 2]) * sx, (cy - box[..., 3]) * sy,
+                             (cx + box[..., 2]) * sx, (cy + box[..., 3]) * sy], dim=2)
+        return torch.cat([boxes, scores[..., None]], dim=-1), labels
+
+    def bboxes_nms(self, dets: torch.Tensor, labels: torch.Tensor) -> Dets:
+        """Class-wise NMS then the best max_per_img by score."""
+        nms_cfg = self.test_cfg.get("nms_cfg")
+        if labels.numel() == 0 or not nms_cfg:
+            return dets, labels
+        keep = batched_nms(dets[:, :4].float(), dets[:, 4].float(), labels, float(nms_cfg.get("iou_threshold", 0.6)))
+        keep = keep[:self.test_cfg["max_per_img"]]  # batched_nms returns keep by descending score
+        return dets[keep], labels[keep]
+
+    # ------------------------------------------------------------------ LSM
+    def LSM(self, center_heatmap_preds: List[torch.Tensor], img_metas: List[Mapping], visualize: bool = False,
+            viz_dir: Optional[str] = None) -> List[np.ndarray]:
+        """Cluster regions [x, y, w, h] (int, input pixels without border) for EVERY image of the batch."""
+        locmap = center_heatmap_preds[0].detach().max(dim=1, keepdim=True)[0].float().cpu().numpy()
+        out = []
+        for i, meta in enumerate(img_metas):
+            coord = self.findclusters(locmap[i:i + 1], visualize=visualize, viz_dir=viz_dir,
+                                      name=str(meta.get("filename", f"img{i}")))
+            border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.int64)
+            coord[:, 0] -= border[2]
+            coord[:, 1] -= border[0]
+            out.append(coord)
+        return out
+
+    def findclusters(self, heatmap: np.ndarray, visualize: bool = False, viz_dir: Optional[str] = None,
+                     name: str = "heatmap") -> np.ndarray:
+        """YOLC's cluster finder on one (1,1,H,W) max-over-classes heatmap -> (K,4) int [x, y, w, h]."""
+        cfg = self.test_cfg.get("lsm", {})
+        binary, coords = crops.find_clusters(heatmap, grid=tuple(cfg.get("grid", (16, 10))),
+                                             topk_cells=int(cfg.get("topk_cells", 15)),
+                                             threshold=float(cfg.get("threshold", 10.0 / 11.0)))
+        if visualize:
+            viz_dir = viz_dir or cfg.get("viz_dir")
+            if not viz_dir:
+                raise ValueError("findclusters(visualize=True) needs viz_dir (or test_cfg.lsm.viz_dir)")
+            crops.save_cluster_png(binary, coords, Path(viz_dir) / f"lsm_{Path(name).stem}.png")
+        return coords
