@@ -1,0 +1,725 @@
+"""YOLC's train augmentation and test transform, reproducible from a key.
+
+Behaviour follows mmdet 2.26 (``PhotoMetricDistortion``, ``RandomCenterCropPad``
+in train and test mode, ``Resize(keep_ratio=True)``, ``RandomFlip``,
+``Normalize`` and mmcv's collate padding) with these deliberate differences:
+
+* Images are RGB uint8 (mmdet loads BGR); colour operations act on the same
+  colours, and mmdet's BGR channel-swap permutation is translated.
+* Every random value comes from ``np.random.Generator(PCG64(SeedSequence(key)))``
+  with ``key = (dataset_seed, image_id, variant)``, drawn in mmdet's order, so a
+  (image, key) pair always gives a bit-identical sample.
+* The float result is rounded and clipped to uint8 *before* normalisation (mmdet
+  feeds the unclipped floats); the normalised tensor is a pure function of
+  :attr:`AugmentedSample.img_uint8`, which the fingerprint hashes.
+* mmdet retries crop centres 50 times per ratio and then draws a new ratio,
+  forever; we stop after ``_MAX_RATIO_DRAWS`` ratios and keep the last candidate
+  (``params['crop']['fallback']``), which only happens when no box centre can lie
+  strictly inside the image.
+* ``crop_size`` order: mmdet reads ``RandomCenterCropPad.crop_size`` as (h, w),
+  which makes YOLC's ``crop_size=(1024, 640)`` a *portrait* crop (and a portrait
+  1024x640 network input).  By default (``crop_size_order='wh'``) we read it as
+  (w, h) like ``img_scale``, giving landscape crops that exactly fill the
+  (W=1024, H=640) input.  ``crop_size_order='hw'`` reproduces mmdet literally
+  (``input_size`` then becomes (640, 1024)).
+* Resizing is a deterministic float32 numpy bilinear with cv2 ``INTER_LINEAR``
+  geometry (half-pixel centres, edge clamping, horizontal pass then vertical).
+* Train samples are padded bottom/right with 0 (in normalised space) to the
+  fixed :attr:`AugmentConfig.input_size`, as mmcv's collate pads a batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from yolc_kd.errors import UserError
+
+from .photometric import apply_photometric, draw_photometric
+
+__all__ = [
+    "AUGMENT_VERSION",
+    "AugmentConfig",
+    "AugmentedSample",
+    "TrainAugment",
+    "TestTransform",
+    "collate_test",
+    "make_rng",
+    "resize_bilinear",
+    "rescale_size",
+]
+
+#: Bump when anything changes the output for a given (image, key, config).
+AUGMENT_VERSION = 1
+
+_CROP_TRIES_PER_RATIO = 50  # mmdet's inner loop
+_MAX_RATIO_DRAWS = 20  # mmdet: unbounded
+
+_IGNORED_TYPES = ("LoadImageFromFile", "LoadAnnotations", "DefaultFormatBundle", "Collect")
+_ORDER = ("PhotoMetricDistortion", "RandomCenterCropPad", "Resize", "RandomFlip", "Normalize", "Pad")
+
+_YOLC_MEAN = (123.675, 116.28, 103.53)
+_YOLC_STD = (58.395, 57.12, 57.375)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _floats(x, n: int, what: str) -> tuple:
+    try:
+        t = tuple(float(v) for v in x)
+    except TypeError:
+        raise UserError(f"{what} must be a sequence of {n} numbers, got {x!r}") from None
+    if len(t) != n:
+        raise UserError(f"{what} must have {n} values, got {x!r}")
+    return t
+
+
+def _ints(x, n: int, what: str) -> tuple:
+    t = _floats(x, n, what)
+    if any(v != int(v) or v <= 0 for v in t):
+        raise UserError(f"{what} must be {n} positive integers, got {x!r}")
+    return tuple(int(v) for v in t)
+
+
+@dataclass
+class AugmentConfig:
+    """YOLC's augmentation settings (defaults = YOLC's train/test pipelines)."""
+
+    # PhotoMetricDistortion
+    photometric: bool = True
+    brightness_delta: float = 32
+    contrast_range: tuple = (0.5, 1.5)
+    saturation_range: tuple = (0.5, 1.5)
+    hue_delta: float = 18
+    # RandomCenterCropPad (train mode)
+    center_crop: bool = True
+    crop_size: tuple = (1024, 640)
+    crop_size_order: str = "wh"  # 'wh': (w, h) like img_scale; 'hw': mmdet's literal (h, w)
+    ratios: tuple = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
+    border: int = 128
+    crop_mean: tuple = (0.0, 0.0, 0.0)
+    crop_std: tuple = (1.0, 1.0, 1.0)
+    crop_to_rgb: bool = True
+    # Resize
+    img_scale: tuple = (1024, 640)  # (w, h) as mmdet
+    keep_ratio: bool = True
+    # RandomFlip (horizontal)
+    flip_ratio: float = 0.5
+    # Normalize
+    mean: tuple = _YOLC_MEAN
+    std: tuple = _YOLC_STD
+    to_rgb: bool = True
+    # RandomCenterCropPad (test mode)
+    test_pad_mode: tuple = ("logical_or", 31)
+    test_pad_add_pix: int = 1
+    test_pad_mean: tuple = (0.0, 0.0, 0.0)
+    test_pad_to_rgb: bool = True
+
+    def __post_init__(self):
+        self.photometric = bool(self.photometric)
+        self.brightness_delta = float(self.brightness_delta)
+        self.contrast_range = _floats(self.contrast_range, 2, "contrast_range")
+        self.saturation_range = _floats(self.saturation_range, 2, "saturation_range")
+        self.hue_delta = float(self.hue_delta)
+        self.center_crop = bool(self.center_crop)
+        self.crop_size = _ints(self.crop_size, 2, "crop_size")
+        if self.crop_size_order not in ("wh", "hw"):
+            raise UserError(f"crop_size_order must be 'wh' or 'hw', got {self.crop_size_order!r}")
+        try:
+            self.ratios = tuple(float(r) for r in self.ratios)
+        except TypeError:
+            raise UserError(f"ratios must be a sequence of numbers, got {self.ratios!r}") from None
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise UserError(f"ratios must be a non-empty list of positive numbers, got {self.ratios!r}")
+        if int(self.border) != self.border or self.border < 0:
+            raise UserError(f"border must be a non-negative integer, got {self.border!r}")
+        self.border = int(self.border)
+        self.crop_mean = _floats(self.crop_mean, 3, "RandomCenterCropPad mean")
+        self.crop_std = _floats(self.crop_std, 3, "RandomCenterCropPad std")
+        self.crop_to_rgb = bool(self.crop_to_rgb)
+        self.img_scale = _ints(self.img_scale, 2, "Resize img_scale")
+        self.keep_ratio = bool(self.keep_ratio)
+        self.flip_ratio = float(self.flip_ratio)
+        if not 0.0 <= self.flip_ratio <= 1.0:
+            raise UserError(f"flip_ratio must be in [0, 1], got {self.flip_ratio}")
+        self.mean = _floats(self.mean, 3, "Normalize mean")
+        self.std = _floats(self.std, 3, "Normalize std")
+        if any(s == 0 for s in self.std):
+            raise UserError(f"Normalize std must be non-zero, got {self.std}")
+        self.to_rgb = bool(self.to_rgb)
+        mode = tuple(self.test_pad_mode)
+        if len(mode) != 2 or mode[0] not in ("logical_or", "size_divisor") or int(mode[1]) != mode[1] \
+                or int(mode[1]) <= 0:
+            raise UserError(
+                "test_pad_mode must be ['logical_or', N] or ['size_divisor', N] with N > 0, "
+                f"got {self.test_pad_mode!r}")
+        self.test_pad_mode = (str(mode[0]), int(mode[1]))
+        self.test_pad_add_pix = int(self.test_pad_add_pix)
+        self.test_pad_mean = _floats(self.test_pad_mean, 3, "test RandomCenterCropPad mean")
+        self.test_pad_to_rgb = bool(self.test_pad_to_rgb)
+
+    # -- derived --------------------------------------------------------------
+
+    def crop_hw(self, ratio: float) -> tuple[int, int]:
+        """(h, w) of the train crop for one ratio (mmdet: int(size * ratio))."""
+        a, b = self.crop_size
+        if self.crop_size_order == "wh":
+            return int(b * ratio), int(a * ratio)
+        return int(a * ratio), int(b * ratio)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Fixed (W, H) every train sample is padded to (bottom/right)."""
+        if not self.keep_ratio:
+            return self.img_scale
+        if not self.center_crop:
+            # any image orientation is possible: mmcv fits long/short edges
+            side = max(self.img_scale)
+            return side, side
+        ws, hs = [], []
+        for r in self.ratios:
+            h, w = self.crop_hw(r)
+            nw, nh = rescale_size(w, h, self.img_scale, True)
+            ws.append(nw)
+            hs.append(nh)
+        return max(ws), max(hs)
+
+    # -- (de)serialisation ----------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (for cache manifests); :meth:`from_dict` inverts it."""
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        d["input_size"] = list(self.input_size)
+        d["augment_version"] = AUGMENT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = set(d) - names - {"input_size", "augment_version"}
+        if extra:
+            raise UserError(f"unknown augmentation setting(s): {', '.join(sorted(extra))}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipeline: Optional[Sequence[dict]],
+        test_pipeline: Optional[Sequence[dict]] = None,
+        *,
+        crop_size_order: str = "wh",
+    ) -> "AugmentConfig":
+        """Read an mmdet/YOLC-style train pipeline (list of dicts with 'type').
+
+        ``None`` gives YOLC's defaults.  LoadImageFromFile, LoadAnnotations,
+        DefaultFormatBundle and Collect are ignored; any other type than
+        PhotoMetricDistortion, RandomCenterCropPad, Resize, RandomFlip,
+        Normalize (and a no-op Pad) raises :class:`UserError`.  A transform that
+        is absent is disabled (no photometric / no crop / no flip / identity
+        normalisation).  ``test_pipeline`` optionally sets the test padding.
+        """
+        kw: dict[str, Any] = {"crop_size_order": crop_size_order}
+        if pipeline is not None:
+            kw.update(_parse_train_pipeline(pipeline))
+        cfg = cls(**kw)
+        if pipeline is not None:
+            _check_pad(pipeline, cfg)
+        if test_pipeline is not None:
+            cfg = dataclasses.replace(cfg, **_parse_test_pipeline(test_pipeline, cfg))
+        return cfg
+
+
+def _kwargs(t: dict, allowed: dict, name: str) -> dict:
+    unknown = set(t) - set(allowed) - {"type"}
+    if unknown:
+        raise UserError(f"{name}: unsupported argument(s) {', '.join(sorted(unknown))}")
+    out = dict(allowed)
+    out.update({k: v for k, v in t.items() if k != "type"})
+    return out
+
+
+_REQUIRED = object()
+
+
+def _parse_train_pipeline(pipeline: Sequence[dict]) -> dict:
+    if isinstance(pipeline, (str, bytes, dict)) or not isinstance(pipeline, Sequence):
+        raise UserError("train pipeline must be a list of dicts with a 'type' key")
+    kw: dict[str, Any] = {
+        "photometric": False,
+        "center_crop": False,
+        "flip_ratio": 0.0,
+        "mean": (0.0, 0.0, 0.0),
+        "std": (1.0, 1.0, 1.0),
+        "to_rgb": False,
+    }
+    seen: list[str] = []
+    for t in pipeline:
+        if not isinstance(t, dict) or "type" not in t:
+            raise UserError(f"train pipeline entries must be dicts with a 'type' key, got {t!r}")
+        typ = t["type"]
+        if typ in _IGNORED_TYPES:
+            continue
+        if typ not in _ORDER:
+            raise UserError(
+                f"unsupported transform type {typ!r} in the train pipeline "
+                f"(supported: {', '.join(_ORDER)}; ignored: {', '.join(_IGNORED_TYPES)})")
+        if typ in seen:
+            raise UserError(f"transform {typ!r} appears twice in the train pipeline")
+        if seen and _ORDER.index(typ) < _ORDER.index(seen[-1]):
+            raise UserError(
+                f"transform {typ!r} after {seen[-1]!r}: only the order {' -> '.join(_ORDER)} is supported")
+        seen.append(typ)
+        if typ == "PhotoMetricDistortion":
+            a = _kwargs(t, dict(brightness_delta=32, contrast_range=(0.5, 1.5),
+                                saturation_range=(0.5, 1.5), hue_delta=18), typ)
+            kw.update(photometric=True, **a)
+        elif typ == "RandomCenterCropPad":
+            a = _kwargs(t, dict(crop_size=None, ratios=(0.9, 1.0, 1.1), border=128, mean=(0, 0, 0),
+                                std=(1, 1, 1), to_rgb=True, test_mode=False, test_pad_mode=None,
+                                test_pad_add_pix=0, bbox_clip_border=True), typ)
+            if a["test_mode"]:
+                raise UserError("RandomCenterCropPad with test_mode=True is not allowed in the train pipeline")
+            if a["crop_size"] is None:
+                raise UserError("RandomCenterCropPad needs crop_size in the train pipeline")
+            if a["ratios"] is None or a["border"] is None:
+                raise UserError("RandomCenterCropPad needs ratios and border in the train pipeline")
+            if not a["bbox_clip_border"]:
+                raise UserError("RandomCenterCropPad(bbox_clip_border=False) is not supported")
+            kw.update(center_crop=True, crop_size=a["crop_size"], ratios=a["ratios"], border=a["border"],
+                      crop_mean=a["mean"], crop_std=a["std"], crop_to_rgb=a["to_rgb"])
+        elif typ == "Resize":
+            a = _kwargs(t, dict(img_scale=None, multiscale_mode="range", ratio_range=None, keep_ratio=True,
+                                bbox_clip_border=True, backend="cv2", interpolation="bilinear",
+                                override=False), typ)
+            scale = a["img_scale"]
+            if isinstance(scale, list) and len(scale) == 1 and isinstance(scale[0], (list, tuple)):
+                scale = scale[0]
+            if scale is None or not isinstance(scale, (list, tuple)) or len(scale) != 2 \
+                    or isinstance(scale[0], (list, tuple)):
+                raise UserError(f"Resize: only a single img_scale (w, h) is supported, got {a['img_scale']!r}")
+            if a["ratio_range"] is not None:
+                raise UserError("Resize: ratio_range is not supported")
+            if a["interpolation"] != "bilinear":
+                raise UserError(f"Resize: only bilinear interpolation is supported, got {a['interpolation']!r}")
+            if a["backend"] not in ("cv2", "pillow"):
+                raise UserError(f"Resize: unknown backend {a['backend']!r}")
+            if not a["bbox_clip_border"]:
+                raise UserError("Resize(bbox_clip_border=False) is not supported")
+            kw.update(img_scale=scale, keep_ratio=a["keep_ratio"])
+        elif typ == "RandomFlip":
+            a = _kwargs(t, dict(flip_ratio=None, direction="horizontal"), typ)
+            if a["direction"] != "horizontal":
+                raise UserError(f"RandomFlip: only direction='horizontal' is supported, got {a['direction']!r}")
+            fr = a["flip_ratio"]
+            if fr is not None and not isinstance(fr, (int, float)):
+                raise UserError(f"RandomFlip: flip_ratio must be a number, got {fr!r}")
+            kw.update(flip_ratio=0.0 if fr is None else fr)
+        elif typ == "Normalize":
+            a = _kwargs(t, dict(mean=_REQUIRED, std=_REQUIRED, to_rgb=True), typ)
+            if a["mean"] is _REQUIRED or a["std"] is _REQUIRED:
+                raise UserError("Normalize needs mean and std")
+            kw.update(mean=a["mean"], std=a["std"], to_rgb=a["to_rgb"])
+        elif typ == "Pad":
+            _kwargs(t, dict(size=None, size_divisor=None, pad_to_square=False, pad_val=0), typ)
+    if "Resize" not in seen:
+        raise UserError("the train pipeline needs a Resize with img_scale (it fixes the network input size)")
+    return kw
+
+
+def _check_pad(pipeline: Sequence[dict], cfg: AugmentConfig) -> None:
+    """A Pad after Normalize is accepted only when it is a no-op for the fixed input size."""
+    for t in pipeline:
+        if isinstance(t, dict) and t.get("type") == "Pad":
+            W, H = cfg.input_size
+            pv = t.get("pad_val", 0)
+            if isinstance(pv, dict):
+                pv = pv.get("img", 0)
+            if (np.asarray(pv) != 0).any() or t.get("pad_to_square", False):
+                raise UserError("Pad: only pad_val=0 without pad_to_square is supported")
+            if t.get("size") is not None:
+                if tuple(t["size"]) != (H, W):
+                    raise UserError(f"Pad: size {tuple(t['size'])} differs from the input size (H, W) = {(H, W)}")
+            elif t.get("size_divisor") is not None:
+                d = int(t["size_divisor"])
+                if H % d or W % d:
+                    raise UserError(f"Pad: size_divisor {d} does not divide the input size (H, W) = {(H, W)}")
+
+
+def _parse_test_pipeline(test_pipeline: Sequence[dict], cfg: AugmentConfig) -> dict:
+    if isinstance(test_pipeline, (str, bytes, dict)) or not isinstance(test_pipeline, Sequence):
+        raise UserError("test pipeline must be a list of dicts with a 'type' key")
+    flat: list[dict] = []
+    for t in test_pipeline:
+        if not isinstance(t, dict) or "type" not in t:
+            raise UserError(f"test pipeline entries must be dicts with a 'type' key, got {t!r}")
+        if t["type"] == "MultiScaleFlipAug":
+            if t.get("flip", False):
+                raise UserError("MultiScaleFlipAug(flip=True) is not supported")
+            if t.get("img_scale") is not None or float(t.get("scale_factor", 1.0)) != 1.0:
+                raise UserError("test-time resizing is not supported (YOLC uses scale_factor=1.0)")
+            flat.extend(t.get("transforms", []))
+        else:
+            flat.append(t)
+    out: dict[str, Any] = {}
+    for t in flat:
+        typ = t.get("type") if isinstance(t, dict) else None
+        if typ in _IGNORED_TYPES or typ in ("RandomFlip", "ImageToTensor"):
+            continue
+        if typ == "Resize":
+            if t.get("img_scale") is not None:
+                raise UserError("test-time resizing is not supported (YOLC uses scale_factor=1.0)")
+        elif typ == "RandomCenterCropPad":
+            if not t.get("test_mode", False):
+                raise UserError("the test pipeline's RandomCenterCropPad needs test_mode=True")
+            mode = t.get("test_pad_mode", ("logical_or", 127))
+            out.update(test_pad_mode=tuple(mode), test_pad_add_pix=t.get("test_pad_add_pix", 0),
+                       test_pad_mean=t.get("mean", (0, 0, 0)), test_pad_to_rgb=t.get("to_rgb", True))
+        elif typ == "Normalize":
+            same = (_floats(t.get("mean", ()), 3, "Normalize mean") == cfg.mean
+                    and _floats(t.get("std", ()), 3, "Normalize std") == cfg.std
+                    and bool(t.get("to_rgb", True)) == cfg.to_rgb)
+            if not same:
+                raise UserError("the test pipeline's Normalize must match the train pipeline's")
+        else:
+            raise UserError(f"unsupported transform type {typ!r} in the test pipeline")
+    if "test_pad_mode" not in out:
+        raise UserError("the test pipeline needs RandomCenterCropPad(test_mode=True) (YOLC's test padding)")
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_rng(key) -> np.random.Generator:
+    """The generator every random choice of one sample is drawn from."""
+    k = tuple(key)
+    if len(k) != 3 or any(int(x) != x or int(x) < 0 for x in k):
+        raise ValueError(f"key must be (dataset_seed, image_id, variant) of non-negative ints, got {key!r}")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(x) for x in k])))
+
+
+def rescale_size(w: int, h: int, scale, keep_ratio: bool = True) -> tuple[int, int]:
+    """mmcv's output (w, h) of Resize: keep_ratio fits long/short edges of ``scale``."""
+    if not keep_ratio:
+        return int(scale[0]), int(scale[1])
+    long_edge, short_edge = max(scale), min(scale)
+    sf = min(long_edge / max(h, w), short_edge / min(h, w))
+    return max(1, int(w * float(sf) + 0.5)), max(1, int(h * float(sf) + 0.5))
+
+
+def _linear_taps(src: int, dst: int):
+    """cv2 INTER_LINEAR source indices and weights along one axis."""
+    d = np.arange(dst, dtype=np.float64)
+    f = ((d + 0.5) * (src / dst) - 0.5).astype(np.float32)
+    i0f = np.floor(f)
+    frac = (f - i0f).astype(np.float32)
+    i0 = i0f.astype(np.int64)
+    low = i0 < 0
+    high = i0 >= src - 1
+    i0 = np.where(low, 0, np.where(high, src - 1, i0))
+    frac = np.where(low | high, np.float32(0.0), frac)
+    i1 = np.minimum(i0 + 1, src - 1)
+    return i0, i1, (np.float32(1.0) - frac).astype(np.float32), frac.astype(np.float32)
+
+
+def resize_bilinear(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """Deterministic float32 bilinear resize of (h, w, c) with cv2 INTER_LINEAR geometry."""
+    img = np.asarray(img, dtype=np.float32)
+    h, w = img.shape[:2]
+    if (h, w) == (out_h, out_w):
+        return img.copy()
+    if w != out_w:
+        i0, i1, a0, a1 = _linear_taps(w, out_w)
+        img = img[:, i0] * a0[None, :, None] + img[:, i1] * a1[None, :, None]
+    if h != out_h:
+        j0, j1, b0, b1 = _linear_taps(h, out_h)
+        img = img[j0] * b0[:, None, None] + img[j1] * b1[:, None, None]
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def _get_border(border: int, size: int) -> int:
+    """mmdet RandomCenterCropPad._get_border, in exact integer arithmetic."""
+    if border <= 0:
+        return 0
+    k_ceil = -(-2 * border // size)  # ceil(2 * border / size)
+    exponent = (k_ceil - 1).bit_length()  # ceil(log2(k_ceil))
+    if (2 * border) % size == 0:  # k == int(k)
+        exponent += 1
+    return border // (2 ** exponent)
+
+
+def _paste_geometry(img_h: int, img_w: int, center_y: int, center_x: int, target_h: int, target_w: int):
+    """mmdet _crop_image_and_paste geometry: source patch, destination box, border."""
+    x0 = max(0, center_x - target_w // 2)
+    x1 = min(center_x + target_w // 2, img_w)
+    y0 = max(0, center_y - target_h // 2)
+    y1 = min(center_y + target_h // 2, img_h)
+    left, right = center_x - x0, x1 - center_x
+    top, bottom = center_y - y0, y1 - center_y
+    cy, cx = target_h // 2, target_w // 2
+    dst = (cx - left, cy - top, cx + right, cy + bottom)  # x0, y0, x1, y1 in the target
+    border = np.array([cy - top, cy + bottom, cx - left, cx + right], dtype=np.float32)
+    return (x0, y0, x1, y1), dst, border
+
+
+def _fill_rgb(mean, to_rgb: bool) -> np.ndarray:
+    """RandomCenterCropPad's pad colour for our RGB arrays (mmdet pads BGR with mean[::-1] if to_rgb)."""
+    m = np.asarray(mean, dtype=np.float32)
+    return m if to_rgb else m[::-1].copy()
+
+
+def _box_centre_mask(boxes: np.ndarray, patch) -> np.ndarray:
+    centre = (boxes[:, :2] + boxes[:, 2:]) / np.float32(2)
+    return ((centre[:, 0] > patch[0]) & (centre[:, 1] > patch[1])
+            & (centre[:, 0] < patch[2]) & (centre[:, 1] < patch[3]))
+
+
+def _normalise(img: np.ndarray, mean, std, to_rgb: bool) -> np.ndarray:
+    """mmcv.imnormalize on our RGB image: returns float32 (h, w, 3) in the network's channel order."""
+    x = np.asarray(img, dtype=np.float32)
+    if not to_rgb:  # the network expects BGR (mmdet's loading order)
+        x = x[..., ::-1]
+    mean32 = np.asarray(mean, dtype=np.float32)
+    stdinv32 = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
+    return np.ascontiguousarray((x - mean32) * stdinv32, dtype=np.float32)
+
+
+def _to_chw_padded(norm: np.ndarray, out_h: int, out_w: int) -> torch.Tensor:
+    h, w = norm.shape[:2]
+    t = torch.zeros((3, out_h, out_w), dtype=torch.float32)
+    t[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))
+    return t
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _img_norm_cfg(cfg: AugmentConfig) -> dict:
+    return dict(mean=np.asarray(cfg.mean, dtype=np.float32), std=np.asarray(cfg.std, dtype=np.float32),
+                to_rgb=cfg.to_rgb)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class AugmentedSample:
+    img: torch.Tensor  # (3, H, W) float32, normalised, zero-padded bottom/right
+    img_uint8: np.ndarray  # (h, w, 3) uint8 RGB, before padding
+    boxes: np.ndarray  # (M, 4) float32 xyxy in the padded-input frame
+    labels: np.ndarray  # (M,) int64
+    params: dict = field(default_factory=dict)  # JSON-able record of every drawn value
+    fingerprint: str = ""  # blake2b-16 hex of the padded uint8 image and its shapes
+    meta: dict = field(default_factory=dict)  # mmdet-style img_metas
+
+
+def fingerprint_uint8(img_uint8: np.ndarray, pad_h: int, pad_w: int) -> str:
+    """Hash of the uint8 image zero-padded bottom/right to (pad_h, pad_w), plus both shapes."""
+    h, w = img_uint8.shape[:2]
+    padded = np.zeros((pad_h, pad_w, 3), dtype=np.uint8)
+    padded[:h, :w] = img_uint8
+    hsh = hashlib.blake2b(digest_size=16)
+    hsh.update(f"yolc_kd.augment.v{AUGMENT_VERSION}:{h}x{w}x3:{pad_h}x{pad_w}x3:".encode())
+    hsh.update(padded.tobytes())
+    return hsh.hexdigest()
+
+
+class TrainAugment:
+    """YOLC's train pipeline; ``aug(img, boxes, labels, key)`` -> :class:`AugmentedSample`."""
+
+    def __init__(self, cfg: Optional[AugmentConfig] = None):
+        self.cfg = cfg if cfg is not None else AugmentConfig()
+        self.input_w, self.input_h = self.cfg.input_size
+
+    def _draw_crop(self, rng: np.random.Generator, h: int, w: int, boxes: np.ndarray) -> dict:
+        cfg = self.cfg
+        h_border = _get_border(cfg.border, h)
+        w_border = _get_border(cfg.border, w)
+        tries = 0
+        for _ in range(_MAX_RATIO_DRAWS):
+            ratio = cfg.ratios[int(rng.integers(len(cfg.ratios)))]
+            new_h, new_w = cfg.crop_hw(ratio)
+            for _ in range(_CROP_TRIES_PER_RATIO):
+                tries += 1
+                center_x = int(rng.integers(w_border, w - w_border))
+                center_y = int(rng.integers(h_border, h - h_border))
+                patch, dst, _ = _paste_geometry(h, w, center_y, center_x, new_h, new_w)
+                if len(boxes) > 0 and not _box_centre_mask(boxes, patch).any():
+                    continue
+                return dict(ratio=ratio, crop_hw=[new_h, new_w], center_xy=[center_x, center_y],
+                            patch_xyxy=list(patch), paste_xyxy=list(dst), tries=tries, fallback=False)
+        return dict(ratio=ratio, crop_hw=[new_h, new_w], center_xy=[center_x, center_y],
+                    patch_xyxy=list(patch), paste_xyxy=list(dst), tries=tries, fallback=True)
+
+    def __call__(self, img: np.ndarray, boxes, labels, key) -> AugmentedSample:
+        cfg = self.cfg
+        img = np.asarray(img)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 1 or img.shape[1] < 1:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(labels) != len(boxes):
+            raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+        rng = make_rng(key)
+        h, w = img.shape[:2]
+        params: dict[str, Any] = {"augment_version": AUGMENT_VERSION, "key": [int(k) for k in key],
+                                  "ori_hw": [h, w]}
+
+        # 1. draw in mmdet's order: photometric, crop, (resize: none), flip
+        photo = None
+        if cfg.photometric:
+            photo = draw_photometric(rng, cfg.brightness_delta, cfg.contrast_range,
+                                     cfg.saturation_range, cfg.hue_delta)
+        params["photometric"] = photo
+        crop = self._draw_crop(rng, h, w, boxes) if cfg.center_crop else None
+        params["crop"] = crop
+        flipped = bool(rng.random() < cfg.flip_ratio)
+
+        # 2. photometric (pixel-wise, so applying it to the used region only is identical)
+        # and random centre crop / pad
+        if crop is not None:
+            x0, y0, x1, y1 = crop["patch_xyxy"]
+            dx0, dy0, dx1, dy1 = crop["paste_xyxy"]
+            new_h, new_w = crop["crop_hw"]
+            region = img[y0:y1, x0:x1]
+            region = apply_photometric(region, photo) if photo is not None else region.astype(np.float32)
+            work = np.empty((new_h, new_w, 3), dtype=np.float32)
+            work[...] = _fill_rgb(cfg.crop_mean, cfg.crop_to_rgb)
+            work[dy0:dy1, dx0:dx1] = region
+            keep = _box_centre_mask(boxes, crop["patch_xyxy"])
+            b = boxes[keep].copy()
+            lab = labels[keep]
+            b[:, 0::2] += new_w // 2 - crop["center_xy"][0]
+            b[:, 1::2] += new_h // 2 - crop["center_xy"][1]
+            b[:, 0::2] = np.clip(b[:, 0::2], 0, new_w)
+            b[:, 1::2] = np.clip(b[:, 1::2], 0, new_h)
+            keep2 = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+            boxes, labels = b[keep2], lab[keep2]
+        else:
+            work = apply_photometric(img, photo) if photo is not None else img.astype(np.float32)
+            boxes = boxes.copy()
+
+        # 3. resize
+        ch, cw = work.shape[:2]
+        nw, nh = rescale_size(cw, ch, cfg.img_scale, cfg.keep_ratio)
+        work = resize_bilinear(work, nw, nh)
+        w_scale, h_scale = nw / cw, nh / ch
+        scale_factor = np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)
+        boxes = boxes * scale_factor
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, nw)
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, nh)
+        params["resize"] = {"size_wh": [nw, nh], "scale_factor": [float(w_scale), float(h_scale)]}
+
+        # 4. flip
+        if flipped:
+            work = work[:, ::-1]
+            fb = boxes.copy()
+            fb[:, 0] = nw - boxes[:, 2]
+            fb[:, 2] = nw - boxes[:, 0]
+            boxes = fb
+        params["flipped"] = flipped
+
+        # 5. uint8, normalise, pad to the fixed input size
+        img_u8 = _to_uint8(work)
+        H, W = self.input_h, self.input_w
+        if nh > H or nw > W:  # cannot happen for a consistent config; guard anyway
+            raise UserError(f"resized image {nw}x{nh} exceeds the input size {W}x{H}")
+        tensor = _to_chw_padded(_normalise(img_u8, cfg.mean, cfg.std, cfg.to_rgb), H, W)
+        params["input_hw"] = [H, W]
+        meta = {
+            "ori_shape": (h, w, 3),
+            "img_shape": (nh, nw, 3),
+            "pad_shape": (H, W, 3),
+            "batch_input_shape": (H, W),
+            "scale_factor": scale_factor,
+            "keep_ratio": cfg.keep_ratio,
+            "flip": flipped,
+            "flip_direction": "horizontal" if flipped else None,
+            "border": np.zeros(4, dtype=np.float32),
+            "img_norm_cfg": _img_norm_cfg(cfg),
+        }
+        return AugmentedSample(
+            img=tensor,
+            img_uint8=img_u8,
+            boxes=np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4),
+            labels=np.ascontiguousarray(labels, dtype=np.int64),
+            params=params,
+            fingerprint=fingerprint_uint8(img_u8, H, W),
+            meta=meta,
+        )
+
+
+# --------------------------------------------------------------------------- test
+
+
+class TestTransform:
+    """YOLC's test pipeline: no resize, centre pad (RandomCenterCropPad test mode), Normalize."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, cfg: Optional[AugmentConfig] = None):
+        self.cfg = cfg if cfg is not None else AugmentConfig()
+
+    def target_hw(self, h: int, w: int) -> tuple[int, int]:
+        mode, val = self.cfg.test_pad_mode
+        if mode == "logical_or":
+            return (h | val) + self.cfg.test_pad_add_pix, (w | val) + self.cfg.test_pad_add_pix
+        return -(-h // val) * val, -(-w // val) * val
+
+    def __call__(self, img: np.ndarray):
+        cfg = self.cfg
+        img = np.asarray(img)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 1 or img.shape[1] < 1:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
+        h, w = img.shape[:2]
+        th, tw = self.target_hw(h, w)
+        (x0, y0, x1, y1), (dx0, dy0, dx1, dy1), border = _paste_geometry(h, w, h // 2, w // 2, th, tw)
+        fill = _fill_rgb(cfg.test_pad_mean, cfg.test_pad_to_rgb)
+        canvas = np.empty((th, tw, 3), dtype=np.float32)
+        canvas[...] = fill
+        canvas[dy0:dy1, dx0:dx1] = img[y0:y1, x0:x1]
+        norm = _normalise(canvas, cfg.mean, cfg.std, cfg.to_rgb)
+        tensor = torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))
+        meta = {
+            "ori_shape": (h, w, 3),
+            "img_shape": (h, w, 3),
+            "pad_shape": (th, tw, 3),
+            "batch_input_shape": (th, tw),
+            "scale_factor": np.ones(4, dtype=np.float32),
+            "keep_ratio": True,
+            "flip": False,
+            "flip_direction": None,
+            "border": border,
+            "img_norm_cfg": _img_norm_cfg(cfg),
+        }
+        return tensor, meta
+
+
+def collate_test(items):
+    """Stack (tensor, meta) pairs, zero-padding bottom/right to the largest (H, W) (mmcv collate).
+
+    Returns ``(batch (B, 3, Hmax, Wmax), metas)``; metas are copies with
+    ``batch_input_shape = (Hmax, Wmax)``.
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("collate_test needs at least one item")
+    hmax = max(int(t.shape[-2]) for t, _ in items)
+    wmax = max(int(t.shape[-1]) for t, _ in items)
+    batch = torch.zeros((len(items), int(items[0][0].shape[0]), hmax, wmax), dtype=items[0][0].dtype)
+    metas = []
+    for i, (t, m) in enumerate(items):
+        batch[i, :, : t.shape[-2], : t.shape[-1]] = t
+        m = dict(m)
+        m["batch_input_shape"] = (hmax, wmax)
+        metas.append(m)
+    return batch, metas
