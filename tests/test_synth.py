@@ -113,7 +113,7 @@ def test_cli_synth(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "d"), "--num-images", "2", "--seed", "3",
                  "--size", "128x96", "--classes", "4"]) == 0
     ann = json.loads((tmp_path / "d" / "annotations.json").read_text())
-    assert [c["name"] for c in ann["categories"]] == ["c0", "c1", "c2", "c3"]
+    assert [c["name"] for c in ann["categories"]] == ["pedestrian", "people", "bicycle", "car"]
     assert {(i["width"], i["height"]) for i in ann["images"]} == {(128, 96)}
     capsys.readouterr()
     assert main(["synth", "--out", str(tmp_path / "e"), "--num-images", "1",

@@ -132,7 +132,12 @@ def load_config(path: Union[str, Path], with_defaults: bool = False) -> Dict[str
     if cfg.get("distill_cfg") is not None:
         validate_distill_cfg(cfg["distill_cfg"], path)
     if with_defaults:
-        cfg = _merge(copy.deepcopy(DEFAULTS), cfg)
+        base = copy.deepcopy(DEFAULTS)
+        for key, value in cfg.items():  # a section of another type (Adam vs SGD) replaces the default whole
+            if isinstance(value, Mapping) and isinstance(base.get(key), dict) and \
+                    value.get("type", base[key].get("type")) != base[key].get("type"):
+                base[key] = {}
+        cfg = _merge(base, cfg)
         cfg["distill_cfg"] = validate_distill_cfg(cfg.get("distill_cfg"), path)
         if "classes" not in cfg or cfg["classes"] is None:
             cfg["classes"] = YOLC_CLASSES

@@ -160,3 +160,44 @@ def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.
         return dets, labels
     keep = batched_nms(dets[:, :4].float(), dets[:, 4].float(), labels, iou_threshold)[:max_per_img]
     return dets[keep], labels[keep]
+
+
+def patch_canvas(input_hw: Sequence[int]) -> Tuple[int, int]:
+    """Fixed patch size for KD (one dense block per sample in the cache): half the input, multiple of 32."""
+    return (max(32, int(input_hw[0]) // 2 // 32 * 32), max(32, int(input_hw[1]) // 2 // 32 * 32))
+
+
+def plan_patches(coords: List[np.ndarray], img_hw: Sequence[int], max_patches: int, min_size: int,
+                 enlarge: float, upscale: float, canvas: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LSM regions of each image -> fixed-slot patch plan: boxes (B,K,4) [x,y,w,h], scales (B,K), valid (B,K).
+    Each region is upscaled by `upscale`, or less when it would not fit the canvas."""
+    b = len(coords)
+    boxes = torch.zeros(b, max_patches, 4)
+    scales = torch.zeros(b, max_patches)
+    valid = torch.zeros(b, max_patches, dtype=torch.bool)
+    for i, c in enumerate(coords):
+        regs = select_regions(c, img_hw, max_patches, min_size, enlarge)
+        for k, (x, y, w, h) in enumerate(regs.tolist()):
+            if w < 1 or h < 1:
+                continue
+            boxes[i, k] = torch.tensor([x, y, w, h], dtype=torch.float32)
+            scales[i, k] = min(float(upscale), canvas[0] / h, canvas[1] / w)
+            valid[i, k] = True
+    return boxes, scales, valid
+
+
+def patch_batch(img: torch.Tensor, boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor,
+                canvas: Sequence[int]) -> torch.Tensor:
+    """Cut every valid planned patch from its view, resize by its scale, pad into the canvas: (Np,C,ph,pw).
+    Patches are ordered image by image, slot by slot (the order of valid.nonzero())."""
+    out = []
+    for i, k in valid.nonzero().tolist():
+        patch = crop_img_tensor(img[i], boxes[i, k].tolist())
+        s = float(scales[i, k])
+        size = (min(canvas[0], max(1, round(patch.shape[1] * s))), min(canvas[1], max(1, round(patch.shape[2] * s))))
+        if size != tuple(patch.shape[1:]):
+            patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
+        out.append(F.pad(patch, (0, canvas[1] - patch.shape[2], 0, canvas[0] - patch.shape[1])))
+    if not out:
+        return img.new_zeros((0, img.shape[1], canvas[0], canvas[1]))
+    return torch.stack(out)

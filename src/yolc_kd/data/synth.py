@@ -57,9 +57,8 @@ FIELD_COLOURS = np.array([
 
 
 def default_class_names(num_classes: int) -> tuple[str, ...]:
-    if num_classes == len(VISDRONE_CLASSES):
-        return VISDRONE_CLASSES
-    return tuple(f"c{i}" for i in range(num_classes))
+    """The first num_classes VisDrone names, so configs for fewer classes keep YOLC's naming."""
+    return tuple(VISDRONE_CLASSES[:num_classes])
 
 
 def _background(rng: Rng, w: int, h: int) -> tuple[np.ndarray, list[tuple[float, float, float, float]]]:

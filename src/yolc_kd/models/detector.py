@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from yolc_kd import crops
+from yolc_kd.kd import KDTargets, kd_losses
 from yolc_kd.models.hrfpn import HRFPN
 from yolc_kd.models.hrnet import HRNet
 from yolc_kd.models.yolc_head import Dets, YOLCHead
@@ -19,7 +20,8 @@ DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1
 class YOLC(nn.Module):
     def __init__(self, backbone: Mapping, neck: Optional[Mapping], bbox_head: Mapping,
                  train_cfg: Optional[Mapping] = None, test_cfg: Optional[Mapping] = None,
-                 pretrained: Optional[str] = None, init_cfg=None):
+                 pretrained: Optional[str] = None, init_cfg=None, distill_cfg: Optional[Mapping] = None,
+                 teacher: Optional[nn.Module] = None):
         super().__init__()
         self.backbone = _build(backbone, {"HRNet": HRNet}, "backbone")
         self.neck = _build(neck, {"HRFPN": HRFPN}, "neck") if neck else None
@@ -27,6 +29,30 @@ class YOLC(nn.Module):
         head_cfg.update(train_cfg=train_cfg, test_cfg=test_cfg)  # as mmdet's SingleStageDetector
         self.bbox_head = _build(head_cfg, {"YOLCHead": YOLCHead}, "bbox_head")
         self.crop_cfg = {**DEFAULT_CROP_CFG, **dict((test_cfg or {}).get("crop", {}))}
+        self.distill_cfg = dict(distill_cfg) if distill_cfg else None
+        # the teacher is held outside the module tree: student checkpoints and optimizers never see it
+        self._teacher = [teacher] if teacher is not None else []
+
+    @property
+    def teacher(self) -> Optional["YOLC"]:
+        return self._teacher[0] if self._teacher else None
+
+    def _apply(self, fn, *args, **kwargs):
+        if self._teacher:
+            self._teacher[0]._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> "YOLC":
+        super().train(mode)
+        if self._teacher:
+            self._teacher[0].eval()  # the teacher stays in eval mode
+        return self
+
+    def forward(self, img: torch.Tensor, img_metas: List[Mapping], return_loss: bool = True, **kwargs):
+        """mmdet convention (needed by DistributedDataParallel): losses in training, detections otherwise."""
+        if return_loss:
+            return self.forward_train(img, img_metas, **kwargs)
+        return self.simple_test(img, img_metas, **kwargs)
 
     @property
     def test_cfg(self) -> dict:
@@ -40,9 +66,46 @@ class YOLC(nn.Module):
         return self.bbox_head(self.extract_feat(img))
 
     def forward_train(self, img: torch.Tensor, img_metas: List[Mapping], gt_bboxes: List[torch.Tensor],
-                      gt_labels: List[torch.Tensor], **unused) -> Dict[str, torch.Tensor]:
-        outs = self.bbox_head(self.extract_feat(img))
-        return self.bbox_head.loss(*outs, gt_bboxes, gt_labels, img_metas)
+                      gt_labels: List[torch.Tensor], kd_targets: Optional[KDTargets] = None,
+                      **unused) -> Dict[str, torch.Tensor]:
+        """YOLC's supervised losses, plus the KD losses when targets are given (offline, from the cache)
+        or a teacher is attached (online)."""
+        heat, coarse, refine = self.bbox_head(self.extract_feat(img))
+        losses = self.bbox_head.loss(heat, coarse, refine, gt_bboxes, gt_labels, img_metas)
+        dcfg = self.distill_cfg
+        if kd_targets is None and self.teacher is not None and dcfg and dcfg.get("enable", True):
+            coords = None if dcfg.get("use_teacher_crop", True) else self.bbox_head.LSM([heat[0].detach()], img_metas)
+            kd_targets = self.teacher.kd_targets(img, img_metas, dcfg, coords)
+        if kd_targets is not None:
+            canvas = crops.patch_canvas(img.shape[2:])
+            patches = crops.patch_batch(img, kd_targets.patch_boxes, kd_targets.patch_scales,
+                                        kd_targets.patch_valid, canvas)
+            if patches.shape[0]:
+                patch_refine = self.bbox_head(self.extract_feat(patches))[2][0]  # all patches, one forward
+            else:
+                patch_refine = img.new_zeros((0, 4, canvas[0] // 4, canvas[1] // 4))
+            losses.update(kd_losses(heat[0], coarse[0], patch_refine, kd_targets, dcfg or {},
+                                    self.bbox_head.decode_xywh_to_bbox))
+        return losses
+
+    @torch.no_grad()
+    def kd_targets(self, img: torch.Tensor, img_metas: List[Mapping], dcfg: Mapping,
+                   coords: Optional[List[np.ndarray]] = None) -> KDTargets:
+        """This model as teacher: heatmap and coarse maps on the views, LSM crops (or the given ones),
+        refine maps on every patch (one batched forward)."""
+        heat, coarse, _ = self.bbox_head(self.extract_feat(img))
+        if coords is None:
+            coords = self.bbox_head.LSM(heat, img_metas)
+        canvas = crops.patch_canvas(img.shape[2:])
+        boxes, scales, valid = crops.plan_patches(
+            coords, img.shape[2:], int(dcfg["max_patches_per_img"]), int(dcfg["min_patch_size"]),
+            float(self.crop_cfg["enlarge"]), float(self.crop_cfg["upscale"]), canvas)
+        patches = crops.patch_batch(img, boxes, scales, valid, canvas)
+        refine = img.new_zeros((img.shape[0], valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4))
+        if patches.shape[0]:
+            refine[valid.to(img.device)] = self.bbox_head(self.extract_feat(patches))[2][0]
+        return KDTargets(heatmap=heat[0], coarse=coarse[0], patch_boxes=boxes.to(img.device),
+                         patch_scales=scales.to(img.device), patch_valid=valid.to(img.device), refine=refine)
 
     # ------------------------------------------------------------------ crop helpers (design names)
     def _crop_img_tensor(self, img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:

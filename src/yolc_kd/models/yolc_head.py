@@ -43,7 +43,8 @@ def local_maximum(heat: torch.Tensor, kernel: int = 3) -> torch.Tensor:
 class YOLCHead(nn.Module):
     def __init__(self, in_channel: int, feat_channel: int, num_classes: int,
                  loss_center_local: Optional[Mapping] = None, loss_xywh: Optional[Mapping] = None,
-                 train_cfg: Optional[Mapping] = None, test_cfg: Optional[Mapping] = None, init_cfg=None):
+                 train_cfg: Optional[Mapping] = None, test_cfg: Optional[Mapping] = None, init_cfg=None,
+                 heatmap_prior_prob: Optional[float] = None):
         super().__init__()
         self.num_classes = num_classes
         self.local_head = nn.Sequential(
@@ -73,9 +74,12 @@ class YOLCHead(nn.Module):
                              .reshape(1, -1, 1, 1), persistent=False)
         self.train_cfg = dict(train_cfg or {})
         self.test_cfg = {**DEFAULT_TEST_CFG, **dict(test_cfg or {})}
+        self.heatmap_prior_prob = heatmap_prior_prob
         self.init_weights()
 
     def init_weights(self) -> None:
+        """YOLC's init (normal std 0.001, zero bias: heatmaps start at 0.5). heatmap_prior_prob (a yolc-kd
+        option, off by default) starts the heatmap at that probability instead, which trains faster."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, DeformConv2d)):
                 nn.init.normal_(m.weight, 0, 0.001)
@@ -86,6 +90,9 @@ class YOLCHead(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.ConvTranspose2d):
                 nn.init.normal_(m.weight, 0, 0.02)
+        if self.heatmap_prior_prob:
+            p = float(self.heatmap_prior_prob)
+            nn.init.constant_(self.local_head[-1].bias, float(np.log(p / (1 - p))))
 
     # ------------------------------------------------------------------ forward
     def forward(self, feats: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:

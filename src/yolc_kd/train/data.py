@@ -1,0 +1,105 @@
+"""Training samples: (image, variant) -> replayed YOLC augmentation (+ KD targets from a source)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from yolc_kd.data.augment import TrainAugment
+from yolc_kd.data.coco import CocoDetection
+from yolc_kd.errors import UserError
+from yolc_kd.kd import KDTargets
+
+
+class TargetSource(Protocol):
+    """What the trainer needs from a soft-label store (the cache reader implements it)."""
+    num_variants: int
+
+    def read(self, image_id: int, variant: int) -> Tuple[str, KDTargets]:
+        """-> (fingerprint of the view the teacher saw, targets with batch size 1)."""
+
+
+class TrainSamples(Dataset):
+    """Item (i, v): image i augmented with key (seed, image_id, v); with a source, its cached targets,
+    after checking that the replayed view is the one the teacher saw."""
+
+    def __init__(self, coco: CocoDetection, augment: TrainAugment, seed: int,
+                 source: Optional[TargetSource] = None, skip_bad: bool = False):
+        self.coco, self.augment, self.seed, self.source, self.skip_bad = coco, augment, seed, source, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def __getitem__(self, item: Tuple[int, int]) -> Optional[Dict[str, Any]]:
+        i, variant = item
+        info = self.coco.image_info(i)
+        try:
+            image = self.coco.load_image(i)
+            boxes, labels = self.coco.annotations(i)
+            sample = self.augment(image, boxes, labels, (self.seed, int(info["id"]), int(variant)))
+            out = dict(img=sample.img, meta=sample.meta, boxes=torch.from_numpy(np.asarray(sample.boxes, np.float32)),
+                       labels=torch.from_numpy(np.asarray(sample.labels, np.int64)), image_id=int(info["id"]),
+                       variant=int(variant), fingerprint=sample.fingerprint)
+            if self.source is not None:
+                fingerprint, targets = self.source.read(int(info["id"]), int(variant))
+                if fingerprint != sample.fingerprint:
+                    raise UserError(f"cache sample (image id {info['id']}, variant {variant}) was made from a "
+                                    f"different view (fingerprint {fingerprint} != replayed {sample.fingerprint}): "
+                                    f"the augmentation, image file or package version changed")
+                out["kd_targets"] = targets
+            return out
+        except UserError as exc:
+            if self.skip_bad:
+                return dict(bad=f"image id {info['id']} variant {variant}: {exc}")
+            raise
+
+
+def collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    bad = [it["bad"] for it in items if "bad" in it]
+    items = [it for it in items if "bad" not in it]
+    batch: Dict[str, Any] = dict(bad=bad, size=len(items))
+    if not items:
+        return batch
+    batch.update(img=torch.stack([it["img"] for it in items]), img_metas=[it["meta"] for it in items],
+                 gt_bboxes=[it["boxes"] for it in items], gt_labels=[it["labels"] for it in items],
+                 keys=[(it["image_id"], it["variant"]) for it in items])
+    if "kd_targets" in items[0]:
+        batch["kd_targets"] = KDTargets.stack([it["kd_targets"] for it in items])
+    return batch
+
+
+class VariantSampler(Sampler):
+    """DistributedSampler over images, each yielded with the epoch's variant: epoch % num_variants for
+    a cache of K views, or the epoch itself (a fresh augmentation every epoch) when num_variants is None.
+    `skip` drops the first samples of the epoch (resuming mid-epoch)."""
+
+    def __init__(self, n: int, seed: int, num_variants: Optional[int] = None, rank: int = 0, world: int = 1,
+                 shuffle: bool = True):
+        self.base = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+        self.num_variants = num_variants
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+        self.base.set_epoch(epoch)
+
+    def variant(self, epoch: int) -> int:
+        return epoch % self.num_variants if self.num_variants else epoch
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        v = self.variant(self.epoch)
+        return iter([(i, v) for i in list(self.base)[self.skip:]])
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
+def data_paths(cfg: Mapping, split: str = "train") -> Tuple[Optional[str], Optional[str], Optional[List[str]]]:
+    """(ann_file, img_prefix, classes) of data.<split> in an mmdet config, unwrapping RepeatDataset."""
+    spec = (cfg.get("data") or {}).get(split) or {}
+    while isinstance(spec, Mapping) and "dataset" in spec:
+        spec = spec["dataset"]
+    return spec.get("ann_file"), spec.get("img_prefix"), spec.get("classes")

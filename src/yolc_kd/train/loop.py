@@ -1,0 +1,203 @@
+"""The training loop shared by supervised YOLC training and KD (offline from the cache, or online)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from yolc_kd import __version__
+from yolc_kd.checkpoint import read_checkpoint, save_checkpoint
+from yolc_kd.errors import UserError
+from yolc_kd.train.data import TrainSamples, VariantSampler, collate_train
+from yolc_kd.train.schedule import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class TrainOptions:
+    work_dir: Path
+    max_iters: Optional[int] = None
+    resume: bool = False
+    device: str = "cpu"
+    workers: Optional[int] = None
+    amp: bool = False
+    log_interval: Optional[int] = None
+    num_variants: Optional[int] = None           # K views per image in the cache (None: fresh view per epoch)
+    eval_fn: Optional[Callable[[nn.Module, int], Dict[str, Any]]] = None  # called on rank 0 after an epoch
+    progress: bool = True
+
+
+def dist_env() -> tuple:
+    """(rank, world) from torchrun's environment; initialises the process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    out = dict(batch)
+    out["img"] = batch["img"].to(device, non_blocking=True)
+    out["gt_bboxes"] = [b.to(device) for b in batch["gt_bboxes"]]
+    out["gt_labels"] = [l.to(device) for l in batch["gt_labels"]]
+    if "kd_targets" in batch:
+        out["kd_targets"] = batch["kd_targets"].to(device)
+    return out
+
+
+def _schedule(cfg: Mapping, iters_per_epoch: int, max_iters: Optional[int]) -> tuple:
+    runner = cfg.get("runner") or {}
+    lr_cfg = cfg.get("lr_config") or {}
+    steps = list(lr_cfg.get("step") or [])
+    if runner.get("type") == "IterBasedRunner":
+        total = int(runner.get("max_iters", 1000))
+        steps_iters = [int(s) for s in steps]
+    else:
+        total = int(runner.get("max_epochs", 48)) * iters_per_epoch
+        steps_iters = [int(s) * iters_per_epoch for s in steps]
+    return (int(max_iters) if max_iters else total), steps_iters
+
+
+class Trainer:
+    def __init__(self, cfg: Mapping, model: nn.Module, dataset: TrainSamples, opts: TrainOptions):
+        self.cfg, self.opts, self.dataset = cfg, opts, dataset
+        self.rank, self.world = dist_env()
+        self.device = torch.device(opts.device)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg["optimizer"])
+        self.base_lr = float(cfg["optimizer"].get("lr", 0.0025))
+        data_cfg = cfg.get("data") or {}
+        self.batch_size = int(data_cfg.get("samples_per_gpu", 4))
+        self.sampler = VariantSampler(len(dataset), int(cfg.get("seed", 0)), opts.num_variants, self.rank, self.world)
+        workers = opts.workers if opts.workers is not None else int(data_cfg.get("workers_per_gpu", 2))
+        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
+                                 collate_fn=collate_train, pin_memory=self.device.type == "cuda")
+        self.iters_per_epoch = max(1, math.ceil(len(self.sampler) / self.batch_size))
+        self.total_iters, self.steps = _schedule(cfg, self.iters_per_epoch, opts.max_iters)
+        clip = (cfg.get("optimizer_config") or {}).get("grad_clip") or {}
+        self.max_norm = clip.get("max_norm")
+        self.log_interval = opts.log_interval or int((cfg.get("log_config") or {}).get("interval", 50))
+        self.ckpt_interval = int((cfg.get("checkpoint_config") or {}).get("interval", 1))
+        self.epoch_runner = (cfg.get("runner") or {}).get("type") != "IterBasedRunner"
+        self.eval_interval = int((cfg.get("evaluation") or {}).get("interval", 1))
+        self.work_dir = Path(opts.work_dir)
+        self.metrics_path = self.work_dir / "metrics.jsonl"
+        self.start_iter, self.bad_samples = 0, 0
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self, it: int) -> Dict[str, Any]:
+        return dict(iter=it, epoch=it // self.iters_per_epoch, yolc_kd_version=__version__,
+                    CLASSES=list(self.cfg.get("classes") or []), seed=int(self.cfg.get("seed", 0)),
+                    config=json.dumps(self.cfg.get("model"), default=str), num_variants=self.opts.num_variants)
+
+    def save(self, it: int) -> Path:
+        path = save_checkpoint(self.work_dir / f"iter_{it}.pth", self.model, self._meta(it), self.optimizer)
+        tmp = self.work_dir / "latest.pth.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.name)
+        os.replace(tmp, self.work_dir / "latest.pth")
+        return path
+
+    def resume(self) -> None:
+        latest = self.work_dir / "latest.pth"
+        if not latest.exists():
+            raise UserError(f"--resume: no checkpoint to resume from in {self.work_dir} (latest.pth missing)")
+        sd, meta, obj = read_checkpoint(latest)
+        self.model.load_state_dict(sd, strict=True)
+        if "optimizer" in obj:
+            self.optimizer.load_state_dict(obj["optimizer"])
+        self.start_iter = int(meta.get("iter", 0))
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, record: Dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def step(self, batch: Dict[str, Any], it: int) -> Dict[str, float]:
+        lr = lr_at(it, self.base_lr, self.cfg.get("lr_config") or {}, self.steps)
+        set_lr(self.optimizer, lr)
+        net = self.ddp or self.model
+        with torch.autocast(self.device.type, enabled=self.opts.amp and self.device.type == "cuda"):
+            losses = net(batch["img"], batch["img_metas"], gt_bboxes=batch["gt_bboxes"],
+                         gt_labels=batch["gt_labels"], kd_targets=batch.get("kd_targets"))
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise UserError(f"loss became {float(total)} at iteration {it} (samples {batch['keys']}); "
+                            f"lower the learning rate or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.max_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), float(self.max_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return dict(lr=lr, loss=float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()})
+
+    def run(self) -> Dict[str, Any]:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.opts.resume:
+            self.resume()
+        self.model.train()
+        it = self.start_iter
+        bar = tqdm(total=self.total_iters, initial=it, desc="train", disable=not self.opts.progress or self.rank != 0,
+                   dynamic_ncols=True)
+        last: Dict[str, float] = {}
+        tic = time.perf_counter()
+        while it < self.total_iters:
+            epoch, skip = divmod(it, self.iters_per_epoch)
+            self.sampler.set_epoch(epoch, skip * self.batch_size)
+            for batch in self.loader:
+                if batch["bad"]:
+                    self.bad_samples += len(batch["bad"])
+                    for msg in batch["bad"]:
+                        tqdm.write(f"warning: skipped damaged sample {msg}")
+                if not batch["size"]:
+                    continue
+                last = self.step(_to_device(batch, self.device), it)
+                it += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k != "lr"}, refresh=False)
+                if it % self.log_interval == 0 or it == self.total_iters:
+                    now = time.perf_counter()
+                    self._log(dict(iter=it, epoch=epoch, sec=round(now - tic, 3), **last))
+                    tic = now
+                epoch_done = it % self.iters_per_epoch == 0
+                due = (epoch_done and (it // self.iters_per_epoch) % self.ckpt_interval == 0) if self.epoch_runner \
+                    else it % self.ckpt_interval == 0
+                if self.rank == 0 and (due or it == self.total_iters):
+                    self.save(it)
+                if epoch_done and self.opts.eval_fn and self.rank == 0 and \
+                        ((it // self.iters_per_epoch) % self.eval_interval == 0 or it == self.total_iters):
+                    self._eval(it)
+                if it >= self.total_iters:
+                    break
+        bar.close()
+        if self.world > 1:
+            dist.barrier()
+        return dict(iters=it, last=last, bad_samples=self.bad_samples, work_dir=str(self.work_dir))
+
+    def _eval(self, it: int) -> None:
+        self.model.eval()
+        try:
+            result = self.opts.eval_fn(self.model, it)
+        finally:
+            self.model.train()
+        self._log(dict(iter=it, eval=result))
+        tqdm.write(f"eval @ iter {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                                   if isinstance(v, float)))
