@@ -182,8 +182,9 @@ class Trainer:
                     else it % self.ckpt_interval == 0
                 if self.rank == 0 and (due or it == self.total_iters):
                     self.save(it)
-                if epoch_done and self.opts.eval_fn and self.rank == 0 and \
-                        ((it // self.iters_per_epoch) % self.eval_interval == 0 or it == self.total_iters):
+                eval_due = (epoch_done and (it // self.iters_per_epoch) % self.eval_interval == 0) \
+                    or it == self.total_iters
+                if eval_due and self.opts.eval_fn and self.rank == 0:
                     self._eval(it)
                 if it >= self.total_iters:
                     break
