@@ -1,0 +1,81 @@
+"""`yolc-kd train`: supervised training runs, logs, checkpoints in mmdet layout and resumes exactly."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model_cfg
+from yolc_kd.cli import main
+
+PIPELINE = [
+    dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
+    dict(type="PhotoMetricDistortion"),
+    dict(type="RandomCenterCropPad", crop_size=(128, 96), ratios=(0.9, 1.0, 1.1), mean=[0, 0, 0], std=[1, 1, 1],
+         to_rgb=True, test_pad_mode=None),
+    dict(type="Resize", img_scale=(128, 96), keep_ratio=True), dict(type="RandomFlip", flip_ratio=0.5),
+    dict(type="Normalize", mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
+]
+
+
+def write_config(path, extra: str = "") -> str:
+    model = tiny_model_cfg(num_classes=3)
+    path.write_text(
+        f"model = {model!r}\nclasses = ('pedestrian', 'people', 'bicycle')\ntrain_pipeline = {PIPELINE!r}\n"
+        "data = dict(samples_per_gpu=2, workers_per_gpu=0)\noptimizer = dict(type='Adam', lr=0.001)\n"
+        "lr_config = dict(policy='step', warmup='linear', warmup_iters=2, warmup_ratio=0.1, step=[100])\n"
+        "runner = dict(type='IterBasedRunner', max_iters=4)\ncheckpoint_config = dict(interval=2)\n"
+        "log_config = dict(interval=1)\n" + extra)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from yolc_kd.data.synth import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("synth"), 6, seed=3, size=(128, 96), num_classes=3)
+    return str(root / "annotations.json"), str(root)
+
+
+def _train(cfg, ann, images, work, *extra):
+    return main(["train", "--config", cfg, "--ann", ann, "--images", images, "--work-dir", str(work),
+                 "--no-progress", *extra])
+
+
+def test_train_logs_checkpoints_and_resumes_exactly(tmp_path, tiny_data):
+    ann, images = tiny_data
+    cfg = write_config(tmp_path / "cfg.py")
+    assert _train(cfg, ann, images, tmp_path / "full") == 0
+    lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["iter"] for l in lines] == [1, 2, 3, 4]
+    assert {"loss", "lr", "loss_center_heatmap", "loss_xywh_refine_l1"} <= set(lines[0])
+    ckpt = torch.load(tmp_path / "full" / "latest.pth", weights_only=True)
+    assert set(ckpt) >= {"state_dict", "meta", "optimizer"} and ckpt["meta"]["iter"] == 4
+    assert (tmp_path / "full" / "iter_2.pth").exists()
+    # interrupted after 2 iterations, then resumed: same weights as the uninterrupted run
+    assert _train(cfg, ann, images, tmp_path / "part", "--max-iters", "2") == 0
+    assert _train(cfg, ann, images, tmp_path / "part", "--resume") == 0
+    resumed = torch.load(tmp_path / "part" / "latest.pth", weights_only=True)["state_dict"]
+    for key, value in ckpt["state_dict"].items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_train_user_errors(tmp_path, tiny_data, capsys):
+    ann, images = tiny_data
+    cfg = write_config(tmp_path / "cfg.py")
+    assert _train(cfg, ann, images, tmp_path / "w", "--resume") == 1
+    assert "latest.pth" in capsys.readouterr().err
+    assert _train(cfg, ann, images, tmp_path / "w", "--cache", "x", "--online") == 1
+    assert "exclude" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--work-dir", str(tmp_path / "w"), "--no-progress"]) == 1
+    assert "--ann" in capsys.readouterr().err
+    bad = write_config(tmp_path / "bad.py", "classes = ('a', 'b', 'c')\n")
+    assert _train(bad, ann, images, tmp_path / "w") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'a'" in err
+
+
+def test_train_help_lists_yolc_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "momentum" in out and "warmup" in out and "max_norm" in out
