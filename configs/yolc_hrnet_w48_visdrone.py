@@ -18,6 +18,19 @@ train_pipeline = [
     dict(type='DefaultFormatBundle'),
     dict(type='Collect', keys=['img', 'gt_bboxes', 'gt_labels']),
 ]
+test_pipeline = [
+    dict(type='LoadImageFromFile', to_float32=True),
+    dict(type='MultiScaleFlipAug', scale_factor=1.0, flip=False, transforms=[
+        dict(type='Resize', keep_ratio=True),
+        dict(type='RandomCenterCropPad', ratios=None, border=None, mean=[0, 0, 0], std=[1, 1, 1], to_rgb=True,
+             test_mode=True, test_pad_mode=['logical_or', 31], test_pad_add_pix=1),
+        dict(type='RandomFlip'),
+        dict(type='Normalize', **img_norm_cfg),
+        dict(type='DefaultFormatBundle'),
+        dict(type='Collect', keys=['img'], meta_keys=('filename', 'ori_shape', 'img_shape', 'pad_shape',
+                                                      'scale_factor', 'flip', 'flip_direction', 'img_norm_cfg',
+                                                      'border'))])
+]
 data = dict(
     samples_per_gpu=4,
     workers_per_gpu=4,
@@ -43,6 +56,8 @@ log_level = 'INFO'
 load_from = None
 resume_from = None
 workflow = [('train', 1)]
+work_dir = './work_dir/yolc_hrnet'
+gpu_ids = range(0, 5)
 
 
 def _stage(modules, branches, block, blocks, channels):
