@@ -23,12 +23,12 @@ def read_checkpoint(path: PathLike, trust: bool = False) -> Tuple[Dict[str, torc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        if not trust and "weights" in str(exc).lower():
+        if not trust and ("global" in str(exc).lower() or "GLOBAL" in str(exc)):
             raise UserError(f"checkpoint {path} needs arbitrary pickle code to load; if you trust its source, "
                             f"pass --trust-checkpoint") from None
-        raise UserError(f"checkpoint {path} is not a readable torch file ({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} is not a readable torch file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"checkpoint {path} is not a readable torch checkpoint (corrupt or another format)") from None
+    except Exception as exc:  # torch raises many types on garbage input (IndexError, RuntimeError, EOFError...)
+        raise UserError(f"checkpoint {path} is not a readable torch checkpoint ({type(exc).__name__})") from None
     if not isinstance(obj, Mapping):
         raise UserError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
     inner = obj.get("state_dict")

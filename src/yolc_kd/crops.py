@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections import deque
 from pathlib import Path
-from typing import List, Mapping, Sequence, Tuple
+from typing import List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -83,6 +83,9 @@ def select_regions(coords: np.ndarray, img_hw: Sequence[int], max_patches: int =
     Returns (K,4) float [x, y, w, h] inside an image of size img_hw = (h, w)."""
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
     h, w = float(img_hw[0]), float(img_hw[1])
+    x1, y1 = np.clip(coords[:, 0], 0, w), np.clip(coords[:, 1], 0, h)  # the part inside the image counts
+    x2, y2 = np.clip(coords[:, 0] + coords[:, 2], 0, w), np.clip(coords[:, 1] + coords[:, 3], 0, h)
+    coords = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
     coords = coords[(coords[:, 2] >= min_size) & (coords[:, 3] >= min_size)]
     order = np.argsort(-(coords[:, 2] * coords[:, 3]), kind="stable")
     coords = coords[order[:max_patches]]
@@ -103,16 +106,18 @@ def crop_img_tensor(img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor
     return img_i[:, y1:y2, x1:x2]
 
 
-def build_patch_meta(meta: Mapping, patch_shape: Sequence[int], coord: Sequence[float], scale: float = 1.0) -> dict:
-    """Meta of a patch cut at coord=[x, y, w, h] (tensor frame) and resized by `scale`:
-    shapes become the patch's, crop_offset=(x, y), scale_factor=scale, border zero."""
+def build_patch_meta(meta: Mapping, patch_shape: Sequence[int], coord: Sequence[float],
+                     scale: Union[float, Tuple[float, float]] = 1.0) -> dict:
+    """Meta of a patch cut at coord=[x, y, w, h] (tensor frame) and resized by `scale` (or (sx, sy)):
+    shapes become the patch's, crop_offset=(x, y), scale_factor=[sx, sy, sx, sy], border zero."""
     m = copy.copy(dict(meta))
     ph, pw = int(patch_shape[0]), int(patch_shape[1])
     m["img_shape"] = (ph, pw, 3)
     m["pad_shape"] = (ph, pw, 3)
     m["batch_input_shape"] = (ph, pw)
     m["crop_offset"] = (float(coord[0]), float(coord[1]))
-    m["scale_factor"] = np.full(4, scale, dtype=np.float32)
+    sx, sy = (scale, scale) if np.isscalar(scale) else scale
+    m["scale_factor"] = np.array([sx, sy, sx, sy], dtype=np.float32)
     m["border"] = np.zeros(4, dtype=np.float32)
     return m
 

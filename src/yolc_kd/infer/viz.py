@@ -129,6 +129,8 @@ def draw_detections(img: np.ndarray, boxes: Any, labels: Any, scores: Any,
     if crop_regions is not None:
         crops = _np(crop_regions).reshape(-1, 4).astype(float)
         for i, (x, y, w, h) in enumerate(crops):
+            if w < 1 or h < 1:
+                continue  # an empty region has nothing to outline
             x0, y0, x1, y1 = x, y, x + w - 1, y + h - 1
             corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
             draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0), width=crop_w + 2)

@@ -128,13 +128,15 @@ class YOLC(nn.Module):
             for reg in np.asarray(regs).reshape(-1, 4):
                 coord = [reg[0] + border[2], reg[1] + border[0], reg[2], reg[3]]  # content -> tensor frame
                 patch = self._crop_img_tensor(img[i], coord)
+                coord = [max(0.0, coord[0]), max(0.0, coord[1]), coord[2], coord[3]]  # the clamped crop origin
                 if patch.shape[1] < 1 or patch.shape[2] < 1:
                     continue
                 if upscale != 1.0:
                     size = (max(1, round(patch.shape[1] * upscale)), max(1, round(patch.shape[2] * upscale)))
                     patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
                 # the exact scale per axis keeps remap the inverse of crop after rounding the size
-                scale = patch.shape[2] / max(1, int(round(coord[2])))
+                crop_h, crop_w = self._crop_img_tensor(img[i], coord).shape[1:]
+                scale = (patch.shape[2] / max(1, crop_w), patch.shape[1] / max(1, crop_h))
                 patches.append(patch)
                 metas.append(self._build_patch_meta(meta, patch.shape[1:], coord, scale))
                 owners.append(i)
@@ -162,15 +164,18 @@ class YOLC(nn.Module):
         results: List[Dets] = list(full)
         if fusion != "none" and max_patches > 0:
             # YOLC quirk kept: LSM reads the blurred heatmap (its get_bboxes blurs the list in place)
-            blurred = [self.bbox_head_blur(heat[0])]
-            for i, (meta, coord) in enumerate(zip(img_metas, self.bbox_head.LSM(blurred, img_metas))):
+            blurred = self.bbox_head_blur(heat[0]) * _content_mask(heat[0], img_metas)  # no clusters in padding
+            for i, (meta, coord) in enumerate(zip(img_metas, self.bbox_head.LSM([blurred], img_metas))):
                 h, w = meta.get("img_shape", img.shape[2:])[:2]
                 regions[i] = crops.select_regions(coord, (h, w), max_patches, cfg["min_patch_size"], cfg["enlarge"])
             results = self._fuse_patches(img, img_metas, full, regions, fusion)
         out = []
         for (dets, labels), meta in zip(results, img_metas):
+            dets = dets.clone()
+            h, w = meta.get("img_shape", img.shape[2:])[:2]
+            dets[:, 0:4:2] = dets[:, 0:4:2].clamp(0, w)  # yolc-kd clips to the image (YOLC does not)
+            dets[:, 1:4:2] = dets[:, 1:4:2].clamp(0, h)
             if rescale:
-                dets = dets.clone()
                 dets[:, :4] /= dets.new_tensor(np.asarray(meta.get("scale_factor", 1.0), np.float32) * np.ones(4, np.float32))
             out.append((dets, labels))
         if return_extras:
@@ -186,7 +191,8 @@ class YOLC(nn.Module):
         per_img: List[List[Dets]] = [[] for _ in img_metas]
         if batch is not None:
             ph, pc, pr = self.bbox_head(self.extract_feat(batch))
-            for (dets, labels), m, i in zip(self.bbox_head.get_bboxes(ph, pc, pr, metas, rescale=True), metas, owners):
+            # rescale=False: _remap_bboxes_to_full undoes the patch scale (once)
+            for (dets, labels), m, i in zip(self.bbox_head.get_bboxes(ph, pc, pr, metas, rescale=False), metas, owners):
                 dets = self._remap_bboxes_to_full(dets, m)
                 border = np.asarray(img_metas[i].get("border", np.zeros(4)), np.float32)
                 dets[:, :4] -= dets.new_tensor(border[[2, 0, 2, 0]])  # tensor -> content frame
@@ -199,6 +205,16 @@ class YOLC(nn.Module):
             out.append(crops.fuse_detections((fd, fl), (pd, pl), regions[i], fusion, iou,
                                              int(self.test_cfg["max_per_img"])))
         return out
+
+
+def _content_mask(heat: torch.Tensor, img_metas: List[Mapping]) -> torch.Tensor:
+    """(B,1,H,W) 1 inside each image's content (its border and the batch padding excluded), else 0."""
+    mask = heat.new_zeros((heat.shape[0], 1, *heat.shape[2:]))
+    for i, meta in enumerate(img_metas):
+        top, _, left, _ = [int(v) for v in np.asarray(meta.get("border", np.zeros(4)))]
+        h, w = meta.get("img_shape", heat.shape[2:])[:2]
+        mask[i, :, top:top + int(h), left:left + int(w)] = 1
+    return mask
 
 
 def _build(cfg: Mapping, registry: Mapping, what: str) -> nn.Module:

@@ -1,0 +1,148 @@
+"""Read side of the cache (zarr + numpy only): manifest, image id + variant -> sample index, and one
+concurrent gather of every array of a sample. Picklable: the zarr arrays are opened lazily per process."""
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import zarr
+
+from yolc_kd.cache.manifest import read_manifest
+from yolc_kd.cache.schema import (IMAGE_IDS, SAMPLE_ARRAYS, SCHEMA_VERSION, SHARD_DONE, Layout, decode_fingerprint,
+                                  sample_index)
+from yolc_kd.errors import UserError
+
+
+class CacheError(UserError):
+    """Cache data that cannot be used: damaged (checksum), not written yet, or skipped at precompute."""
+
+
+def open_manifest(path: Any) -> Dict[str, Any]:
+    """The manifest of the cache at path; UserError when it is no cache or of an unknown schema."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise UserError(f"{path} is not a yolc-kd cache (no zarr.json): run `yolc-kd precompute --out {path}` first")
+    try:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable Zarr v3 group ({type(exc).__name__}: {exc})") from None
+    manifest = read_manifest(group.attrs)
+    if manifest is None:
+        raise UserError(f"{path} has no yolc-kd manifest: its creation did not finish; rerun yolc-kd precompute")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{path} has cache schema version {version}; this yolc-kd reads version {SCHEMA_VERSION}")
+    return manifest
+
+
+class CacheReader:
+    def __init__(self, path: Any):
+        self.path = Path(path)
+        self.manifest = open_manifest(self.path)
+        self.layout = Layout.from_dict(self.manifest["layout"])
+        self._arrays: Optional[Dict[str, zarr.Array]] = None
+        self._pid: Optional[int] = None
+        self._done: set = set()
+        try:
+            self.image_ids = np.asarray(self._open()[IMAGE_IDS][:], dtype=np.int64)
+        except Exception as exc:
+            raise CacheError(f"{self.path}: array '{IMAGE_IDS}' is damaged ({exc})") from None
+        self._position = {int(x): i for i, x in enumerate(self.image_ids.tolist())}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"], state["_pid"] = None, None
+        return state
+
+    def _open(self) -> Dict[str, zarr.Array]:
+        if self._arrays is None or self._pid != os.getpid():
+            group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+            self._arrays = {name: group[name] for name in (*SAMPLE_ARRAYS, IMAGE_IDS, SHARD_DONE)}
+            self._pid = os.getpid()
+        return self._arrays
+
+    # ------------------------------------------------------------------ manifest
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete", False))
+
+    @property
+    def num_variants(self) -> int:
+        return self.layout.variants
+
+    @property
+    def num_samples(self) -> int:
+        return self.layout.num_samples
+
+    def index_of(self, image_id: int, variant: int) -> int:
+        """Sample index of (image id, variant): position of the id in `image_ids` * variants + variant."""
+        try:
+            pos = self._position[int(image_id)]
+        except (KeyError, TypeError, ValueError):
+            raise KeyError(f"image id {image_id!r} is not in the cache {self.path}") from None
+        return sample_index(pos, int(variant), self.layout.variants)
+
+    def has_image(self, image_id: Any) -> bool:
+        try:
+            return int(image_id) in self._position
+        except (TypeError, ValueError):
+            return False
+
+    def shard_done(self, j: int) -> bool:
+        if self.complete or j in self._done:
+            return True
+        try:
+            ok = int(self._open()[SHARD_DONE][j]) == 1
+        except Exception:
+            ok = False
+        if ok:
+            self._done.add(j)
+        return ok
+
+    # ------------------------------------------------------------------ samples
+    def read_sample(self, index: int, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+        """Every per-sample array (or `names`) at row `index`, fetched concurrently. Raises CacheError when
+        the shard is not committed or a chunk fails its crc32c check (naming the array)."""
+        if not 0 <= index < self.layout.num_samples:
+            raise IndexError(f"sample {index} outside 0..{self.layout.num_samples - 1}")
+        j = index // self.layout.shard_size
+        if not self.shard_done(j):
+            raise CacheError(f"sample {index} of {self.path} is in shard {j}, which is not written yet "
+                             f"(rerun yolc-kd precompute)")
+        names = list(names or SAMPLE_ARRAYS)
+        arrays = self._open()
+        results = _gather([arrays[n] for n in names], index)
+        out: Dict[str, np.ndarray] = {}
+        for name, res in zip(names, results):
+            if isinstance(res, BaseException):
+                raise CacheError(f"{self.path}: array '{name}' is damaged at sample {index} (shard {j}): "
+                                 f"{type(res).__name__}: {str(res).splitlines()[0] if str(res) else ''}") from None
+            out[name] = np.asarray(res)
+        return out
+
+    def fingerprint(self, sample: Dict[str, np.ndarray]) -> str:
+        return decode_fingerprint(sample["fingerprint"])
+
+
+def _gather(arrays: List[zarr.Array], index: int) -> List[Any]:
+    """Read row `index` of every array in one concurrent gather on zarr's event loop (exceptions returned)."""
+    try:
+        from zarr.core.sync import sync
+        asyncs = [a._async_array for a in arrays]
+    except (ImportError, AttributeError):  # another zarr 3 layout: read one by one
+        return [_safe(lambda a=a: a[index]) for a in arrays]
+
+    async def run() -> List[Any]:
+        return await asyncio.gather(*(a.getitem(index) for a in asyncs), return_exceptions=True)
+
+    return sync(run())
+
+
+def _safe(fn) -> Any:
+    try:
+        return fn()
+    except Exception as exc:
+        return exc

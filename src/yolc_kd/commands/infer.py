@@ -1,0 +1,118 @@
+"""`yolc-kd infer`: run a YOLC checkpoint on images and write COCO-format detections."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from yolc_kd.data.images import display_path
+from yolc_kd.errors import UserError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "infer", help="detect objects in images with a YOLC checkpoint (COCO results json)",
+        description="Run YOLC (full image -> LSM cluster crops -> one batched patch pass -> fusion) on a folder "
+                    "of images, or on the images of a COCO json, and write COCO result dicts "
+                    "{image_id, category_id, bbox [x,y,w,h], score}. For a folder, image ids are 1..N in "
+                    "sorted file-name order and <out stem>.images.json maps them to the files.")
+    p.add_argument("--config", required=True, type=Path, help="mmdet-style Python config (.py)")
+    p.add_argument("--ckpt", required=True, type=Path, help="checkpoint (.pth) matching the config")
+    p.add_argument("--images", required=True, type=Path,
+                   help="folder of images (.jpg .jpeg .png .bmp .tif .tiff .webp); with --ann: the image root")
+    p.add_argument("--ann", type=Path, default=None,
+                   help="COCO json: run on its images (its ids and category ids) and print COCO metrics")
+    p.add_argument("--out", required=True, type=Path, help="predictions json to write")
+    p.add_argument("--fusion", choices=("nms", "replace", "none"), default=None,
+                   help="how patch detections join the full-image ones (default: the config's, else nms)")
+    p.add_argument("--max-patches", type=int, default=None, metavar="K",
+                   help="crop patches per image (default: the config's, else 4; 0 = full image only)")
+    p.add_argument("--viz", type=Path, default=None, metavar="DIR",
+                   help="also write one PNG per image (heatmap, crop regions, boxes with score >= 0.3)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need arbitrary pickle code (only for trusted files)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: report it and go on)")
+    p.set_defaults(func=run)
+
+
+def _model_and_classes(config: Path) -> Tuple[Dict[str, Any], int, Optional[Tuple[str, ...]]]:
+    """(config with defaults, the model's class count, the config's own class names or None)."""
+    from yolc_kd.config import load_config
+
+    own = load_config(config)
+    cfg = load_config(config, with_defaults=True)
+    try:
+        num_classes = int(cfg["model"]["bbox_head"]["num_classes"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"config {config}: model.bbox_head.num_classes is missing or not an integer") from None
+    classes = own.get("classes")
+    if classes is None:
+        return cfg, num_classes, None
+    classes = tuple(str(c) for c in classes)
+    if len(classes) != num_classes:
+        raise UserError(f"config {config}: 'classes' lists {len(classes)} names but "
+                        f"model.bbox_head.num_classes is {num_classes}")
+    return cfg, num_classes, classes
+
+
+def _folder_names(num_classes: int, classes: Optional[Tuple[str, ...]]) -> Tuple[str, ...]:
+    from yolc_kd.config import YOLC_CLASSES
+
+    if classes is not None:
+        return classes
+    if num_classes == len(YOLC_CLASSES):
+        return YOLC_CLASSES
+    return tuple(f"class{i + 1}" for i in range(num_classes))
+
+
+def run(args: argparse.Namespace) -> int:
+    from yolc_kd.checkpoint import load_checkpoint
+    from yolc_kd.infer import predict as P
+    from yolc_kd.models import build_detector
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_patches is not None and args.max_patches < 0:
+        raise UserError(f"--max-patches must be >= 0, got {args.max_patches}")
+    device = P.resolve_device(args.device)
+    cfg, num_classes, classes = _model_and_classes(args.config)
+
+    if args.ann is not None:
+        source = P.coco_source(args.ann, args.images, classes, num_classes)
+        for warning in source.dataset.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    else:
+        source = P.folder_source(args.images, _folder_names(num_classes, classes))
+
+    try:
+        model = build_detector(cfg["model"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"config {args.config}: cannot build the model: {exc}") from None
+    try:
+        load_checkpoint(model, args.ckpt, strict=True, trust=args.trust_checkpoint)
+    except UserError:
+        raise
+    except Exception as exc:  # torch's weights-only unpickler raises e.g. IndexError on garbage bytes
+        raise UserError(f"checkpoint {display_path(args.ckpt)} is not a readable torch file "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    predictor = P.Predictor(model, cfg, device=device, fusion=args.fusion, max_patches=args.max_patches)
+
+    summary = P.predict_images(predictor, source, batch_size=args.batch_size, viz_dir=args.viz, strict=args.strict)
+    written = P.save_predictions(args.out, summary, source)
+
+    if summary.skipped:
+        names = ", ".join(display_path(name) for name, _ in summary.skipped)
+        print(f"warning: skipped {len(summary.skipped)} unreadable image(s): {names}", file=sys.stderr)
+    extra = f" (+ {display_path(written[1])})" if len(written) > 1 else ""
+    viz = f", {len(summary.viz_files)} overlays in {display_path(args.viz)}" if args.viz is not None else ""
+    print(f"infer: {summary.num_images} images, {len(summary.results)} detections, "
+          f"{summary.seconds_per_image:.3f} s/image -> {display_path(args.out)}{extra}{viz}")
+    if args.ann is not None:
+        from yolc_kd.infer.coco_eval import evaluate_coco, format_table
+
+        print(format_table(evaluate_coco(args.ann, summary.results, quiet=True)))
+    return 0

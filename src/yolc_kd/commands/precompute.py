@@ -1,0 +1,81 @@
+"""`yolc-kd precompute`: run the teacher ONCE over the K augmented views of every training image and
+store its soft labels (KD targets) in a Zarr v3 cache for `yolc-kd train --cache`. The config is the
+STUDENT's: its distill_cfg names the teacher. Rerunning the same command resumes an interrupted run;
+under `torchrun --nproc_per_node N -m yolc_kd precompute ...` the shards are split across the ranks."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from yolc_kd.errors import UserError
+
+
+def register(subparsers: Any) -> None:
+    from yolc_kd.cache.schema import DEFAULT_SHARD_SIZE
+    from yolc_kd.commands.train import add_data_args
+
+    p = subparsers.add_parser("precompute", help="cache the teacher's KD targets for offline distillation",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the student's mmdet-style config (its distill_cfg names the teacher)")
+    p.add_argument("--ckpt", default=None, help="teacher checkpoint (default: distill_cfg.teacher_ckpt)")
+    add_data_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created, or resumed when it exists)")
+    p.add_argument("--variants", type=int, default=4, metavar="K", help="augmented views per image (default 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="teacher batch (default data.samples_per_gpu)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="S",
+                   help=f"samples per shard file (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--workers", type=int, default=None, help="image loading processes (default data.workers_per_gpu)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of the teacher (default 1): results depend on it, so keep it when resuming; "
+                        "scale out with torchrun instead")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:
+            name = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(name)
+    elif name != "cpu":
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    from yolc_kd.commands.train import load_dataset, resolve_data
+    from yolc_kd.config import load_config
+    from yolc_kd.precompute.run import PrecomputeOptions, precompute
+
+    cfg = load_config(args.config, with_defaults=True)
+    ann, images = resolve_data(cfg, args.ann, args.images)
+    coco = load_dataset(cfg, ann, images)
+    data_cfg = cfg.get("data") or {}
+    opts = PrecomputeOptions(
+        out=Path(args.out), ckpt=args.ckpt, variants=args.variants,
+        batch_size=args.batch_size if args.batch_size is not None else int(data_cfg.get("samples_per_gpu", 4)),
+        device=_device(args.device), amp=args.amp, trust=args.trust_checkpoint, strict=args.strict,
+        shard_size=args.shard_size,
+        workers=args.workers if args.workers is not None else int(data_cfg.get("workers_per_gpu", 2)),
+        threads=args.threads, progress=not args.no_progress, config_dir=str(Path(args.config).resolve().parent))
+    summary = precompute(cfg, coco, opts)
+    if summary["rank"] == 0:
+        counts = summary["manifest"].get("counts", {})
+        per_sample = counts.get("bytes", 0) / max(1, counts.get("samples", 1))
+        print(f"cache {summary['out']}: {counts.get('samples_written', 0)} views of {counts.get('images', 0)} images "
+              f"({summary['manifest']['variants']} variants, {counts.get('shards', 0)} shards, "
+              f"{per_sample / 1024:.1f} KiB per view); this run wrote {summary['samples_written']} views"
+              + (f", {summary['already_done']} shards were already done" if summary["already_done"] else "")
+              + (f"; skipped {counts['images_skipped']} unreadable image(s), listed in the manifest"
+                 if counts.get("images_skipped") else ""))
+    return 0

@@ -1,0 +1,321 @@
+"""Batched YOLC inference on image folders or COCO image lists -> COCO result dicts (+ optional overlays).
+
+The model runs ``simple_test(..., rescale=True, return_extras=True)`` on YOLC's test input (the image
+centre-padded by :class:`~yolc_kd.data.augment.TestTransform`, batches zero-padded by ``collate_test``).
+Boxes come back in original image pixels; they are clipped to the image here and boxes left with no
+area (e.g. peaks in the padding) are dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from yolc_kd.data.augment import AugmentConfig, TestTransform, collate_test
+from yolc_kd.data.coco import CocoDetection
+from yolc_kd.data.images import display_path, load_image_rgb
+from yolc_kd.errors import UserError
+from yolc_kd.infer.viz import save_detections
+
+PathLike = Union[str, "os.PathLike[str]"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FUSION_MODES = ("nms", "replace", "none")
+VIZ_SCORE_THR = 0.3
+
+
+# ----------------------------------------------------------------------------- image sources
+
+@dataclass
+class ImageItem:
+    image_id: Any
+    path: Path
+    file_name: str  # relative to the image root
+
+
+@dataclass
+class ImageSource:
+    """What to run on and how labels map to category ids. ``dataset`` is set for a COCO json."""
+
+    items: List[ImageItem]
+    label_to_cat_id: List[Any]
+    class_names: Tuple[str, ...]
+    dataset: Optional[CocoDetection] = None
+
+    @property
+    def categories(self) -> List[Dict[str, Any]]:
+        return [dict(id=c, name=n) for c, n in zip(self.label_to_cat_id, self.class_names)]
+
+
+def list_image_folder(folder: PathLike) -> List[ImageItem]:
+    """Image files directly in `folder` (by extension, case-insensitive), sorted by name, ids 1..N."""
+    root = Path(folder)
+    if not root.exists():
+        raise UserError(f"image folder not found: {display_path(root)}")
+    if not root.is_dir():
+        raise UserError(f"--images must be a folder, got a file: {display_path(root)}")
+    try:
+        names = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+    except OSError as exc:
+        raise UserError(f"cannot list image folder {display_path(root)}: {exc.strerror or exc}") from None
+    if not names:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {display_path(root)}")
+    return [ImageItem(i + 1, root / n, n) for i, n in enumerate(names)]
+
+
+def folder_source(folder: PathLike, class_names: Sequence[str]) -> ImageSource:
+    """A folder without annotations: image ids 1..N in sorted order, category id = label + 1."""
+    names = tuple(str(n) for n in class_names)
+    return ImageSource(list_image_folder(folder), list(range(1, len(names) + 1)), names)
+
+
+def coco_source(ann_file: PathLike, img_root: PathLike, classes: Optional[Sequence[str]] = None,
+                num_classes: Optional[int] = None) -> ImageSource:
+    """The images of a COCO json (its order and ids). Label l is the category named classes[l]
+    (default: the json's categories by id). num_classes, when given, must equal the category count."""
+    ds = CocoDetection(ann_file, img_root)
+    shown = display_path(ann_file)
+    if len(ds) == 0:
+        raise UserError(f"{shown} lists no images")
+    if num_classes is not None and len(ds.classes) != num_classes:
+        raise UserError(f"{shown} has {len(ds.classes)} categories but the model has {num_classes} classes")
+    names, label_to_cat_id = tuple(ds.classes), list(ds.label_to_cat_id)
+    if classes is not None:
+        names = tuple(str(c) for c in classes)
+        if len(set(names)) != len(names):
+            raise UserError(f"the config's class names contain duplicates: {list(names)}")
+        name_to_id: Dict[str, Any] = {}
+        for name, cat in zip(ds.classes, ds.label_to_cat_id):
+            name_to_id.setdefault(name, cat)
+        missing = [n for n in names if n not in name_to_id]
+        if missing:
+            raise UserError(f"config class {missing[0]!r} is not a category name in {shown} "
+                            f"(has {', '.join(sorted(name_to_id))})")
+        label_to_cat_id = [name_to_id[n] for n in names]
+    items = []
+    for i in range(len(ds)):
+        info = ds.image_info(i)
+        items.append(ImageItem(info["id"], Path(info["path"]), str(info["file_name"])))
+    return ImageSource(items, label_to_cat_id, names, ds)
+
+
+# ----------------------------------------------------------------------------- predictor
+
+@dataclass
+class ImagePrediction:
+    """Detections of one image in its pixels: boxes (N,4) xyxy, scores (N,), labels (N,);
+    heatmap (C,h,w) over the image content and crop regions (K,4) [x,y,w,h] when kept."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    heatmap: Optional[np.ndarray] = None
+    regions: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r} (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {device!r} (use cpu or cuda)")
+    return dev
+
+
+def build_test_transform(cfg: Dict[str, Any]) -> TestTransform:
+    """YOLC's test transform from the config's pipelines (defaults when it has none)."""
+    train, test = cfg.get("train_pipeline"), cfg.get("test_pipeline")
+    if train is None and test is None:
+        return TestTransform(AugmentConfig())
+    return TestTransform(AugmentConfig.from_pipeline(train, test))
+
+
+class Predictor:
+    """Runs a YOLC model on lists of (H,W,3) uint8 RGB images."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Dict[str, Any], device: Union[str, torch.device] = "cpu",
+                 fusion: Optional[str] = None, max_patches: Optional[int] = None) -> None:
+        if fusion is not None and fusion not in FUSION_MODES:
+            raise UserError(f"fusion must be one of {', '.join(FUSION_MODES)}, got {fusion!r}")
+        if max_patches is not None and (isinstance(max_patches, bool) or int(max_patches) != max_patches
+                                        or max_patches < 0):
+            raise UserError(f"max_patches must be a non-negative integer, got {max_patches!r}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.transform = build_test_transform(cfg)
+        self.fusion = fusion
+        self.max_patches = None if max_patches is None else int(max_patches)
+
+    def __call__(self, images: Sequence[np.ndarray], keep_heatmap: bool = False) -> List[ImagePrediction]:
+        if not images:
+            return []
+        batch, metas = collate_test([self.transform(img) for img in images])
+        with torch.inference_mode():
+            self.model.eval()
+            results, extras = self.model.simple_test(batch.to(self.device), metas, rescale=True, fusion=self.fusion,
+                                                     max_patches=self.max_patches, return_extras=True)
+        heat = extras.get("heatmap") if keep_heatmap else None
+        regions = extras.get("regions") or [None] * len(images)
+        out = []
+        for i, ((dets, labels), meta, img) in enumerate(zip(results, metas, images)):
+            h, w = img.shape[:2]
+            d = dets.detach().float().cpu().numpy().reshape(-1, 5)
+            lab = labels.detach().cpu().numpy().reshape(-1).astype(np.int64)
+            boxes = d[:, :4].copy()
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(d[:, 4])
+            hm = None
+            if heat is not None:
+                top, bottom, left, right = (int(round(float(v))) for v in np.asarray(meta["border"])[:4])
+                hm = heat[i, :, top:bottom, left:right].detach().float().cpu().numpy()
+            reg = np.zeros((0, 4), np.int64) if regions[i] is None else np.asarray(regions[i]).reshape(-1, 4)
+            reg = reg[(reg[:, 2] >= 1) & (reg[:, 3] >= 1)]  # empty regions gave no patch
+            out.append(ImagePrediction(boxes[keep], d[keep, 4], lab[keep], hm, reg))
+        return out
+
+
+# ----------------------------------------------------------------------------- results
+
+def to_coco_results(image_id: Any, pred: ImagePrediction, label_to_cat_id: Sequence[Any]) -> List[Dict[str, Any]]:
+    """COCO result dicts {image_id, category_id, bbox [x,y,w,h] (2 decimals), score (5 decimals)}."""
+    out = []
+    for (x1, y1, x2, y2), s, lab in zip(pred.boxes.tolist(), pred.scores.tolist(), pred.labels.tolist()):
+        x1, y1, x2, y2 = (round(v, 2) for v in (x1, y1, x2, y2))  # corners first: x + w stays <= width
+        bbox = [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)]
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            continue
+        if not 0 <= lab < len(label_to_cat_id):
+            raise UserError(f"the model predicted label {lab} but only {len(label_to_cat_id)} classes are known")
+        out.append(dict(image_id=image_id, category_id=label_to_cat_id[lab], bbox=bbox, score=round(s, 5)))
+    return out
+
+
+@dataclass
+class PredictSummary:
+    results: List[Dict[str, Any]]
+    images: List[Dict[str, Any]]  # id, file_name, width, height of every processed image
+    skipped: List[Tuple[str, str]]  # (file_name, reason)
+    seconds: float
+    viz_files: List[Path] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(1, self.num_images)
+
+
+def _stderr(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _viz_name(item: ImageItem, used: set) -> str:
+    name = f"{Path(item.file_name).stem}.png"
+    if name in used:
+        name = f"{Path(item.file_name).stem}_{item.image_id}.png"
+    used.add(name)
+    return name
+
+
+def predict_images(predictor: Predictor, source: ImageSource, batch_size: int = 1,
+                   viz_dir: Optional[PathLike] = None, strict: bool = False, progress: bool = True,
+                   log: Callable[[str], None] = _stderr) -> PredictSummary:
+    """Run `predictor` over every image of `source`. Unreadable images are reported through `log`
+    and skipped, or raise a UserError with strict=True. Raises if no image could be processed."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    viz = Path(viz_dir) if viz_dir is not None else None
+    results: List[Dict[str, Any]] = []
+    images: List[Dict[str, Any]] = []
+    skipped: List[Tuple[str, str]] = []
+    viz_files: List[Path] = []
+    used_names: set = set()
+    pending: List[Tuple[ImageItem, np.ndarray]] = []
+    start = time.perf_counter()
+
+    def flush() -> None:
+        preds = predictor([a for _, a in pending], keep_heatmap=viz is not None)
+        for (item, arr), pred in zip(pending, preds):
+            results.extend(to_coco_results(item.image_id, pred, source.label_to_cat_id))
+            images.append(dict(id=item.image_id, file_name=item.file_name,
+                               width=int(arr.shape[1]), height=int(arr.shape[0])))
+            if viz is not None:
+                viz_files.append(save_detections(viz / _viz_name(item, used_names), arr, pred.boxes, pred.labels,
+                                                 pred.scores, source.class_names, pred.regions, pred.heatmap,
+                                                 score_thr=VIZ_SCORE_THR))
+        pending.clear()
+
+    with tqdm(total=len(source.items), unit="img", desc="infer", disable=None if progress else True) as bar:
+        for item in source.items:
+            try:
+                arr = load_image_rgb(item.path)
+            except UserError as exc:
+                if strict:
+                    raise
+                skipped.append((item.file_name, str(exc)))
+                log(f"warning: skipping {exc}")
+                bar.update(1)
+                continue
+            pending.append((item, arr))
+            if len(pending) >= batch_size:
+                n = len(pending)
+                flush()
+                bar.update(n)
+        if pending:
+            n = len(pending)
+            flush()
+            bar.update(n)
+    if not images:
+        raise UserError(f"none of the {len(source.items)} image(s) could be read")
+    return PredictSummary(results, images, skipped, time.perf_counter() - start, viz_files)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_json_atomic(path: PathLike, obj: Any) -> Path:
+    """Write JSON to a temporary file next to `path`, then rename it over `path`."""
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise UserError(f"cannot write {display_path(out)}: {exc.strerror or exc}") from None
+    return out
+
+
+def images_side_path(out: PathLike) -> Path:
+    """``<out stem>.images.json`` next to the predictions file."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.images.json")
+
+
+def save_predictions(out: PathLike, summary: PredictSummary, source: ImageSource) -> List[Path]:
+    """The COCO results list at `out`; for a folder without json also the id -> file name side file."""
+    written = [write_json_atomic(out, summary.results)]
+    if source.dataset is None:
+        written.append(write_json_atomic(images_side_path(out),
+                                         dict(images=summary.images, categories=source.categories)))
+    return written

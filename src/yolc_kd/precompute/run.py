@@ -1,0 +1,236 @@
+"""`precompute` stage: run the frozen teacher once over every augmented view the student will see and
+store its KD targets in the Zarr cache. Resumable (whole shards), and split by shard across torchrun ranks."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from yolc_kd import __version__, crops
+from yolc_kd.cache.manifest import jsonable, sha256_file, target_identity
+from yolc_kd.cache.schema import (DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED, Layout,
+                                  encode_fingerprint, quantize_heatmap, to_float16)
+from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
+from yolc_kd.data.augment import AugmentConfig, TrainAugment
+from yolc_kd.data.coco import CocoDetection
+from yolc_kd.errors import UserError
+from yolc_kd.kd import KDTargets
+from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
+
+
+@dataclass
+class PrecomputeOptions:
+    out: Path
+    ckpt: Optional[str] = None          # default: distill_cfg.teacher_ckpt
+    variants: int = 4
+    batch_size: int = 4
+    device: str = "cpu"
+    amp: bool = False
+    trust: bool = False
+    strict: bool = False
+    shard_size: int = DEFAULT_SHARD_SIZE
+    workers: int = 0
+    threads: int = 1                    # CPU intra-op threads, pinned: float results depend on the count
+    progress: bool = True
+    config_dir: Optional[str] = None    # resolves a relative distill_cfg.teacher_config
+
+
+def _check_options(opts: PrecomputeOptions, dcfg: Mapping) -> None:
+    for name in ("variants", "batch_size", "shard_size"):
+        if int(getattr(opts, name)) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {opts.threads}")
+    if opts.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {opts.workers}")
+    if opts.amp and not str(opts.device).startswith("cuda"):
+        raise UserError("--amp needs --device cuda (autocast is used on CUDA only)")
+    if not dcfg.get("use_teacher_crop", True):
+        raise UserError("distill_cfg.use_teacher_crop=False picks crops from the student's heatmap, which a cache "
+                        "made before training cannot know: use `yolc-kd train --online`, or set it to True")
+
+
+def dist_env() -> tuple:
+    """(rank, world, initialised_here) from torchrun's environment; gloo is used for barriers only."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))  # ranks may finish far apart
+        return rank, world, True
+    return rank, world, False
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _layout(teacher, coco: CocoDetection, opts: PrecomputeOptions, input_hw, dcfg: Mapping) -> Layout:
+    """Array shapes from one forward of the teacher on a blank view (the map strides are the model's business)."""
+    h, w = input_hw
+    meta = dict(batch_input_shape=(h, w), pad_shape=(h, w, 3), img_shape=(h, w, 3), ori_shape=(h, w, 3),
+                scale_factor=np.ones(4, np.float32), border=np.zeros(4, np.float32), flip=False)
+    with torch.inference_mode():
+        t = teacher.kd_targets(torch.zeros(1, 3, h, w, device=opts.device), [meta], dcfg)
+    return Layout(num_images=len(coco), variants=int(opts.variants), shard_size=int(opts.shard_size),
+                  num_classes=int(t.heatmap.shape[1]), input_hw=(h, w), coarse_hw=tuple(t.coarse.shape[2:]),
+                  max_patches=int(t.patch_valid.shape[1]), refine_hw=tuple(t.refine.shape[3:]))
+
+
+def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, teacher_cfg: Mapping, teacher,
+                   ckpt: str, layout: Layout, canvas, opts: PrecomputeOptions, world: int) -> Dict[str, Any]:
+    m = target_identity(teacher_model=teacher_cfg, augment=aug_cfg.to_dict(), input_size=aug_cfg.input_size,
+                        classes=coco.classes, distill=cfg["distill_cfg"], crop=teacher.crop_cfg,
+                        patch_canvas=canvas, seed=int(cfg.get("seed", 0)))
+    m["teacher"].update(ckpt_sha256=sha256_file(ckpt), ckpt_path=str(ckpt))
+    m.update(jsonable(dict(
+        package_version=__version__, variants=layout.variants, shard_size=layout.shard_size, amp=bool(opts.amp),
+        annotations=dict(sha256=sha256_file(coco.ann_file), path=str(coco.ann_file), image_root=str(coco.img_root),
+                         num_images=len(coco)),
+        layout=layout.to_dict(), index="image_index * variants + variant",
+        quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
+                          heatmap_max_error=HEATMAP_MAX_ERROR, coarse="float16", refine="float16"),
+        run=dict(device=str(opts.device), batch_size=int(opts.batch_size), world_size=world,
+                 cpu_threads=int(opts.threads)),
+        complete=False)))
+    return m
+
+
+def _rows(targets: Optional[KDTargets], records: List[Dict[str, Any]], seed: int) -> List[Dict[str, Any]]:
+    """Cache rows (numpy, stored dtypes) of the records of one batch; the teacher ran on the ok ones in order."""
+    arr = {}
+    if targets is not None:
+        valid = targets.patch_valid.cpu().numpy()
+        arr = dict(heatmap=quantize_heatmap(targets.heatmap.float().cpu().numpy()),
+                   coarse=to_float16(targets.coarse.float().cpu().numpy()),
+                   patch_boxes=targets.patch_boxes.float().cpu().numpy(),
+                   patch_scales=targets.patch_scales.float().cpu().numpy(), patch_valid=valid,
+                   refine=to_float16(targets.refine.float().cpu().numpy()), num_valid_patches=valid.sum(axis=1))
+    rows, k = [], 0
+    for rec in records:
+        row: Dict[str, Any] = dict(image_id=rec["image_id"], variant=rec["variant"], seed=seed, status=rec["status"])
+        if rec["status"] == STATUS_OK:
+            row.update({name: a[k] for name, a in arr.items()})
+            row.update(fingerprint=encode_fingerprint(rec["fingerprint"]), aug_params=rec["params"])
+            k += 1
+        else:
+            row["aug_params"] = json.dumps({"skipped": rec["reason"]})
+        rows.append(row)
+    return rows
+
+
+def run_teacher(teacher, item: Mapping[str, Any], dcfg: Mapping, device: str, amp: bool) -> Optional[KDTargets]:
+    """One batched teacher.kd_targets call on the readable views of a job (None when there is none)."""
+    if item["img"] is None:
+        return None
+    img = item["img"].to(device, non_blocking=True)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        return teacher.kd_targets(img, item["metas"], dcfg)
+
+
+@contextlib.contextmanager
+def deterministic_numerics(device: str, threads: int):
+    """Same views -> same bits: a fixed CPU thread count (so a resumed, single or torchrun run agree),
+    no cuDNN autotuning. The previous settings come back afterwards."""
+    prev = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    if not str(device).startswith("cuda"):
+        torch.set_num_threads(max(1, int(threads)))
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1], prev[2]
+
+
+def precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Dict[str, Any]:
+    """Fill (or finish) the cache at opts.out; returns a summary. Rank r of W does the shards j with j % W == r."""
+    with deterministic_numerics(opts.device, opts.threads):
+        return _precompute(cfg, coco, opts)
+
+
+def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Dict[str, Any]:
+    from yolc_kd.models.distill import build_teacher, teacher_model_cfg
+
+    dcfg = cfg["distill_cfg"]
+    _check_options(opts, dcfg)
+    ckpt = opts.ckpt or dcfg.get("teacher_ckpt")
+    if not ckpt:
+        raise UserError("precompute needs the teacher checkpoint: pass --ckpt or set distill_cfg.teacher_ckpt")
+    image_ids = image_ids_of(coco)
+    teacher = build_teacher(dcfg, cfg["model"], opts.config_dir, ckpt, opts.trust).to(opts.device)
+    if teacher.bbox_head.num_classes != coco.num_classes:
+        raise UserError(f"the teacher predicts {teacher.bbox_head.num_classes} classes but {coco.ann_file} "
+                        f"has {coco.num_classes}")
+    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
+    w, h = aug_cfg.input_size
+    canvas = crops.patch_canvas((h, w))
+    layout = _layout(teacher, coco, opts, (h, w), dcfg)
+    rank, world, own_group = dist_env()
+    manifest = build_manifest(cfg, coco, aug_cfg, teacher_model_cfg(dcfg, cfg["model"], opts.config_dir), teacher,
+                              ckpt, layout, canvas, opts, world)
+    try:
+        store = CacheStore.prepare(opts.out, manifest, image_ids) if rank == 0 else None
+        _barrier(world)  # rank 0 has created (or checked) the store
+        store = store or CacheStore.attach(opts.out, manifest)
+        done = store.done_shards()
+        mine = [j for j in range(layout.num_shards) if j % world == rank and j not in done]
+        written = _fill(store, mine, teacher, coco, aug_cfg, image_ids, dcfg, opts, int(cfg.get("seed", 0)), rank)
+        _barrier(world)  # every rank has committed its shards
+        final = store.finalize([coco.image_info(i) for i in range(len(coco))]) if rank == 0 else store.manifest
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return dict(out=str(opts.out), rank=rank, world=world, shards_written=len(mine), samples_written=written,
+                already_done=len(done), manifest=final)
+
+
+def _fill(store: CacheStore, shards: List[int], teacher, coco: CocoDetection, aug_cfg: AugmentConfig,
+          image_ids: List[int], dcfg: Mapping, opts: PrecomputeOptions, seed: int, rank: int) -> int:
+    """Label the given shards: views from a DataLoader, the teacher on the main thread, writes on a thread."""
+    layout = store.layout
+    jobs = plan_jobs(shards, layout.shard_range, int(opts.batch_size))
+    views = ViewJobs(coco, TrainAugment(aug_cfg), seed, layout.variants, image_ids, jobs)
+    loader = DataLoader(views, batch_size=None, shuffle=False, num_workers=int(opts.workers),
+                        collate_fn=passthrough, pin_memory=str(opts.device).startswith("cuda"))
+    writer = BackgroundWriter(store, max_pending=2)
+    buffers: Dict[int, ShardBuffer] = {}
+    warned: set = set()
+    total = sum(len(j) for j in jobs)
+    bar = tqdm(total=total, desc=f"precompute[{rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "precompute",
+               unit="view", disable=not opts.progress or None, dynamic_ncols=True)
+    try:
+        for item in loader:
+            records = item["records"]
+            for rec in records:
+                if rec["status"] == STATUS_SKIPPED:
+                    if opts.strict:
+                        raise UserError(f"image id {rec['image_id']}: {rec['reason']} (--strict; without it the "
+                                        f"image is skipped and recorded in the manifest)")
+                    if rec["image_id"] not in warned:
+                        warned.add(rec["image_id"])
+                        tqdm.write(f"warning: skipping image id {rec['image_id']}: {rec['reason']}")
+            targets = run_teacher(teacher, item, dcfg, opts.device, opts.amp)
+            for rec, row in zip(records, _rows(targets, records, seed)):
+                j = rec["index"] // layout.shard_size
+                buf = buffers.get(j)
+                if buf is None:
+                    buf = buffers[j] = ShardBuffer(layout, j)
+                buf.put(rec["index"], row)
+                if buf.full:
+                    writer.submit(buffers.pop(j))
+            bar.update(len(records))
+    finally:
+        bar.close()
+        writer.close()
+    return total

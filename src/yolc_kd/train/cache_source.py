@@ -1,0 +1,79 @@
+"""The soft-label cache as the trainer's TargetSource: checks the cache against the training config once,
+then serves (fingerprint, KDTargets of batch 1) per (image id, variant). Picklable for DataLoader workers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+import torch
+
+from yolc_kd import crops
+from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, target_identity
+from yolc_kd.cache.reader import CacheError, CacheReader
+from yolc_kd.cache.schema import STATUS_OK, dequantize_heatmap
+from yolc_kd.data.augment import AugmentConfig
+from yolc_kd.data.coco import CocoDetection
+from yolc_kd.errors import UserError
+from yolc_kd.kd import KDTargets
+
+_TARGET_ARRAYS = ["heatmap", "coarse", "patch_boxes", "patch_scales", "patch_valid", "refine", "fingerprint",
+                  "status", "aug_params"]
+
+
+class CacheTargetSource:
+    """TargetSource over a finished cache. read() raises CacheError (a UserError) for a damaged or skipped sample."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+        self.num_variants = reader.num_variants
+
+    def read(self, image_id: int, variant: int) -> Tuple[str, KDTargets]:
+        try:
+            index = self.reader.index_of(image_id, variant)
+        except (KeyError, IndexError) as exc:
+            raise CacheError(str(exc.args[0] if exc.args else exc)) from None
+        s = self.reader.read_sample(index, _TARGET_ARRAYS)
+        if int(s["status"]) != STATUS_OK:
+            raise CacheError(f"cache sample (image id {image_id}, variant {variant}) was skipped at precompute: "
+                             f"{str(s['aug_params'])}")
+        t = KDTargets(heatmap=torch.from_numpy(dequantize_heatmap(s["heatmap"]))[None],
+                      coarse=torch.from_numpy(s["coarse"].astype(np.float32))[None],
+                      patch_boxes=torch.from_numpy(s["patch_boxes"].astype(np.float32))[None],
+                      patch_scales=torch.from_numpy(s["patch_scales"].astype(np.float32))[None],
+                      patch_valid=torch.from_numpy(s["patch_valid"].astype(bool))[None],
+                      refine=torch.from_numpy(s["refine"].astype(np.float32))[None])
+        return self.reader.fingerprint(s), t
+
+
+def expected_identity(cfg: Mapping, aug_cfg: AugmentConfig, classes) -> Dict[str, Any]:
+    """What a cache for this training config must have been made with (manifest TRAIN_FIELDS)."""
+    from yolc_kd.models.detector import DEFAULT_CROP_CFG
+    from yolc_kd.models.distill import teacher_model_cfg
+
+    dcfg = cfg["distill_cfg"]
+    config_dir = str(Path(cfg["_path"]).resolve().parent) if cfg.get("_path") else None
+    teacher = teacher_model_cfg(dcfg, cfg["model"], config_dir)
+    crop = {**DEFAULT_CROP_CFG, **dict((teacher.get("test_cfg") or {}).get("crop", {}))}
+    w, h = aug_cfg.input_size
+    return target_identity(teacher_model=teacher, augment=aug_cfg.to_dict(), input_size=(w, h), classes=classes,
+                           distill=dcfg, crop=crop, patch_canvas=crops.patch_canvas((h, w)),
+                           seed=int(cfg.get("seed", 0)))
+
+
+def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig, coco: CocoDetection) -> CacheTargetSource:
+    """Open a finished cache for training with cfg; one UserError lists every way the cache does not fit."""
+    reader = CacheReader(path)
+    m = reader.manifest
+    if not reader.complete:
+        raise UserError(f"cache {path} is incomplete (its precompute run did not finish): rerun the same "
+                        f"`yolc-kd precompute` command to complete it")
+    problems = diff_fields(m, expected_identity(cfg, aug_cfg, coco.classes), TRAIN_FIELDS, now="config")
+    ids = [coco.image_info(i)["id"] for i in range(len(coco))]
+    missing = [x for x in ids if not reader.has_image(x)]
+    if missing:
+        problems.append(f"{len(missing)} training image id(s) not in the cache (first: {missing[:5]})")
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; +{len(problems) - 10} more" if len(problems) > 10 else "")
+        raise UserError(f"cache {path} does not match the training config: {shown}")
+    return CacheTargetSource(reader)
