@@ -138,3 +138,13 @@ def test_checkpoint_needing_pickle_is_refused(tmp_path):
     with pytest.raises(UserError, match="--trust-checkpoint"):
         load_checkpoint(model, tmp_path / "evil.pth")
     load_checkpoint(model, tmp_path / "evil.pth", trust=True)
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"this is not a checkpoint", b""])
+def test_garbage_checkpoint_is_one_clear_error(tmp_path, content):
+    from yolc_kd.checkpoint import load_checkpoint
+
+    (tmp_path / "x.pth").write_bytes(content)
+    with pytest.raises(UserError, match="not a readable torch checkpoint") as info:
+        load_checkpoint(build_detector(tiny_model_cfg()), tmp_path / "x.pth")
+    assert "trust" not in str(info.value)

@@ -79,3 +79,12 @@ def test_train_help_lists_yolc_defaults(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "momentum" in out and "warmup" in out and "max_norm" in out
+
+
+def test_train_evaluates_on_val_with_fused_inference(tmp_path, tiny_data):
+    ann, images = tiny_data
+    cfg = write_config(tmp_path / "cfg.py")
+    assert _train(cfg, ann, images, tmp_path / "w", "--max-iters", "2", "--val-ann", ann, "--val-images", images) == 0
+    records = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert evals and evals[-1]["iter"] == 2 and {"AP", "AP50"} <= set(evals[-1]["eval"])

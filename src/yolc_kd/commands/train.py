@@ -140,8 +140,10 @@ def make_eval_fn(cfg: dict, val_ann: str | None, val_images: str | None, device:
     ann, images = resolve_data(cfg, val_ann, val_images, "val")
 
     def evaluate(model, it: int) -> dict:
-        preds = predict_dataset(model, cfg, ann, images, device=device, progress=False)
-        result = evaluate_coco(ann, preds)
+        was_training = model.training
+        summary = predict_dataset(model, cfg, ann, images, device=device)
+        model.train(was_training)
+        result = evaluate_coco(ann, summary.results)
         return {k: result[k] for k in ("AP", "AP50", "AP75", "AP_small")}
 
     return evaluate

@@ -319,3 +319,14 @@ def save_predictions(out: PathLike, summary: PredictSummary, source: ImageSource
         written.append(write_json_atomic(images_side_path(out),
                                          dict(images=summary.images, categories=source.categories)))
     return written
+
+
+def predict_dataset(model: torch.nn.Module, cfg: Dict[str, Any], ann_file: PathLike, img_root: PathLike,
+                    device: Union[str, torch.device] = "cpu", fusion: Optional[str] = None,
+                    max_patches: Optional[int] = None, batch_size: int = 4, progress: bool = False,
+                    viz_dir: Optional[PathLike] = None) -> PredictSummary:
+    """COCO results of `model` on a COCO dataset (used by training-time evaluation, the demo, benchmarks)."""
+    source = coco_source(ann_file, img_root, cfg.get("classes"), int(cfg["model"]["bbox_head"]["num_classes"]))
+    predictor = Predictor(model, cfg, device, fusion, max_patches)
+    return predict_images(predictor, source, batch_size=batch_size, viz_dir=viz_dir, progress=progress,
+                          log=lambda msg: None)
