@@ -13,8 +13,8 @@ model = dict(
     neck=dict(in_channels=[16, 32, 64, 128], out_channels=64),
     bbox_head=dict(in_channel=64, feat_channel=32))
 
-lr_config = dict(policy='step', warmup='linear', warmup_iters=50, warmup_ratio=0.1, step=[1000])
-runner = dict(type='IterBasedRunner', max_iters=1200)
+lr_config = dict(policy='step', warmup='linear', warmup_iters=50, warmup_ratio=0.1, step=[430])
+runner = dict(type='IterBasedRunner', max_iters=500)
 checkpoint_config = dict(interval=100)
 log_config = dict(interval=20)
 distill_cfg = None

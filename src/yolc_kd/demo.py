@@ -1,0 +1,97 @@
+"""The embedded default run: synthetic aerial data -> shipped tiny teacher -> precomputed soft labels ->
+tiny student trained without and with KD -> fused inference -> one AP table, pictures and loss curves."""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yolc_kd
+from yolc_kd.errors import UserError
+
+ASSET_TEACHER = Path(yolc_kd.__file__).resolve().parent / "assets" / "tiny_teacher_synth.pth"
+CONFIGS = Path(yolc_kd.__file__).resolve().parents[2] / "configs"
+TRAIN = dict(num_images=200, seed=0)  # the data the shipped teacher was trained on (same seed -> same bytes)
+VAL = dict(num_images=40, seed=1)
+SIZE, CLASSES = (384, 256), 4
+
+
+def _run(argv: List[str]) -> None:
+    from yolc_kd.cli import main
+
+    print(f"\n$ yolc-kd {shlex.join(argv)}", flush=True)
+    if main(argv) != 0:
+        raise UserError(f"demo step failed: yolc-kd {shlex.join(argv)}")
+
+
+def _evaluate(name: str, config: Path, ckpt: Path, val: Path, out: Path, viz: Optional[Path] = None) -> Dict[str, float]:
+    from yolc_kd.checkpoint import load_checkpoint
+    from yolc_kd.config import load_config
+    from yolc_kd.infer.coco_eval import evaluate_coco
+    from yolc_kd.infer.predict import predict_dataset
+    from yolc_kd.models import build_detector
+
+    cfg = load_config(config, with_defaults=True)
+    model = build_detector(cfg["model"])
+    load_checkpoint(model, ckpt)
+    row: Dict[str, float] = {}
+    for fusion in ("none", "nms"):
+        summary = predict_dataset(model, cfg, val / "annotations.json", val, fusion=fusion,
+                                  viz_dir=viz if fusion == "nms" else None)
+        (out / f"preds_{name}_{fusion}.json").write_text(json.dumps(summary.results))
+        metrics = evaluate_coco(val / "annotations.json", summary.results, max_dets=(1, 10, 100))
+        key = "full" if fusion == "none" else "fused"
+        row[f"{key}_AP"], row[f"{key}_AP50"] = metrics["AP"], metrics["AP50"]
+        row[f"{key}_sec_per_img"] = summary.seconds_per_image
+    return row
+
+
+def run_demo(out_dir: Path, iters: int = 120, variants: int = 2) -> Dict[str, Dict[str, float]]:
+    from yolc_kd.data.synth import make_synthetic_dataset
+    from yolc_kd.infer.viz import plot_loss_curves
+
+    if not ASSET_TEACHER.exists():
+        raise UserError(f"the shipped teacher checkpoint is missing: {ASSET_TEACHER}")
+    if not (CONFIGS / "tiny_student_synth.py").exists():
+        raise UserError(f"configs not found at {CONFIGS}: run the demo from a source checkout (pip install -e .)")
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, val = out_dir / "data" / "train", out_dir / "data" / "val"
+    print(f"making the synthetic aerial dataset in {out_dir / 'data'}", flush=True)
+    for folder, spec in ((train, TRAIN), (val, VAL)):
+        if not (folder / "annotations.json").exists():
+            make_synthetic_dataset(folder, spec["num_images"], spec["seed"], size=SIZE, num_classes=CLASSES,
+                                   progress=True)
+    student, teacher_cfg = CONFIGS / "tiny_student_synth.py", CONFIGS / "tiny_teacher_synth.py"
+    data = ["--ann", str(train / "annotations.json"), "--images", str(train)]
+    cache = out_dir / "soft"
+    _run(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache),
+          "--variants", str(variants), "--batch-size", "8"])
+    runs = {"student (no KD)": out_dir / "student_plain", "student (KD from cache)": out_dir / "student_kd"}
+    for name, work in runs.items():
+        if not (work / f"iter_{iters}.pth").exists():
+            extra = ["--cache", str(cache)] if "KD" in name else []
+            _run(["train", "--config", str(student), *data, "--work-dir", str(work), "--max-iters", str(iters),
+                  "--log-interval", "5", *extra])
+    print("\nevaluating on the held-out synthetic images (full-image only and fused crop-refine)", flush=True)
+    table = {"teacher": _evaluate("teacher", teacher_cfg, ASSET_TEACHER, val, out_dir)}
+    for name, work in runs.items():
+        viz = out_dir / "viz" if "KD" in name else None
+        table[name] = _evaluate(work.name, student, work / f"iter_{iters}.pth", val, out_dir, viz)
+    plot_loss_curves({name: work / "metrics.jsonl" for name, work in runs.items()}, out_dir / "loss_curves.png",
+                     keys=["loss"])
+    (out_dir / "results.json").write_text(json.dumps(table, indent=2))
+    print(format_table(table))
+    print(f"\npictures: {out_dir / 'viz'} (detections + crop regions), {out_dir / 'loss_curves.png'}; "
+          f"total {time.perf_counter() - start:.0f} s")
+    return table
+
+
+def format_table(table: Dict[str, Dict[str, float]]) -> str:
+    lines = [f"\n{'model':<26}{'full AP':>9}{'full AP50':>11}{'fused AP':>10}{'fused AP50':>12}{'s/img fused':>13}"]
+    for name, row in table.items():
+        lines.append(f"{name:<26}{row['full_AP']:>9.4f}{row['full_AP50']:>11.4f}{row['fused_AP']:>10.4f}"
+                     f"{row['fused_AP50']:>12.4f}{row['fused_sec_per_img']:>13.3f}")
+    return "\n".join(lines)
