@@ -177,3 +177,11 @@ def test_reader_needs_a_cache(tmp_path):
     with pytest.raises(UserError, match="not a yolc-kd cache"):
         CacheReader(tmp_path)
     assert "not a yolc-kd cache" in verify_cache(tmp_path)[0]
+
+
+def test_half_created_store_is_recreated(tmp_path):
+    half = tmp_path / "c"
+    zarr.open_group(str(half), mode="w").create_array("heatmap", shape=(1,), dtype="uint8")  # killed before the manifest
+    manifest = dict(schema_version=1, layout=_layout().to_dict(), complete=False)
+    store = CacheStore.prepare(half, manifest, image_ids=range(5))
+    assert store.done_shards() == set() and CacheReader(half).layout == _layout()

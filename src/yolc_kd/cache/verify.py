@@ -51,8 +51,9 @@ def verify_cache(path: Any, deep: bool = False) -> List[str]:
                 try:
                     arr[a:a + step]
                 except Exception as exc:
-                    faults.append(f"array '{name}' is damaged in samples {a}..{min(a + step, arr.shape[0]) - 1} "
-                                  f"(shard {a // step}): {_first_line(exc)}")
+                    where = f"samples {a}..{min(a + step, arr.shape[0]) - 1} (shard {a // step})" \
+                        if name in SAMPLE_ARRAYS else "its only chunk"
+                    faults.append(f"array '{name}' is damaged in {where}: {_first_line(exc)}")
     return faults
 
 

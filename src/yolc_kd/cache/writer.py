@@ -110,8 +110,9 @@ class CacheStore:
         for name in SAMPLE_ARRAYS:
             _fsync(self._chunk_file(name, j))
         self.arrays[SHARD_DONE][j] = 1
-        _fsync(self._chunk_file(SHARD_DONE, j))
-        _fsync(self.path / SHARD_DONE)
+        marker = self._chunk_file(SHARD_DONE, j)
+        _fsync(marker)
+        _fsync(marker.parent)  # the marker's directory entry
 
     def _chunk_file(self, name: str, j: int) -> Path:
         arr = self.arrays[name]

@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("precompute", help="cache the teacher's KD targets for offline distillation",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the student's mmdet-style config (its distill_cfg names the teacher)")
+    p.add_argument("--config", required=True,
+                   help="the student's mmdet-style config (its distill_cfg names the teacher)")
     p.add_argument("--ckpt", default=None, help="teacher checkpoint (default: distill_cfg.teacher_ckpt)")
     add_data_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created, or resumed when it exists)")

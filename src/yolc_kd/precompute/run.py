@@ -8,11 +8,12 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -74,7 +75,8 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _layout(teacher, coco: CocoDetection, opts: PrecomputeOptions, input_hw, dcfg: Mapping) -> Layout:
+def _layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptions, input_hw: Tuple[int, int],
+            dcfg: Mapping) -> Layout:
     """Array shapes from one forward of the teacher on a blank view (the map strides are the model's business)."""
     h, w = input_hw
     meta = dict(batch_input_shape=(h, w), pad_shape=(h, w, 3), img_shape=(h, w, 3), ori_shape=(h, w, 3),
@@ -86,8 +88,9 @@ def _layout(teacher, coco: CocoDetection, opts: PrecomputeOptions, input_hw, dcf
                   max_patches=int(t.patch_valid.shape[1]), refine_hw=tuple(t.refine.shape[3:]))
 
 
-def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, teacher_cfg: Mapping, teacher,
-                   ckpt: str, layout: Layout, canvas, opts: PrecomputeOptions, world: int) -> Dict[str, Any]:
+def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, teacher_cfg: Mapping,
+                   teacher: nn.Module, ckpt: str, layout: Layout, canvas: Tuple[int, int], opts: PrecomputeOptions,
+                   world: int) -> Dict[str, Any]:
     m = target_identity(teacher_model=teacher_cfg, augment=aug_cfg.to_dict(), input_size=aug_cfg.input_size,
                         classes=coco.classes, distill=cfg["distill_cfg"], crop=teacher.crop_cfg,
                         patch_canvas=canvas, seed=int(cfg.get("seed", 0)))
@@ -98,7 +101,9 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
                          num_images=len(coco)),
         layout=layout.to_dict(), index="image_index * variants + variant",
         quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
-                          heatmap_max_error=HEATMAP_MAX_ERROR, coarse="float16", refine="float16"),
+                          heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
+                          maps="float16, round to nearest even, clipped to +-65504",
+                          maps_max_error="2^-11 |x| + 2^-25"),
         run=dict(device=str(opts.device), batch_size=int(opts.batch_size), world_size=world,
                  cpu_threads=int(opts.threads)),
         complete=False)))
@@ -128,7 +133,8 @@ def _rows(targets: Optional[KDTargets], records: List[Dict[str, Any]], seed: int
     return rows
 
 
-def run_teacher(teacher, item: Mapping[str, Any], dcfg: Mapping, device: str, amp: bool) -> Optional[KDTargets]:
+def run_teacher(teacher: nn.Module, item: Mapping[str, Any], dcfg: Mapping, device: str,
+                amp: bool) -> Optional[KDTargets]:
     """One batched teacher.kd_targets call on the readable views of a job (None when there is none)."""
     if item["img"] is None:
         return None
@@ -139,7 +145,7 @@ def run_teacher(teacher, item: Mapping[str, Any], dcfg: Mapping, device: str, am
 
 
 @contextlib.contextmanager
-def deterministic_numerics(device: str, threads: int):
+def deterministic_numerics(device: str, threads: int) -> Iterator[None]:
     """Same views -> same bits: a fixed CPU thread count (so a resumed, single or torchrun run agree),
     no cuDNN autotuning. The previous settings come back afterwards."""
     prev = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
@@ -185,7 +191,8 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
         store = store or CacheStore.attach(opts.out, manifest)
         done = store.done_shards()
         mine = [j for j in range(layout.num_shards) if j % world == rank and j not in done]
-        written = _fill(store, mine, teacher, coco, aug_cfg, image_ids, dcfg, opts, int(cfg.get("seed", 0)), rank)
+        desc = f"precompute[{rank}]" if world > 1 else "precompute"
+        written = _fill(store, mine, teacher, coco, aug_cfg, image_ids, dcfg, opts, int(cfg.get("seed", 0)), desc)
         _barrier(world)  # every rank has committed its shards
         final = store.finalize([coco.image_info(i) for i in range(len(coco))]) if rank == 0 else store.manifest
     finally:
@@ -195,8 +202,8 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
                 already_done=len(done), manifest=final)
 
 
-def _fill(store: CacheStore, shards: List[int], teacher, coco: CocoDetection, aug_cfg: AugmentConfig,
-          image_ids: List[int], dcfg: Mapping, opts: PrecomputeOptions, seed: int, rank: int) -> int:
+def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDetection, aug_cfg: AugmentConfig,
+          image_ids: List[int], dcfg: Mapping, opts: PrecomputeOptions, seed: int, desc: str) -> int:
     """Label the given shards: views from a DataLoader, the teacher on the main thread, writes on a thread."""
     layout = store.layout
     jobs = plan_jobs(shards, layout.shard_range, int(opts.batch_size))
@@ -207,8 +214,7 @@ def _fill(store: CacheStore, shards: List[int], teacher, coco: CocoDetection, au
     buffers: Dict[int, ShardBuffer] = {}
     warned: set = set()
     total = sum(len(j) for j in jobs)
-    bar = tqdm(total=total, desc=f"precompute[{rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "precompute",
-               unit="view", disable=not opts.progress or None, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="view", disable=not opts.progress or None, dynamic_ncols=True)
     try:
         for item in loader:
             records = item["records"]
