@@ -1,0 +1,98 @@
+"""Student KD training: offline (cache) equals online (live teacher), no teacher in offline mode,
+2-process torchrun training."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from test_precompute import cli_args, make_setup, subprocess_env
+from yolc_kd.cli import main
+
+
+@pytest.fixture(scope="module")
+def kd_setup(tmp_path_factory):
+    s = make_setup(tmp_path_factory.mktemp("kdtrain"), n_images=4)
+    s.cache = s.root / "soft"
+    assert main(cli_args(s, s.cache)) == 0
+    return s
+
+
+def _one_batch(s, online: bool):
+    from yolc_kd.config import load_config
+    from yolc_kd.data.augment import AugmentConfig, TrainAugment
+    from yolc_kd.data.coco import CocoDetection
+    from yolc_kd.train.cache_source import open_cache_source
+    from yolc_kd.train.data import TrainSamples, collate_train
+
+    cfg = load_config(s.config, with_defaults=True)
+    coco = CocoDetection(s.ann, s.data, classes=cfg["classes"])
+    aug_cfg = AugmentConfig.from_pipeline(cfg["train_pipeline"])
+    source = None if online else open_cache_source(s.cache, cfg, aug_cfg, coco)
+    ds = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg["seed"]), source)
+    return cfg, collate_train([ds[(0, 1)], ds[(1, 0)]])
+
+
+def test_offline_and_online_give_the_same_losses(kd_setup):
+    from yolc_kd.models import build_detector
+
+    torch.set_num_threads(1)  # the cache was made single-threaded
+    cfg, offline = _one_batch(kd_setup, online=False)
+    _, online = _one_batch(kd_setup, online=True)
+    assert "kd_targets" in offline and "kd_targets" not in online
+    dcfg = dict(cfg["distill_cfg"], enable=True)
+    torch.manual_seed(0)
+    student = build_detector(cfg["model"], distill_cfg=dcfg).train()
+    teacher_model = build_detector(cfg["model"], distill_cfg=dcfg, online_teacher=True,
+                                   teacher_ckpt=str(kd_setup.ckpt)).train()
+    teacher_model.load_state_dict(student.state_dict())  # the same student, now with a live teacher
+    args = dict(gt_bboxes=offline["gt_bboxes"], gt_labels=offline["gt_labels"])
+    l_off = student.forward_train(offline["img"], offline["img_metas"], kd_targets=offline["kd_targets"], **args)
+    l_on = teacher_model.forward_train(online["img"], online["img_metas"], **args)
+    assert torch.equal(offline["img"], online["img"])
+    for key in ("loss_center_heatmap", "loss_xywh_coarse", "loss_xywh_coarse_l1", "loss_xywh_refine",
+                "loss_xywh_refine_l1"):
+        assert float(l_off[key]) == float(l_on[key]), key  # supervised: exactly equal
+    # KD: heatmap quantised to 1/255 steps, boxes stored as float16 (data_schema.md)
+    for key in ("loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"):
+        a, b = float(l_off[key]), float(l_on[key])
+        assert abs(a - b) <= 0.02 * abs(b) + 1e-4, (key, a, b)
+    assert int(offline["kd_targets"].patch_valid.sum()) > 0
+
+
+def test_offline_training_never_builds_a_teacher(kd_setup, tmp_path, monkeypatch):
+    import yolc_kd.models.distill as distill
+
+    def forbidden(*a, **k):
+        raise AssertionError("a teacher was constructed in offline mode")
+
+    monkeypatch.setattr(distill, "build_teacher", forbidden)
+    assert main(["train", "--config", str(kd_setup.config), "--cache", str(kd_setup.cache), "--work-dir",
+                 str(tmp_path / "w"), "--max-iters", "2", "--no-progress"]) == 0
+    record = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"} <= set(record)
+
+
+def test_online_training_cli(kd_setup, tmp_path):
+    assert main(["train", "--config", str(kd_setup.config), "--online", "--teacher-ckpt", str(kd_setup.ckpt),
+                 "--work-dir", str(tmp_path / "w"), "--max-iters", "2", "--no-progress"]) == 0
+    ckpt = torch.load(tmp_path / "w" / "latest.pth", weights_only=True)
+    assert not any(k.startswith("teacher") for k in ckpt["state_dict"])  # student-only checkpoint
+
+
+def test_torchrun_two_processes_train_and_loss_falls(kd_setup, tmp_path):
+    work = tmp_path / "ddp"
+    config = tmp_path / "fast.py"  # a learning rate at which a few steps show
+    config.write_text(f"_base_ = {str(kd_setup.config)!r}\noptimizer = dict(type='Adam', lr=0.01)\n"
+                      "lr_config = dict(policy='step', step=[100])\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "yolc_kd", "train", "--config", str(config), "--cache", str(kd_setup.cache),
+           "--work-dir", str(work), "--max-iters", "8", "--log-interval", "1", "--no-progress", "--workers", "0"]
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [json.loads(l)["loss"] for l in (work / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]), losses
