@@ -68,7 +68,7 @@ def run_demo(out_dir: Path, iters: int = 120, variants: int = 2) -> Dict[str, Di
     data = ["--ann", str(train / "annotations.json"), "--images", str(train)]
     cache = out_dir / "soft"
     _run(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache),
-          "--variants", str(variants), "--batch-size", "8"])
+          "--variants", str(variants), "--batch-size", "8", "--threads", "2"])
     runs = {"student (no KD)": out_dir / "student_plain", "student (KD from cache)": out_dir / "student_kd"}
     for name, work in runs.items():
         if not (work / f"iter_{iters}.pth").exists():
