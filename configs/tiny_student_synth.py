@@ -39,6 +39,8 @@ lr_config = dict(policy='step', warmup='linear', warmup_iters=30, warmup_ratio=0
 runner = dict(type='IterBasedRunner', max_iters=300)
 checkpoint_config = dict(interval=100)
 log_config = dict(interval=10)
+# short runs: the head BN's running statistics (momentum 0.01 as YOLC) are recomputed after training
+precise_bn = dict(num_batches=20)
 
 distill_cfg = dict(
     enable=True,

@@ -88,3 +88,15 @@ def test_train_evaluates_on_val_with_fused_inference(tmp_path, tiny_data):
     records = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval" in r]
     assert evals and evals[-1]["iter"] == 2 and {"AP", "AP50"} <= set(evals[-1]["eval"])
+
+
+def test_precise_bn_recomputes_head_statistics(tmp_path, tiny_data):
+    ann, images = tiny_data
+    cfg = write_config(tmp_path / "cfg.py", "precise_bn = dict(num_batches=2)\n")
+    assert _train(cfg, ann, images, tmp_path / "w", "--max-iters", "2") == 0
+    records = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {"iter": 2, "precise_bn_batches": 2}
+    sd = torch.load(tmp_path / "w" / "latest.pth", weights_only=True)["state_dict"]
+    var = sd["bbox_head.local_head.1.running_var"]
+    assert float(var.max()) < 0.5  # batch statistics, no longer dominated by the initial value 1
+    assert float(sd["backbone.bn1.running_var"].mean()) == 1.0  # frozen backbone BN (norm_eval) untouched

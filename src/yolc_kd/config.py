@@ -28,6 +28,7 @@ DEFAULTS: Dict[str, Any] = dict(
     log_config=dict(interval=50, hooks=[]),
     seed=0,
     distill_cfg=None,
+    precise_bn=None,              # e.g. dict(num_batches=20): recompute head BN statistics after training
     # keys YOLC's config carries that yolc-kd reads no meaning from, accepted so the file loads as is
     dataset_type="VisDroneDataset", data_root="", custom_hooks=[], dist_params=dict(backend="nccl"),
     log_level="INFO", load_from=None, resume_from=None, workflow=[("train", 1)], work_dir=None,

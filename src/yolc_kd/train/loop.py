@@ -19,6 +19,7 @@ from yolc_kd import __version__
 from yolc_kd.checkpoint import read_checkpoint, save_checkpoint
 from yolc_kd.errors import UserError
 from yolc_kd.train.data import TrainSamples, VariantSampler, collate_train
+from yolc_kd.train.precise_bn import recompute_bn_stats
 from yolc_kd.train.schedule import build_optimizer, lr_at, set_lr
 
 
@@ -189,6 +190,12 @@ class Trainer:
                 if it >= self.total_iters:
                     break
         bar.close()
+        precise = int((self.cfg.get("precise_bn") or {}).get("num_batches", 0))
+        if precise and self.rank == 0 and it == self.total_iters and self.start_iter < self.total_iters:
+            self.sampler.set_epoch(it // self.iters_per_epoch)
+            used = recompute_bn_stats(self.model, self.loader, precise, lambda b: _to_device(b, self.device))
+            self.save(it)
+            self._log(dict(iter=it, precise_bn_batches=used))
         if self.world > 1:
             dist.barrier()
         return dict(iters=it, last=last, bad_samples=self.bad_samples, work_dir=str(self.work_dir))
