@@ -98,6 +98,28 @@ def _check_types(cfg: Mapping, path: Path) -> None:
             raise UserError(f"config {path}: '{key}' must be an int, got {type(value).__name__}")
 
 
+# (section, key) -> expected type of values yolc-kd reads from inside config sections
+_NESTED_TYPES = {
+    ("data", "samples_per_gpu"): int, ("data", "workers_per_gpu"): int,
+    ("optimizer", "lr"): (int, float), ("optimizer", "momentum"): (int, float),
+    ("optimizer", "weight_decay"): (int, float),
+    ("lr_config", "warmup_iters"): int, ("lr_config", "warmup_ratio"): (int, float), ("lr_config", "step"): (list, tuple),
+    ("runner", "max_epochs"): int, ("runner", "max_iters"): int,
+    ("checkpoint_config", "interval"): int, ("log_config", "interval"): int, ("evaluation", "interval"): int,
+    ("precise_bn", "num_batches"): int,
+}
+
+
+def _check_nested_types(cfg: Mapping, path: Union[str, Path]) -> None:
+    for (section, key), expected in _NESTED_TYPES.items():
+        value = (cfg.get(section) or {}).get(key) if isinstance(cfg.get(section), Mapping) else None
+        if value is None:
+            continue
+        if not isinstance(value, expected) or (isinstance(value, bool)):
+            names = "/".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+            raise UserError(f"config {path}: '{section}.{key}' must be {names}, got {type(value).__name__} {value!r}")
+
+
 def validate_distill_cfg(dcfg: Optional[Mapping], where: Union[str, Path] = "config") -> Dict[str, Any]:
     """distill_cfg with defaults filled; unknown keys or wrong types name the key and the file."""
     if dcfg is None:
@@ -128,6 +150,7 @@ def load_config(path: Union[str, Path], with_defaults: bool = False) -> Dict[str
     path = Path(path)
     cfg = _exec_file(path)
     _check_types(cfg, path)
+    _check_nested_types(cfg, path)
     if "model" not in cfg:
         raise UserError(f"config {path}: missing required key 'model'")
     if cfg.get("distill_cfg") is not None:

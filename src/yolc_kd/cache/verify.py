@@ -1,62 +1,679 @@
-"""Integrity check of a cache: manifest, array shapes, committed shards; with deep=True every chunk is
-read back (crc32c). Returns the faults found, one line each (empty: the cache is sound)."""
+"""Integrity check of a soft-label cache (data_schema.md), with zarr + numpy only (no torch, no models).
+
+`verify_cache(path, deep)` returns the faults it finds, one line each, every line naming the array (or the
+manifest) and the samples concerned; an empty list means the cache is sound. It checks
+
+* the manifest: present and parseable, a known schema version, its fields consistent with each other
+  (layout vs variants / shard size / classes / input size / crop slots / patch canvas) and, once complete,
+  its counts and its `skipped` list consistent with the `status` array;
+* the arrays' metadata: present, dtype, shape, shard and inner-chunk shapes, a crc32c in the inner-chunk and
+  the shard-index codecs;
+* the files: one per committed shard and array (`shard_done` markers vs files), no empty files (zarr reads an
+  empty shard file as all-zero without complaint), no stray or `*.partial` files;
+* checksums: the small per-sample arrays, `image_ids` and `shard_done` are read whole (every chunk's crc32c);
+  the shard index of every map file (`heatmap`, `coarse`, `refine`) is checked (crc32c, offsets inside the
+  file); with deep=True every map chunk is read and decoded as well;
+* values: `status` in {1, 2} in committed shards, `image_id`/`variant`/`seed` agree with
+  index = image_index * K + variant (every sample written exactly once, at its place), unique `image_ids`,
+  `aug_params` JSON whose key is (seed, image_id, variant), fingerprints set exactly for stored samples,
+  crop boxes integral and inside the view, scales in (0, upscale], `num_valid_patches == patch_valid.sum(1)`;
+  with deep=True also no NaN/inf in `coarse`/`refine`, zero maps for skipped samples and zero `refine` in
+  invalid slots.
+
+A missing shard file is only a fault where the data it would hold cannot all be the fill value (zarr does not
+write all-zero shards): e.g. `refine` of a shard without any crop, `seed` of a cache made with seed 0.
+"""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
+import numpy as np
 import zarr
 
-from yolc_kd.cache.reader import open_manifest
-from yolc_kd.cache.schema import ALL_ARRAYS, IMAGE_IDS, SAMPLE_ARRAYS, SHARD_DONE, Layout
-from yolc_kd.errors import UserError
+from yolc_kd.cache.schema import (ALL_ARRAYS, IMAGE_IDS, MANIFEST_KEY, MAP_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION,
+                                  SHARD_DONE, STATUS_MISSING, STATUS_OK, STATUS_SKIPPED, Layout, chunk_samples)
+
+_EMPTY = 2 ** 64 - 1                       # shard index entry of an absent inner chunk
+_ZARR_DTYPES = {"str": "string"}           # SAMPLE_ARRAYS dtype -> zarr.json data_type
+_SMALL = tuple(n for n in SAMPLE_ARRAYS if n not in MAP_ARRAYS)
+_MAX_RANGES = 6                            # sample ranges shown in one fault line
 
 
-def verify_cache(path: Any, deep: bool = False) -> List[str]:
-    path = Path(path)
-    try:
-        manifest = open_manifest(path)
-        layout = Layout.from_dict(manifest["layout"])
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    except (UserError, KeyError, TypeError, ValueError) as exc:
-        return [f"{path}: {exc}"]
-    faults: List[str] = []
-    if not manifest.get("complete"):
-        faults.append(f"{path}: incomplete (the precompute run did not finish)")
-    shapes = layout.sample_shapes()
-    expected = {name: (layout.num_samples, *shapes[name]) for name in SAMPLE_ARRAYS}
-    expected.update({IMAGE_IDS: (layout.num_images,), SHARD_DONE: (layout.num_shards,)})
-    arrays = {}
-    for name in ALL_ARRAYS:
-        try:
-            arrays[name] = group[name]
-        except KeyError:
-            faults.append(f"array '{name}' is missing")
-            continue
-        if tuple(arrays[name].shape) != expected[name]:
-            faults.append(f"array '{name}' has shape {tuple(arrays[name].shape)}, expected {expected[name]}")
-    if SHARD_DONE in arrays:
-        for j in range(layout.num_shards):
-            try:
-                if int(arrays[SHARD_DONE][j]) != 1:
-                    faults.append(f"shard {j} is not committed (shard_done[{j}] = 0)")
-            except Exception as exc:
-                faults.append(f"array '{SHARD_DONE}' is damaged at shard {j}: {_first_line(exc)}")
-    if deep:
-        for name, arr in arrays.items():
-            if name == SHARD_DONE or tuple(arr.shape) != expected[name]:
-                continue
-            step = layout.shard_size if name in SAMPLE_ARRAYS else max(1, arr.shape[0])
-            for a in range(0, arr.shape[0], step):
-                try:
-                    arr[a:a + step]
-                except Exception as exc:
-                    where = f"samples {a}..{min(a + step, arr.shape[0]) - 1} (shard {a // step})" \
-                        if name in SAMPLE_ARRAYS else "its only chunk"
-                    faults.append(f"array '{name}' is damaged in {where}: {_first_line(exc)}")
-    return faults
+def verify_cache(path: Any, deep: bool = False, progress: bool = False) -> List[str]:
+    """Faults of the cache at `path`, one line each (empty: sound). deep=True decodes every map chunk too."""
+    return _Verifier(Path(path), deep, progress).run()
+
+
+def format_ranges(indices: Iterable[int], limit: int = _MAX_RANGES) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0..2, 5, 7..8' (at most `limit` ranges, then '+N more')."""
+    idx = sorted(set(int(i) for i in indices))
+    ranges: List[Tuple[int, int]] = []
+    for i in idx:
+        if ranges and i == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], i)
+        else:
+            ranges.append((i, i))
+    text = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in ranges[:limit])
+    if len(ranges) > limit:
+        text += f", +{len(ranges) - limit} more range(s)"
+    return text
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    if text and "checksum" in text[0].lower() and "match" in text[0].lower():
+        return "crc32c mismatch"
+    return f"{type(exc).__name__}: {text[0]}" if text and text[0] else type(exc).__name__
+
+
+def _short(v: Any, width: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+class _Verifier:
+    def __init__(self, path: Path, deep: bool, progress: bool):
+        self.path, self.deep, self.progress = path, deep, progress
+        self.faults: List[str] = []
+        self.manifest: Dict[str, Any] = {}
+        self.layout: Optional[Layout] = None
+        self.usable: Dict[str, zarr.Array] = {}        # arrays whose metadata is as the schema says
+        self.meta: Dict[str, Dict[str, Any]] = {}      # their zarr.json
+        self.missing_files: Dict[str, Set[int]] = {}   # array -> shards without a file (or an empty one)
+        self.empty_files: Dict[str, Set[int]] = {}     # array -> shards with an empty file (reported)
+        self.data: Dict[str, np.ndarray] = {}          # decoded small arrays (+ image_ids, shard_done)
+        self.ok_rows: Dict[str, np.ndarray] = {}       # rows of data[name] that decoded (bool per sample)
+        self.committed: Optional[np.ndarray] = None    # per shard: shard_done == 1 (decoded)
+
+    # ------------------------------------------------------------------ helpers
+    def fault(self, what: str) -> None:
+        self.faults.append(what)
+
+    def sample_fault(self, name: str, rows: Iterable[int], what: str) -> None:
+        rows = sorted(set(int(r) for r in rows))
+        if not rows:
+            return
+        lay = self.layout
+        shards = sorted({r // lay.shard_size for r in rows})
+        where = f"sample{'s' if len(rows) > 1 else ''} {format_ranges(rows)}"
+        where += f" (shard{'s' if len(shards) > 1 else ''} {format_ranges(shards, 3)})"
+        self.fault(f"array '{name}', {where}: {what}")
+
+    def _bar(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="shard", disable=None if self.progress else True,
+                    dynamic_ncols=True, leave=False)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> List[str]:
+        if not self._check_manifest():
+            return self.faults
+        self._check_metadata()
+        self._check_files()
+        self._read_small()
+        self._check_map_indexes()
+        self._check_missing_files()
+        self._check_values()
+        self._check_counts()
+        return self.faults
+
+    # ------------------------------------------------------------------ manifest
+    def _check_manifest(self) -> bool:
+        path = self.path
+        root_json = path / "zarr.json"
+        if not path.is_dir():
+            self.fault(f"{path}: not a yolc-kd cache (no such folder)")
+            return False
+        if not root_json.is_file():
+            self.fault(f"{path}: not a yolc-kd cache (no zarr.json): run `yolc-kd precompute --out {path}` first")
+            return False
+        try:
+            root = json.loads(root_json.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self.fault(f"manifest ({root_json}, the root group's zarr.json) is unreadable, truncated or damaged: "
+                       f"{_first_line(exc)}")
+            return False
+        except OSError as exc:
+            self.fault(f"manifest ({root_json}) cannot be read: {_first_line(exc)}")
+            return False
+        if not isinstance(root, dict) or root.get("node_type") != "group" or root.get("zarr_format") != 3:
+            self.fault(f"manifest ({root_json}) is not the metadata of a Zarr v3 group")
+            return False
+        m = (root.get("attributes") or {}).get(MANIFEST_KEY)
+        if not isinstance(m, dict):
+            self.fault(f"manifest: {root_json} has no '{MANIFEST_KEY}' attribute (the cache's creation did not "
+                       f"finish; rerun yolc-kd precompute)")
+            return False
+        self.manifest = m
+        version = m.get("schema_version")
+        if version != SCHEMA_VERSION:
+            self.fault(f"manifest: schema_version {version!r} is unknown (this yolc-kd reads {SCHEMA_VERSION})")
+            return False
+        try:
+            self.layout = lay = Layout.from_dict(m["layout"])
+            if min(lay.num_images, lay.variants, lay.shard_size, lay.num_classes, lay.max_patches) < 1 and \
+                    lay.num_images != 0:
+                raise ValueError("non-positive sizes")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.fault(f"manifest: field 'layout' is missing or malformed ({_first_line(exc)})")
+            return False
+        for key in ("variants", "shard_size", "seed", "classes", "input_size", "distill", "crop", "patch_canvas",
+                    "annotations", "complete", "teacher", "augment"):
+            if key not in m:
+                self.fault(f"manifest: field '{key}' is missing")
+        checks = [
+            ("variants", m.get("variants"), lay.variants),
+            ("shard_size", m.get("shard_size"), lay.shard_size),
+            ("annotations.num_images", (m.get("annotations") or {}).get("num_images"), lay.num_images),
+            ("classes (count)", len(m.get("classes") or []), lay.num_classes),
+            ("input_size", list(m.get("input_size") or []), [lay.input_hw[1], lay.input_hw[0]]),
+            ("distill.max_patches_per_img", (m.get("distill") or {}).get("max_patches_per_img"), lay.max_patches),
+        ]
+        canvas = m.get("patch_canvas")
+        if isinstance(canvas, list) and len(canvas) == 2 and all(isinstance(c, int) for c in canvas):
+            checks.append(("patch_canvas / 4", [canvas[0] // 4, canvas[1] // 4], list(lay.refine_hw)))
+        for name, got, want in checks:
+            if got != want:
+                self.fault(f"manifest: {name} is {_short(got)} but layout implies {_short(want)}")
+        if not m.get("complete"):
+            self.fault("manifest: complete is false (the precompute run did not finish: rerun the same "
+                       "`yolc-kd precompute` command to complete it)")
+        return True
+
+    # ------------------------------------------------------------------ metadata
+    def _expected(self, name: str) -> Tuple[str, Tuple[int, ...], Optional[Tuple[int, ...]], Tuple[int, ...]]:
+        """(zarr data_type, shape, shard shape or None, inner chunk shape)."""
+        lay = self.layout
+        if name == IMAGE_IDS:
+            return "int64", (lay.num_images,), None, (max(1, lay.num_images),)
+        if name == SHARD_DONE:
+            return "uint8", (lay.num_shards,), None, (1,)
+        shape = lay.sample_shapes()[name]
+        dtype = _ZARR_DTYPES.get(SAMPLE_ARRAYS[name], SAMPLE_ARRAYS[name])
+        return dtype, (lay.num_samples, *shape), (lay.shard_size, *shape), (chunk_samples(name, lay.shard_size),
+                                                                             *shape)
+
+    def _check_metadata(self) -> None:
+        try:
+            group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        except Exception as exc:
+            self.fault(f"manifest: the root group cannot be opened ({_first_line(exc)})")
+            return
+        for name in ALL_ARRAYS:
+            meta_path = self.path / name / "zarr.json"
+            if not meta_path.is_file():
+                self.fault(f"array '{name}' is missing (no {name}/zarr.json)")
+                continue
+            try:
+                meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+                if not isinstance(meta, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                self.fault(f"array '{name}': its metadata {name}/zarr.json is unreadable ({_first_line(exc)})")
+                continue
+            problems = self._metadata_problems(name, meta)
+            if problems:
+                self.fault(f"array '{name}': " + "; ".join(problems))
+                continue
+            try:
+                self.usable[name] = group[name]
+            except Exception as exc:
+                self.fault(f"array '{name}' cannot be opened ({_first_line(exc)})")
+                continue
+            self.meta[name] = meta
+
+    def _metadata_problems(self, name: str, meta: Mapping[str, Any]) -> List[str]:
+        dtype, shape, shard, inner = self._expected(name)
+        out = []
+        if meta.get("node_type") != "array":
+            return ["its zarr.json is not array metadata"]
+        if meta.get("data_type") != dtype:
+            out.append(f"dtype {meta.get('data_type')!r}, expected {dtype!r}")
+        if tuple(meta.get("shape") or ()) != shape:
+            out.append(f"shape {tuple(meta.get('shape') or ())}, expected {shape}")
+        try:
+            grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            codecs = list(meta["codecs"])
+        except (KeyError, TypeError):
+            return out + ["chunk grid or codecs missing from its zarr.json"]
+        names = [c.get("name") for c in codecs if isinstance(c, dict)]
+        if shard is None:
+            if grid != inner:
+                out.append(f"chunks {grid}, expected {inner}")
+            if "sharding_indexed" in names:
+                out.append("is sharded, expected one plain chunk grid")
+            elif not names or names[-1] != "crc32c":
+                out.append(f"codecs {names} do not end with crc32c")
+            return out
+        if grid != shard:
+            out.append(f"shards {grid}, expected {shard}")
+        if names != ["sharding_indexed"]:
+            return out + [f"codecs {names}, expected sharding_indexed"]
+        conf = codecs[0].get("configuration") or {}
+        if tuple(conf.get("chunk_shape") or ()) != inner:
+            out.append(f"inner chunks {tuple(conf.get('chunk_shape') or ())}, expected {inner}")
+        inner_names = [c.get("name") for c in conf.get("codecs") or [] if isinstance(c, dict)]
+        if not inner_names or inner_names[-1] != "crc32c":
+            out.append(f"inner-chunk codecs {inner_names} do not end with crc32c")
+        index_names = [c.get("name") for c in conf.get("index_codecs") or [] if isinstance(c, dict)]
+        if index_names != ["bytes", "crc32c"]:
+            out.append(f"shard index codecs {index_names}, expected ['bytes', 'crc32c']")
+        if conf.get("index_location", "end") not in ("start", "end"):
+            out.append(f"unknown index_location {conf.get('index_location')!r}")
+        return out
+
+    # ------------------------------------------------------------------ files
+    def _shard_file(self, name: str, j: int) -> Path:
+        ndim = len(self._expected(name)[1])
+        return self.path / name / "c" / "/".join([str(j)] + ["0"] * (ndim - 1))
+
+    def _check_files(self) -> None:
+        lay = self.layout
+        stray = sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*.partial"))
+        if stray:
+            self.fault(f"leftover temporary file(s) of a killed write: {', '.join(stray[:3])}"
+                       + (f" (+{len(stray) - 3} more)" if len(stray) > 3 else "")
+                       + " (rerun the same `yolc-kd precompute` command to clean them)")
+        for name in self.usable:
+            n_chunks = 1 if name == IMAGE_IDS else lay.num_shards
+            ndim = len(self._expected(name)[1])
+            expected = {self._shard_file(name, j).relative_to(self.path / name).as_posix(): j
+                        for j in range(n_chunks)}
+            found: Dict[int, Path] = {}
+            extra: List[str] = []
+            chunk_root = self.path / name / "c"
+            if chunk_root.is_dir():
+                for p in chunk_root.rglob("*"):
+                    if p.is_dir() or p.name.endswith(".partial"):
+                        continue
+                    rel = p.relative_to(self.path / name).as_posix()
+                    if rel in expected:
+                        found[expected[rel]] = p
+                    else:
+                        extra.append(rel)
+            if extra:
+                self.fault(f"array '{name}': unexpected file(s) {', '.join(sorted(extra)[:3])}"
+                           + (f" (+{len(extra) - 3} more)" if len(extra) > 3 else "")
+                           + f" (the layout has {n_chunks} chunk file(s) of rank {ndim})")
+            empty = sorted(j for j, p in found.items() if p.stat().st_size == 0)
+            if empty:
+                if name in SAMPLE_ARRAYS:
+                    rows = [r for j in empty for r in range(*lay.shard_range(j))]
+                    self.sample_fault(name, rows, "shard file is empty (zarr would read it as all zero)")
+                else:
+                    self.fault(f"array '{name}': chunk file(s) {format_ranges(empty)} are empty")
+            self.missing_files[name] = {j for j in range(n_chunks) if j not in found or j in empty}
+            self.empty_files[name] = set(empty)
+
+    # ------------------------------------------------------------------ small arrays
+    def _read_blocks(self, name: str, arr: zarr.Array, ranges: Sequence[Tuple[int, int]],
+                     empty: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Read arr whole; on a decoding error read it range by range. Returns (data, ok rows)."""
+        n = arr.shape[0]
+        ok = np.ones(n, dtype=bool)
+        try:
+            return np.asarray(arr[:]), ok
+        except Exception:
+            pass
+        data = empty
+        for a, b in ranges:
+            try:
+                data[a:b] = np.asarray(arr[a:b])
+            except Exception as exc:
+                ok[a:b] = False
+                if name in SAMPLE_ARRAYS:
+                    self.sample_fault(name, range(a, b), f"damaged chunk: "
+                                                         f"{_first_line(exc)}")
+                elif name == IMAGE_IDS:
+                    self.fault(f"array '{name}' (image positions {format_ranges(range(a, b))}): damaged chunk: "
+                               f"{_first_line(exc)}")
+                else:
+                    self.fault(f"array '{name}', shard {a}: damaged marker: {_first_line(exc)}")
+        return data, ok
+
+    def _read_small(self) -> None:
+        lay = self.layout
+        shards = [lay.shard_range(j) for j in range(lay.num_shards)]
+        for name in (SHARD_DONE, IMAGE_IDS) + _SMALL:
+            arr = self.usable.get(name)
+            if arr is None:
+                continue
+            if name == SHARD_DONE:
+                ranges = [(j, j + 1) for j in range(lay.num_shards)]
+            elif name == IMAGE_IDS:
+                ranges = [(0, lay.num_images)]
+            else:
+                ranges = shards
+            dtype = SAMPLE_ARRAYS.get(name, "int64" if name == IMAGE_IDS else "uint8")
+            shape = (arr.shape[0], *arr.shape[1:])
+            empty = np.full(shape, "", dtype=object) if dtype == "str" else np.zeros(shape, dtype=dtype)
+            self.data[name], self.ok_rows[name] = self._read_blocks(name, arr, ranges, empty)
+            for j in self.empty_files.get(name, ()):  # read as fill values: already reported, not data
+                a, b = ranges[j] if name != IMAGE_IDS else ranges[0]
+                self.ok_rows[name][a:b] = False
+        if SHARD_DONE in self.data:
+            done = self.data[SHARD_DONE]
+            bad = np.flatnonzero(~np.isin(done, (0, 1)) & self.ok_rows[SHARD_DONE])
+            if bad.size:
+                self.fault(f"array '{SHARD_DONE}', shard(s) {format_ranges(bad)}: values other than 0/1")
+            self.committed = (done == 1) & self.ok_rows[SHARD_DONE]
+            open_ = np.flatnonzero(~self.committed)
+            if open_.size:
+                rows = [r for j in open_ for r in range(*lay.shard_range(int(j)))]
+                gone = sorted(set(open_.tolist()) & self.missing_files.get(SHARD_DONE, set()))
+                self.sample_fault(SHARD_DONE, rows, f"shard(s) {format_ranges(open_)} not committed "
+                                                    f"(shard_done != 1"
+                                  + (f"; marker file of shard(s) {format_ranges(gone)} missing" if gone else "")
+                                  + "): their samples are not usable")
+        else:
+            self.committed = np.zeros(lay.num_shards, dtype=bool)
+
+    # ------------------------------------------------------------------ map shard indexes / deep read
+    def _index_problem(self, name: str, path: Path) -> Optional[str]:
+        """Why the shard index of a map file is damaged (None when it is sound)."""
+        import google_crc32c
+
+        conf = self.meta[name]["codecs"][0]["configuration"]
+        n_chunks = self.layout.shard_size // chunk_samples(name, self.layout.shard_size)
+        size = path.stat().st_size
+        index_bytes = 16 * n_chunks + 4
+        if size < index_bytes:
+            return f"file is {size} bytes, shorter than its shard index ({index_bytes} bytes): truncated"
+        with open(path, "rb") as fh:
+            if conf.get("index_location", "end") == "end":
+                fh.seek(size - index_bytes)
+            raw = fh.read(index_bytes)
+        payload, stored = raw[:-4], raw[-4:]
+        if np.uint32(google_crc32c.value(payload)).tobytes() != stored:
+            return "shard index fails its crc32c check"
+        table = np.frombuffer(payload, dtype="<u8").reshape(n_chunks, 2)
+        data_start = index_bytes if conf.get("index_location", "end") == "start" else 0
+        data_end = size if data_start else size - index_bytes
+        for k, (off, nbytes) in enumerate(table.tolist()):
+            if off == _EMPTY and nbytes == _EMPTY:
+                continue
+            if off < data_start or off + nbytes > data_end or nbytes < 4:
+                return f"shard index entry {k} points outside the file (offset {off}, {nbytes} bytes): truncated?"
+        return None
+
+    def _check_map_indexes(self) -> None:
+        lay = self.layout
+        maps = [n for n in MAP_ARRAYS if n in self.usable]
+        bar = self._bar(lay.num_shards * len(maps), "verify maps" if self.deep else "verify indexes")
+        try:
+            for name in maps:
+                arr = self.usable[name]
+                for j in range(lay.num_shards):
+                    bar.update(1)
+                    a, b = lay.shard_range(j)
+                    if j in self.missing_files.get(name, ()):
+                        continue
+                    problem = self._index_problem(name, self._shard_file(name, j))
+                    if problem:
+                        self.sample_fault(name, range(a, b), problem)
+                        continue
+                    if self.deep:
+                        self._deep_shard(name, arr, j)
+        finally:
+            bar.close()
+
+    def _deep_shard(self, name: str, arr: zarr.Array, j: int) -> None:
+        a, b = self.layout.shard_range(j)
+        try:
+            block = np.asarray(arr[a:b])
+            bad_rows: List[int] = []
+        except Exception:
+            block, bad_rows, why = None, [], ""
+            for r in range(a, b):  # one inner chunk per sample: find the damaged ones
+                try:
+                    arr[r]
+                except Exception as exc:
+                    bad_rows.append(r)
+                    why = why or _first_line(exc)
+            self.sample_fault(name, bad_rows, f"damaged chunk: {why}")
+            return
+        if not self.committed[j]:
+            return
+        status = self._status_rows(a, b)
+        if name in ("coarse", "refine"):
+            flat = block.reshape(b - a, -1)
+            nonfinite = [a + r for r in np.flatnonzero(~np.isfinite(flat).all(axis=1))]
+            self.sample_fault(name, nonfinite, "NaN or inf values")
+        if status is not None:
+            flat = block.reshape(b - a, -1)
+            skipped_nonzero = [a + r for r in np.flatnonzero((status == STATUS_SKIPPED) & (flat != 0).any(axis=1))]
+            self.sample_fault(name, skipped_nonzero, "non-zero data for a skipped sample (status 2)")
+        if name == "refine" and "patch_valid" in self.data and self.ok_rows["patch_valid"][a:b].all():
+            invalid = ~self.data["patch_valid"][a:b].astype(bool)
+            slots = (block.reshape(b - a, block.shape[1], -1) != 0).any(axis=2)
+            rows = [a + r for r in np.flatnonzero((invalid & slots).any(axis=1))]
+            self.sample_fault(name, rows, "non-zero refine maps in invalid patch slots (patch_valid false)")
+
+    def _status_rows(self, a: int, b: int) -> Optional[np.ndarray]:
+        if "status" not in self.data or not self.ok_rows["status"][a:b].all():
+            return None
+        return self.data["status"][a:b]
+
+    # ------------------------------------------------------------------ missing files
+    def _may_be_all_fill(self, name: str, j: int) -> bool:
+        """Whether shard j of `name` may legitimately hold only fill values (so zarr wrote no file)."""
+        lay = self.layout
+        a, b = lay.shard_range(j)
+        d, ok = self.data, self.ok_rows
+
+        def known(n: str) -> bool:
+            return n in d and n not in {k for k, v in self.missing_files.items() if j in v} and ok[n][a:b].all()
+
+        status = d["status"][a:b] if known("status") else None
+        all_skipped = status is not None and (status == STATUS_SKIPPED).all()
+        if name in ("status", "aug_params"):
+            return False                                   # always written: 1/2, a JSON text
+        if name == "variant":
+            return all(r % lay.variants == 0 for r in range(a, b))
+        if name == "seed":
+            return self.manifest.get("seed") == 0
+        if name == "image_id":  # COCO id 0 is possible (for one image at most)
+            return IMAGE_IDS in d and bool((d[IMAGE_IDS][[r // lay.variants for r in range(a, b)]] == 0).all())
+        if name in ("fingerprint", "heatmap", "coarse"):
+            return all_skipped                             # a stored view has a fingerprint and (almost) surely maps
+        if name in ("patch_boxes", "patch_scales", "refine"):
+            for other in ("patch_valid", "num_valid_patches"):
+                if known(other):
+                    return not d[other][a:b].any()
+            return all_skipped
+        if name in ("patch_valid", "num_valid_patches"):
+            other = "num_valid_patches" if name == "patch_valid" else "patch_valid"
+            return not d[other][a:b].any() if known(other) else all_skipped
+        return False
+
+    def _check_missing_files(self) -> None:
+        lay = self.layout
+        for name in SAMPLE_ARRAYS:
+            if name not in self.usable:
+                continue
+            for j in sorted(self.missing_files.get(name, ())):
+                if not self.committed[j]:
+                    continue
+                if self._may_be_all_fill(name, j):
+                    continue
+                a, b = lay.shard_range(j)
+                path = self._shard_file(name, j)
+                if path.is_file() and path.stat().st_size == 0:
+                    continue  # already reported as empty
+                self.sample_fault(name, range(a, b), f"shard file {path.relative_to(self.path)} is missing "
+                                                     f"although shard {j} is committed")
+                if name in self.ok_rows:
+                    self.ok_rows[name][a:b] = False
+        for name in (IMAGE_IDS,):
+            if name in self.usable and self.missing_files.get(name) and lay.num_images > 1:
+                self.fault(f"array '{name}': its chunk file c/0 is missing")
+                self.ok_rows[name][:] = False
+
+    # ------------------------------------------------------------------ values
+    def _rows(self, *names: str) -> np.ndarray:
+        """Sample rows in committed shards where all the given arrays decoded."""
+        lay = self.layout
+        rows = np.repeat(self.committed, lay.shard_size)[:lay.num_samples].copy()
+        for n in names:
+            if n not in self.data:
+                return np.zeros(lay.num_samples, dtype=bool)
+            ok = self.ok_rows[n]
+            rows &= ok[np.arange(lay.num_samples) // lay.variants] if n == IMAGE_IDS else ok
+        return rows
+
+    def _check_values(self) -> None:
+        lay, d, m = self.layout, self.data, self.manifest
+        k = lay.variants
+        index = np.arange(lay.num_samples)
+        if IMAGE_IDS in d and self.ok_rows[IMAGE_IDS].all():
+            ids = d[IMAGE_IDS]
+            uniq, counts = np.unique(ids, return_counts=True)
+            if (counts > 1).any():
+                dup = uniq[counts > 1]
+                self.fault(f"array '{IMAGE_IDS}': duplicate image id(s) {dup[:5].tolist()} "
+                           f"(image positions {format_ranges(np.flatnonzero(np.isin(ids, dup)))})")
+        rows = self._rows("status")
+        if rows.any():
+            st = d["status"]
+            self.sample_fault("status", np.flatnonzero(rows & (st == STATUS_MISSING)),
+                              "status 0 (never written) in a committed shard")
+            self.sample_fault("status", np.flatnonzero(rows & ~np.isin(st, (STATUS_MISSING, STATUS_OK, STATUS_SKIPPED))),
+                              "status values other than 0/1/2")
+        rows = self._rows("image_id", IMAGE_IDS)
+        if rows.any():
+            want = d[IMAGE_IDS][index // k]
+            self.sample_fault("image_id", np.flatnonzero(rows & (d["image_id"] != want)),
+                              "image_id disagrees with image_ids[index // variants] (sample written at the "
+                              "wrong place or twice)")
+        rows = self._rows("variant")
+        if rows.any():
+            self.sample_fault("variant", np.flatnonzero(rows & (d["variant"] != index % k)),
+                              "variant disagrees with index % variants (sample written at the wrong place or twice)")
+        rows = self._rows("seed")
+        if rows.any() and isinstance(m.get("seed"), int):
+            self.sample_fault("seed", np.flatnonzero(rows & (d["seed"] != m["seed"])),
+                              f"seed differs from the manifest's seed {m['seed']}")
+        self._check_fingerprint_and_params()
+        self._check_patches()
+
+    def _check_fingerprint_and_params(self) -> None:
+        lay, d = self.layout, self.data
+        k, seed = lay.variants, self.manifest.get("seed")
+        st = d.get("status")
+        rows = self._rows("fingerprint", "status")
+        if rows.any():
+            nonzero = d["fingerprint"].any(axis=1)
+            self.sample_fault("fingerprint", np.flatnonzero(rows & (st == STATUS_OK) & ~nonzero),
+                              "all-zero fingerprint for a stored sample")
+            self.sample_fault("fingerprint", np.flatnonzero(rows & (st == STATUS_SKIPPED) & nonzero),
+                              "fingerprint set for a skipped sample")
+        rows = self._rows("aug_params", "status")
+        bad_json, bad_skip, bad_key = [], [], []
+        ids = d.get(IMAGE_IDS) if IMAGE_IDS in d and self.ok_rows[IMAGE_IDS].all() else None
+        for r in np.flatnonzero(rows & np.isin(st if st is not None else np.zeros(0), (STATUS_OK, STATUS_SKIPPED))):
+            try:
+                params = json.loads(str(d["aug_params"][r]))
+                if not isinstance(params, dict):
+                    raise ValueError
+            except ValueError:
+                bad_json.append(r)
+                continue
+            if st[r] == STATUS_SKIPPED:
+                if "skipped" not in params:
+                    bad_skip.append(r)
+            elif ids is not None and params.get("key") != [seed, int(ids[r // k]), int(r % k)]:
+                bad_key.append(r)
+        self.sample_fault("aug_params", bad_json, "not a JSON object")
+        self.sample_fault("aug_params", bad_skip, "skipped sample without a 'skipped' reason")
+        self.sample_fault("aug_params", bad_key, "augmentation key is not (seed, image_id, variant) of the sample")
+
+    def _check_patches(self) -> None:
+        lay, d, m = self.layout, self.data, self.manifest
+        h, w = lay.input_hw
+        st = d.get("status")
+        rows = self._rows("patch_valid", "num_valid_patches")
+        valid = d["patch_valid"].astype(bool) if "patch_valid" in d else None
+        if rows.any():
+            nvp = d["num_valid_patches"].astype(np.int64)
+            self.sample_fault("num_valid_patches", np.flatnonzero(rows & (nvp > lay.max_patches)),
+                              f"more than max_patches={lay.max_patches} valid patches")
+            self.sample_fault("num_valid_patches", np.flatnonzero(rows & (nvp != valid.sum(axis=1))),
+                              "disagrees with patch_valid.sum(1)")
+        rows = self._rows("patch_valid", "status")
+        if rows.any():
+            self.sample_fault("patch_valid", np.flatnonzero(rows & (st == STATUS_SKIPPED) & valid.any(axis=1)),
+                              "valid patches for a skipped sample")
+        rows = self._rows("patch_boxes", "patch_valid")
+        if rows.any():
+            boxes = d["patch_boxes"].astype(np.float64)
+            finite = np.isfinite(boxes).all(axis=(1, 2))
+            self.sample_fault("patch_boxes", np.flatnonzero(rows & ~finite), "NaN or inf values")
+            with np.errstate(invalid="ignore"):
+                x, y, bw, bh = (boxes[..., i] for i in range(4))
+                inside = (x >= 0) & (y >= 0) & (bw >= 1) & (bh >= 1) & (x + bw <= w) & (y + bh <= h)
+                integral = (boxes == np.round(boxes)).all(axis=2)
+            outside = rows & finite & (valid & ~inside).any(axis=1)
+            self.sample_fault("patch_boxes", np.flatnonzero(outside),
+                              f"valid crop box outside the {w}x{h} view or empty")
+            self.sample_fault("patch_boxes", np.flatnonzero(rows & finite & (valid & ~integral).any(axis=1)),
+                              "valid crop box with non-integer coordinates")
+        rows = self._rows("patch_scales", "patch_valid")
+        if rows.any():
+            scales = d["patch_scales"].astype(np.float64)
+            finite = np.isfinite(scales).all(axis=1)
+            self.sample_fault("patch_scales", np.flatnonzero(rows & ~finite), "NaN or inf values")
+            upscale = (m.get("crop") or {}).get("upscale")
+            with np.errstate(invalid="ignore"):
+                bad = scales <= 0
+                if isinstance(upscale, (int, float)) and math.isfinite(upscale):
+                    bad |= scales > float(upscale) * (1 + 1e-6)
+            self.sample_fault("patch_scales", np.flatnonzero(rows & finite & (valid & bad).any(axis=1)),
+                              f"valid patch scale outside (0, upscale={upscale}]")
+
+    # ------------------------------------------------------------------ counts
+    def _check_counts(self) -> None:
+        m, lay = self.manifest, self.layout
+        if IMAGE_IDS in self.data and self.ok_rows[IMAGE_IDS].all() and len(self.data[IMAGE_IDS]) != lay.num_images:
+            self.fault(f"array '{IMAGE_IDS}' has {len(self.data[IMAGE_IDS])} ids, layout.num_images {lay.num_images}")
+        if not m.get("complete"):
+            return
+        counts = m.get("counts")
+        if not isinstance(counts, dict):
+            self.fault("manifest: complete but field 'counts' is missing")
+            return
+        expect = dict(samples=lay.num_samples, images=lay.num_images, shards=lay.num_shards)
+        if "status" in self.data and self.ok_rows["status"].all():
+            st = self.data["status"]
+            skipped_rows = np.flatnonzero(st == STATUS_SKIPPED)
+            expect.update(samples_written=int((st == STATUS_OK).sum()), samples_skipped=int(skipped_rows.size),
+                          images_skipped=len({int(r) // lay.variants for r in skipped_rows}))
+            self._check_skipped_list(skipped_rows)
+        for key, want in expect.items():
+            if counts.get(key) != want:
+                self.fault(f"manifest: counts.{key} is {_short(counts.get(key))}, the arrays say {want}")
+
+    def _check_skipped_list(self, skipped_rows: np.ndarray) -> None:
+        m, lay = self.manifest, self.layout
+        listed = m.get("skipped")
+        if not isinstance(listed, list):
+            self.fault("manifest: complete but field 'skipped' is missing")
+            return
+        want: Dict[int, List[int]] = {}
+        for r in skipped_rows.tolist():
+            want.setdefault(r // lay.variants, []).append(r % lay.variants)
+        ids = self.data.get(IMAGE_IDS)
+        if ids is None or not self.ok_rows[IMAGE_IDS].all():
+            return
+        got: Dict[int, List[int]] = {}
+        for entry in listed:
+            if isinstance(entry, dict) and isinstance(entry.get("image_id"), int):
+                got[int(entry["image_id"])] = sorted(int(v) for v in entry.get("variants") or [])
+        want_by_id = {int(ids[i]): sorted(v) for i, v in want.items()}
+        if got != want_by_id:
+            diff = sorted((set(got) ^ set(want_by_id)) | {i for i in got if i in want_by_id and got[i] != want_by_id[i]})
+            self.fault(f"manifest: the 'skipped' list disagrees with status == 2 for image id(s) {diff[:5]}")
+

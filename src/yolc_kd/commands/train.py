@@ -43,7 +43,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default data.workers_per_gpu)")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
-    p.add_argument("--skip-bad", action="store_true", help="skip damaged cache samples with a warning")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images and damaged cache samples with a counted warning")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
     p.add_argument("--log-interval", type=int, default=None, help="iterations between metrics lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     opts = TrainOptions(work_dir=Path(args.work_dir), max_iters=args.max_iters, resume=args.resume,
                         device=_device(args.device), workers=args.workers, amp=args.amp,
                         log_interval=args.log_interval, num_variants=num_variants, eval_fn=eval_fn,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, trust=args.trust_checkpoint)
     summary = Trainer(cfg, model, dataset, opts).run()
     last = summary["last"]
     print(f"trained to iteration {summary['iters']}: loss {last.get('loss', float('nan')):.4f}; "

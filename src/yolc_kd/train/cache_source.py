@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from yolc_kd import crops
-from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, target_identity
+from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, sha256_file, target_identity
 from yolc_kd.cache.reader import CacheError, CacheReader
 from yolc_kd.cache.schema import STATUS_OK, dequantize_heatmap
 from yolc_kd.data.augment import AugmentConfig
@@ -69,6 +69,12 @@ def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig, coco: Coc
         raise UserError(f"cache {path} is incomplete (its precompute run did not finish): rerun the same "
                         f"`yolc-kd precompute` command to complete it")
     problems = diff_fields(m, expected_identity(cfg, aug_cfg, coco.classes), TRAIN_FIELDS, now="config")
+    ckpt = (cfg.get("distill_cfg") or {}).get("teacher_ckpt")
+    if ckpt and Path(ckpt).is_file():  # the config names a teacher file: the cache must come from it
+        cached_sha = (m.get("teacher") or {}).get("ckpt_sha256")
+        if cached_sha != sha256_file(ckpt):
+            problems.append(f"teacher.ckpt_sha256 (cache {str(cached_sha)[:12]}, config's {ckpt} "
+                            f"{sha256_file(ckpt)[:12]})")
     ids = [coco.image_info(i)["id"] for i in range(len(coco))]
     missing = [x for x in ids if not reader.has_image(x)]
     if missing:

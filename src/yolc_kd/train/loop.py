@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from yolc_kd import __version__
-from yolc_kd.checkpoint import read_checkpoint, save_checkpoint
+from yolc_kd.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from yolc_kd.errors import UserError
 from yolc_kd.train.data import TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.precise_bn import recompute_bn_stats
@@ -35,6 +35,7 @@ class TrainOptions:
     num_variants: Optional[int] = None           # K views per image in the cache (None: fresh view per epoch)
     eval_fn: Optional[Callable[[nn.Module, int], Dict[str, Any]]] = None  # called on rank 0 after an epoch
     progress: bool = True
+    trust: bool = False                          # --trust-checkpoint: allow pickle checkpoints on --resume
 
 
 def dist_env() -> tuple:
@@ -116,10 +117,13 @@ class Trainer:
 
     def resume(self) -> None:
         latest = self.work_dir / "latest.pth"
-        if not latest.exists():
-            raise UserError(f"--resume: no checkpoint to resume from in {self.work_dir} (latest.pth missing)")
-        sd, meta, obj = read_checkpoint(latest)
-        self.model.load_state_dict(sd, strict=True)
+        if not latest.exists():  # killed between writing iter_N.pth and switching latest.pth to it
+            found = sorted(self.work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+            if not found:
+                raise UserError(f"--resume: no checkpoint to resume from in {self.work_dir} (latest.pth missing)")
+            latest = found[-1]
+        meta = load_checkpoint(self.model, latest, strict=True, trust=self.opts.trust)
+        _, _, obj = read_checkpoint(latest, self.opts.trust)
         if "optimizer" in obj:
             self.optimizer.load_state_dict(obj["optimizer"])
         self.start_iter = int(meta.get("iter", 0))

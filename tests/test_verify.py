@@ -1,0 +1,214 @@
+"""`yolc-kd verify`: a sound cache passes (quick, --deep, --recompute); damaged bytes, missing files, a truncated
+manifest and wrong values are each reported naming the array and the samples; `train --cache` refuses a cache
+made with another teacher or augmentation, naming the fields."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from test_precompute import cli_args, make_setup, save_random_teacher, subprocess_env, teacher_model_cfg
+from yolc_kd.cache.verify import format_ranges, verify_cache
+from yolc_kd.cli import main
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    torch.set_num_threads(1)
+    s = make_setup(tmp_path_factory.mktemp("verify"), n_images=4)  # 8 samples, shards of 2
+    s.cache = s.root / "soft"
+    assert main(cli_args(s, s.cache)) == 0
+    return s
+
+
+@pytest.fixture
+def copy(made, tmp_path):
+    out = tmp_path / "soft"
+    shutil.copytree(made.cache, out)
+    return out
+
+
+def verify(capsys, *argv):
+    capsys.readouterr()
+    rc = main(["verify", *map(str, argv), "--no-progress"])
+    cap = capsys.readouterr()
+    return rc, cap.out.strip().splitlines(), cap.err
+
+
+def faults(lines):
+    return [line for line in lines if not line.startswith("verify:")]
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_format_ranges():
+    assert format_ranges([7, 0, 1, 2, 5, 8]) == "0..2, 5, 7..8"
+    assert format_ranges(range(0, 20, 2), limit=2) == "0, 2, +8 more range(s)"
+
+
+def test_sound_cache_passes_quick_deep_and_recompute(made, capsys):
+    rc, out, _ = verify(capsys, made.cache)
+    assert rc == 0 and out[-1].startswith("verify:") and "OK" in out[-1] and len(out) == 1
+    rc, out, err = verify(capsys, made.cache, "--deep", "--recompute", "2", "--config", made.config,
+                          "--ckpt", made.ckpt)
+    assert rc == 0, out + [err]
+    assert "teacher recomputed on 2 sample(s)" in out[-1] and not faults(out)
+
+
+def test_verify_module_needs_no_torch(made):
+    code = ("import sys; from yolc_kd.cache.verify import verify_cache; f = verify_cache(sys.argv[1], deep=True); "
+            "assert f == [], f; assert 'torch' not in sys.modules, 'cache.verify imported torch'")
+    res = subprocess.run([sys.executable, "-c", code, str(made.cache)], env=subprocess_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("name, rel, deep", [
+    ("heatmap", "heatmap/c/1/0/0/0", True),        # maps: one inner chunk per sample, decoded with --deep
+    ("coarse", "coarse/c/1/0/0/0", True),
+    ("patch_boxes", "patch_boxes/c/1/0/0", False),  # small arrays are decoded by the quick check
+])
+def test_flipped_byte_names_the_array_and_samples(copy, capsys, name, rel, deep):
+    flip_byte(copy / rel, 20)  # inside the first inner chunk of shard 1 (samples 2..3)
+    rc, out, _ = verify(capsys, copy, *(["--deep"] if deep else []))
+    found = faults(out)
+    assert rc == 1 and len(found) == 1, out
+    assert f"array '{name}'" in found[0] and "shard 1" in found[0] and "crc32c" in found[0]
+    assert ("sample 2 " if name in ("heatmap", "coarse") else "samples 2..3") in found[0]
+
+
+def test_damaged_shard_index_is_found_without_deep(copy, capsys):
+    flip_byte(copy / "refine" / "c" / "3" / "0" / "0" / "0" / "0", -8)  # the index sits at the end
+    rc, out, _ = verify(capsys, copy)
+    assert rc == 1 and faults(out) == ["array 'refine', samples 6..7 (shard 3): shard index fails its crc32c check"]
+
+
+def test_deleted_and_emptied_shard_files_are_named(copy, capsys):
+    (copy / "coarse" / "c" / "2" / "0" / "0" / "0").unlink()
+    (copy / "status" / "c" / "1").write_bytes(b"")  # zarr itself would read an empty file as all zero
+    rc, out, _ = verify(capsys, copy)
+    found = faults(out)
+    assert rc == 1 and len(found) == 2, out
+    assert any("array 'coarse', samples 4..5 (shard 2)" in f and "missing" in f for f in found)
+    assert any("array 'status', samples 2..3 (shard 1)" in f and "empty" in f for f in found)
+
+
+def test_truncated_manifest_is_named(copy, capsys):
+    root = copy / "zarr.json"
+    root.write_bytes(root.read_bytes()[:150])
+    rc, out, _ = verify(capsys, copy, "--deep")
+    found = faults(out)
+    assert rc == 1 and len(found) == 1 and found[0].startswith("manifest") and "zarr.json" in found[0]
+
+
+def test_uncommitted_shard_and_incomplete_manifest_are_named(copy, capsys):
+    g = zarr.open_group(str(copy), mode="r+")
+    g["shard_done"][1] = 0
+    m = dict(g.attrs["yolc_kd_cache"], complete=False)
+    g.update_attributes({"yolc_kd_cache": m})
+    rc, out, _ = verify(capsys, copy)
+    found = faults(out)
+    assert rc == 1 and len(found) == 2, out
+    assert any("complete is false" in f for f in found)
+    assert any("array 'shard_done', samples 2..3" in f and "not committed" in f for f in found)
+
+
+def test_wrong_values_are_named(copy, capsys):
+    """Values rewritten through zarr (valid checksums): only the value checks can find them."""
+    g = zarr.open_group(str(copy), mode="r+")
+    for name in ("image_id", "variant", "aug_params"):  # sample 5 (image 3, variant 1) written twice: also at 2
+        g[name][2] = g[name][5]
+    g["status"][5] = 0
+    boxes = g["patch_boxes"][:]
+    boxes[6, 0] = [100, 0, 50, 96]  # x + w = 150 > 128
+    g["patch_boxes"][:] = boxes
+    g["num_valid_patches"][0] = 0
+    g["seed"][1] = 99
+    rc, out, _ = verify(capsys, copy)
+    found = faults(out)
+    assert rc == 1
+    expected = [("image_id", "sample 2 "), ("variant", "sample 2 "), ("aug_params", "sample 2 "),
+                ("status", "sample 5 "), ("patch_boxes", "sample 6 "), ("num_valid_patches", "sample 0 "),
+                ("seed", "sample 1 ")]
+    for name, where in expected:
+        assert any(f"array '{name}', {where}" in f for f in found), (name, found)
+    assert any("counts.samples_written" in f for f in found)  # the manifest counted 8 stored samples
+    assert len(found) == len(expected) + 1, found
+
+
+def test_recompute_catches_values_with_valid_checksums(made, copy, capsys):
+    g = zarr.open_group(str(copy), mode="r+")
+    g["coarse"][:] = (g["coarse"][:].astype(np.float32) + 0.5).astype(np.float16)
+    assert verify_cache(copy, deep=True) == []  # structurally sound
+    rc, out, _ = verify(capsys, copy, "--recompute", "2", "--config", made.config, "--ckpt", made.ckpt)
+    found = faults(out)
+    assert rc == 1 and len(found) == 1 and found[0].startswith("recompute: array 'coarse', samples "), out
+
+
+def test_recompute_with_another_checkpoint_is_a_fault(made, capsys, tmp_path):
+    other = save_random_teacher(tmp_path / "other.pth", 1)
+    rc, out, _ = verify(capsys, made.cache, "--recompute", "2", "--config", made.config, "--ckpt", other)
+    assert rc == 1 and any("teacher.ckpt_sha256" in f for f in faults(out))
+
+
+def test_recompute_needs_a_config(made, capsys):
+    rc, _, err = verify(capsys, made.cache, "--recompute", "2")
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "--config" in err
+
+
+def _train_on_cache(made, config, work):
+    return main(["train", "--config", str(config), "--cache", str(made.cache), "--work-dir", str(work),
+                 "--max-iters", "1", "--no-progress"])
+
+
+def test_train_refuses_a_cache_of_another_augmentation(made, tmp_path, capsys):
+    config = tmp_path / "noflip.py"
+    text = made.config.read_text().replace("flip_ratio=0.5", "flip_ratio=0.0")
+    assert text != made.config.read_text()
+    config.write_text(text)
+    capsys.readouterr()
+    assert _train_on_cache(made, config, tmp_path / "w") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "augment.flip_ratio (cache 0.5, config 0.0)" in err[0]
+    assert not (tmp_path / "w" / "latest.pth").exists()
+
+
+def test_train_refuses_a_cache_of_another_teacher_architecture(made, tmp_path, capsys):
+    teacher = teacher_model_cfg()
+    teacher["bbox_head"]["feat_channel"] = 8
+    config = tmp_path / "teacher.py"
+    config.write_text(f"_base_ = {str(made.config)!r}\ndistill_cfg = dict(teacher_config={teacher!r})\n")
+    capsys.readouterr()
+    assert _train_on_cache(made, config, tmp_path / "w") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher.model.bbox_head.feat_channel (cache 16, config 8)" in err[0]
+
+
+def test_train_refuses_a_cache_of_another_teacher_checkpoint(made, tmp_path, capsys):
+    other = save_random_teacher(tmp_path / "other.pth", 1)
+    config = tmp_path / "other_ckpt.py"
+    config.write_text(f"_base_ = {str(made.config)!r}\ndistill_cfg = dict(teacher_ckpt={str(other)!r})\n")
+    capsys.readouterr()
+    assert _train_on_cache(made, config, tmp_path / "w") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher.ckpt_sha256" in err[0]
+
+
+def test_manifest_counts_must_agree(copy, capsys):
+    g = zarr.open_group(str(copy), mode="r+")
+    m = json.loads(json.dumps(g.attrs["yolc_kd_cache"]))
+    m["counts"]["samples_skipped"] = 3
+    m["variants"] = 3
+    g.update_attributes({"yolc_kd_cache": m})
+    rc, out, _ = verify(capsys, copy)
+    found = faults(out)
+    assert rc == 1 and any("counts.samples_skipped is 3" in f for f in found)
+    assert any("manifest: variants is 3 but layout implies 2" in f for f in found)
