@@ -1,0 +1,675 @@
+"""Teacher soft-label cache (issue "Offline teacher precompute into Zarr shards"): size, read speed,
+precompute speed and memory, measured in ONE run (ratios are taken within the run, timings interleaved).
+
+1. size:     bytes per sample at the real layout (1024x640 input, 10 classes, K=4 patch slots) for realistic
+             targets: CenterNet-style Gaussian peaks at the boxes of real VisDrone layouts (passed through the
+             project's TrainAugment) plus background noise below 1/255, and smooth raw float16 box maps; written
+             with the project's cache writer (same codecs and sharding as precompute). Goal <= 300 KB/sample.
+2. read:     samples/s through the trainer's path (open_cache_source(...).read, i.e. zarr read + decode +
+             dequantise, KDTargets.stack collate) in a torch DataLoader with 0, 1 and 2 workers, on cache 1.
+3. throughput: the precompute entry point (in process) vs teacher.kd_targets alone on the same augmented
+             views and batches (tiny teacher, random weights with a spread head, synthetic 384x256 images).
+             Goal >= 0.9x.
+4. memory:   peak RSS of `python -m yolc_kd precompute` (fresh subprocess each) at --rss-images counts
+             (default 50 and 200 tiny images). Goal: within 10 % of each other.
+
+    python benchmarks/bench_cache.py [--out results.json] [--samples 32] [--rss-images 50 200] ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+VISDRONE_LAYOUTS = REPO.parent / "shared" / "data" / "visdrone2019-det-train-first50image.json"
+REAL_CONFIG = REPO / "configs" / "yolc_hrnet_w18_visdrone_kd.py"      # w48 -> w18 at 1024x640, K=4
+TINY_STUDENT = REPO / "configs" / "tiny_student_synth.py"              # its teacher: tiny_teacher_synth.py
+TINY_TEACHER = REPO / "configs" / "tiny_teacher_synth.py"
+GOAL_BYTES_PER_SAMPLE = 300_000
+GOAL_THROUGHPUT_RATIO = 0.9
+GOAL_RSS_GROWTH = 0.10
+
+# VisDrone's 2-category layout file (human / vehicle) -> the 10 VisDrone classes, roughly by frequency
+SUBCLASSES = {"human": ([0, 1], [0.55, 0.45]),
+              "vehicle": ([3, 9, 4, 2, 5, 6, 8, 7], [0.55, 0.15, 0.10, 0.05, 0.05, 0.04, 0.03, 0.03])}
+CONFUSED = {0: 1, 1: 0, 2: 9, 9: 2, 3: 4, 4: 3, 5: 8, 8: 5, 6: 7, 7: 6}  # the class a teacher hesitates with
+
+
+def log(msg: str) -> None:
+    print(f"[bench_cache {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> Dict[str, Any]:
+    import numcodecs
+    import zarr
+
+    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                python=platform.python_version(), cpu_count=os.cpu_count(),
+                cpu_affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                torch_threads=torch.get_num_threads(), torch=torch.__version__, zarr=zarr.__version__,
+                numcodecs=numcodecs.__version__, numpy=np.__version__, loadavg_start=list(os.getloadavg()))
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# ============================================================================ 1. size at the real layout
+def read_layouts(path: Path, rng: np.random.Generator) -> Tuple[str, List[Dict[str, Any]]]:
+    """[{width, height, boxes (n,4) xyxy, labels (n,) in 0..9}] from the VisDrone file, else synthetic clusters."""
+    out = []
+    if path.is_file():
+        d = json.loads(path.read_text())
+        names = {c["id"]: c["name"] for c in d["categories"]}
+        by_img: Dict[Any, list] = {}
+        for a in d["annotations"]:
+            by_img.setdefault(a["image_id"], []).append(a)
+        for im in d["images"]:
+            anns = [a for a in by_img.get(im["id"], []) if a["bbox"][2] > 1 and a["bbox"][3] > 1]
+            boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], np.float32).reshape(-1, 4)
+            labels = []
+            for a in anns:
+                choices, p = SUBCLASSES.get(names.get(a["category_id"], "vehicle"), SUBCLASSES["vehicle"])
+                labels.append(int(rng.choice(choices, p=np.array(p) / np.sum(p))))
+            out.append(dict(width=int(im["width"]), height=int(im["height"]), boxes=boxes,
+                            labels=np.array(labels, np.int64)))
+        return f"visdrone:{path.name}", out
+    for _ in range(50):  # fallback: clustered tiny objects on a 1360x765 frame
+        w, h, boxes = 1360, 765, []
+        for _ in range(int(rng.integers(3, 9))):
+            c = rng.uniform((0, 0), (w, h))
+            for _ in range(int(rng.integers(10, 40))):
+                xy = c + rng.normal(0, 60, 2)
+                s = np.exp(rng.uniform(np.log(6), np.log(48), 2))
+                boxes.append([xy[0] - s[0] / 2, xy[1] - s[1] / 2, xy[0] + s[0] / 2, xy[1] + s[1] / 2])
+        b = np.clip(np.array(boxes, np.float32), 0, [w - 1, h - 1, w - 1, h - 1])
+        keep = (b[:, 2] - b[:, 0] > 1) & (b[:, 3] - b[:, 1] > 1)
+        out.append(dict(width=w, height=h, boxes=b[keep], labels=rng.integers(0, 10, int(keep.sum()))))
+    return "synthetic-clusters", out
+
+
+def paste_peak(hm: np.ndarray, cx: float, cy: float, sigma: float, peak: float) -> None:
+    """Max-paste peak * exp(-d^2 / 2 sigma^2), out to where it drops below 1/255 (a network's blob has no edge)."""
+    h, w = hm.shape
+    r = int(math.ceil(sigma * math.sqrt(2 * math.log(max(255 * peak, 1.0001))))) + 1
+    x0, x1, y0, y1 = max(0, int(cx) - r), min(w, int(cx) + r + 1), max(0, int(cy) - r), min(h, int(cy) + r + 1)
+    if x0 >= x1 or y0 >= y1:
+        return
+    xs = (np.arange(x0, x1, dtype=np.float32) - np.float32(cx)) ** 2
+    ys = (np.arange(y0, y1, dtype=np.float32) - np.float32(cy)) ** 2
+    k = np.float32(peak) * np.exp(-(ys[:, None] + xs[None, :]) / np.float32(2 * sigma * sigma))
+    np.maximum(hm[y0:y1, x0:x1], k, out=hm[y0:y1, x0:x1])
+
+
+def render_heatmap(boxes: np.ndarray, labels: np.ndarray, c: int, hw: Tuple[int, int],
+                   rng: np.random.Generator) -> Tuple[np.ndarray, int]:
+    """(C,H,W) teacher-like class probabilities: background noise < 1/255, a Gaussian per object (radius from
+    the box as in the project's targets, sigma = diameter/6, peak 0.3..0.95), a weaker peak in a confusable class
+    for half of them, and faint false positives (10 % of the object count)."""
+    from yolc_kd.models.targets import gaussian_radius
+
+    h, w = hw
+    hm = rng.random((c, h, w), dtype=np.float32) * np.float32(0.95 / 255)
+    for (x0, y0, x1, y1), lab in zip(boxes.tolist(), labels.tolist()):
+        bw, bh = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+        cx, cy = (x0 + x1) / 2 + rng.normal(0, 0.5), (y0 + y1) / 2 + rng.normal(0, 0.5)
+        sigma = max(0.8, (2 * max(0, int(gaussian_radius([bh, bw], min_overlap=0.3))) + 1) / 6)
+        paste_peak(hm[lab], cx, cy, sigma, rng.uniform(0.3, 0.95))
+        if rng.random() < 0.5:
+            paste_peak(hm[CONFUSED.get(lab, lab) % c], cx, cy, sigma * 1.2, rng.uniform(0.02, 0.25))
+    n_fp = max(1, len(boxes) // 10)
+    for _ in range(n_fp):
+        paste_peak(hm[int(rng.integers(c))], rng.uniform(0, w), rng.uniform(0, h), rng.uniform(1, 3),
+                   rng.uniform(0.02, 0.2))
+    return hm, len(boxes)
+
+
+def smooth_maps(rng: np.random.Generator, n: int, hw: Tuple[int, int], noise: float) -> np.ndarray:
+    """(n,4,h,w) raw xywh maps: offsets in [-1,1] and half sizes 1..8 varying smoothly over space (a field on a
+    ~16-cell lattice, bicubic), plus `noise` relative high-frequency jitter as a real network's outputs have."""
+    h, w = hw
+    low = torch.from_numpy(rng.normal(size=(n, 4, h // 16 + 2, w // 16 + 2)).astype(np.float32))
+    f = F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False).numpy()
+    jitter = rng.normal(size=f.shape).astype(np.float32)
+    out = np.empty_like(f)
+    out[:, :2] = np.clip(0.6 * np.tanh(f[:, :2]) + noise * jitter[:, :2], -1, 1)
+    size = np.exp(np.log(1.0) + (np.log(8.0) - np.log(1.0)) / (1 + np.exp(-1.5 * f[:, 2:])))
+    out[:, 2:] = size * (1 + noise * jitter[:, 2:])
+    return out
+
+
+def coarse_with_objects(rng, boxes: np.ndarray, hw: Tuple[int, int], stride: int, noise: float) -> np.ndarray:
+    """Smooth coarse maps with the objects' exact offsets and half sizes (grid cells) at their centre cells."""
+    m = smooth_maps(rng, 1, hw, noise)[0]
+    h, w = hw
+    for x0, y0, x1, y1 in boxes.tolist():
+        cx, cy = (x0 + x1) / 2 / stride, (y0 + y1) / 2 / stride
+        i, j = int(cy), int(cx)
+        if 0 <= i < h and 0 <= j < w:
+            m[:, i, j] = (cx - j, cy - i, (x1 - x0) / stride / 2, (y1 - y0) / stride / 2)
+    return m
+
+
+def real_setup():
+    """The w48 -> w18 VisDrone config: its augmentation (1024x640), classes, distill settings and manifest identity."""
+    from yolc_kd.config import load_config
+    from yolc_kd.data.augment import AugmentConfig
+    from yolc_kd.data.synth import default_class_names
+
+    cfg = load_config(REAL_CONFIG, with_defaults=True)
+    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
+    classes = tuple(cfg.get("classes") or default_class_names(10))
+    return cfg, aug_cfg, classes
+
+
+def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
+    from yolc_kd import __version__, crops
+    from yolc_kd.cache.manifest import jsonable
+    from yolc_kd.cache.schema import (SAMPLE_ARRAYS, STATUS_OK, Layout, encode_fingerprint, quantize_heatmap,
+                                      to_float16)
+    from yolc_kd.cache.writer import CacheStore, ShardBuffer
+    from yolc_kd.data.augment import TrainAugment
+    from yolc_kd.train.cache_source import expected_identity
+
+    rng = np.random.default_rng(args.seed)
+    cfg, aug_cfg, classes = real_setup()
+    dcfg = cfg["distill_cfg"]
+    w, h = aug_cfg.input_size
+    c, k, variants = len(classes), int(dcfg["max_patches_per_img"]), args.variants
+    canvas = crops.patch_canvas((h, w))
+    stride = 4
+    n_images = max(1, args.samples // variants)
+    layout = Layout(num_images=n_images, variants=variants, shard_size=args.shard_size, num_classes=c,
+                    input_hw=(h, w), coarse_hw=(h // stride, w // stride), max_patches=k,
+                    refine_hw=(canvas[0] // 4, canvas[1] // 4))
+    source, layouts = read_layouts(Path(args.layout_json), rng)
+    # a COCO file with the cache's image ids and classes, so the trainer's open_cache_source accepts the cache
+    ann = tmp / "real_layout_coco.json"
+    images = [dict(id=i + 1, file_name=f"images/{i:06d}.jpg", width=layouts[i % len(layouts)]["width"],
+                   height=layouts[i % len(layouts)]["height"]) for i in range(n_images)]
+    ann.write_text(json.dumps(dict(images=images, annotations=[],
+                                   categories=[dict(id=j + 1, name=n) for j, n in enumerate(classes)])))
+    out = tmp / "real_cache"
+    shutil.rmtree(out, ignore_errors=True)
+    manifest = expected_identity(cfg, aug_cfg, classes)
+    manifest["teacher"].update(ckpt_sha256="0" * 64, ckpt_path="(synthetic targets, no teacher)")
+    manifest.update(jsonable(dict(
+        package_version=__version__, variants=variants, shard_size=args.shard_size, amp=True,
+        annotations=dict(sha256="0" * 64, path=str(ann), image_root=str(tmp), num_images=n_images),
+        layout=layout.to_dict(), index="image_index * variants + variant", quantization={},
+        run=dict(device="synthetic", batch_size=0, world_size=1, cpu_threads=1), complete=False)))
+    store = CacheStore.prepare(out, manifest, [im["id"] for im in images])
+    augment = TrainAugment(aug_cfg)
+
+    n_obj, nz_frac, n_valid, aug_s, gen_s, write_s = [], [], [], 0.0, 0.0, 0.0
+    buf = None
+    for i in range(n_images):
+        lay = layouts[i % len(layouts)]
+        blank = np.full((lay["height"], lay["width"], 3), 96, np.uint8)
+        for v in range(variants):
+            index = i * variants + v
+            t0 = time.perf_counter()
+            view = augment(blank, lay["boxes"], lay["labels"], (int(cfg.get("seed", 0)), i + 1, v))
+            aug_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            vb = np.asarray(view.boxes, np.float32).reshape(-1, 4)
+            vl = np.asarray(view.labels, np.int64).reshape(-1)
+            heat, nobj = render_heatmap(vb, vl, c, (h, w), rng)
+            q = quantize_heatmap(heat)
+            nv = int(rng.choice([2, 3, 4], p=[0.2, 0.3, 0.5])) if k >= 4 else k
+            valid = np.arange(k) < nv
+            refine = np.zeros((k, 4, *layout.refine_hw), np.float32)
+            refine[:nv] = smooth_maps(rng, nv, layout.refine_hw, args.map_noise)
+            pb = np.zeros((k, 4), np.float32)
+            ps = np.zeros(k, np.float32)
+            for s in range(nv):
+                bw, bh = int(rng.integers(64, canvas[1] + 1)), int(rng.integers(64, canvas[0] + 1))
+                pb[s] = (int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh)), bw, bh)
+                ps[s] = min(1.5, canvas[0] / bh, canvas[1] / bw)
+            row = dict(heatmap=q, coarse=to_float16(coarse_with_objects(rng, vb, layout.coarse_hw, stride,
+                                                                           args.map_noise)),
+                       patch_boxes=pb, patch_scales=ps, patch_valid=valid, refine=to_float16(refine),
+                       num_valid_patches=nv, image_id=i + 1, variant=v, seed=int(cfg.get("seed", 0)),
+                       status=STATUS_OK, fingerprint=encode_fingerprint(view.fingerprint),
+                       aug_params=json.dumps(jsonable(view.params), sort_keys=True, separators=(",", ":")))
+            gen_s += time.perf_counter() - t0
+            n_obj.append(nobj)
+            nz_frac.append(float((q > 0).mean()))
+            n_valid.append(nv)
+            j = index // layout.shard_size
+            if buf is None or buf.j != j:
+                buf = ShardBuffer(layout, j)
+            buf.put(index, row)
+            if buf.full:  # the writer's own shard write: one write per array, fsync, done marker
+                t0 = time.perf_counter()
+                store.write_shard(j, buf.data)
+                write_s += time.perf_counter() - t0
+                buf = None
+    final = store.finalize([dict(file_name=im["file_name"]) for im in images])
+    n = layout.num_samples
+
+    shapes = layout.sample_shapes()
+    per_array, f32 = {}, {}
+    for name in SAMPLE_ARRAYS:
+        files = [p for p in (out / name).rglob("*") if p.is_file()]
+        data = sum(p.stat().st_size for p in files if p.name != "zarr.json")
+        elems = int(np.prod(shapes[name], dtype=np.int64))
+        stored = 0 if SAMPLE_ARRAYS[name] == "str" else np.dtype(SAMPLE_ARRAYS[name]).itemsize * elems
+        per_array[name] = dict(bytes_per_sample=data / n, raw_stored_dtype_bytes=stored)
+        # reference: the float maps and boxes as float32 tensors, everything else as stored (aug_params: 0)
+        f32[name] = 4 * elems if name in ("heatmap", "coarse", "refine", "patch_boxes", "patch_scales") else stored
+    total = folder_bytes(out)
+    chunk_total = sum(v["bytes_per_sample"] for v in per_array.values())
+    f32_total = sum(f32.values())
+    refine_per_slot = per_array["refine"]["bytes_per_sample"] / max(1e-9, float(np.mean(n_valid)))
+    all_valid = chunk_total - per_array["refine"]["bytes_per_sample"] + refine_per_slot * k
+    res = dict(
+        layout_source=source, samples=n, images=n_images, variants=variants, shard_size=args.shard_size,
+        input_hw=[h, w], classes=c, coarse_hw=list(layout.coarse_hw), max_patches=k, patch_canvas=list(canvas),
+        refine_hw=list(layout.refine_hw), map_noise=args.map_noise,
+        objects_per_view_mean=float(np.mean(n_obj)), objects_per_view_max=int(np.max(n_obj)),
+        heatmap_nonzero_fraction_mean=float(np.mean(nz_frac)), valid_patches_mean=float(np.mean(n_valid)),
+        bytes_per_sample=per_array,
+        chunk_bytes_per_sample_total=chunk_total,
+        folder_bytes_per_sample_incl_metadata=total / n,
+        manifest_counts_bytes_per_sample=final["counts"]["bytes"] / n,
+        float32_bytes_per_sample=f32_total, float32_bytes_per_array=f32,
+        compression_ratio_vs_float32=f32_total / chunk_total,
+        heatmap_ratio_vs_uint8=per_array["heatmap"]["raw_stored_dtype_bytes"] / per_array["heatmap"]["bytes_per_sample"],
+        refine_bytes_per_valid_slot=refine_per_slot,
+        projected_bytes_per_sample_all_slots_valid=all_valid,
+        goal_bytes_per_sample=GOAL_BYTES_PER_SAMPLE,
+        goal_met=bool(total / n <= GOAL_BYTES_PER_SAMPLE),
+        goal_met_all_slots_valid=bool(all_valid <= GOAL_BYTES_PER_SAMPLE),
+        train_augment_s_per_view=aug_s / n, target_generation_s_per_sample=gen_s / n,
+        shard_write_s_per_sample=write_s / n)
+    return res, out, dict(cfg=cfg, aug_cfg=aug_cfg, ann=ann, img_root=tmp, classes=classes)
+
+
+# ============================================================================ 2. read + decode
+class CacheReads(Dataset):
+    """Item k -> the KDTargets of (image id, variant) keys[k] through the trainer's TargetSource."""
+
+    def __init__(self, source, keys: Sequence[Tuple[int, int]]):
+        self.source, self.keys = source, list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, k: int):
+        image_id, v = self.keys[k]
+        return self.source.read(image_id, v)[1]
+
+
+def collate_targets(items):
+    from yolc_kd.kd import KDTargets
+
+    return KDTargets.stack(items)
+
+
+def bench_read(cache: Path, ctx: Dict[str, Any], args) -> Dict[str, Any]:
+    from yolc_kd.cache.schema import dequantize_heatmap
+    from yolc_kd.data.coco import CocoDetection
+    from yolc_kd.train.cache_source import CacheTargetSource, open_cache_source
+    from yolc_kd.cache.reader import CacheReader
+
+    coco = CocoDetection(ctx["ann"], ctx["img_root"], classes=ctx["classes"])
+    try:
+        source = open_cache_source(cache, ctx["cfg"], ctx["aug_cfg"], coco)
+        how = "open_cache_source(...).read"
+    except Exception as exc:  # the benchmark's manifest does not match: still the trainer's TargetSource class
+        source = CacheTargetSource(CacheReader(cache))
+        how = f"CacheTargetSource(CacheReader).read (open_cache_source refused: {str(exc)[:200]})"
+    reader = source.reader
+    rng = np.random.default_rng(args.seed + 1)
+    keys = [(int(reader.image_ids[i // reader.num_variants]), i % reader.num_variants)
+            for i in rng.permutation(reader.num_samples)]  # random access, as a shuffled epoch
+
+    # main-process split of one batch's cost, interleaved: zarr read + decode alone, the full TargetSource.read
+    # (+ dequantise to float32 tensors), and the collate (KDTargets.stack of the float32 targets)
+    from yolc_kd.kd import KDTargets
+
+    t_zarr, t_full, t_stack = [], [], []
+    for a in range(0, len(keys), args.read_batch):
+        items = []
+        for image_id, v in keys[a:a + args.read_batch]:
+            idx = reader.index_of(image_id, v)
+            t0 = time.perf_counter()
+            s = reader.read_sample(idx, ["heatmap", "coarse", "patch_boxes", "patch_scales", "patch_valid", "refine",
+                                         "fingerprint", "status", "aug_params"])
+            t1 = time.perf_counter()
+            items.append(source.read(image_id, v)[1])
+            t2 = time.perf_counter()
+            t_zarr.append(t1 - t0)
+            t_full.append(t2 - t1)
+        t0 = time.perf_counter()
+        KDTargets.stack(items)
+        t_stack.append((time.perf_counter() - t0) / len(items))
+        del items
+    t0 = time.perf_counter()
+    for _ in range(3):
+        dequantize_heatmap(s["heatmap"])
+    t_deq = (time.perf_counter() - t0) / 3
+
+    loaders = {nw: DataLoader(CacheReads(source, keys), batch_size=args.read_batch, shuffle=False, num_workers=nw,
+                              collate_fn=collate_targets, persistent_workers=nw > 0)
+               for nw in args.read_workers}
+    epochs: Dict[int, List[float]] = {nw: [] for nw in loaders}
+    for nw, loader in loaders.items():  # warm-up epoch: starts the workers and opens zarr in each
+        for _ in loader:
+            pass
+    for r in range(args.read_rounds):  # interleaved epochs, order rotated each round
+        order = list(loaders)[r % len(loaders):] + list(loaders)[:r % len(loaders)]
+        for nw in order:
+            t0 = time.perf_counter()
+            got = 0
+            for batch in loaders[nw]:
+                got += batch.heatmap.shape[0]
+            epochs[nw].append(got / (time.perf_counter() - t0))
+    for loader in loaders.values():
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+    sps = {str(nw): float(np.median(v)) for nw, v in epochs.items()}
+    base = sps.get("0")
+    return dict(path=how, samples_per_epoch=len(keys), batch_size=args.read_batch, rounds=args.read_rounds,
+                samples_per_s_median=sps, samples_per_s_epochs={str(k): v for k, v in epochs.items()},
+                speedup_vs_0_workers={k: v / base for k, v in sps.items()} if base else None,
+                main_process_ms_per_sample=dict(zarr_read_decode=1e3 * float(np.median(t_zarr)),
+                                                full_source_read=1e3 * float(np.median(t_full)),
+                                                collate_stack=1e3 * float(np.median(t_stack)),
+                                                heatmap_dequantise_only=1e3 * t_deq),
+                float32_bytes_per_sample_delivered=int(s["heatmap"].size * 4 + s["coarse"].size * 4
+                                                       + s["refine"].size * 4))
+
+
+# ============================================================================ 3. precompute vs teacher-only
+def save_spread_teacher(path: Path, model_cfg: Dict[str, Any], seed: int = 0) -> Path:
+    """Random weights with the head's outputs spread (as tests/test_precompute.py) so LSM finds crops."""
+    from yolc_kd.checkpoint import save_checkpoint
+    from yolc_kd.models import build_detector
+
+    torch.manual_seed(seed)
+    model = build_detector(model_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("bbox_head"):
+                p.add_(torch.randn_like(p) * 0.3)
+        model.bbox_head.local_head[-1].bias.fill_(-3.0)
+    return save_checkpoint(path, model)
+
+
+def bench_throughput(tmp: Path, ckpt: Path, args) -> Dict[str, Any]:
+    from yolc_kd.config import load_config
+    from yolc_kd.data.augment import AugmentConfig, TrainAugment
+    from yolc_kd.data.coco import CocoDetection
+    from yolc_kd.data.synth import make_synthetic_dataset
+    from yolc_kd.models.distill import build_teacher
+    from yolc_kd.precompute.run import PrecomputeOptions, deterministic_numerics, precompute, run_teacher
+    from yolc_kd.precompute.views import ViewJobs, image_ids_of, plan_jobs
+
+    data = make_synthetic_dataset(tmp / "synth_tp", args.tp_images, seed=0, size=(384, 256), num_classes=4)
+    coco = CocoDetection(data / "annotations.json", data)
+    cfg = load_config(TINY_STUDENT, with_defaults=True)
+    dcfg, seed = cfg["distill_cfg"], int(cfg.get("seed", 0))
+    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
+    k, b, s = args.tp_variants, args.tp_batch, args.tp_shard
+    n = len(coco) * k
+    jobs = plan_jobs(list(range(math.ceil(n / s))), lambda j: (j * s, min((j + 1) * s, n)), b)
+    views = ViewJobs(coco, TrainAugment(aug_cfg), seed, k, image_ids_of(coco), jobs)
+    items = [views[i] for i in range(len(views))]  # the same augmented views and batches precompute makes
+    teacher = build_teacher(dcfg, cfg["model"], str(TINY_STUDENT.parent), str(ckpt))
+    patches = 0
+
+    def teacher_only() -> float:
+        nonlocal patches
+        with deterministic_numerics("cpu", args.threads):
+            t0 = time.perf_counter()
+            for item in items:
+                t = run_teacher(teacher, item, dcfg, "cpu", False)
+            dt = time.perf_counter() - t0
+        patches = int(t.patch_valid.sum())
+        return dt
+
+    counter = [0]
+
+    def opts_for(workers: int, out: Path) -> PrecomputeOptions:
+        return PrecomputeOptions(out=out, ckpt=str(ckpt), variants=k, batch_size=b, shard_size=s, workers=workers,
+                                 threads=args.threads, progress=False, config_dir=str(TINY_STUDENT.parent))
+
+    def run_pre(workers: int) -> Tuple[float, float, Dict[str, Any]]:
+        counter[0] += 1
+        out = tmp / f"tp_cache_{counter[0]}"
+        t0 = time.perf_counter()
+        summary = precompute(cfg, coco, opts_for(workers, out))
+        full = time.perf_counter() - t0
+        t0 = time.perf_counter()  # the same command on the finished cache: every fixed cost, no views
+        precompute(cfg, coco, opts_for(workers, out))
+        fixed = time.perf_counter() - t0
+        shutil.rmtree(out, ignore_errors=True)
+        return full, fixed, summary
+
+    teacher_only()  # warm-up (allocator, first-call costs), as precompute's own layout probe does
+    t_teacher: List[float] = []
+    t_pre: Dict[int, List[float]] = {w: [] for w in args.tp_workers}
+    t_fixed: Dict[int, List[float]] = {w: [] for w in args.tp_workers}
+    written = None
+    for r in range(args.tp_rounds):
+        steps = [("teacher", None)] + [("pre", w) for w in args.tp_workers]
+        steps = steps[r % len(steps):] + steps[:r % len(steps)]
+        for kind, w in steps:
+            if kind == "teacher":
+                t_teacher.append(teacher_only())
+            else:
+                full, fixed, summary = run_pre(w)
+                t_pre[w].append(full)
+                t_fixed[w].append(fixed)
+                written = summary["manifest"]["counts"]
+    tt = float(np.median(t_teacher))
+    per_workers = {}
+    for w in args.tp_workers:
+        tp, tf = float(np.median(t_pre[w])), float(np.median(t_fixed[w]))
+        # the headline: per round (teacher-only and precompute measured back to back), then the median
+        paired = [a / b for a, b in zip(t_teacher, t_pre[w])]
+        paired_excl = [a / max(1e-9, b - f) for a, b, f in zip(t_teacher, t_pre[w], t_fixed[w])]
+        ratio = float(np.median(paired))
+        per_workers[str(w)] = dict(
+            precompute_s=t_pre[w], rerun_fixed_cost_s=t_fixed[w], precompute_s_median=tp,
+            fixed_cost_s_median=tf, views_per_s=n / tp,
+            throughput_ratio_vs_teacher_per_round=paired,
+            throughput_ratio_vs_teacher=ratio,
+            throughput_ratio_vs_teacher_excl_fixed=float(np.median(paired_excl)),
+            throughput_ratio_of_medians=tt / tp,
+            goal_met=bool(ratio >= GOAL_THROUGHPUT_RATIO))
+    return dict(images=len(coco), variants=k, views=n, batch_size=b, shard_size=s, input_wh=list(aug_cfg.input_size),
+                threads=args.threads, rounds=args.tp_rounds, teacher="configs/tiny_teacher_synth.py (random, spread head)",
+                valid_patches_last_batch=patches, cache_counts=written,
+                teacher_only_s=t_teacher, teacher_only_s_median=tt, teacher_only_views_per_s=n / tt,
+                precompute_by_workers=per_workers, goal_ratio=GOAL_THROUGHPUT_RATIO)
+
+
+# ============================================================================ 4. peak RSS
+RSS_CONFIG = """# bench_cache.py: tiny student (4 classes) at a {w}x{h} input, for the peak-RSS runs
+_base_ = {base!r}
+train_pipeline = [
+    dict(type='LoadImageFromFile', to_float32=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PhotoMetricDistortion', brightness_delta=32, contrast_range=(0.5, 1.5),
+         saturation_range=(0.5, 1.5), hue_delta=18),
+    dict(type='RandomCenterCropPad', crop_size=({w}, {h}), ratios=(0.8, 0.9, 1.0, 1.1, 1.2),
+         mean=[0, 0, 0], std=[1, 1, 1], to_rgb=True, test_pad_mode=None),
+    dict(type='Resize', img_scale=({w}, {h}), keep_ratio=True),
+    dict(type='RandomFlip', flip_ratio=0.5),
+    dict(type='Normalize', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
+]
+distill_cfg = dict(teacher_config={teacher!r}, min_patch_size=16)
+"""
+
+
+# A small intermediate process starts the measured command and reports RUSAGE_CHILDREN. Measuring our own direct
+# child would be wrong: Linux starts a child's peak RSS at its parent's (fork/vfork + exec keeps the old mm's
+# high-water mark), and this benchmark process is large after parts 1-3.
+_MEASURE = ("import json, resource, subprocess, sys\n"
+            "with open(sys.argv[2], 'wb') as fh:\n"
+            "    rc = subprocess.run(sys.argv[3:], stdout=fh, stderr=subprocess.STDOUT).returncode\n"
+            "open(sys.argv[1], 'w').write(json.dumps([rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))\n")
+
+
+def run_measured(cmd: List[str], log_path: Path) -> Tuple[int, int, float]:
+    """(exit code, peak RSS in KiB of the command or any of its children, wall s)."""
+    res = log_path.with_suffix(".rusage.json")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _MEASURE, str(res), str(log_path), *cmd], cwd=str(REPO), check=True)
+    wall = time.perf_counter() - t0
+    rc, rss = json.loads(res.read_text())
+    return int(rc), int(rss), wall
+
+
+def bench_rss(tmp: Path, ckpt: Path, args) -> Dict[str, Any]:
+    from yolc_kd.data.synth import make_synthetic_dataset
+
+    w, h = args.rss_size
+    config = tmp / "rss_student.py"
+    config.write_text(RSS_CONFIG.format(w=w, h=h, base=str(TINY_STUDENT), teacher=str(TINY_TEACHER)))
+    rc, base_rss, _ = run_measured([sys.executable, "-c", "import yolc_kd.precompute.run, yolc_kd.cli"],
+                                   tmp / "rss_import.log")
+    runs = []
+    for count in args.rss_images:
+        data = make_synthetic_dataset(tmp / f"synth_rss_{count}", count, seed=0, size=(w, h), num_classes=4)
+        out = tmp / f"rss_cache_{count}"
+        cmd = [sys.executable, "-m", "yolc_kd", "precompute", "--config", str(config), "--ckpt", str(ckpt),
+               "--ann", str(data / "annotations.json"), "--images", str(data), "--out", str(out),
+               "--variants", str(args.rss_variants), "--batch-size", str(args.rss_batch),
+               "--shard-size", str(args.rss_shard), "--workers", str(args.rss_workers), "--threads", str(args.threads),
+               "--no-progress"]
+        log_path = tmp / f"rss_{count}.log"
+        rc, rss, wall = run_measured(cmd, log_path)
+        text = log_path.read_text(errors="replace").strip().splitlines()
+        runs.append(dict(images=count, views=count * args.rss_variants, exit_code=rc, peak_rss_mib=rss / 1024,
+                         wall_s=wall, last_line=text[-1] if text else ""))
+        if rc != 0:
+            log(f"precompute with {count} images failed: {' | '.join(text[-5:])}")
+        shutil.rmtree(out, ignore_errors=True)
+    ok = [r["peak_rss_mib"] for r in runs if r["exit_code"] == 0]
+    growth = max(ok) / min(ok) - 1 if len(ok) >= 2 else None
+    above = [r - base_rss / 1024 for r in ok]  # what precompute adds to the imported libraries (more sensitive)
+    for r in runs:
+        r["peak_rss_above_import_mib"] = r["peak_rss_mib"] - base_rss / 1024
+    growth_above = max(above) / min(above) - 1 if len(above) >= 2 and min(above) > 0 else None
+    last_over_first = ok[-1] / ok[0] if len(ok) >= 2 else None
+    return dict(input_wh=[w, h], variants=args.rss_variants, batch_size=args.rss_batch, shard_size=args.rss_shard,
+                workers=args.rss_workers, threads=args.threads, measured="ru_maxrss via RUSAGE_CHILDREN of a small launcher "
+                "process: the max over the CLI process and its DataLoader workers", import_only_peak_rss_mib=base_rss / 1024,
+                runs=runs, rss_last_over_first=last_over_first, rss_growth_max_over_min=growth,
+                rss_above_import_growth_max_over_min=growth_above, goal_growth=GOAL_RSS_GROWTH,
+                goal_met=bool(growth is not None and growth <= GOAL_RSS_GROWTH))
+
+
+# ============================================================================ main
+def size_arg(text: str) -> Tuple[int, int]:
+    w, h = text.lower().split("x")
+    return int(w), int(h)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed at the end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", nargs="+", default=["size", "read", "throughput", "rss"],
+                   choices=["size", "read", "throughput", "rss"])
+    g = p.add_argument_group("1-2: real layout cache")
+    g.add_argument("--samples", type=int, default=32, help="samples written (images x variants)")
+    g.add_argument("--variants", type=int, default=4)
+    g.add_argument("--shard-size", type=int, default=16)
+    g.add_argument("--layout-json", default=str(VISDRONE_LAYOUTS), help="COCO file with real box layouts")
+    g.add_argument("--map-noise", type=float, default=0.01,
+                   help="relative high-frequency noise of the synthetic raw box maps (0 = perfectly smooth)")
+    g.add_argument("--read-workers", type=int, nargs="+", default=[0, 1, 2])
+    g.add_argument("--read-batch", type=int, default=4, help="DataLoader batch (w18 config: samples_per_gpu=4)")
+    g.add_argument("--read-rounds", type=int, default=3)
+    g = p.add_argument_group("3: precompute vs teacher-only (tiny teacher, 384x256)")
+    g.add_argument("--tp-images", type=int, default=8)
+    g.add_argument("--tp-variants", type=int, default=4)
+    g.add_argument("--tp-batch", type=int, default=8, help="tiny config: samples_per_gpu=8")
+    g.add_argument("--tp-shard", type=int, default=16)
+    g.add_argument("--tp-workers", type=int, nargs="+", default=[1, 0],
+                   help="precompute --workers values (tiny config default 1)")
+    g.add_argument("--tp-rounds", type=int, default=4)
+    g.add_argument("--threads", type=int, default=1, help="teacher CPU threads (precompute --threads, default 1)")
+    g = p.add_argument_group("4: peak RSS (fresh `python -m yolc_kd precompute` per count)")
+    g.add_argument("--rss-images", type=int, nargs="+", default=[50, 200])
+    g.add_argument("--rss-size", type=size_arg, default=(128, 96), help="WxH of images and network input")
+    g.add_argument("--rss-variants", type=int, default=4)
+    g.add_argument("--rss-batch", type=int, default=8)
+    g.add_argument("--rss-shard", type=int, default=16)
+    g.add_argument("--rss-workers", type=int, default=1)
+    args = p.parse_args()
+
+    t_start = time.perf_counter()
+    results: Dict[str, Any] = dict(benchmark="bench_cache", machine=machine(), args={
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()})
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    try:
+        cache, ctx = None, None
+        if "size" in args.parts or "read" in args.parts:
+            log("1. size: rendering and writing the real-layout cache")
+            t0 = time.perf_counter()
+            results["size"], cache, ctx = bench_size(tmp, args)
+            timings["size"] = time.perf_counter() - t0
+        if "read" in args.parts:
+            log("2. read: DataLoader throughput over the trainer's cache source")
+            t0 = time.perf_counter()
+            results["read"] = bench_read(cache, ctx, args)
+            timings["read"] = time.perf_counter() - t0
+        ckpt = None
+        if "throughput" in args.parts or "rss" in args.parts:
+            from yolc_kd.config import load_config
+
+            ckpt = save_spread_teacher(tmp / "tiny_teacher_random.pth", load_config(TINY_TEACHER)["model"])
+        if "throughput" in args.parts:
+            log("3. throughput: precompute vs teacher.kd_targets alone")
+            t0 = time.perf_counter()
+            results["throughput"] = bench_throughput(tmp, ckpt, args)
+            timings["throughput"] = time.perf_counter() - t0
+        if "rss" in args.parts:
+            log("4. rss: precompute subprocesses")
+            t0 = time.perf_counter()
+            results["rss"] = bench_rss(tmp, ckpt, args)
+            timings["rss"] = time.perf_counter() - t0
+    finally:
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    results["wall_s"] = dict(timings, total=time.perf_counter() - t_start)
+    results["goals"] = {
+        "bytes_per_sample_le_300KB": results.get("size", {}).get("goal_met"),
+        "precompute_ge_0.9x_teacher": {w: v["goal_met"] for w, v in
+                                       results.get("throughput", {}).get("precompute_by_workers", {}).items()} or None,
+        "rss_within_10pct": results.get("rss", {}).get("goal_met")}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
