@@ -48,6 +48,8 @@ def test_remap_is_the_inverse_of_crop(model):
         batch, metas, owners = model.make_patches(img[None], [meta], [np.array([coord])], up)
         patch = model._crop_img_tensor(img, coord)
         assert tuple(patch.shape[1:]) == (h, w)
+        ch, cw = crops.patch_canvas((H, W))  # upscaling stops where the patch would exceed the canvas
+        up = min(up, max(1.0, min(ch / h, cw / w)))
         if up != 1.0:
             size = (max(1, round(h * up)), max(1, round(w * up)))
             patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -265,8 +267,8 @@ def test_patch_detections_land_in_the_full_frame(monkeypatch, upscale):
         return torch.tensor([[[0.0, 0.0, 30.0, 30.0, 0.9]]]).repeat(b, 1, 1), torch.zeros(b, 1).long()
 
     monkeypatch.setattr(model.bbox_head, "decode_heatmap", fake_decode)
-    (dets, labels), = model.simple_test(torch.randn(1, 3, 128, 128), plain_metas(1, 128, 128), rescale=True)
+    (dets, labels), = model.simple_test(torch.randn(1, 3, 256, 256), plain_metas(1, 256, 256), rescale=True)
     assert calls == [1, 1]
     patch_box = dets[labels == 0][0, :4]
-    s = round(64 * upscale) / 64
+    s = round(64 * upscale) / 64  # a 64 px region upscaled by 2 still fits the 128 px canvas of a 256 px input
     torch.testing.assert_close(patch_box, torch.tensor([10.0, 20.0, 10 + 30 / s, 20 + 30 / s]), atol=1e-4, rtol=0)

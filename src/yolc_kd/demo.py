@@ -72,13 +72,13 @@ def run_demo(out_dir: Path, iters: int = 120, variants: int = 2) -> Dict[str, Di
     runs = {"student (no KD)": out_dir / "student_plain", "student (KD from cache)": out_dir / "student_kd"}
     for name, work in runs.items():
         if not (work / f"iter_{iters}.pth").exists():
-            extra = ["--cache", str(cache)] if "KD" in name else []
+            extra = ["--cache", str(cache)] if work.name == "student_kd" else []
             _run(["train", "--config", str(student), *data, "--work-dir", str(work), "--max-iters", str(iters),
                   "--log-interval", "5", *extra])
     print("\nevaluating on the held-out synthetic images (full-image only and fused crop-refine)", flush=True)
     table = {"teacher": _evaluate("teacher", teacher_cfg, ASSET_TEACHER, val, out_dir)}
     for name, work in runs.items():
-        viz = out_dir / "viz" if "KD" in name else None
+        viz = out_dir / "viz" if work.name == "student_kd" else None
         table[name] = _evaluate(work.name, student, work / f"iter_{iters}.pth", val, out_dir, viz)
     plot_loss_curves({name: work / "metrics.jsonl" for name, work in runs.items()}, out_dir / "loss_curves.png",
                      keys=["loss"])

@@ -123,6 +123,7 @@ class YOLC(nn.Module):
         """Cut every region (content frame, [x,y,w,h]) of every image, upscale, pad to one batch.
         Returns the batch, the patch metas and the image index of each patch."""
         patches, metas, owners = [], [], []
+        canvas = crops.patch_canvas(img.shape[2:])  # upscale only while a patch fits a quarter of the input
         for i, (meta, regs) in enumerate(zip(img_metas, regions)):
             border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.float64)
             for reg in np.asarray(regs).reshape(-1, 4):
@@ -131,8 +132,9 @@ class YOLC(nn.Module):
                 coord = [max(0.0, coord[0]), max(0.0, coord[1]), coord[2], coord[3]]  # the clamped crop origin
                 if patch.shape[1] < 1 or patch.shape[2] < 1:
                     continue
-                if upscale != 1.0:
-                    size = (max(1, round(patch.shape[1] * upscale)), max(1, round(patch.shape[2] * upscale)))
+                s = min(upscale, max(1.0, min(canvas[0] / patch.shape[1], canvas[1] / patch.shape[2])))
+                if s != 1.0:
+                    size = (max(1, round(patch.shape[1] * s)), max(1, round(patch.shape[2] * s)))
                     patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
                 # the exact scale per axis keeps remap the inverse of crop after rounding the size
                 crop_h, crop_w = self._crop_img_tensor(img[i], coord).shape[1:]

@@ -100,6 +100,13 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and self.device.type == "cuda")
+        self.tb = None
+        if self.rank == 0:
+            try:  # TensorBoard when it is installed; metrics.jsonl always
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.work_dir / "tb"))
+            except ImportError:
+                pass
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self, it: int) -> Dict[str, Any]:
@@ -130,9 +137,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _log(self, record: Dict[str, Any]) -> None:
-        if self.rank == 0:
-            with open(self.metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+        if self.rank != 0:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            flat = {**record, **{f"eval/{k}": v for k, v in (record.get("eval") or {}).items()}}
+            for key, value in flat.items():
+                if isinstance(value, (int, float)) and key not in ("iter", "epoch"):
+                    self.tb.add_scalar(key, value, record["iter"])
 
     def step(self, batch: Dict[str, Any], it: int) -> Dict[str, float]:
         lr = lr_at(it, self.base_lr, self.cfg.get("lr_config") or {}, self.steps)
