@@ -26,6 +26,19 @@ def _run(argv: List[str]) -> None:
         raise UserError(f"demo step failed: yolc-kd {shlex.join(argv)}")
 
 
+def _pictures(model, cfg: dict, val: Path, viz: Path, count: int = 4) -> None:
+    """Detections, crop regions and heatmap of the first val images."""
+    from yolc_kd.data.coco import CocoDetection
+    from yolc_kd.infer.predict import Predictor
+    from yolc_kd.infer.viz import save_detections
+
+    ds = CocoDetection(val / "annotations.json", val)
+    images = [ds.load_image(i) for i in range(min(count, len(ds)))]
+    for i, (img, pred) in enumerate(zip(images, Predictor(model, cfg, fusion="nms")(images, keep_heatmap=True))):
+        save_detections(viz / f"val_{i}.png", img, pred.boxes, pred.labels, pred.scores, cfg["classes"],
+                        pred.regions, pred.heatmap)
+
+
 def _evaluate(name: str, config: Path, ckpt: Path, val: Path, out: Path, viz: Optional[Path] = None) -> Dict[str, float]:
     from yolc_kd.checkpoint import load_checkpoint
     from yolc_kd.config import load_config
@@ -38,13 +51,14 @@ def _evaluate(name: str, config: Path, ckpt: Path, val: Path, out: Path, viz: Op
     load_checkpoint(model, ckpt)
     row: Dict[str, float] = {}
     for fusion in ("none", "nms"):
-        summary = predict_dataset(model, cfg, val / "annotations.json", val, fusion=fusion,
-                                  viz_dir=viz if fusion == "nms" else None)
+        summary = predict_dataset(model, cfg, val / "annotations.json", val, fusion=fusion)
         (out / f"preds_{name}_{fusion}.json").write_text(json.dumps(summary.results))
         metrics = evaluate_coco(val / "annotations.json", summary.results, max_dets=(1, 10, 100))
         key = "full" if fusion == "none" else "fused"
         row[f"{key}_AP"], row[f"{key}_AP50"] = metrics["AP"], metrics["AP50"]
         row[f"{key}_sec_per_img"] = summary.seconds_per_image
+    if viz is not None:
+        _pictures(model, cfg, val, viz)
     return row
 
 
