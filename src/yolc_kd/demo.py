@@ -95,7 +95,7 @@ def run_demo(out_dir: Path, iters: int = 120, variants: int = 2) -> Dict[str, Di
         viz = out_dir / "viz" if work.name == "student_kd" else None
         table[name] = _evaluate(work.name, student, work / f"iter_{iters}.pth", val, out_dir, viz)
     plot_loss_curves({name: work / "metrics.jsonl" for name, work in runs.items()}, out_dir / "loss_curves.png",
-                     keys=["loss"])
+                     keys=["loss_center_heatmap"])  # the supervised heatmap term: comparable across runs
     (out_dir / "results.json").write_text(json.dumps(table, indent=2))
     print(format_table(table))
     print(f"\npictures: {out_dir / 'viz'} (detections + crop regions), {out_dir / 'loss_curves.png'}; "
