@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--val", required=True, help="synthetic val folder (annotations.json + images/)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--patch-limits", nargs="+", default=["input", "quarter"])
     args = parser.parse_args()
     cfg = load_config(args.config, with_defaults=True)
     model = build_detector(cfg["model"])
@@ -81,13 +82,17 @@ def main() -> None:
     model.eval()
     ann = Path(args.val) / "annotations.json"
     source = coco_source(ann, args.val, cfg.get("classes"), cfg["model"]["bbox_head"]["num_classes"])
-    runs = [("full", 0), ("fused", 1), ("fused", 2), ("fused", 4), ("sliced", 0)]
+    runs = [("full", 0, None)] + [("fused", k, lim) for lim in args.patch_limits for k in (1, 2, 4)] \
+        + [("sliced", 0, lim) for lim in args.patch_limits]
     rows = []
     run_mode(model, cfg, source, "full", 0, args.batch_size)  # warm-up
-    for mode, k in runs:
+    for mode, k, limit in runs:
+        if limit:
+            model.crop_cfg["patch_limit"] = limit
         results, spi = run_mode(model, cfg, source, mode, k, args.batch_size)
         metrics = evaluate_coco(ann, results, max_dets=(1, 10, 100))
-        rows.append(dict(mode=mode if mode != "fused" else f"fused K={k}", sec_per_img=spi, AP=metrics["AP"],
+        name = mode if mode != "fused" else f"fused K={k}"
+        rows.append(dict(mode=name + (f" ({limit})" if limit else ""), sec_per_img=spi, AP=metrics["AP"],
                          AP50=metrics["AP50"], AP_small=metrics["AP_small"]))
     base = rows[0]["sec_per_img"]
     for r in rows:

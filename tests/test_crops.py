@@ -12,7 +12,7 @@ from yolc_kd.models import build_detector
 
 def _model(num_classes: int = 3, **crop) -> torch.nn.Module:
     cfg = tiny_model_cfg(num_classes=num_classes)
-    cfg["test_cfg"]["crop"] = dict(crop)
+    cfg["test_cfg"]["crop"] = dict(crop, patch_limit=crop.get("patch_limit", "quarter"))
     torch.manual_seed(0)
     return build_detector(cfg).eval()
 

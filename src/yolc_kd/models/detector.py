@@ -14,7 +14,8 @@ from yolc_kd.models.hrfpn import HRFPN
 from yolc_kd.models.hrnet import HRNet
 from yolc_kd.models.yolc_head import Dets, YOLCHead
 
-DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms")
+# patch_limit: upscale a patch only while it fits the input ("input") or a quarter of it ("quarter": bounded cost)
+DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms", patch_limit="input")
 
 
 class YOLC(nn.Module):
@@ -123,7 +124,10 @@ class YOLC(nn.Module):
         """Cut every region (content frame, [x,y,w,h]) of every image, upscale, pad to one batch.
         Returns the batch, the patch metas and the image index of each patch."""
         patches, metas, owners = [], [], []
-        canvas = crops.patch_canvas(img.shape[2:])  # upscale only while a patch fits a quarter of the input
+        limit = self.crop_cfg.get("patch_limit", "input")
+        if limit not in ("input", "quarter"):
+            raise ValueError(f"test_cfg.crop.patch_limit must be 'input' or 'quarter', got {limit!r}")
+        canvas = crops.patch_canvas(img.shape[2:]) if limit == "quarter" else tuple(img.shape[2:])
         for i, (meta, regs) in enumerate(zip(img_metas, regions)):
             border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.float64)
             for reg in np.asarray(regs).reshape(-1, 4):
