@@ -12,7 +12,7 @@ from yolc_kd import crops
 from yolc_kd.kd import KDTargets, kd_losses
 from yolc_kd.models.hrfpn import HRFPN
 from yolc_kd.models.hrnet import HRNet
-from yolc_kd.models.yolc_head import Dets, YOLCHead
+from yolc_kd.models.yolc_head import Dets, YOLCHead, gaussian_blur3x3
 
 # patch_limit: upscale a patch only while it fits the input ("input") or a quarter of it ("quarter": bounded cost)
 DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms", patch_limit="input")
@@ -170,7 +170,7 @@ class YOLC(nn.Module):
         results: List[Dets] = list(full)
         if fusion != "none" and max_patches > 0:
             # YOLC quirk kept: LSM reads the blurred heatmap (its get_bboxes blurs the list in place)
-            blurred = self.bbox_head_blur(heat[0]) * _content_mask(heat[0], img_metas)  # no clusters in padding
+            blurred = gaussian_blur3x3(heat[0]) * _content_mask(heat[0], img_metas)  # no clusters in padding
             for i, (meta, coord) in enumerate(zip(img_metas, self.bbox_head.LSM([blurred], img_metas))):
                 h, w = meta.get("img_shape", img.shape[2:])[:2]
                 regions[i] = crops.select_regions(coord, (h, w), max_patches, cfg["min_patch_size"], cfg["enlarge"])
@@ -187,10 +187,6 @@ class YOLC(nn.Module):
         if return_extras:
             return out, dict(heatmap=heat[0], regions=regions)
         return out
-
-    def bbox_head_blur(self, heat: torch.Tensor) -> torch.Tensor:
-        from yolc_kd.models.yolc_head import gaussian_blur3x3
-        return gaussian_blur3x3(heat)
 
     def _fuse_patches(self, img, img_metas, full: List[Dets], regions: List[np.ndarray], fusion: str) -> List[Dets]:
         batch, metas, owners = self.make_patches(img, img_metas, regions, float(self.crop_cfg["upscale"]))
