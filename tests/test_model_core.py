@@ -148,3 +148,13 @@ def test_garbage_checkpoint_is_one_clear_error(tmp_path, content):
     with pytest.raises(UserError, match="not a readable torch checkpoint") as info:
         load_checkpoint(build_detector(tiny_model_cfg()), tmp_path / "x.pth")
     assert "trust" not in str(info.value)
+
+
+def test_relative_teacher_config_resolves_against_the_file_naming_it(tmp_path):
+    from yolc_kd.config import load_config
+
+    child = tmp_path / "sub" / "child.py"
+    child.parent.mkdir()
+    child.write_text(f"_base_ = {str(REPO / 'configs' / 'tiny_student_synth.py')!r}\n")
+    cfg = load_config(child, with_defaults=True)
+    assert cfg["distill_cfg"]["teacher_config"] == str((REPO / "configs" / "tiny_teacher_synth.py").resolve())

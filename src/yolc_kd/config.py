@@ -73,6 +73,10 @@ def _exec_file(path: Path) -> dict:
         raise UserError(f"config {path}: {type(exc).__name__}: {exc}") from None
     cfg = {k: v for k, v in namespace.items()
            if not k.startswith("__") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+    dcfg = cfg.get("distill_cfg")
+    if isinstance(dcfg, dict) and isinstance(dcfg.get("teacher_config"), str) \
+            and not Path(dcfg["teacher_config"]).is_absolute():  # relative to the file that names it
+        dcfg["teacher_config"] = str((path.parent / dcfg["teacher_config"]).resolve())
     bases = cfg.pop("_base_", None)
     if bases:
         merged: dict = {}
