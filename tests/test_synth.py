@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED
 from yolc_kd.cli import main
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.synth import make_synthetic_dataset
 
-REAL_LAYOUT = Path("/work/shared/data/visdrone2019-det-train-first50image.json")
+REAL_LAYOUT = SHARED / "data" / "visdrone2019-det-train-first50image.json"
 
 
 def _files(root: Path) -> dict:
