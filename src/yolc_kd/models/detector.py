@@ -134,15 +134,15 @@ class YOLC(nn.Module):
                 coord = [reg[0] + border[2], reg[1] + border[0], reg[2], reg[3]]  # content -> tensor frame
                 patch = self._crop_img_tensor(img[i], coord)
                 coord = [max(0.0, coord[0]), max(0.0, coord[1]), coord[2], coord[3]]  # the clamped crop origin
-                if patch.shape[1] < 1 or patch.shape[2] < 1:
+                crop_h, crop_w = patch.shape[1:]
+                if crop_h < 1 or crop_w < 1:
                     continue
                 s = min(upscale, max(1.0, min(canvas[0] / patch.shape[1], canvas[1] / patch.shape[2])))
                 if s != 1.0:
                     size = (max(1, round(patch.shape[1] * s)), max(1, round(patch.shape[2] * s)))
                     patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
                 # the exact scale per axis keeps remap the inverse of crop after rounding the size
-                crop_h, crop_w = self._crop_img_tensor(img[i], coord).shape[1:]
-                scale = (patch.shape[2] / max(1, crop_w), patch.shape[1] / max(1, crop_h))
+                scale = (patch.shape[2] / crop_w, patch.shape[1] / crop_h)
                 patches.append(patch)
                 metas.append(self._build_patch_meta(meta, patch.shape[1:], coord, scale))
                 owners.append(i)
@@ -165,13 +165,14 @@ class YOLC(nn.Module):
         fusion = fusion or cfg["fusion"]
         max_patches = cfg["max_patches"] if max_patches is None else max_patches
         heat, coarse, refine = self.bbox_head(self.extract_feat(img))
-        full = self.bbox_head.get_bboxes(heat, coarse, refine, img_metas, rescale=False)
+        blurred = gaussian_blur3x3(heat[0])  # once: for decoding and (YOLC quirk kept) for LSM
+        full = self.bbox_head.bboxes_from_blurred(blurred, refine[0], img_metas, rescale=False)
         regions: List[np.ndarray] = [np.zeros((0, 4), np.int64) for _ in img_metas]
         results: List[Dets] = list(full)
         if fusion != "none" and max_patches > 0:
-            # YOLC quirk kept: LSM reads the blurred heatmap (its get_bboxes blurs the list in place)
-            blurred = gaussian_blur3x3(heat[0]) * _content_mask(heat[0], img_metas)  # no clusters in padding
-            for i, (meta, coord) in enumerate(zip(img_metas, self.bbox_head.LSM([blurred], img_metas))):
+            # YOLC's get_bboxes blurs the heatmap list in place, so its LSM reads the blurred map; no clusters in padding
+            masked = blurred * _content_mask(heat[0], img_metas)
+            for i, (meta, coord) in enumerate(zip(img_metas, self.bbox_head.LSM([masked], img_metas))):
                 h, w = meta.get("img_shape", img.shape[2:])[:2]
                 regions[i] = crops.select_regions(coord, (h, w), max_patches, cfg["min_patch_size"], cfg["enlarge"])
             results = self._fuse_patches(img, img_metas, full, regions, fusion)

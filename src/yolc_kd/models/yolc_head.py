@@ -157,8 +157,13 @@ class YOLCHead(nn.Module):
                    with_nms: bool = False) -> List[Dets]:
         """Top-k peaks of the blurred full-resolution heatmap, boxes from the refined regression (input pixels)."""
         assert len(center_heatmap_preds) == len(xywh_preds) == 1
-        heat = gaussian_blur3x3(center_heatmap_preds[0])
-        dets, labels = self.decode_heatmap(heat, xywh_preds[0], img_metas[0]["batch_input_shape"],
+        return self.bboxes_from_blurred(gaussian_blur3x3(center_heatmap_preds[0]), xywh_preds[0], img_metas,
+                                        rescale, with_nms)
+
+    def bboxes_from_blurred(self, heat: torch.Tensor, xywh: torch.Tensor, img_metas: List[Mapping],
+                            rescale: bool = True, with_nms: bool = False) -> List[Dets]:
+        """get_bboxes after the blur: heat (B,C,H,W) already blurred, xywh (B,4,h,w) refined maps."""
+        dets, labels = self.decode_heatmap(heat, xywh, img_metas[0]["batch_input_shape"],
                                            k=self.test_cfg["topk"], kernel=self.test_cfg["local_maximum_kernel"])
         border = dets.new_tensor(np.array([m.get("border", np.zeros(4)) for m in img_metas], dtype=np.float32))
         dets[..., :4] -= border[:, [2, 0, 2, 0]].unsqueeze(1)
