@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from _common import emit  # benchmarks/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 VISDRONE_LAYOUTS = REPO.parent / "shared" / "data" / "visdrone2019-det-train-first50image.json"
@@ -665,10 +666,7 @@ def main() -> None:
         "precompute_ge_0.9x_teacher": {w: v["goal_met"] for w, v in
                                        results.get("throughput", {}).get("precompute_by_workers", {}).items()} or None,
         "rss_within_10pct": results.get("rss", {}).get("goal_met")}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ on the synthetic validation set, measured in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import List
 
 import numpy as np
 import torch
+from _common import emit  # benchmarks/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,10 +99,7 @@ def main() -> None:
         r["time_ratio_vs_full"] = r["sec_per_img"] / base
     out = dict(machine=platform.machine(), threads=torch.get_num_threads(), config=args.config,
                images=len(source.items), batch_size=args.batch_size, rows=rows)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ teacher), measured in one run as ratios. Tiny pair on CPU; HRNet-w48 -> w18 at 1
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import emit  # benchmarks/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,10 +104,7 @@ def main() -> None:
         results["gpu"] = torch.cuda.get_device_name(0)
         results["runs"].append(measure("configs/yolc_hrnet_w18_visdrone_kd.py", "configs/yolc_hrnet_w48_visdrone.py",
                                        (640, 1024), 4, args.iters, "cuda", True))
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

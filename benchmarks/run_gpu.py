@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import emit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -57,10 +58,7 @@ def main() -> None:
     subprocess.run([sys.executable, str(HERE / "bench_train_step.py"), "--real-scale", "--iters", "5",
                     "--out", str(step_json)], check=True)
     results["train_step"] = json.loads(step_json.read_text())
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":
