@@ -82,7 +82,7 @@ class YOLC(nn.Module):
             patches = crops.patch_batch(img, kd_targets.patch_boxes, kd_targets.patch_scales,
                                         kd_targets.patch_valid, canvas)
             if patches.shape[0]:
-                patch_refine = self.bbox_head(self.extract_feat(patches))[2][0]  # all patches, one forward
+                patch_refine = self.patch_refine(patches)  # all patches, one forward
             else:
                 patch_refine = img.new_zeros((0, 4, canvas[0] // 4, canvas[1] // 4))
             losses.update(kd_losses(heat[0], coarse[0], patch_refine, kd_targets, dcfg or {},
@@ -104,9 +104,15 @@ class YOLC(nn.Module):
         patches = crops.patch_batch(img, boxes, scales, valid, canvas)
         refine = img.new_zeros((img.shape[0], valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4))
         if patches.shape[0]:
-            refine[valid.to(img.device)] = self.bbox_head(self.extract_feat(patches))[2][0]
+            refine[valid.to(img.device)] = self.patch_refine(patches)
         return KDTargets(heatmap=heat[0], coarse=coarse[0], patch_boxes=boxes.to(img.device),
                          patch_scales=scales.to(img.device), patch_valid=valid.to(img.device), refine=refine)
+
+    def patch_refine(self, patches: torch.Tensor) -> torch.Tensor:
+        """Refine maps of a batch of patches; the heatmap branch is skipped (local KD needs only refine)."""
+        feats = self.extract_feat(patches)
+        assert len(feats) == 1, "YOLC uses one feature level"
+        return self.bbox_head.forward_boxes(feats[0])[1]
 
     # ------------------------------------------------------------------ crop helpers (design names)
     def _crop_img_tensor(self, img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:

@@ -7,19 +7,27 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 
-def gaussian_radius(det_size: Sequence[float], min_overlap: float) -> float:
-    """CornerNet's radius: the smallest of the three corner-placement cases keeping IoU >= min_overlap."""
+def _sqrt(x):
+    # math.sqrt as mmdet calls it on 0-dim tensors: a float64 root, rounded back to the operand's dtype
+    return x.double().sqrt().to(x.dtype) if torch.is_tensor(x) else sqrt(x)
+
+
+def gaussian_radius(det_size: Sequence, min_overlap: float):
+    """CornerNet's radius: the smallest of the three corner-placement cases keeping IoU >= min_overlap.
+    Floats or tensors (element-wise, same rounding as mmdet's per-box call)."""
     height, width = det_size
     b1 = height + width
     c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
-    r1 = (b1 - sqrt(b1 ** 2 - 4 * c1)) / 2
+    r1 = (b1 - _sqrt(b1 ** 2 - 4 * c1)) / 2
     b2 = 2 * (height + width)
     c2 = (1 - min_overlap) * width * height
-    r2 = (b2 - sqrt(b2 ** 2 - 16 * c2)) / 8
+    r2 = (b2 - _sqrt(b2 ** 2 - 16 * c2)) / 8
     a3 = 4 * min_overlap
     b3 = -2 * min_overlap * (height + width)
     c3 = (min_overlap - 1) * width * height
-    r3 = (b3 + sqrt(b3 ** 2 - 4 * a3 * c3)) / (2 * a3)
+    r3 = (b3 + _sqrt(b3 ** 2 - 4 * a3 * c3)) / (2 * a3)
+    if torch.is_tensor(r1):
+        return torch.minimum(torch.minimum(r1, r2), r3)
     return min(r1, r2, r3)
 
 
@@ -31,19 +39,21 @@ def gaussian_2d(radius: int, sigma: float, dtype=torch.float32, device="cpu") ->
     return h
 
 
-def draw_gaussian(heatmap: torch.Tensor, center: Tuple[int, int], radius: int) -> None:
-    """Max-paste a gaussian of the given radius (sigma = diameter / 6) at an integer centre, in place."""
-    diameter = 2 * radius + 1
-    kernel = gaussian_2d(radius, diameter / 6, heatmap.dtype, heatmap.device)
-    x, y = center
-    height, width = heatmap.shape[:2]
-    left, right = min(x, radius), min(width - x, radius + 1)
-    top, bottom = min(y, radius), min(height - y, radius + 1)
-    if right <= -left or bottom <= -top:
-        return
-    region = heatmap[y - top:y + bottom, x - left:x + right]
-    patch = kernel[radius - top:radius + bottom, radius - left:radius + right]
-    region.copy_(torch.maximum(region, patch))
+def draw_gaussians(heat: torch.Tensor, index: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+                   radius: torch.Tensor) -> None:
+    """Max-paste gaussians (sigma = diameter / 6) into heat (N,H,W) at integer centres, in place; one
+    scatter per distinct radius instead of one paste per object (max is order-free, so the result is the same)."""
+    n_maps, height, width = heat.shape
+    flat = heat.view(-1)
+    for r in torch.unique(radius).tolist():
+        sel = radius == r
+        kernel = gaussian_2d(r, (2 * r + 1) / 6, heat.dtype, heat.device).reshape(-1)
+        d = torch.arange(-r, r + 1, device=heat.device)
+        dy, dx = d.repeat_interleave(2 * r + 1), d.repeat(2 * r + 1)
+        ys, xs = cy[sel, None] + dy, cx[sel, None] + dx
+        inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+        pos = (index[sel, None] * height + ys) * width + xs
+        flat.scatter_reduce_(0, pos[inside], kernel.expand(pos.shape)[inside], reduce="amax")
 
 
 def yolc_targets(gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor], feat_shape: Sequence[int],
@@ -55,25 +65,32 @@ def yolc_targets(gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor], f
     height_ratio = float(feat_h / img_h)
     ref = gt_bboxes[-1]
     heat = ref.new_zeros([bs, num_classes, feat_h * 4, feat_w * 4])
-    xywh = ref.new_zeros([bs, feat_h, feat_w, 4])
-    weight = ref.new_zeros([bs, feat_h, feat_w])
-    l1_weight = ref.new_zeros([bs, feat_h, feat_w, 4])
-    for b in range(bs):
-        boxes, labels = gt_bboxes[b], gt_labels[b]
-        for j in range(boxes.shape[0]):
-            x1, y1, x2, y2 = boxes[j]
-            ctx, cty = (x1 + x2) * width_ratio / 2, (y1 + y2) * height_ratio / 2
-            ctx_int, cty_int = int(ctx), int(cty)
-            box_w, box_h = x2 - x1, y2 - y1
-            radius = max(0, int(gaussian_radius([box_h, box_w], min_overlap=0.3)))
-            # the heatmap peak sits at the integer centre in input pixels (the head is full resolution)
-            draw_gaussian(heat[b, labels[j]], (int((x1 + x2) / 2), int((y1 + y2) / 2)), radius)
-            if cty_int >= feat_h or ctx_int >= feat_w:
-                continue
-            xywh[b, cty_int, ctx_int] = torch.stack([ctx, cty, box_w * width_ratio / 2, box_h * height_ratio / 2])
-            weight[b, cty_int, ctx_int] = 1
-            l1_weight[b, cty_int, ctx_int, 0:2] = 1.0
-            l1_weight[b, cty_int, ctx_int, 2:4] = 0.2  # YOLC down-weights the size terms of L1
+    xywh = ref.new_zeros([bs * feat_h * feat_w, 4])
+    weight = ref.new_zeros([bs * feat_h * feat_w])
+    l1_weight = ref.new_zeros([bs * feat_h * feat_w, 4])
+    boxes = torch.cat([b.reshape(-1, 4) for b in gt_bboxes]).to(ref.dtype)
+    if boxes.shape[0]:
+        image = torch.cat([torch.full((len(b),), i, device=ref.device) for i, b in enumerate(gt_bboxes)])
+        labels = torch.cat([lab.reshape(-1) for lab in gt_labels]).to(ref.device).long()
+        x1, y1, x2, y2 = boxes.unbind(1)
+        ctx, cty = (x1 + x2) * width_ratio / 2, (y1 + y2) * height_ratio / 2
+        box_w, box_h = x2 - x1, y2 - y1
+        radius = gaussian_radius([box_h, box_w], min_overlap=0.3).trunc().clamp(min=0).long()
+        # the heatmap peak sits at the integer centre in input pixels (the head is full resolution)
+        draw_gaussians(heat.view(-1, feat_h * 4, feat_w * 4), image * num_classes + labels,
+                       ((x1 + x2) / 2).trunc().long(), ((y1 + y2) / 2).trunc().long(), radius)
+        ctx_int, cty_int = ctx.trunc().long(), cty.trunc().long()
+        keep = (cty_int < feat_h) & (ctx_int < feat_w) & (cty_int >= 0) & (ctx_int >= 0)
+        cell = ((image * feat_h + cty_int) * feat_w + ctx_int)
+        # several objects in one cell: the last one wins, as in YOLC's per-object loop
+        last = {c: j for j, c in enumerate(cell.tolist()) if keep[j]}
+        rows = torch.tensor(list(last.values()), dtype=torch.long, device=ref.device)
+        cells = cell[rows]
+        xywh[cells] = torch.stack([ctx, cty, box_w * width_ratio / 2, box_h * height_ratio / 2], 1)[rows]
+        weight[cells] = 1
+        l1_weight[cells, 0:2] = 1.0
+        l1_weight[cells, 2:4] = 0.2  # YOLC down-weights the size terms of L1
     avg_factor = torch.clamp(heat.eq(1).sum(), min=1)
-    return dict(center_heatmap_target=heat, xywh_target=xywh, xywh_target_weight=weight,
-                xywh_l1target_weight=l1_weight), avg_factor
+    return dict(center_heatmap_target=heat, xywh_target=xywh.view(bs, feat_h, feat_w, 4),
+                xywh_target_weight=weight.view(bs, feat_h, feat_w),
+                xywh_l1target_weight=l1_weight.view(bs, feat_h, feat_w, 4)), avg_factor

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import DeformConv2d, batched_nms
+from torchvision.ops import batched_nms
 
 from yolc_kd import crops
+from yolc_kd.models.deform import DeformConv2d
 from yolc_kd.models.losses import build_loss
 from yolc_kd.models.targets import yolc_targets
 
@@ -101,11 +102,15 @@ class YOLCHead(nn.Module):
 
     def forward_single(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         heatmap = self.local_head(feat).sigmoid()  # probabilities, not logits
+        coarse, refine = self.forward_boxes(feat)
+        return heatmap, coarse, refine
+
+    def forward_boxes(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Coarse and refine maps only (no heatmap branch): what patch KD needs."""
         reg_feat = self.reg_conv(feat)
         coarse = self.xywh_init(reg_feat)
         offset = self.bbox_offset(reg_feat).sigmoid()
-        refine = self.xywh_refine(reg_feat, self.gen_dcn_offset(coarse.detach(), offset))
-        return heatmap, coarse, refine
+        return coarse, self.xywh_refine(reg_feat, self.gen_dcn_offset(coarse.detach(), offset))
 
     def gen_dcn_offset(self, coarse: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Sampling points spread over the detached coarse box, minus the regular 3x3 grid."""
