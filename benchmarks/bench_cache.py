@@ -183,7 +183,7 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
     from yolc_kd import __version__, crops
     from yolc_kd.cache.manifest import jsonable
     from yolc_kd.cache.schema import (SAMPLE_ARRAYS, STATUS_OK, Layout, encode_fingerprint, quantize_heatmap,
-                                      to_float16)
+                                      quantize_boxes)
     from yolc_kd.cache.writer import CacheStore, ShardBuffer
     from yolc_kd.data.augment import TrainAugment
     from yolc_kd.train.cache_source import expected_identity
@@ -243,9 +243,9 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
                 bw, bh = int(rng.integers(64, canvas[1] + 1)), int(rng.integers(64, canvas[0] + 1))
                 pb[s] = (int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh)), bw, bh)
                 ps[s] = min(1.5, canvas[0] / bh, canvas[1] / bw)
-            row = dict(heatmap=q, coarse=to_float16(coarse_with_objects(rng, vb, layout.coarse_hw, stride,
+            row = dict(heatmap=q, coarse=quantize_boxes(coarse_with_objects(rng, vb, layout.coarse_hw, stride,
                                                                            args.map_noise)),
-                       patch_boxes=pb, patch_scales=ps, patch_valid=valid, refine=to_float16(refine),
+                       patch_boxes=pb, patch_scales=ps, patch_valid=valid, refine=quantize_boxes(refine),
                        num_valid_patches=nv, image_id=i + 1, variant=v, seed=int(cfg.get("seed", 0)),
                        status=STATUS_OK, fingerprint=encode_fingerprint(view.fingerprint),
                        aug_params=json.dumps(jsonable(view.params), sort_keys=True, separators=(",", ":")))

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from test_precompute import cli_args, make_setup
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import (HEATMAP_MAX_ERROR, SAMPLE_ARRAYS, Layout, dequantize_heatmap, float16_tolerance,
-                                  heatmap_tolerance, quantize_heatmap, to_float16)
+from yolc_kd.cache.schema import (HEATMAP_MAX_ERROR, SAMPLE_ARRAYS, SCHEMA_VERSION, Layout, box_tolerance, dequantize_boxes,
+                                  dequantize_heatmap, heatmap_tolerance, quantize_boxes, quantize_heatmap)
 from yolc_kd.cache.verify import verify_cache
 from yolc_kd.cache.writer import CacheStore, ShardBuffer
 from yolc_kd.cli import main
@@ -22,7 +22,7 @@ from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
-from yolc_kd.train.cache_source import open_cache_source
+from yolc_kd.train.cache_source import dequantize_targets, open_cache_source
 from yolc_kd.train.data import TrainSamples, collate_train
 
 
@@ -46,13 +46,15 @@ def test_heatmap_quantisation_error_is_bounded():
     assert q[-1] == 255 and quantize_heatmap(np.array([np.nan, -0.1, 1.5]))[2] == 255
 
 
-def test_float16_maps_error_is_bounded():
+def test_box_maps_fixed_point_error_is_bounded():
     x = np.random.default_rng(1).standard_normal(100_000).astype(np.float32) * np.float32(50)
-    x[:3] = [1e-6, -3e-9, 70000.0]
-    y = to_float16(x)
-    assert y.dtype == np.float16 and np.isfinite(y).all()
-    inside = np.abs(x) <= 65504
-    assert (np.abs(y.astype(np.float64) - x)[inside] <= float16_tolerance(x)[inside]).all()
+    x[:5] = [1e-6, -3e-9, 700.0, -1e9, 1 / 128]
+    q = quantize_boxes(x)
+    y = dequantize_boxes(q)
+    assert q.dtype == np.int16 and y.dtype == np.float32
+    assert (np.abs(y.astype(np.float64) - x) <= box_tolerance(x)).all()  # clipped values included
+    assert np.abs(y - x)[5:].max() <= 1 / 128 + 1e-6 and y[2] == 32767 / 64 and y[3] == -32767 / 64
+    assert quantize_boxes(np.array([np.nan, np.inf], np.float32)).tolist() == [0, 32767]
 
 
 def test_plain_zarr_and_numpy_read_a_sample(made):
@@ -62,7 +64,7 @@ def test_plain_zarr_and_numpy_read_a_sample(made):
     image_ids = root["image_ids"][:]
     i = int(np.flatnonzero(image_ids == 4)[0]) * k + 1  # image id 4, variant 1
     heat = root["heatmap"][i].astype(np.float32) / 255.0
-    coarse = root["coarse"][i].astype(np.float32)
+    coarse = root["coarse"][i].astype(np.float32) / 64  # raw xywh maps in grid cells
     valid = root["patch_valid"][i]
     boxes = root["patch_boxes"][i][valid]
     params = json.loads(str(root["aug_params"][i]))
@@ -78,12 +80,17 @@ def test_target_source_shapes_fingerprints_and_workers(made):
     source = open_cache_source(made.cache, made.cfg, aug_cfg, made.coco)
     assert source.num_variants == 2
     fp, t = source.read(2, 1)
-    assert len(fp) == 32 and t.heatmap.dtype == torch.float32
+    assert len(fp) == 32 and t.heatmap.dtype == torch.uint8  # stored dtypes; the trainer dequantises a batch
     shapes = {k: tuple(getattr(t, k).shape) for k in ("heatmap", "coarse", "patch_boxes", "patch_scales",
                                                          "patch_valid", "refine")}
     assert shapes == dict(heatmap=(1, 3, 96, 128), coarse=(1, 4, 24, 32), patch_boxes=(1, 2, 4), patch_scales=(1, 2),
                           patch_valid=(1, 2), refine=(1, 2, 4, 8, 16))
-    assert t.patch_valid.dtype == torch.bool and t.refine.dtype == torch.float32
+    assert t.patch_valid.dtype == torch.bool and t.refine.dtype == torch.int16
+    f = dequantize_targets(t)
+    assert f.heatmap.dtype == f.coarse.dtype == f.refine.dtype == torch.float32
+    np.testing.assert_array_equal(f.heatmap.numpy(), dequantize_heatmap(t.heatmap.numpy()))
+    np.testing.assert_array_equal(f.refine.numpy(), dequantize_boxes(t.refine.numpy()))
+    assert dequantize_targets(f) is f  # float targets (a live teacher's) pass through
     again = pickle.loads(pickle.dumps(source))
     assert torch.equal(again.read(2, 1)[1].heatmap, t.heatmap)
     # the trainer's dataset replays each view and checks it against the cached fingerprint, in a worker process
@@ -141,7 +148,7 @@ def _fill(store: CacheStore, j: int) -> None:
 
 def test_uncommitted_shards_are_never_read(tmp_path):
     lay = _layout()
-    manifest = dict(schema_version=1, layout=lay.to_dict(), complete=False)
+    manifest = dict(schema_version=SCHEMA_VERSION, layout=lay.to_dict(), complete=False)
     store = CacheStore.prepare(tmp_path / "c", manifest, image_ids=range(10, 15))
     assert lay.num_samples == 10 and lay.num_shards == 3
     _fill(store, 2)  # the last, partial shard
@@ -164,7 +171,7 @@ def test_uncommitted_shards_are_never_read(tmp_path):
 
 def test_writer_refuses_a_foreign_folder_and_other_settings(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    manifest = dict(schema_version=1, layout=_layout().to_dict(), complete=False, variants=2)
+    manifest = dict(schema_version=SCHEMA_VERSION, layout=_layout().to_dict(), complete=False, variants=2)
     with pytest.raises(UserError, match="not a yolc-kd cache"):
         CacheStore.prepare(tmp_path, manifest, image_ids=range(5))
     CacheStore.prepare(tmp_path / "c", manifest, image_ids=range(5))
@@ -182,6 +189,6 @@ def test_reader_needs_a_cache(tmp_path):
 def test_half_created_store_is_recreated(tmp_path):
     half = tmp_path / "c"
     zarr.open_group(str(half), mode="w").create_array("heatmap", shape=(1,), dtype="uint8")  # killed before the manifest
-    manifest = dict(schema_version=1, layout=_layout().to_dict(), complete=False)
+    manifest = dict(schema_version=SCHEMA_VERSION, layout=_layout().to_dict(), complete=False)
     store = CacheStore.prepare(half, manifest, image_ids=range(5))
     assert store.done_shards() == set() and CacheReader(half).layout == _layout()

@@ -1,5 +1,4 @@
 """Behaviour of the YOLC core beyond the reference: training, decode, config and checkpoint handling."""
-import time
 
 import numpy as np
 import pytest

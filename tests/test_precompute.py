@@ -17,7 +17,7 @@ import zarr
 
 from conftest import REPO, tiny_model_cfg
 from yolc_kd.cache.reader import CacheReader
-from yolc_kd.cache.schema import (ALL_ARRAYS, STATUS_OK, STATUS_SKIPPED, dequantize_heatmap, float16_tolerance,
+from yolc_kd.cache.schema import (ALL_ARRAYS, STATUS_OK, STATUS_SKIPPED, dequantize_heatmap, box_tolerance, dequantize_boxes,
                                   heatmap_tolerance)
 from yolc_kd.checkpoint import save_checkpoint
 from yolc_kd.cli import main
@@ -146,16 +146,17 @@ def _compare_with_live_teacher(setup, ref_cache):
             assert (s["heatmap"][p < 1 / 255 - 1e-5] == 0).all()
             for name in ("coarse", "refine"):
                 x = getattr(live, name)[0].numpy()
-                assert s[name].dtype == np.float16
-                assert (np.abs(s[name].astype(np.float32) - x) <= float16_tolerance(x) + 1e-5).all(), name
+                assert s[name].dtype == np.int16
+                assert (np.abs(dequantize_boxes(s[name]) - x) <= box_tolerance(x) + 1e-5).all(), name
             np.testing.assert_array_equal(s["patch_valid"], live.patch_valid[0].numpy())
             np.testing.assert_array_equal(s["patch_boxes"], live.patch_boxes[0].numpy())
             np.testing.assert_array_equal(s["patch_scales"], live.patch_scales[0].numpy())
             assert int(s["num_valid_patches"]) == int(live.patch_valid.sum())
-            # the documented decode gives the regression-grid boxes within the float16 error
+            # the documented decode gives the regression-grid boxes within the fixed-point error
             dec = teacher.bbox_head.decode_xywh_to_bbox
-            got, want = dec(torch.from_numpy(s["coarse"][None].astype(np.float32))), dec(live.coarse)
-            assert (torch.abs(got - want) <= torch.from_numpy(float16_tolerance(want.numpy())) + 1e-5).all()
+            got, want = dec(torch.from_numpy(dequantize_boxes(s["coarse"][None]))), dec(live.coarse)
+            assert (torch.abs(got - want) <= torch.from_numpy(box_tolerance(live.coarse.numpy())).permute(0, 2, 3, 1)
+                    .reshape(got.shape) + 1e-5).all()
             patches += int(live.patch_valid.sum())
     assert patches > 0, "the test teacher should produce crops"
 

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import zarr
@@ -146,7 +145,7 @@ def test_wrong_values_are_named(copy, capsys):
 
 def test_recompute_catches_values_with_valid_checksums(made, copy, capsys):
     g = zarr.open_group(str(copy), mode="r+")
-    g["coarse"][:] = (g["coarse"][:].astype(np.float32) + 0.5).astype(np.float16)
+    g["coarse"][:] = g["coarse"][:] + 32  # half a grid cell
     assert verify_cache(copy, deep=True) == []  # structurally sound
     rc, out, _ = verify(capsys, copy, "--recompute", "2", "--config", made.config, "--ckpt", made.ckpt)
     found = faults(out)

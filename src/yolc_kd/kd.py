@@ -61,6 +61,9 @@ def kd_losses(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: t
               dcfg: Mapping, decode: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The three KD terms, weighted by distill_cfg; every teacher tensor is detached."""
     t = targets.detach()
+    for name in ("heatmap", "coarse", "refine"):
+        if not getattr(t, name).is_floating_point():
+            raise TypeError(f"KD target {name} is {getattr(t, name).dtype}: dequantise stored targets first")
     _check_shape("heatmap", heatmap_s, t.heatmap)
     _check_shape("coarse", coarse_s, t.coarse)
     hm = heatmap_kd(heatmap_s.float(), t.heatmap.float(), dcfg.get("hm_kd", "mse"),

@@ -183,7 +183,7 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: argparse.Nam
 def _compare(reader, rec: Mapping[str, Any], targets, pos: int, bad: Dict[str, List[int]],
              notes: Dict[str, str]) -> None:
     """Stored sample rec['index'] vs the teacher's output number `pos` of the batch."""
-    from yolc_kd.cache.schema import dequantize_heatmap, float16_tolerance, heatmap_tolerance
+    from yolc_kd.cache.schema import box_tolerance, dequantize_boxes, dequantize_heatmap, heatmap_tolerance
 
     idx = rec["index"]
     s = reader.read_sample(idx)
@@ -206,9 +206,9 @@ def _compare(reader, rec: Mapping[str, Any], targets, pos: int, bad: Dict[str, L
     e = excess(dequantize_heatmap(s["heatmap"]), live["heatmap"], heatmap_tolerance(live["heatmap"]))
     if e > 0:
         fail("heatmap", f"differs from the recomputed teacher beyond the quantisation bound (by {e:.3g})")
-    e = excess(s["coarse"].astype(np.float32), live["coarse"], float16_tolerance(live["coarse"]))
+    e = excess(dequantize_boxes(s["coarse"]), live["coarse"], box_tolerance(live["coarse"]))
     if e > 0:
-        fail("coarse", f"differs from the recomputed teacher beyond the float16 bound (by {e:.3g})")
+        fail("coarse", f"differs from the recomputed teacher beyond the fixed-point bound (by {e:.3g})")
     if not np.array_equal(s["patch_valid"].astype(bool), valid):
         fail("patch_valid", "other crop slots than the recomputed teacher's")
         return
@@ -219,6 +219,6 @@ def _compare(reader, rec: Mapping[str, Any], targets, pos: int, bad: Dict[str, L
         return
     if not np.allclose(s["patch_scales"][valid], live["patch_scales"][valid], rtol=1e-6, atol=0):
         fail("patch_scales", "patch scales differ from the recomputed teacher's")
-    e = excess(s["refine"][valid].astype(np.float32), live["refine"][valid], float16_tolerance(live["refine"][valid]))
+    e = excess(dequantize_boxes(s["refine"][valid]), live["refine"][valid], box_tolerance(live["refine"][valid]))
     if e > 0:
-        fail("refine", f"differs from the recomputed teacher beyond the float16 bound (by {e:.3g})")
+        fail("refine", f"differs from the recomputed teacher beyond the fixed-point bound (by {e:.3g})")

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from yolc_kd import __version__, crops
 from yolc_kd.cache.manifest import jsonable, sha256_file, target_identity
-from yolc_kd.cache.schema import (DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED, Layout,
-                                  encode_fingerprint, quantize_heatmap, to_float16)
+from yolc_kd.cache.schema import (BOX_MAX_ERROR, DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED, Layout,
+                                  encode_fingerprint, quantize_heatmap, quantize_boxes)
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
@@ -102,8 +102,8 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
         layout=layout.to_dict(), index="image_index * variants + variant",
         quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
                           heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
-                          maps="float16, round to nearest even, clipped to +-65504",
-                          maps_max_error="2^-11 |x| + 2^-25"),
+                          maps="q = round(x / 2^-6) as int16, clipped to +-32767; x = q * 2^-6 grid cells",
+                          maps_max_error=BOX_MAX_ERROR),
         run=dict(device=str(opts.device), batch_size=int(opts.batch_size), world_size=world,
                  cpu_threads=int(opts.threads)),
         complete=False)))
@@ -116,10 +116,10 @@ def _rows(targets: Optional[KDTargets], records: List[Dict[str, Any]], seed: int
     if targets is not None:
         valid = targets.patch_valid.cpu().numpy()
         arr = dict(heatmap=quantize_heatmap(targets.heatmap.float().cpu().numpy()),
-                   coarse=to_float16(targets.coarse.float().cpu().numpy()),
+                   coarse=quantize_boxes(targets.coarse.float().cpu().numpy()),
                    patch_boxes=targets.patch_boxes.float().cpu().numpy(),
                    patch_scales=targets.patch_scales.float().cpu().numpy(), patch_valid=valid,
-                   refine=to_float16(targets.refine.float().cpu().numpy()), num_valid_patches=valid.sum(axis=1))
+                   refine=quantize_boxes(targets.refine.float().cpu().numpy()), num_valid_patches=valid.sum(axis=1))
     rows, k = [], 0
     for rec in records:
         row: Dict[str, Any] = dict(image_id=rec["image_id"], variant=rec["variant"], seed=seed, status=rec["status"])

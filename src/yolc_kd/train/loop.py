@@ -18,6 +18,7 @@ from tqdm import tqdm
 from yolc_kd import __version__
 from yolc_kd.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from yolc_kd.errors import UserError
+from yolc_kd.train.cache_source import dequantize_targets
 from yolc_kd.train.data import TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.precise_bn import recompute_bn_stats
 from yolc_kd.train.schedule import build_optimizer, lr_at, set_lr
@@ -53,7 +54,7 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     out["gt_bboxes"] = [b.to(device) for b in batch["gt_bboxes"]]
     out["gt_labels"] = [l.to(device) for l in batch["gt_labels"]]
     if "kd_targets" in batch:
-        out["kd_targets"] = batch["kd_targets"].to(device)
+        out["kd_targets"] = dequantize_targets(batch["kd_targets"].to(device))
     return out
 
 
