@@ -3,12 +3,14 @@ store its KD targets in the Zarr cache. Resumable (whole shards), and split by s
 from __future__ import annotations
 
 import contextlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -215,6 +217,21 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     warned: set = set()
     total = sum(len(j) for j in jobs)
     bar = tqdm(total=total, desc=desc, unit="view", disable=not opts.progress or None, dynamic_ncols=True)
+    # quantising a batch runs on a thread while the teacher labels the next one (numpy releases the GIL)
+    quantizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yolc-kd-quantize")
+    pending: Deque[Tuple[Future, List[Dict[str, Any]]]] = deque()
+
+    def store_rows(fut: Future, records: List[Dict[str, Any]]) -> None:
+        for rec, row in zip(records, fut.result()):
+            j = rec["index"] // layout.shard_size
+            buf = buffers.get(j)
+            if buf is None:
+                buf = buffers[j] = ShardBuffer(layout, j)
+            buf.put(rec["index"], row)
+            if buf.full:
+                writer.submit(buffers.pop(j))
+        bar.update(len(records))
+
     try:
         for item in loader:
             records = item["records"]
@@ -227,16 +244,13 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
                         warned.add(rec["image_id"])
                         tqdm.write(f"warning: skipping image id {rec['image_id']}: {rec['reason']}")
             targets = run_teacher(teacher, item, dcfg, opts.device, opts.amp)
-            for rec, row in zip(records, _rows(targets, records, seed)):
-                j = rec["index"] // layout.shard_size
-                buf = buffers.get(j)
-                if buf is None:
-                    buf = buffers[j] = ShardBuffer(layout, j)
-                buf.put(rec["index"], row)
-                if buf.full:
-                    writer.submit(buffers.pop(j))
-            bar.update(len(records))
+            pending.append((quantizer.submit(_rows, targets, records, seed), records))
+            while len(pending) > 1 or (pending and pending[0][0].done()):
+                store_rows(*pending.popleft())
+        while pending:
+            store_rows(*pending.popleft())
     finally:
+        quantizer.shutdown(wait=True, cancel_futures=True)
         bar.close()
         writer.close()
     return total
