@@ -13,9 +13,11 @@ distill_cfg = dict(
     enable=True,
     teacher_ckpt='work_dirs/yolc_w48/latest.pth',
     teacher_config='./yolc_hrnet_w48_visdrone.py',
-    kd_weight_global_hm=1.0,
-    kd_weight_global_coarse=0.1,
-    kd_weight_local_refine=0.1,
+    # MSE is a mean over C*H*W = 10*640*1024 probabilities: scaled like the tiny config's swept 2.5*C*H*W
+    # (untested at this scale; sweep it, the cache makes each try cost only student steps)
+    kd_weight_global_hm=1.6e7,
+    kd_weight_global_coarse=1.0,
+    kd_weight_local_refine=1.0,
     use_teacher_crop=True,
     max_patches_per_img=4,
     min_patch_size=64,

@@ -62,7 +62,7 @@ def _evaluate(name: str, config: Path, ckpt: Path, val: Path, out: Path, viz: Op
     return row
 
 
-def run_demo(out_dir: Path, iters: int = 80, variants: int = 2) -> Dict[str, Dict[str, float]]:
+def run_demo(out_dir: Path, iters: int = 120, variants: int = 2) -> Dict[str, Dict[str, float]]:
     from yolc_kd.data.synth import make_synthetic_dataset
     from yolc_kd.infer.viz import plot_loss_curves
 

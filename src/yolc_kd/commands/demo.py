@@ -11,7 +11,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="end-to-end KD demo on embedded synthetic data (CPU, minutes)",
                               description=__doc__)
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
-    p.add_argument("--iters", type=int, default=80, help="training iterations per student (default 80)")
+    p.add_argument("--iters", type=int, default=120, help="training iterations per student (default 120)")
     p.add_argument("--variants", type=int, default=2, help="augmented views per image in the cache (default 2)")
     p.set_defaults(func=run)
 
