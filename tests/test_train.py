@@ -100,3 +100,15 @@ def test_precise_bn_recomputes_head_statistics(tmp_path, tiny_data):
     var = sd["bbox_head.local_head.1.running_var"]
     assert float(var.max()) < 0.5  # batch statistics, no longer dominated by the initial value 1
     assert float(sd["backbone.bn1.running_var"].mean()) == 1.0  # frozen backbone BN (norm_eval) untouched
+
+
+def test_seed_option_changes_init_and_order_but_not_the_augmentation(tmp_path, tiny_data):
+    ann, images = tiny_data
+    cfg = write_config(tmp_path / "cfg.py", "seed = 5\n")
+
+    def first_loss(name, *extra):
+        assert _train(cfg, ann, images, tmp_path / name, "--max-iters", "1", *extra) == 0
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    assert first_loss("config_seed") == first_loss("seed_5", "--seed", "5")  # default: the config's seed
+    assert first_loss("seed_6", "--seed", "6") != first_loss("config_seed")

@@ -18,7 +18,7 @@ VAL = dict(num_images=40, seed=1)
 SIZE, CLASSES = (384, 256), 4
 
 
-def _run(argv: List[str]) -> None:
+def run_step(argv: List[str]) -> None:
     from yolc_kd.cli import main
 
     print(f"\n$ yolc-kd {shlex.join(argv)}", flush=True)
@@ -39,7 +39,8 @@ def _pictures(model, cfg: dict, val: Path, viz: Path, count: int = 4) -> None:
                         pred.regions, pred.heatmap)
 
 
-def _evaluate(name: str, config: Path, ckpt: Path, val: Path, out: Path, viz: Optional[Path] = None) -> Dict[str, float]:
+def evaluate_checkpoint(name: str, config: Path, ckpt: Path, val: Path, out: Path,
+                        viz: Optional[Path] = None) -> Dict[str, float]:
     from yolc_kd.checkpoint import load_checkpoint
     from yolc_kd.config import load_config
     from yolc_kd.infer.coco_eval import evaluate_coco
@@ -81,19 +82,19 @@ def run_demo(out_dir: Path, iters: int = 120, variants: int = 2) -> Dict[str, Di
     student, teacher_cfg = CONFIGS / "tiny_student_synth.py", CONFIGS / "tiny_teacher_synth.py"
     data = ["--ann", str(train / "annotations.json"), "--images", str(train)]
     cache = out_dir / "soft"
-    _run(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache),
+    run_step(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache),
           "--variants", str(variants), "--batch-size", "8", "--threads", "2"])
     runs = {"student (no KD)": out_dir / "student_plain", "student (KD from cache)": out_dir / "student_kd"}
     for name, work in runs.items():
         if not (work / f"iter_{iters}.pth").exists():
             extra = ["--cache", str(cache)] if work.name == "student_kd" else []
-            _run(["train", "--config", str(student), *data, "--work-dir", str(work), "--max-iters", str(iters),
+            run_step(["train", "--config", str(student), *data, "--work-dir", str(work), "--max-iters", str(iters),
                   "--log-interval", "5", *extra])
     print("\nevaluating on the held-out synthetic images (full-image only and fused crop-refine)", flush=True)
-    table = {"teacher": _evaluate("teacher", teacher_cfg, ASSET_TEACHER, val, out_dir)}
+    table = {"teacher": evaluate_checkpoint("teacher", teacher_cfg, ASSET_TEACHER, val, out_dir)}
     for name, work in runs.items():
         viz = out_dir / "viz" if work.name == "student_kd" else None
-        table[name] = _evaluate(work.name, student, work / f"iter_{iters}.pth", val, out_dir, viz)
+        table[name] = evaluate_checkpoint(work.name, student, work / f"iter_{iters}.pth", val, out_dir, viz)
     plot_loss_curves({name: work / "metrics.jsonl" for name, work in runs.items()}, out_dir / "loss_curves.png",
                      keys=["loss_center_heatmap"])  # the supervised heatmap term: comparable across runs
     (out_dir / "results.json").write_text(json.dumps(table, indent=2))

@@ -35,6 +35,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--work-dir", required=True, help="checkpoints (mmdet layout) and metrics.jsonl go here")
     p.add_argument("--max-iters", type=int, default=None, help="stop after N iterations (overrides the runner)")
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/latest.pth")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of weight init and sample order (default: the config's seed); the augmentation "
+                        "keeps the config's seed, so a cache still fits")
     p.add_argument("--cache", default=None, metavar="DIR", help="KD from this teacher soft-label cache (offline)")
     p.add_argument("--online", action="store_true", help="KD from a live teacher (reference mode)")
     p.add_argument("--teacher-ckpt", default=None, help="teacher checkpoint for --online (default distill_cfg)")
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     ann, images = resolve_data(cfg, args.ann, args.images)
     coco = load_dataset(cfg, ann, images)
     aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
-    torch.manual_seed(int(cfg.get("seed", 0)))
+    torch.manual_seed(int(cfg.get("seed", 0)) if args.seed is None else args.seed)
     dcfg = cfg["distill_cfg"]
     source, num_variants, model = None, None, None
     config_dir = str(Path(args.config).resolve().parent)
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     opts = TrainOptions(work_dir=Path(args.work_dir), max_iters=args.max_iters, resume=args.resume,
                         device=_device(args.device), workers=args.workers, amp=args.amp,
                         log_interval=args.log_interval, num_variants=num_variants, eval_fn=eval_fn,
-                        progress=not args.no_progress, trust=args.trust_checkpoint)
+                        progress=not args.no_progress, trust=args.trust_checkpoint, seed=args.seed)
     summary = Trainer(cfg, model, dataset, opts).run()
     last = summary["last"]
     print(f"trained to iteration {summary['iters']}: loss {last.get('loss', float('nan')):.4f}; "

@@ -37,6 +37,7 @@ class TrainOptions:
     eval_fn: Optional[Callable[[nn.Module, int], Dict[str, Any]]] = None  # called on rank 0 after an epoch
     progress: bool = True
     trust: bool = False                          # --trust-checkpoint: allow pickle checkpoints on --resume
+    seed: Optional[int] = None                   # sample-order seed (None: the config's seed)
 
 
 def dist_env() -> tuple:
@@ -81,7 +82,8 @@ class Trainer:
         self.base_lr = float(cfg["optimizer"].get("lr", 0.0025))
         data_cfg = cfg.get("data") or {}
         self.batch_size = int(data_cfg.get("samples_per_gpu", 4))
-        self.sampler = VariantSampler(len(dataset), int(cfg.get("seed", 0)), opts.num_variants, self.rank, self.world)
+        order_seed = int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed)
+        self.sampler = VariantSampler(len(dataset), order_seed, opts.num_variants, self.rank, self.world)
         workers = opts.workers if opts.workers is not None else int(data_cfg.get("workers_per_gpu", 2))
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_train, pin_memory=self.device.type == "cuda")
