@@ -504,13 +504,14 @@ def main() -> None:
     g.add_argument("--read-batch", type=int, default=4, help="DataLoader batch (w18 config: samples_per_gpu=4)")
     g.add_argument("--read-rounds", type=int, default=3)
     g = p.add_argument_group("3: precompute vs teacher-only (tiny teacher, 384x256)")
-    g.add_argument("--tp-images", type=int, default=8)
+    g.add_argument("--tp-images", type=int, default=24,
+                   help="images (x tp-variants views); startup (worker spawn, first batch) weighs less with more")
     g.add_argument("--tp-variants", type=int, default=4)
     g.add_argument("--tp-batch", type=int, default=8, help="tiny config: samples_per_gpu=8")
     g.add_argument("--tp-shard", type=int, default=16)
     g.add_argument("--tp-workers", type=int, nargs="+", default=[1, 0],
                    help="precompute --workers values (tiny config default 1)")
-    g.add_argument("--tp-rounds", type=int, default=4)
+    g.add_argument("--tp-rounds", type=int, default=3)
     g.add_argument("--threads", type=int, default=1, help="teacher CPU threads (precompute --threads, default 1)")
     g = p.add_argument_group("4: peak RSS (fresh `python -m yolc_kd precompute` per count)")
     g.add_argument("--rss-images", type=int, nargs="+", default=[50, 200])
