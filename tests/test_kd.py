@@ -101,7 +101,7 @@ def test_teacher_equal_to_student_gives_zero_kd(teacher_ckpt):
     img = torch.randn(1, 3, 96, 128)
     losses = model.forward_train(img, plain_metas(1, 96, 128), [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
     for key in ("loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"):
-        assert float(losses[key]) == pytest.approx(0.0, abs=1e-8), key
+        assert float(losses[key].detach()) == pytest.approx(0.0, abs=1e-8), key
 
 
 def test_use_teacher_crop_false_uses_student_regions(teacher_ckpt):
