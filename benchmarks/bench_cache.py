@@ -447,31 +447,29 @@ def main() -> None:
     timings = {}
     try:
         cache, ctx = None, None
+        def timed(part: str, what: str, fn):
+            log(f"{part}: {what}")
+            t0 = time.perf_counter()
+            out = fn()
+            timings[part] = time.perf_counter() - t0
+            return out
+
         if "size" in args.parts or "read" in args.parts:
-            log("1. size: rendering and writing the real-layout cache")
-            t0 = time.perf_counter()
-            results["size"], cache, ctx = bench_size(tmp, args)
-            timings["size"] = time.perf_counter() - t0
+            results["size"], cache, ctx = timed("size", "rendering and writing the real-layout cache",
+                                                lambda: bench_size(tmp, args))
         if "read" in args.parts:
-            log("2. read: DataLoader throughput over the trainer's cache source")
-            t0 = time.perf_counter()
-            results["read"] = bench_read(cache, ctx, args)
-            timings["read"] = time.perf_counter() - t0
+            results["read"] = timed("read", "DataLoader throughput over the trainer's cache source",
+                                    lambda: bench_read(cache, ctx, args))
         ckpt = None
         if "throughput" in args.parts or "rss" in args.parts:
             from yolc_kd.config import load_config
 
             ckpt = save_spread_teacher(tmp / "tiny_teacher_random.pth", load_config(TINY_TEACHER)["model"])
         if "throughput" in args.parts:
-            log("3. throughput: precompute vs teacher.kd_targets alone")
-            t0 = time.perf_counter()
-            results["throughput"] = bench_throughput(tmp, ckpt, args)
-            timings["throughput"] = time.perf_counter() - t0
+            results["throughput"] = timed("throughput", "precompute vs teacher.kd_targets alone",
+                                          lambda: bench_throughput(tmp, ckpt, args))
         if "rss" in args.parts:
-            log("4. rss: precompute subprocesses")
-            t0 = time.perf_counter()
-            results["rss"] = bench_rss(tmp, ckpt, args)
-            timings["rss"] = time.perf_counter() - t0
+            results["rss"] = timed("rss", "precompute subprocesses", lambda: bench_rss(tmp, ckpt, args))
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 
 from test_precompute import cli_args, make_setup
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import (HEATMAP_MAX_ERROR, SAMPLE_ARRAYS, SCHEMA_VERSION, Layout, box_tolerance, dequantize_boxes,
-                                  dequantize_heatmap, heatmap_tolerance, quantize_boxes, quantize_heatmap)
+from yolc_kd.cache.schema import (HEATMAP_MAX_ERROR, SAMPLE_ARRAYS, SCHEMA_VERSION, Layout, box_tolerance,
+                                  dequantize_boxes, dequantize_heatmap, heatmap_tolerance, quantize_boxes,
+                                  quantize_heatmap)
 from yolc_kd.cache.verify import verify_cache
 from yolc_kd.cache.writer import CacheStore, ShardBuffer
 from yolc_kd.cli import main

@@ -20,7 +20,8 @@ def test_sampled_matches_torchvision(stride, padding, dilation):
     out = deform_conv2d_sampled(x, offset, w, bias, stride, padding, dilation)
     torch.testing.assert_close(out, ref)
     g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(ref, (x, offset, w, bias), g), torch.autograd.grad(out, (x, offset, w, bias), g)):
+    inputs = (x, offset, w, bias)
+    for a, b in zip(torch.autograd.grad(ref, inputs, g), torch.autograd.grad(out, inputs, g)):
         torch.testing.assert_close(b, a)
 
 

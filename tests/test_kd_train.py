@@ -50,7 +50,8 @@ def test_offline_and_online_give_the_same_losses(kd_setup):
                                    teacher_ckpt=str(kd_setup.ckpt)).train()
     teacher_model.load_state_dict(student.state_dict())  # the same student, now with a live teacher
     args = dict(gt_bboxes=offline["gt_bboxes"], gt_labels=offline["gt_labels"])
-    l_off = student.forward_train(offline["img"], offline["img_metas"], kd_targets=dequantize_targets(offline["kd_targets"]), **args)
+    targets = dequantize_targets(offline["kd_targets"])  # as the trainer does after moving a batch
+    l_off = student.forward_train(offline["img"], offline["img_metas"], kd_targets=targets, **args)
     l_on = teacher_model.forward_train(online["img"], online["img_metas"], **args)
     assert torch.equal(offline["img"], online["img"])
     for key in ("loss_center_heatmap", "loss_xywh_coarse", "loss_xywh_coarse_l1", "loss_xywh_refine",

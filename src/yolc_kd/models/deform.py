@@ -37,7 +37,8 @@ class DeformConv2d(_TorchvisionDeformConv2d):
     """torchvision.ops.DeformConv2d (same parameters and state-dict names); CPU tensors take the sampled path."""
 
     def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        simple = (mask is None and self.groups == 1 and offset.shape[1] == 2 * self.weight.shape[2] * self.weight.shape[3]
+        kh, kw = self.weight.shape[2:]
+        simple = (mask is None and self.groups == 1 and offset.shape[1] == 2 * kh * kw
                   and len(set(self.stride)) == len(set(self.padding)) == len(set(self.dilation)) == 1)
         if input.device.type != "cpu" or not simple or min(input.shape[2:]) < 2:
             return super().forward(input, offset, mask)

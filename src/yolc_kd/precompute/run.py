@@ -3,10 +3,10 @@ store its KD targets in the Zarr cache. Resumable (whole shards), and split by s
 from __future__ import annotations
 
 import contextlib
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from yolc_kd import __version__, crops
 from yolc_kd.cache.manifest import jsonable, sha256_file, target_identity
-from yolc_kd.cache.schema import (BOX_MAX_ERROR, DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED, Layout,
-                                  encode_fingerprint, quantize_heatmap, quantize_boxes)
+from yolc_kd.cache.schema import (BOX_MAX_ERROR, DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED,
+                                  Layout, encode_fingerprint, quantize_boxes, quantize_heatmap)
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
