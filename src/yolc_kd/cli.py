@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from yolc_kd.errors import UserError
 
 # each module defines register(subparsers) which adds a parser with set_defaults(func=run)
-COMMANDS = ("demo", "synth", "convert_visdrone", "train", "infer", "eval", "precompute", "verify")
+COMMANDS = ("demo", "synth", "convert_visdrone", "make_crops", "train", "infer", "eval", "precompute", "verify")
 
 
 def build_parser() -> argparse.ArgumentParser:
