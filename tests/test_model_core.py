@@ -99,7 +99,7 @@ def test_config_base_inheritance_and_defaults():
     cfg = load_config(REPO / "configs" / "yolc_hrnet_w18_visdrone_kd.py", with_defaults=True)
     assert cfg["model"]["backbone"]["extra"]["stage4"]["num_channels"] == (18, 36, 72, 144)
     assert cfg["model"]["backbone"]["extra"]["stage4"]["num_blocks"] == (4, 4, 4, 4)  # inherited
-    assert cfg["distill_cfg"]["max_patches_per_img"] == 4 and cfg["distill_cfg"]["hm_kd"] == "mse"
+    assert cfg["distill_cfg"]["max_patches_per_img"] == 4 and cfg["distill_cfg"]["hm_kd"] == "soft_focal"
     assert cfg["optimizer"]["momentum"] == 0.9
     model = build_detector(cfg["model"])
     assert model.bbox_head.num_classes == 10

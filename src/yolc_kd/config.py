@@ -40,13 +40,17 @@ DISTILL_DEFAULTS: Dict[str, Any] = dict(
     enable=True, teacher_ckpt=None, teacher_config=None,
     kd_weight_global_hm=1.0, kd_weight_global_coarse=1.0, kd_weight_local_refine=1.0,
     use_teacher_crop=True, max_patches_per_img=4, min_patch_size=64, lsm_visualize=False,
-    hm_kd="mse", hm_kd_temperature=1.0,
+    # hm_kd: soft_focal (per teacher peak) | mse (seed) | kl; box_kd: weighted (by teacher confidence) | mse (seed);
+    # box_kd_distance (weighted only): gwd_l1 (YOLC's own box loss) | mse (squared error, summed over x, y, w, h)
+    hm_kd="soft_focal", hm_kd_temperature=1.0, hm_kd_beta=2.0, hm_kd_peak_thr=0.3,
+    box_kd="weighted", box_kd_distance="gwd_l1",
 )
 _DISTILL_TYPES = dict(
     enable=bool, teacher_ckpt=(str, type(None)), teacher_config=(str, dict, type(None)),
     kd_weight_global_hm=(int, float), kd_weight_global_coarse=(int, float), kd_weight_local_refine=(int, float),
     use_teacher_crop=bool, max_patches_per_img=int, min_patch_size=int, lsm_visualize=bool,
-    hm_kd=str, hm_kd_temperature=(int, float),
+    hm_kd=str, hm_kd_temperature=(int, float), hm_kd_beta=(int, float), hm_kd_peak_thr=(int, float),
+    box_kd=str, box_kd_distance=str,
 )
 
 
@@ -142,8 +146,19 @@ def validate_distill_cfg(dcfg: Optional[Mapping], where: Union[str, Path] = "con
         out[key] = value
     if not 1 <= out["max_patches_per_img"] <= 16:
         raise UserError(f"config {where}: 'distill_cfg.max_patches_per_img' must be in 1..16")
-    if out["hm_kd"] not in ("mse", "kl"):
-        raise UserError(f"config {where}: 'distill_cfg.hm_kd' must be 'mse' or 'kl'")
+    choices_of = dict(hm_kd=("soft_focal", "mse", "kl"), box_kd=("weighted", "mse"), box_kd_distance=("mse", "gwd_l1"))
+    for key, choices in choices_of.items():
+        if out[key] not in choices:
+            raise UserError(f"config {where}: 'distill_cfg.{key}' must be one of {', '.join(map(repr, choices))}, "
+                            f"got {out[key]!r}")
+    for key, ok, allowed in (("hm_kd_temperature", out["hm_kd_temperature"] > 0, "> 0"),
+                             ("hm_kd_beta", 0 <= out["hm_kd_beta"] <= 8, "in 0..8"),
+                             ("hm_kd_peak_thr", 0 < out["hm_kd_peak_thr"] < 1, "in (0, 1)")):
+        if not ok:
+            raise UserError(f"config {where}: 'distill_cfg.{key}' must be {allowed}, got {out[key]!r}")
+    for key in ("kd_weight_global_hm", "kd_weight_global_coarse", "kd_weight_local_refine"):
+        if out[key] < 0:
+            raise UserError(f"config {where}: 'distill_cfg.{key}' must be >= 0, got {out[key]!r}")
     return out
 
 

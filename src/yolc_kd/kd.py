@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Dict, List, Mapping
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from yolc_kd import crops
+from yolc_kd.config import DISTILL_DEFAULTS
 
 
 @dataclass
@@ -35,7 +38,7 @@ class KDTargets:
 
     @property
     def patch_refine(self) -> torch.Tensor:
-        """(Np,4,ph/4,pw/4) refine maps of the valid patches in patch_batch order."""
+        """(Np,4,ph/4,pw/4) refine maps of the valid patches in cut order (image by image, slot by slot)."""
         return self.refine[self.patch_valid]
 
 
@@ -44,10 +47,47 @@ def _check_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> Non
         raise ValueError(f"KD shape mismatch for {name}: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
 
 
-def heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, mode: str = "mse", temperature: float = 1.0) -> torch.Tensor:
-    """MSE on probabilities, or KL of per-pixel class softmax of the logits recovered from the probabilities."""
+HM_KD_MODES = ("soft_focal", "mse", "kl")
+BOX_KD_MODES = ("weighted", "mse")
+BOX_KD_DISTANCES = ("mse", "gwd_l1")
+PROB_EPS = 1e-12                   # GaussianFocalLoss's eps on the probabilities inside the logs
+GWD_WEIGHT, L1_WEIGHT = 2.0, 0.5   # YOLCHead's loss_xywh (GWDLoss) and L1 loss weights
+L1_COORD_WEIGHTS = (1.0, 1.0, 0.2, 0.2)  # YOLC down-weights the size terms of L1 (targets.yolc_targets)
+
+
+def teacher_peak_count(p_t: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
+    """Number of 3x3 local maxima (as YOLC's decode) of p_t at or above threshold over the whole batch, clamped
+    at 1 and detached: the teacher's object count, YOLC's avg_factor analogue. A plateau (a quantised cache
+    heatmap's flat top) counts once: a peak is also strictly above its up-left, up, up-right and left neighbours."""
+    p = p_t.detach()
+    peak = (p == F.max_pool2d(p, 3, stride=1, padding=1)) & (p >= threshold)
+    h, w = p.shape[-2:]
+    padded = F.pad(p, (1, 1, 1, 0), value=-1.0)  # pixel (y, x) sits at (y + 1, x + 1)
+    for dy, dx in ((0, 0), (0, 1), (0, 2), (1, 0)):
+        peak &= p > padded[..., dy:dy + h, dx:dx + w]
+    return peak.sum().clamp(min=1).to(p.dtype)
+
+
+def soft_focal_heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, beta: float = 2.0,
+                          peak_threshold: float = 0.3) -> torch.Tensor:
+    """Quality-focal soft BCE: sum of BCE(p_s; p_t) * |p_s - p_t|^beta over all elements / teacher peaks."""
+    log_p = p_s.clamp(min=PROB_EPS).log()
+    log_1mp = (1 - p_s).clamp(min=PROB_EPS).log()
+    bce = -(p_t * log_p + (1 - p_t) * log_1mp)
+    modulator = (p_s - p_t).abs().pow(beta) if beta else torch.ones_like(bce)
+    return (bce * modulator).sum() / teacher_peak_count(p_t, peak_threshold)
+
+
+def heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, mode: str = "mse", temperature: float = 1.0, *,
+               beta: float = 2.0, peak_threshold: float = 0.3) -> torch.Tensor:
+    """mse (seed): MSE on probabilities; kl: KL of per-pixel class softmax of the logits recovered from the
+    probabilities; soft_focal: soft_focal_heatmap_kd."""
     if mode == "mse":
         return F.mse_loss(p_s, p_t, reduction="mean")
+    if mode == "soft_focal":
+        return soft_focal_heatmap_kd(p_s, p_t, beta, peak_threshold)
+    if mode != "kl":
+        raise ValueError(f"unknown hm_kd mode {mode!r} ({', '.join(HM_KD_MODES)})")
     eps = 1e-6
     logit_s = torch.logit(p_s.clamp(eps, 1 - eps))
     logit_t = torch.logit(p_t.clamp(eps, 1 - eps))
@@ -57,25 +97,85 @@ def heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, mode: str = "mse", temperat
     return kl.mean() * temperature ** 2
 
 
+def cell_weights(heatmap: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
+    """(B,C,H,W) teacher probabilities -> (B, h*w) confidence per stride-4 regression cell: max over classes,
+    then 4x4 max-pool (pixel (y, x) decodes from cell (y//4, x//4), as YOLCHead.decode_heatmap)."""
+    b, _, hh, ww = heatmap.shape
+    if (hh, ww) != (4 * grid_hw[0], 4 * grid_hw[1]):
+        raise ValueError(f"KD heatmap {hh}x{ww} is not 4x the regression grid {grid_hw[0]}x{grid_hw[1]}")
+    conf = heatmap.detach().amax(dim=1, keepdim=True)
+    return F.max_pool2d(conf, 4, stride=4).reshape(b, -1)
+
+
+def patch_cell_weights(targets: KDTargets, grid_hw: Tuple[int, int]) -> torch.Tensor:
+    """(Np, ph/4*pw/4) teacher confidence per refine cell of every valid patch: the max-over-classes heatmap
+    cut, resized and padded exactly as the image patches (crops.kd_patch_plan(...).cut), then 4x4 max-pooled."""
+    conf = targets.heatmap.detach().float().amax(dim=1, keepdim=True)
+    canvas = (4 * int(grid_hw[0]), 4 * int(grid_hw[1]))  # the canvas the refine maps were computed on
+    plan = crops.PatchPlan(targets.patch_boxes, targets.patch_scales, targets.patch_valid, canvas,
+                           (int(conf.shape[2]), int(conf.shape[3])), "kd")
+    patches = plan.cut(conf)
+    return F.max_pool2d(patches, 4, stride=4).reshape(patches.shape[0], -1)
+
+
+def _gwd(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """losses.gwd_distance_loss, but 0 with a zero (not NaN) gradient where student == teacher."""
+    sq = torch.square(pred - target).sum(dim=-1)
+    nonzero = sq > 0
+    distance = torch.where(nonzero, torch.where(nonzero, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    return 1 - 1 / (1.0 + torch.log1p(distance))
+
+
+def box_distance(box_s: torch.Tensor, box_t: torch.Tensor, distance: str = "mse") -> torch.Tensor:
+    """Per-cell distance of decoded boxes (...,4) -> (...): squared error summed over the 4 coords (mse), or
+    YOLC's own box loss per box, 2 * GWD + 0.5 * L1 with size terms at 0.2 (gwd_l1)."""
+    if distance == "mse":
+        return (box_s - box_t).pow(2).sum(dim=-1)
+    if distance == "gwd_l1":
+        l1 = ((box_s - box_t).abs() * box_s.new_tensor(L1_COORD_WEIGHTS)).sum(dim=-1)
+        return GWD_WEIGHT * _gwd(box_s, box_t) + L1_WEIGHT * l1
+    raise ValueError(f"unknown box_kd_distance {distance!r} ({', '.join(BOX_KD_DISTANCES)})")
+
+
+def weighted_box_kd(box_s: torch.Tensor, box_t: torch.Tensor, weight: torch.Tensor,
+                    distance: str = "mse") -> torch.Tensor:
+    """sum(w * d) / max(sum(w), 1) over all cells: a confidence-weighted mean of the per-cell distance;
+    an empty scene (w ~ 0) gives ~0 instead of a mean over background cells."""
+    weight = weight.detach()
+    return (box_distance(box_s, box_t, distance) * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 def kd_losses(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: torch.Tensor, targets: KDTargets,
               dcfg: Mapping, decode: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The three KD terms, weighted by distill_cfg; every teacher tensor is detached."""
+    """The three KD terms, weighted by distill_cfg; every teacher tensor is detached. hm_kd / box_kd pick the
+    formulas ('mse' for both is the seed's); missing keys fall back to DISTILL_DEFAULTS."""
     t = targets.detach()
+    opt = {**DISTILL_DEFAULTS, **dict(dcfg)}
     for name in ("heatmap", "coarse", "refine"):
         if not getattr(t, name).is_floating_point():
             raise TypeError(f"KD target {name} is {getattr(t, name).dtype}: dequantise stored targets first")
     _check_shape("heatmap", heatmap_s, t.heatmap)
     _check_shape("coarse", coarse_s, t.coarse)
-    hm = heatmap_kd(heatmap_s.float(), t.heatmap.float(), dcfg.get("hm_kd", "mse"),
-                    float(dcfg.get("hm_kd_temperature", 1.0)))
-    coarse = F.mse_loss(decode(coarse_s.float()), decode(t.coarse.float()), reduction="mean")
+    hm = heatmap_kd(heatmap_s.float(), t.heatmap.float(), opt["hm_kd"], float(opt["hm_kd_temperature"]),
+                    beta=float(opt["hm_kd_beta"]), peak_threshold=float(opt["hm_kd_peak_thr"]))
+    box_mode, distance = opt["box_kd"], opt["box_kd_distance"]
+    if box_mode not in BOX_KD_MODES:
+        raise ValueError(f"unknown box_kd mode {box_mode!r} ({', '.join(BOX_KD_MODES)})")
+    box_s, box_t = decode(coarse_s.float()), decode(t.coarse.float())
+    if box_mode == "mse":
+        coarse = F.mse_loss(box_s, box_t, reduction="mean")
+    else:
+        coarse = weighted_box_kd(box_s, box_t, cell_weights(t.heatmap.float(), coarse_s.shape[2:]), distance)
     ref_t = t.patch_refine.float()
     _check_shape("refine", patch_refine_s, ref_t)
     if ref_t.shape[0] == 0:
         local = heatmap_s.sum() * 0  # no patch in this batch: zero that still joins the graph
-    else:
+    elif box_mode == "mse":
         per_patch = (decode(patch_refine_s.float()) - decode(ref_t)).pow(2).mean(dim=(1, 2))
         local = per_patch.mean()  # mean inside each patch, then over the patches of the batch
-    return dict(loss_kd_global_hm=float(dcfg["kd_weight_global_hm"]) * hm,
-                loss_kd_global_coarse=float(dcfg["kd_weight_global_coarse"]) * coarse,
-                loss_kd_local_refine=float(dcfg["kd_weight_local_refine"]) * local)
+    else:  # one confidence-weighted mean over the cells of all patches of the batch
+        local = weighted_box_kd(decode(patch_refine_s.float()), decode(ref_t),
+                                patch_cell_weights(t, ref_t.shape[2:]), distance)
+    return dict(loss_kd_global_hm=float(opt["kd_weight_global_hm"]) * hm,
+                loss_kd_global_coarse=float(opt["kd_weight_global_coarse"]) * coarse,
+                loss_kd_local_refine=float(opt["kd_weight_local_refine"]) * local)
