@@ -78,7 +78,7 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
                                       quantize_boxes)
     from yolc_kd.cache.writer import CacheStore, ShardBuffer
     from yolc_kd.data.augment import TrainAugment
-    from yolc_kd.train.cache_source import expected_identity
+    from yolc_kd.teacher import expected_target_identity
 
     rng = np.random.default_rng(args.seed)
     cfg, aug_cfg, classes = real_setup()
@@ -100,7 +100,7 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
                                    categories=[dict(id=j + 1, name=n) for j, n in enumerate(classes)])))
     out = tmp / "real_cache"
     shutil.rmtree(out, ignore_errors=True)
-    manifest = expected_identity(cfg, aug_cfg, classes)
+    manifest = expected_target_identity(cfg, aug_cfg, classes)
     manifest["teacher"].update(ckpt_sha256="0" * 64, ckpt_path="(synthetic targets, no teacher)")
     manifest.update(jsonable(dict(
         package_version=__version__, variants=variants, shard_size=args.shard_size, amp=True,
@@ -313,8 +313,9 @@ def bench_throughput(tmp: Path, ckpt: Path, args) -> Dict[str, Any]:
     from yolc_kd.data.augment import AugmentConfig, TrainAugment
     from yolc_kd.data.coco import CocoDetection
     from yolc_kd.data.synth import make_synthetic_dataset
-    from yolc_kd.models.distill import build_teacher
-    from yolc_kd.precompute.run import PrecomputeOptions, deterministic_numerics, precompute, run_teacher
+    from yolc_kd.precompute.run import PrecomputeOptions, precompute, run_teacher
+    from yolc_kd.runtime import deterministic_numerics
+    from yolc_kd.teacher import build_teacher
     from yolc_kd.precompute.views import ViewJobs, image_ids_of, plan_jobs
 
     data = make_synthetic_dataset(tmp / "synth_tp", args.tp_images, seed=0, size=(384, 256), num_classes=4)

@@ -35,7 +35,8 @@ def _boxes(b, h, w, n, num_classes, gen):
 def measure(student_cfg: str, teacher_cfg: str, size, batch: int, iters: int, device: str, amp: bool) -> dict:
     from yolc_kd.config import load_config
     from yolc_kd.models import build_detector
-    from yolc_kd.models.distill import freeze
+    from yolc_kd.teacher import freeze, teacher_targets
+    from yolc_kd.train.teacher_source import LiveTeacherSource
 
     s_cfg = load_config(REPO / student_cfg, with_defaults=True)
     t_cfg = load_config(REPO / teacher_cfg)
@@ -49,20 +50,21 @@ def measure(student_cfg: str, teacher_cfg: str, size, batch: int, iters: int, de
     gt_b, gt_l = _boxes(batch, h, w, 30, nc, gen)
     gt_b, gt_l = [b.to(device) for b in gt_b], [l.to(device) for l in gt_l]
     with torch.no_grad(), torch.autocast(device.split(":")[0], enabled=amp):
-        cached = teacher.kd_targets(img, metas, dcfg)  # what the cache reader hands the trainer
+        cached = teacher_targets(teacher, img, metas, dcfg)  # what the cache source hands the trainer
 
     def step_fn(mode):
         torch.manual_seed(0)
-        model = build_detector(s_cfg["model"], distill_cfg=dcfg).to(device).train()
-        if mode == "online":
-            model._teacher = [teacher]
+        model = build_detector(s_cfg["model"]).to(device).train()
+        live = LiveTeacherSource(teacher, dcfg)
+        batch = dict(img=img, img_metas=metas)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
         def step():
             with torch.autocast(device.split(":")[0], enabled=amp):
-                losses = model(img, metas, gt_bboxes=gt_b, gt_labels=gt_l,
-                               kd_targets=cached if mode == "offline" else None)
+                targets = dict(supervised=None, offline=cached)[mode] if mode != "online" else live.targets(batch)
+                losses = model(img, metas, gt_bboxes=gt_b, gt_labels=gt_l, kd_targets=targets,
+                               kd_cfg=dcfg if targets is not None else None)
             opt.zero_grad()
             scaler.scale(sum(losses.values())).backward()
             scaler.step(opt)

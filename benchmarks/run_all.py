@@ -42,6 +42,7 @@ def main() -> None:
         results["infer"] = _run("bench_infer.py", "--val", str(val))
     results["train_step"] = _run("bench_train_step.py", "--iters", "3" if args.quick else "5")
     results["cache"] = _run("bench_cache.py")
+    results["synth"] = _run("bench_synth.py")
     if not args.no_kd:
         results["kd_quality"] = _run("bench_kd_quality.py")
     Path(args.out).write_text(json.dumps(results, indent=2))

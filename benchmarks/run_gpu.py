@@ -24,6 +24,7 @@ REPO = HERE.parent
 def teacher_throughput(batch: int = 4, iters: int = 5) -> dict:
     from yolc_kd.config import load_config
     from yolc_kd.models import build_detector
+    from yolc_kd.teacher import teacher_targets
 
     cfg = load_config(REPO / "configs" / "yolc_hrnet_w18_visdrone_kd.py", with_defaults=True)
     teacher = build_detector(load_config(REPO / "configs" / "yolc_hrnet_w48_visdrone.py")["model"]).cuda().eval()
@@ -32,7 +33,7 @@ def teacher_throughput(batch: int = 4, iters: int = 5) -> dict:
                   scale_factor=np.ones(4, np.float32), border=np.zeros(4, np.float32)) for _ in range(batch)]
     out = {}
     for name, fn in (("forward_only", lambda: teacher.bbox_head(teacher.extract_feat(img))),
-                     ("kd_targets", lambda: teacher.kd_targets(img, metas, cfg["distill_cfg"])),
+                     ("kd_targets", lambda: teacher_targets(teacher, img, metas, cfg["distill_cfg"])),
                      ("fused_inference", lambda: teacher.simple_test(img, metas, fusion="nms"))):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
             fn()

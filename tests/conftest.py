@@ -1,10 +1,17 @@
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import zarr
+
+from yolc_kd.cache.schema import ALL_ARRAYS  # noqa: E402
+from yolc_kd.checkpoint import save_checkpoint  # noqa: E402
+from yolc_kd.data.synth import make_synthetic_dataset  # noqa: E402
+from yolc_kd.models import build_detector  # noqa: E402
 
 torch.set_num_threads(2)
 def _find_shared() -> Path:
@@ -54,3 +61,98 @@ def tiny_model_cfg(num_classes: int = 3, widths=(8, 16, 32, 64), neck: int = 32,
 def plain_metas(n: int, h: int, w: int):
     return [dict(batch_input_shape=(h, w), pad_shape=(h, w, 3), img_shape=(h, w, 3),
                  scale_factor=np.ones(4, np.float32), border=np.zeros(4, np.float32)) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- tiny training config
+PIPELINE = [
+    dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
+    dict(type="PhotoMetricDistortion"),
+    dict(type="RandomCenterCropPad", crop_size=(128, 96), ratios=(0.9, 1.0, 1.1), mean=[0, 0, 0], std=[1, 1, 1],
+         to_rgb=True, test_pad_mode=None),
+    dict(type="Resize", img_scale=(128, 96), keep_ratio=True), dict(type="RandomFlip", flip_ratio=0.5),
+    dict(type="Normalize", mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
+]
+
+
+def write_config(path, extra: str = "") -> str:
+    model = tiny_model_cfg(num_classes=3)
+    path.write_text(
+        f"model = {model!r}\nclasses = ('pedestrian', 'people', 'bicycle')\ntrain_pipeline = {PIPELINE!r}\n"
+        "data = dict(samples_per_gpu=2, workers_per_gpu=0)\noptimizer = dict(type='Adam', lr=0.001)\n"
+        "lr_config = dict(policy='step', warmup='linear', warmup_iters=2, warmup_ratio=0.1, step=[100])\n"
+        "runner = dict(type='IterBasedRunner', max_iters=4)\ncheckpoint_config = dict(interval=2)\n"
+        "log_config = dict(interval=1)\n" + extra)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- precompute set-up (random teacher)
+SEED, VARIANTS, SHARD, BATCH = 3, 2, 2, 2
+
+
+def teacher_model_cfg() -> dict:
+    cfg = tiny_model_cfg(num_classes=3)
+    cfg["test_cfg"]["lsm"] = dict(topk_cells=60)  # a random teacher's heatmap is flat: let LSM find patches
+    return cfg
+
+
+def save_random_teacher(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = build_detector(teacher_model_cfg()).eval()
+    with torch.no_grad():  # spread the head's outputs so heatmap, boxes and crops are not constant
+        for name, p in model.named_parameters():
+            if name.startswith("bbox_head"):
+                p.add_(torch.randn_like(p) * 0.3)
+        model.bbox_head.local_head[-1].bias.fill_(-3.0)
+    return save_checkpoint(path, model)
+
+
+def make_setup(root: Path, n_images: int = 6) -> SimpleNamespace:
+    data = make_synthetic_dataset(root / "data", n_images, seed=1, size=(128, 96), num_classes=3)
+    ckpt = save_random_teacher(root / "teacher.pth", 0)
+    config = root / "student.py"
+    config.write_text(f"""
+model = {teacher_model_cfg()!r}
+classes = ('pedestrian', 'people', 'bicycle')
+seed = {SEED}
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='RandomCenterCropPad', crop_size=(128, 96), ratios=(1.0,), border=32, mean=[0, 0, 0], std=[1, 1, 1],
+         to_rgb=True, test_pad_mode=None),
+    dict(type='Resize', img_scale=(128, 96), keep_ratio=True),
+    dict(type='RandomFlip', flip_ratio=0.5),
+    dict(type='Normalize', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
+]
+data = dict(samples_per_gpu=2, workers_per_gpu=0,
+            train=dict(ann_file={str(data / 'annotations.json')!r}, img_prefix={str(data)!r}))
+distill_cfg = dict(teacher_config=None, max_patches_per_img=2, min_patch_size=16)
+""")
+    return SimpleNamespace(root=root, data=data, ann=data / "annotations.json", ckpt=ckpt, config=config)
+
+
+def cli_args(s: SimpleNamespace, out: Path, *extra: str) -> list:
+    return ["precompute", "--config", str(s.config), "--ckpt", str(s.ckpt), "--out", str(out), "--variants",
+            str(VARIANTS), "--shard-size", str(SHARD), "--batch-size", str(BATCH), "--no-progress", *extra]
+
+
+def read_all(path: Path) -> dict:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: g[name][:] for name in ALL_ARRAYS}
+
+
+def assert_same_arrays(a: Path, b: Path) -> None:
+    x, y = read_all(a), read_all(b)
+    for name in ALL_ARRAYS:
+        u, v = x[name], y[name]
+        assert u.shape == v.shape and u.dtype == v.dtype, name
+        if u.dtype.kind in "fiub":
+            assert u.tobytes() == v.tobytes(), f"array {name} differs"
+        else:
+            assert list(u) == list(v), f"array {name} differs"
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env

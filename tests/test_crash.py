@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_precompute import subprocess_env
-from test_train import write_config
+from conftest import subprocess_env
+from conftest import write_config
 from yolc_kd.cli import main
 from yolc_kd.data.synth import make_synthetic_dataset
 

@@ -33,6 +33,14 @@ def model():
 
 # ----------------------------------------------------------------------------- crop <-> remap
 
+def _make_patches(img, meta, coord, up):
+    """One region through the inference patch plan as it is (no enlarging), canvas a quarter of the input."""
+    plan = crops.plan_patches([np.array([coord])], [meta], img.shape[2:], 1, 1, 1.0, up,
+                              crops.patch_canvas(img.shape[2:]), mode="inference")
+    batch = plan.cut(img)
+    return batch, plan.metas([meta], batch.shape[2:]), plan.owners
+
+
 def test_remap_is_the_inverse_of_crop(model):
     rng = np.random.default_rng(0)
     H, W = 160, 224
@@ -44,8 +52,8 @@ def test_remap_is_the_inverse_of_crop(model):
         x, y = int(rng.integers(0, W - 1)), int(rng.integers(0, H - 1))
         w, h = int(rng.integers(1, W - x + 1)), int(rng.integers(1, H - y + 1))
         coord = [x, y, w, h]
-        # the patch and the scale exactly as make_patches builds them
-        batch, metas, owners = model.make_patches(img[None], [meta], [np.array([coord])], up)
+        # the patch and the scale exactly as the inference patch plan builds them
+        batch, metas, owners = _make_patches(img[None], meta, coord, up)
         patch = model._crop_img_tensor(img, coord)
         assert tuple(patch.shape[1:]) == (h, w)
         ch, cw = crops.patch_canvas((H, W))  # upscaling stops where the patch would exceed the canvas
@@ -77,7 +85,7 @@ def test_remap_is_the_inverse_of_crop(model):
 def test_patch_scale_is_exact_per_axis(model):
     img = torch.randn(3, 128, 128)
     meta = plain_metas(1, 128, 128)[0]
-    batch, metas, _ = model.make_patches(img[None], [meta], [np.array([[0, 0, 64, 65]])], 1.5)
+    batch, metas, _ = _make_patches(img[None], meta, [0, 0, 64, 65], 1.5)
     ph, pw = metas[0]["img_shape"][:2]
     box = torch.tensor([[0.0, 0.0, float(pw), float(ph), 1.0]])  # the whole patch
     back = model._remap_bboxes_to_full(box, metas[0])

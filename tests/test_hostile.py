@@ -22,8 +22,8 @@ import torch
 import zarr
 from PIL import Image
 
-from test_precompute import make_setup, teacher_model_cfg
-from test_train import write_config
+from conftest import make_setup, teacher_model_cfg
+from conftest import write_config
 from yolc_kd.cache.schema import STATUS_OK, STATUS_SKIPPED
 from yolc_kd.checkpoint import save_checkpoint
 from yolc_kd.cli import main

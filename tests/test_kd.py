@@ -1,14 +1,12 @@
-"""KD losses and the online teacher."""
+"""KD losses."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import plain_metas, tiny_model_cfg
+from conftest import tiny_model_cfg
 from yolc_kd.cache.schema import dequantize_heatmap, quantize_heatmap
-from yolc_kd.checkpoint import save_checkpoint
 from yolc_kd.config import DISTILL_DEFAULTS, validate_distill_cfg
 from yolc_kd.errors import UserError
 from yolc_kd.kd import (KDTargets, box_distance, cell_weights, heatmap_kd, kd_losses, patch_cell_weights,
@@ -76,59 +74,6 @@ def test_kl_heatmap_kd_zero_for_equal_and_positive_otherwise():
     p = torch.rand(2, 3, 8, 8)
     assert float(heatmap_kd(p, p, "kl", 2.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(heatmap_kd(torch.rand(2, 3, 8, 8), p, "kl", 2.0)) > 0
-
-
-@pytest.fixture()
-def teacher_ckpt(tmp_path):
-    torch.manual_seed(1)
-    teacher = build_detector(tiny_model_cfg(num_classes=3))
-    return save_checkpoint(tmp_path / "teacher.pth", teacher), teacher
-
-
-def test_online_teacher_is_frozen_and_outside_the_student(teacher_ckpt):
-    path, _ = teacher_ckpt
-    model = build_detector(tiny_model_cfg(num_classes=3), distill_cfg=DCFG, online_teacher=True,
-                           teacher_ckpt=str(path)).train()
-    assert model.teacher is not None and not model.teacher.training
-    assert all(not p.requires_grad for p in model.teacher.parameters())
-    assert not any(k.startswith("teacher") for k in model.state_dict())
-    img = torch.randn(2, 3, 96, 128)
-    gt_b = [torch.tensor([[10., 10., 30., 26.]]), torch.tensor([[40., 30., 60., 52.]])]
-    gt_l = [torch.tensor([0]), torch.tensor([2])]
-    losses = model(img, plain_metas(2, 96, 128), gt_bboxes=gt_b, gt_labels=gt_l)
-    assert {"loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"} <= set(losses)
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in model.teacher.parameters())
-
-
-def test_teacher_equal_to_student_gives_zero_kd(teacher_ckpt):
-    path, teacher = teacher_ckpt
-    model = build_detector(tiny_model_cfg(num_classes=3), distill_cfg=DCFG, online_teacher=True, teacher_ckpt=str(path))
-    model.load_state_dict(teacher.state_dict())
-    model.eval()  # same weights and BN statistics: student outputs equal the teacher's
-    img = torch.randn(1, 3, 96, 128)
-    losses = model.forward_train(img, plain_metas(1, 96, 128), [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
-    for key in ("loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"):
-        assert float(losses[key].detach()) == pytest.approx(0.0, abs=1e-8), key
-
-
-def test_use_teacher_crop_false_uses_student_regions(teacher_ckpt):
-    path, _ = teacher_ckpt
-    dcfg = dict(DCFG, use_teacher_crop=False)
-    model = build_detector(tiny_model_cfg(num_classes=3), distill_cfg=dcfg, online_teacher=True, teacher_ckpt=str(path))
-    calls = []
-    original = model.teacher.kd_targets
-    model.teacher.kd_targets = lambda img, metas, d, coords=None: calls.append(coords) or original(img, metas, d, coords)
-    model.train().forward_train(torch.randn(1, 3, 96, 128), plain_metas(1, 96, 128), [torch.zeros(0, 4)],
-                                [torch.zeros(0, dtype=torch.long)])
-    assert calls and calls[0] is not None and isinstance(calls[0][0], np.ndarray)
-
-
-def test_missing_teacher_checkpoint_is_a_clear_error():
-    from yolc_kd.errors import UserError
-
-    with pytest.raises(UserError, match="teacher checkpoint"):
-        build_detector(tiny_model_cfg(), distill_cfg=DCFG, online_teacher=True)
 
 
 # ---------------------------------------------------------------- normalised losses (the defaults)

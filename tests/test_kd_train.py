@@ -4,13 +4,17 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REPO
-from test_precompute import cli_args, make_setup, subprocess_env
+from conftest import cli_args, make_setup, subprocess_env
+from yolc_kd.cache.reader import CacheReader
 from yolc_kd.cli import main
-from yolc_kd.train.cache_source import dequantize_targets
+from yolc_kd.teacher import build_teacher
+from yolc_kd.train.cache_source import CacheTargetSource
+from yolc_kd.train.teacher_source import LiveTeacherSource
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +49,12 @@ def test_offline_and_online_give_the_same_losses(kd_setup):
     assert "kd_targets" in offline and "kd_targets" not in online
     dcfg = dict(cfg["distill_cfg"], enable=True)
     torch.manual_seed(0)
-    student = build_detector(cfg["model"], distill_cfg=dcfg).train()
-    teacher_model = build_detector(cfg["model"], distill_cfg=dcfg, online_teacher=True,
-                                   teacher_ckpt=str(kd_setup.ckpt)).train()
-    teacher_model.load_state_dict(student.state_dict())  # the same student, now with a live teacher
-    args = dict(gt_bboxes=offline["gt_bboxes"], gt_labels=offline["gt_labels"])
-    targets = dequantize_targets(offline["kd_targets"])  # as the trainer does after moving a batch
-    l_off = student.forward_train(offline["img"], offline["img_metas"], kd_targets=targets, **args)
-    l_on = teacher_model.forward_train(online["img"], online["img_metas"], **args)
+    student = build_detector(cfg["model"]).train()
+    cache = CacheTargetSource(CacheReader(kd_setup.cache))
+    live = LiveTeacherSource(build_teacher(dcfg, cfg["model"], ckpt=str(kd_setup.ckpt)), dcfg)
+    args = dict(gt_bboxes=offline["gt_bboxes"], gt_labels=offline["gt_labels"], kd_cfg=dcfg)
+    l_off = student.forward_train(offline["img"], offline["img_metas"], kd_targets=cache.targets(offline), **args)
+    l_on = student.forward_train(online["img"], online["img_metas"], kd_targets=live.targets(online), **args)
     assert torch.equal(offline["img"], online["img"])
     for key in ("loss_center_heatmap", "loss_xywh_coarse", "loss_xywh_coarse_l1", "loss_xywh_refine",
                 "loss_xywh_refine_l1"):
@@ -65,12 +67,12 @@ def test_offline_and_online_give_the_same_losses(kd_setup):
 
 
 def test_offline_training_never_builds_a_teacher(kd_setup, tmp_path, monkeypatch):
-    import yolc_kd.models.distill as distill
+    import yolc_kd.teacher as teacher
 
     def forbidden(*a, **k):
         raise AssertionError("a teacher was constructed in offline mode")
 
-    monkeypatch.setattr(distill, "build_teacher", forbidden)
+    monkeypatch.setattr(teacher, "build_teacher", forbidden)
     assert main(["train", "--config", str(kd_setup.config), "--cache", str(kd_setup.cache), "--work-dir",
                  str(tmp_path / "w"), "--max-iters", "2", "--no-progress"]) == 0
     record = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -97,3 +99,24 @@ def test_torchrun_two_processes_train_and_loss_falls(kd_setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     losses = [json.loads(l)["loss"] for l in (work / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]), losses
+
+
+def test_lsm_visualize_writes_the_crops_local_kd_used(kd_setup, tmp_path):
+    from PIL import Image
+
+    config = tmp_path / "viz.py"
+    config.write_text(f"_base_ = {str(kd_setup.config)!r}\ndistill_cfg = dict(lsm_visualize=True)\n")
+    work = tmp_path / "w"
+    assert main(["train", "--config", str(config), "--cache", str(kd_setup.cache), "--work-dir", str(work),
+                 "--max-iters", "3", "--no-progress", "--workers", "0"]) == 0
+    pngs = sorted((work / "lsm").glob("*.png"))
+    assert len(pngs) == 2 * 2  # the first two batches of two views each
+    assert all(p.name.startswith(("iter000000_", "iter000001_")) for p in pngs)
+    imgs = [np.asarray(Image.open(p).convert("RGB")) for p in pngs]
+    assert all(im.shape[:2] == (96, 128) for im in imgs)
+    red = [int(((im[..., 0] == 255) & (im[..., 1] == 0) & (im[..., 2] == 0)).sum()) for im in imgs]
+    assert sum(red) > 0, red  # the teacher's crop boxes are outlined on the LSM binary map
+    # off by default: the same run without the flag writes none
+    assert main(["train", "--config", str(kd_setup.config), "--cache", str(kd_setup.cache), "--work-dir",
+                 str(tmp_path / "w2"), "--max-iters", "1", "--no-progress", "--workers", "0"]) == 0
+    assert not (tmp_path / "w2" / "lsm").exists()

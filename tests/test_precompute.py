@@ -1,105 +1,26 @@
 """`yolc-kd precompute`: cached targets equal a live teacher, resume after kill -9 is bit-identical,
 mismatched reruns are refused, torchrun shards equal a single process, unreadable images are recorded."""
-import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import zarr
 
-from conftest import REPO, tiny_model_cfg
+from conftest import SEED, VARIANTS, assert_same_arrays, cli_args, make_setup, save_random_teacher, subprocess_env
 from yolc_kd.cache.reader import CacheReader
-from yolc_kd.cache.schema import (ALL_ARRAYS, STATUS_OK, STATUS_SKIPPED, dequantize_heatmap, box_tolerance, dequantize_boxes,
+from yolc_kd.cache.schema import (STATUS_OK, STATUS_SKIPPED, dequantize_heatmap, box_tolerance, dequantize_boxes,
                                   heatmap_tolerance)
-from yolc_kd.checkpoint import save_checkpoint
 from yolc_kd.cli import main
 from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
-from yolc_kd.data.synth import make_synthetic_dataset
-from yolc_kd.models import build_detector
-from yolc_kd.models.distill import build_teacher
-from yolc_kd.precompute.run import deterministic_numerics
-
-SEED, VARIANTS, SHARD, BATCH = 3, 2, 2, 2
-
-
-def teacher_model_cfg() -> dict:
-    cfg = tiny_model_cfg(num_classes=3)
-    cfg["test_cfg"]["lsm"] = dict(topk_cells=60)  # a random teacher's heatmap is flat: let LSM find patches
-    return cfg
-
-
-def save_random_teacher(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = build_detector(teacher_model_cfg()).eval()
-    with torch.no_grad():  # spread the head's outputs so heatmap, boxes and crops are not constant
-        for name, p in model.named_parameters():
-            if name.startswith("bbox_head"):
-                p.add_(torch.randn_like(p) * 0.3)
-        model.bbox_head.local_head[-1].bias.fill_(-3.0)
-    return save_checkpoint(path, model)
-
-
-def make_setup(root: Path, n_images: int = 6) -> SimpleNamespace:
-    data = make_synthetic_dataset(root / "data", n_images, seed=1, size=(128, 96), num_classes=3)
-    ckpt = save_random_teacher(root / "teacher.pth", 0)
-    config = root / "student.py"
-    config.write_text(f"""
-model = {teacher_model_cfg()!r}
-classes = ('pedestrian', 'people', 'bicycle')
-seed = {SEED}
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='PhotoMetricDistortion'),
-    dict(type='RandomCenterCropPad', crop_size=(128, 96), ratios=(1.0,), border=32, mean=[0, 0, 0], std=[1, 1, 1],
-         to_rgb=True, test_pad_mode=None),
-    dict(type='Resize', img_scale=(128, 96), keep_ratio=True),
-    dict(type='RandomFlip', flip_ratio=0.5),
-    dict(type='Normalize', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
-]
-data = dict(samples_per_gpu=2, workers_per_gpu=0,
-            train=dict(ann_file={str(data / 'annotations.json')!r}, img_prefix={str(data)!r}))
-distill_cfg = dict(teacher_config=None, max_patches_per_img=2, min_patch_size=16)
-""")
-    return SimpleNamespace(root=root, data=data, ann=data / "annotations.json", ckpt=ckpt, config=config)
-
-
-def cli_args(s: SimpleNamespace, out: Path, *extra: str) -> list:
-    return ["precompute", "--config", str(s.config), "--ckpt", str(s.ckpt), "--out", str(out), "--variants",
-            str(VARIANTS), "--shard-size", str(SHARD), "--batch-size", str(BATCH), "--no-progress", *extra]
-
-
-def read_all(path: Path) -> dict:
-    g = zarr.open_group(str(path), mode="r")
-    return {name: g[name][:] for name in ALL_ARRAYS}
-
-
-def assert_same_arrays(a: Path, b: Path) -> None:
-    x, y = read_all(a), read_all(b)
-    for name in ALL_ARRAYS:
-        u, v = x[name], y[name]
-        assert u.shape == v.shape and u.dtype == v.dtype, name
-        if u.dtype.kind in "fiub":
-            assert u.tobytes() == v.tobytes(), f"array {name} differs"
-        else:
-            assert list(u) == list(v), f"array {name} differs"
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    return env
-
+from yolc_kd.runtime import deterministic_numerics
+from yolc_kd.teacher import build_teacher, teacher_targets
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -134,7 +55,7 @@ def _compare_with_live_teacher(setup, ref_cache):
         boxes, labels = coco.annotations(i)
         for v in range(VARIANTS):
             view = augment(coco.load_image(i), boxes, labels, (SEED, image_id, v))
-            live = teacher.kd_targets(view.img[None], [view.meta], dcfg)
+            live = teacher_targets(teacher, view.img[None], [view.meta], dcfg)
             index = reader.index_of(image_id, v)
             assert index == i * VARIANTS + v
             s = reader.read_sample(index)

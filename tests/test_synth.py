@@ -1,5 +1,4 @@
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +63,6 @@ def test_objects_are_clustered(tmp_path):
             acc.append(np.mean((dist < 48).sum(1) - 1 >= 3))
     assert np.median(clustered) > 0.5
     assert np.median(clustered) > np.median(uniform) + 0.25
-
-
-def test_fast_enough(tmp_path):
-    start = time.perf_counter()
-    make_synthetic_dataset(tmp_path, 5, seed=0)
-    assert (time.perf_counter() - start) / 5 < 0.3  # about 0.05 s per image here; loose for busy CI
 
 
 def test_layout_from_small_file(tmp_path):

@@ -4,29 +4,8 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model_cfg
+from conftest import write_config
 from yolc_kd.cli import main
-
-PIPELINE = [
-    dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
-    dict(type="PhotoMetricDistortion"),
-    dict(type="RandomCenterCropPad", crop_size=(128, 96), ratios=(0.9, 1.0, 1.1), mean=[0, 0, 0], std=[1, 1, 1],
-         to_rgb=True, test_pad_mode=None),
-    dict(type="Resize", img_scale=(128, 96), keep_ratio=True), dict(type="RandomFlip", flip_ratio=0.5),
-    dict(type="Normalize", mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
-]
-
-
-def write_config(path, extra: str = "") -> str:
-    model = tiny_model_cfg(num_classes=3)
-    path.write_text(
-        f"model = {model!r}\nclasses = ('pedestrian', 'people', 'bicycle')\ntrain_pipeline = {PIPELINE!r}\n"
-        "data = dict(samples_per_gpu=2, workers_per_gpu=0)\noptimizer = dict(type='Adam', lr=0.001)\n"
-        "lr_config = dict(policy='step', warmup='linear', warmup_iters=2, warmup_ratio=0.1, step=[100])\n"
-        "runner = dict(type='IterBasedRunner', max_iters=4)\ncheckpoint_config = dict(interval=2)\n"
-        "log_config = dict(interval=1)\n" + extra)
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):

@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 import pickle
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,30 +41,58 @@ def read_checkpoint(path: PathLike, trust: bool = False) -> Tuple[Dict[str, torc
     return sd, dict(meta), dict(obj)
 
 
-def describe_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor], limit: int = 3) -> str:
-    """Short summary of missing / unexpected / shape-mismatched keys ('' when they fit)."""
+@dataclass
+class Mismatch:
+    """How a state dict fails to fit a model."""
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    shapes: List[str] = field(default_factory=list)       # "key (ckpt shape) vs (model shape)"
+    classes: Optional[Tuple[int, int]] = None             # (checkpoint's, model's) class count when they differ
+
+    @property
+    def blocks_loading(self) -> bool:
+        """Shapes that differ block even a non-strict load (missing / unexpected keys block a strict one)."""
+        return bool(self.shapes or self.classes)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shapes or self.classes)
+
+    def describe(self, limit: int = 3) -> str:
+        parts = [f"checkpoint has {self.classes[0]} classes, the config {self.classes[1]}"] if self.classes else []
+        for name, items in (("missing", self.missing), ("unexpected", self.unexpected), ("shape mismatch", self.shapes)):
+            if items:
+                more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+                parts.append(f"{len(items)} {name}: {', '.join(items[:limit])}{more}")
+        return "; ".join(parts)
+
+
+def _class_layer_key(model: nn.Module) -> Optional[str]:
+    """State-dict key of the heatmap's per-class output weight (a YOLC head's last local_head layer)."""
+    head = getattr(getattr(model, "bbox_head", None), "local_head", None)
+    if head is None:
+        return None
+    last = head[-1]
+    return next((f"{name}.weight" for name, m in model.named_modules() if m is last), None)
+
+
+def find_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> Mismatch:
+    """Missing / unexpected / shape-mismatched keys of sd against the model, and a class-count difference."""
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    parts = []
-    for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{len(items)} {name}: {', '.join(items[:limit])}{more}")
-    cls_key = "bbox_head.local_head.6.weight"
-    if cls_key in sd and cls_key in own and sd[cls_key].shape[0] != own[cls_key].shape[0]:
-        parts.insert(0, f"checkpoint has {sd[cls_key].shape[0]} classes, the config {own[cls_key].shape[0]}")
-    return "; ".join(parts)
+    out = Mismatch(missing=[k for k in own if k not in sd], unexpected=[k for k in sd if k not in own],
+                   shapes=[f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                           if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)])
+    cls_key = _class_layer_key(model)
+    if cls_key and cls_key in sd and cls_key in own and sd[cls_key].shape[0] != own[cls_key].shape[0]:
+        out.classes = (int(sd[cls_key].shape[0]), int(own[cls_key].shape[0]))
+    return out
 
 
 def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True, trust: bool = False) -> Dict[str, Any]:
     """Load weights into model; on mismatch raise a UserError with a short summary. Returns the meta."""
     sd, meta, _ = read_checkpoint(path, trust)
-    problem = describe_mismatch(model, sd)
-    if problem and (strict or "shape mismatch" in problem or "classes" in problem):
-        raise UserError(f"checkpoint {path} does not fit the model: {problem}")
+    problem = find_mismatch(model, sd)
+    if problem and (strict or problem.blocks_loading):
+        raise UserError(f"checkpoint {path} does not fit the model: {problem.describe()}")
     model.load_state_dict(sd, strict=strict)
     return meta
 

@@ -190,3 +190,9 @@ def load_config(path: Union[str, Path], with_defaults: bool = False) -> Dict[str
 
 def num_classes_of(model_cfg: Mapping) -> int:
     return int(model_cfg["bbox_head"]["num_classes"])
+
+
+def setting(cfg: Mapping, section: str, key: str) -> Any:
+    """cfg[section][key], else YOLC's default from DEFAULTS (the one place defaults live)."""
+    value = (cfg.get(section) or {}).get(key) if isinstance(cfg.get(section), Mapping) else None
+    return value if value is not None else DEFAULTS[section][key]

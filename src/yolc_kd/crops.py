@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Mapping, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,8 +39,13 @@ def _grid_components(mask: np.ndarray) -> List[Tuple[int, int, int, int]]:
     return comps
 
 
-def find_clusters(heatmap: np.ndarray, grid: Tuple[int, int] = (16, 10), topk_cells: int = 15,
-                  threshold: float = 10.0 / 11.0) -> Tuple[np.ndarray, np.ndarray]:
+# YOLC's LSM constants (findclusters): a 16x10 grid over the map, the 15 densest cells, hot = below 10/11 of 255
+LSM_DEFAULTS = dict(grid=(16, 10), topk_cells=15, threshold=10.0 / 11.0)
+
+
+def find_clusters(heatmap: np.ndarray, grid: Tuple[int, int] = LSM_DEFAULTS["grid"],
+                  topk_cells: int = LSM_DEFAULTS["topk_cells"],
+                  threshold: float = LSM_DEFAULTS["threshold"]) -> Tuple[np.ndarray, np.ndarray]:
     """YOLC's findclusters on a (1,1,H,W) max-over-classes heatmap.
 
     Returns the binary map (uint8 0/255) and (K,4) int64 regions [x, y, w, h] in heatmap pixels.
@@ -54,7 +60,10 @@ def find_clusters(heatmap: np.ndarray, grid: Tuple[int, int] = (16, 10), topk_ce
     ws, hs = w // gx, h // gy
     ones = (binary == 255).astype(np.int64)[:gy * hs, :gx * ws]
     density = ones.reshape(gy, hs, gx, ws).sum(axis=(1, 3)).T.astype(np.float64)  # (gx, gy) as YOLC
-    chosen = density.flatten().argsort()[-topk_cells:][::-1]
+    # densest first; cells tied in density go by grid index (x-major), the same on every numpy and CPU
+    # (YOLC's argsort leaves the choice among ties at the cut to numpy's sort implementation)
+    flat = density.flatten()
+    chosen = np.lexsort((np.arange(flat.size), -flat))[:topk_cells]
     mask = np.zeros((gx, gy), dtype=bool)
     mask[chosen // gy, chosen % gy] = True
     comps = np.array(_grid_components(mask), dtype=np.int64).reshape(-1, 4)
@@ -62,6 +71,24 @@ def find_clusters(heatmap: np.ndarray, grid: Tuple[int, int] = (16, 10), topk_ce
     comps[:, 1::2] = np.clip(comps[:, 1::2] * hs, 0, h)
     comps[:, 2:] -= comps[:, :2]
     return binary, comps
+
+
+def lsm_regions(heatmap: torch.Tensor, img_metas: Sequence[Mapping], lsm_cfg: Mapping = None,
+                with_binary: bool = False):
+    """LSM for every image of a batch: (B,C,H,W) heatmap -> per image (K,4) int64 regions [x, y, w, h] in
+    the image content frame (the meta's border subtracted). with_binary also returns the binary maps."""
+    cfg = {**LSM_DEFAULTS, **dict(lsm_cfg or {})}
+    locmap = heatmap.detach().max(dim=1, keepdim=True)[0].float().cpu().numpy()
+    out, binaries = [], []
+    for i, meta in enumerate(img_metas):
+        binary, coord = find_clusters(locmap[i:i + 1], grid=tuple(cfg["grid"]), topk_cells=int(cfg["topk_cells"]),
+                                      threshold=float(cfg["threshold"]))
+        border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.int64)
+        coord[:, 0] -= border[2]
+        coord[:, 1] -= border[0]
+        out.append(coord)
+        binaries.append(binary)
+    return (out, binaries) if with_binary else out
 
 
 def save_cluster_png(binary: np.ndarray, coords: np.ndarray, path: Path) -> Path:
@@ -97,12 +124,17 @@ def select_regions(coords: np.ndarray, img_hw: Sequence[int], max_patches: int =
     return np.round(out).astype(np.int64)
 
 
-def crop_img_tensor(img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:
-    """(C,H,W) -> (C,h,w) view of [x, y, w, h], clamped to the image."""
-    _, h, w = img_i.shape
+def crop_bounds(coord: Sequence[float], view_hw: Sequence[int]) -> Tuple[int, int, int, int]:
+    """[x, y, w, h] rounded to pixels and clamped to a view of size (h, w): (x1, y1, x2, y2)."""
+    h, w = int(view_hw[0]), int(view_hw[1])
     x, y, cw, ch = [int(round(float(v))) for v in coord]
     x1, y1 = min(max(x, 0), w), min(max(y, 0), h)
-    x2, y2 = min(max(x + cw, x1), w), min(max(y + ch, y1), h)
+    return x1, y1, min(max(x + cw, x1), w), min(max(y + ch, y1), h)
+
+
+def crop_img_tensor(img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:
+    """(C,H,W) -> (C,h,w) view of [x, y, w, h], clamped to the image."""
+    x1, y1, x2, y2 = crop_bounds(coord, img_i.shape[1:])
     return img_i[:, y1:y2, x1:x2]
 
 
@@ -167,42 +199,121 @@ def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.
     return dets[keep], labels[keep]
 
 
+# test_cfg.crop defaults; patch_limit: upscale a patch only while it fits the input ("input") or a quarter of
+# it ("quarter": bounded cost)
+DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms", patch_limit="input")
+
+
+def crop_config(test_cfg: Optional[Mapping]) -> dict:
+    """A model's crop settings: its test_cfg.crop over DEFAULT_CROP_CFG."""
+    return {**DEFAULT_CROP_CFG, **dict((test_cfg or {}).get("crop", {}))}
+
+
 def patch_canvas(input_hw: Sequence[int]) -> Tuple[int, int]:
     """Fixed patch size for KD (one dense block per sample in the cache): half the input, multiple of 32."""
     return (max(32, int(input_hw[0]) // 2 // 32 * 32), max(32, int(input_hw[1]) // 2 // 32 * 32))
 
 
-def plan_patches(coords: List[np.ndarray], img_hw: Sequence[int], max_patches: int, min_size: int,
-                 enlarge: float, upscale: float, canvas: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LSM regions of each image -> fixed-slot patch plan: boxes (B,K,4) [x,y,w,h], scales (B,K), valid (B,K).
-    Each region is upscaled by `upscale`, or less when it would not fit the canvas."""
+# The one region -> patch plan. Its two modes differ on purpose:
+#   kd:        regions clamped to the whole view; the scale may shrink a patch so it fits the fixed canvas
+#              (one dense block per cache sample); patches are padded to the canvas. Cached targets use it.
+#   inference: regions clamped to the image content (its border excluded); a patch is never shrunk; each
+#              patch meta keeps the exact per-axis scale after rounding, so remap inverts the crop exactly.
+PATCH_MODES = ("kd", "inference")
+
+
+@dataclass
+class PatchPlan:
+    """Patches of a batch of views in fixed slots: boxes (B,K,4) [x,y,w,h] in the view tensor's frame,
+    scales (B,K) crop -> patch, valid (B,K); `regions` are the selected regions in each image's content frame."""
+    boxes: torch.Tensor
+    scales: torch.Tensor
+    valid: torch.Tensor
+    canvas: Tuple[int, int]
+    view_hw: Tuple[int, int]
+    mode: str = "kd"
+    regions: List[np.ndarray] = field(default_factory=list)
+
+    @property
+    def owners(self) -> List[int]:
+        """Image index of every valid patch, in cut order (image by image, slot by slot)."""
+        return [i for i, _ in self.valid.nonzero().tolist()]
+
+    def sizes(self) -> List[Tuple[int, int]]:
+        """(h, w) of every valid patch after resizing, in cut order."""
+        out = []
+        for i, k in self.valid.nonzero().tolist():
+            x1, y1, x2, y2 = crop_bounds(self.boxes[i, k].tolist(), self.view_hw)
+            h, w = y2 - y1, x2 - x1
+            s = float(self.scales[i, k])
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            if self.mode == "kd":
+                size = (min(self.canvas[0], size[0]), min(self.canvas[1], size[1]))
+            out.append(size)
+        return out
+
+    def cut(self, img: torch.Tensor) -> torch.Tensor:
+        """(Np,C,ph,pw): every valid patch cut from its view, resized by its scale and zero-padded bottom/right
+        (kd: to the canvas; inference: to the largest patch, a multiple of 32). All patches, one batch."""
+        out = []
+        for (i, k), size in zip(self.valid.nonzero().tolist(), self.sizes()):
+            patch = crop_img_tensor(img[i], self.boxes[i, k].tolist())
+            if size != tuple(patch.shape[1:]):
+                patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
+            out.append(patch)
+        if not out:
+            return img.new_zeros((0, img.shape[1], self.canvas[0], self.canvas[1]))
+        if self.mode == "inference":
+            return pad_batch(out)
+        return torch.stack([F.pad(p, (0, self.canvas[1] - p.shape[2], 0, self.canvas[0] - p.shape[1])) for p in out])
+
+    def metas(self, img_metas: Sequence[Mapping], batch_hw: Sequence[int]) -> List[dict]:
+        """Patch metas in cut order: crop offset, the exact per-axis scale (patch size / crop size) and the
+        batch's padded shape, for decoding on the patch and remapping to the view."""
+        out = []
+        for (i, k), (ph, pw) in zip(self.valid.nonzero().tolist(), self.sizes()):
+            x1, y1, x2, y2 = crop_bounds(self.boxes[i, k].tolist(), self.view_hw)
+            m = build_patch_meta(img_metas[i], (ph, pw), (float(x1), float(y1), x2 - x1, y2 - y1),
+                                 (pw / (x2 - x1), ph / (y2 - y1)))
+            m["batch_input_shape"] = tuple(int(v) for v in batch_hw)
+            m["pad_shape"] = (*m["batch_input_shape"], 3)
+            out.append(m)
+        return out
+
+
+def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], view_hw: Sequence[int],
+                 max_patches: int, min_size: int, enlarge: float, upscale: float,
+                 canvas: Sequence[int], mode: str = "kd") -> PatchPlan:
+    """LSM regions of each image (content frame, [x,y,w,h]) -> the patch plan (see PATCH_MODES):
+    the max_patches largest regions of at least min_size, enlarged, each upscaled by `upscale`."""
+    if mode not in PATCH_MODES:
+        raise ValueError(f"patch plan mode must be one of {PATCH_MODES}, got {mode!r}")
     b = len(coords)
+    canvas = (int(canvas[0]), int(canvas[1]))
     boxes = torch.zeros(b, max_patches, 4)
-    scales = torch.zeros(b, max_patches)
+    # kd scales are stored (float32) and the student cuts its patches from them; inference keeps float64
+    scales = torch.zeros(b, max_patches, dtype=torch.float32 if mode == "kd" else torch.float64)
     valid = torch.zeros(b, max_patches, dtype=torch.bool)
-    for i, c in enumerate(coords):
-        regs = select_regions(c, img_hw, max_patches, min_size, enlarge)
+    regions = []
+    for i, (c, meta) in enumerate(zip(coords, img_metas)):
+        if mode == "kd":
+            bounds, (ox, oy) = tuple(view_hw[:2]), (0, 0)
+        else:
+            bounds = tuple(meta.get("img_shape", view_hw)[:2])
+            border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.float64)
+            ox, oy = int(border[2]), int(border[0])  # content -> tensor frame
+        regs = select_regions(c, bounds, max_patches, min_size, enlarge)
+        regions.append(regs)
         for k, (x, y, w, h) in enumerate(regs.tolist()):
             if w < 1 or h < 1:
                 continue
-            boxes[i, k] = torch.tensor([x, y, w, h], dtype=torch.float32)
-            scales[i, k] = min(float(upscale), canvas[0] / h, canvas[1] / w)
+            boxes[i, k] = torch.tensor([x + ox, y + oy, w, h], dtype=torch.float32)
+            fit = min(canvas[0] / h, canvas[1] / w)
+            scales[i, k] = min(float(upscale), fit) if mode == "kd" else min(float(upscale), max(1.0, fit))
             valid[i, k] = True
-    return boxes, scales, valid
+    return PatchPlan(boxes, scales, valid, canvas, (int(view_hw[0]), int(view_hw[1])), mode, regions)
 
 
-def patch_batch(img: torch.Tensor, boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor,
-                canvas: Sequence[int]) -> torch.Tensor:
-    """Cut every valid planned patch from its view, resize by its scale, pad into the canvas: (Np,C,ph,pw).
-    Patches are ordered image by image, slot by slot (the order of valid.nonzero())."""
-    out = []
-    for i, k in valid.nonzero().tolist():
-        patch = crop_img_tensor(img[i], boxes[i, k].tolist())
-        s = float(scales[i, k])
-        size = (min(canvas[0], max(1, round(patch.shape[1] * s))), min(canvas[1], max(1, round(patch.shape[2] * s))))
-        if size != tuple(patch.shape[1:]):
-            patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
-        out.append(F.pad(patch, (0, canvas[1] - patch.shape[2], 0, canvas[0] - patch.shape[1])))
-    if not out:
-        return img.new_zeros((0, img.shape[1], canvas[0], canvas[1]))
-    return torch.stack(out)
+def kd_patch_plan(boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor, view_hw: Sequence[int]) -> PatchPlan:
+    """The kd plan behind stored KD targets (patch_boxes, patch_scales, patch_valid) of views of size view_hw."""
+    return PatchPlan(boxes, scales, valid, patch_canvas(view_hw), (int(view_hw[0]), int(view_hw[1])), "kd")

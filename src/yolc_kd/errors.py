@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A mistake in what the user gave us (path, config, checkpoint, data)."""
+
+
+class ModelConfigError(UserError, ValueError):
+    """A model dict yolc-kd cannot build (unknown type or key, unsupported option): one line, no traceback."""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from yolc_kd.cli_args import add_device_arg
 from yolc_kd.data.images import display_path
 from yolc_kd.errors import UserError
 
@@ -31,7 +32,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--viz", type=Path, default=None, metavar="DIR",
                    help="also write one PNG per image (heatmap, crop regions, boxes with score >= 0.3)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    add_device_arg(p)
+    p.add_argument("--crop-config", type=Path, default=None,
+                   help="config of a second model (e.g. the deployed teacher) whose LSM picks the crops")
+    p.add_argument("--crop-ckpt", type=Path, default=None, help="checkpoint of the --crop-config model")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need arbitrary pickle code (only for trusted files)")
     p.add_argument("--strict", action="store_true",
@@ -69,16 +73,36 @@ def _folder_names(num_classes: int, classes: Optional[Tuple[str, ...]]) -> Tuple
     return tuple(f"class{i + 1}" for i in range(num_classes))
 
 
-def run(args: argparse.Namespace) -> int:
+def _load_model(cfg: Dict[str, Any], config: Path, ckpt: Path, trust: bool):
     from yolc_kd.checkpoint import load_checkpoint
-    from yolc_kd.infer import predict as P
     from yolc_kd.models import build_detector
+
+    try:
+        model = build_detector(cfg["model"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"config {config}: cannot build the model: {exc}") from None
+    try:
+        load_checkpoint(model, ckpt, strict=True, trust=trust)
+    except UserError:
+        raise
+    except Exception as exc:  # torch's weights-only unpickler raises e.g. IndexError on garbage bytes
+        raise UserError(f"checkpoint {display_path(ckpt)} is not a readable torch file "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    from yolc_kd.infer import predict as P
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_patches is not None and args.max_patches < 0:
         raise UserError(f"--max-patches must be >= 0, got {args.max_patches}")
-    device = P.resolve_device(args.device)
+    from yolc_kd.runtime import resolve_device
+
+    if (args.crop_config is None) != (args.crop_ckpt is None):
+        raise UserError("--crop-config and --crop-ckpt go together (the model whose LSM picks the crops)")
+    device = resolve_device(args.device)
     cfg, num_classes, classes = _model_and_classes(args.config)
 
     if args.ann is not None:
@@ -88,18 +112,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = P.folder_source(args.images, _folder_names(num_classes, classes))
 
-    try:
-        model = build_detector(cfg["model"])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"config {args.config}: cannot build the model: {exc}") from None
-    try:
-        load_checkpoint(model, args.ckpt, strict=True, trust=args.trust_checkpoint)
-    except UserError:
-        raise
-    except Exception as exc:  # torch's weights-only unpickler raises e.g. IndexError on garbage bytes
-        raise UserError(f"checkpoint {display_path(args.ckpt)} is not a readable torch file "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    predictor = P.Predictor(model, cfg, device=device, fusion=args.fusion, max_patches=args.max_patches)
+    model = _load_model(cfg, args.config, args.ckpt, args.trust_checkpoint)
+    crop_model = None
+    if args.crop_config is not None:
+        crop_cfg, crop_num_classes, _ = _model_and_classes(args.crop_config)
+        if crop_num_classes != num_classes:
+            raise UserError(f"--crop-config {args.crop_config} predicts {crop_num_classes} classes, "
+                            f"--config {num_classes}: the crop model must share the classes")
+        crop_model = _load_model(crop_cfg, args.crop_config, args.crop_ckpt, args.trust_checkpoint)
+    predictor = P.Predictor(model, cfg, device=device, fusion=args.fusion, max_patches=args.max_patches,
+                            crop_model=crop_model)
 
     summary = P.predict_images(predictor, source, batch_size=args.batch_size, viz_dir=args.viz, strict=args.strict)
     written = P.save_predictions(args.out, summary, source)

@@ -5,16 +5,14 @@ under `torchrun --nproc_per_node N -m yolc_kd precompute ...` the shards are spl
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
-from yolc_kd.errors import UserError
+from yolc_kd.cli_args import add_data_args, add_device_arg, check_count
 
 
 def register(subparsers: Any) -> None:
     from yolc_kd.cache.schema import DEFAULT_SHARD_SIZE
-    from yolc_kd.commands.train import add_data_args
 
     p = subparsers.add_parser("precompute", help="cache the teacher's KD targets for offline distillation",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +29,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of the teacher (default 1): results depend on it, so keep it when resuming; "
                         "scale out with torchrun instead")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; under torchrun cuda:LOCAL_RANK)")
+    add_device_arg(p)
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
@@ -39,35 +37,24 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(name)
-    elif name != "cpu":
-        raise UserError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
-    from yolc_kd.commands.train import load_dataset, resolve_data
-    from yolc_kd.config import load_config
+    from yolc_kd.config import load_config, setting
+    from yolc_kd.data.loading import load_dataset, resolve_data
     from yolc_kd.precompute.run import PrecomputeOptions, precompute
+    from yolc_kd.runtime import resolve_device
 
+    for name in ("variants", "batch_size", "shard_size", "threads"):
+        check_count(name.replace("_", "-"), getattr(args, name))
+    check_count("workers", args.workers, 0)
     cfg = load_config(args.config, with_defaults=True)
     ann, images = resolve_data(cfg, args.ann, args.images)
     coco = load_dataset(cfg, ann, images)
-    data_cfg = cfg.get("data") or {}
     opts = PrecomputeOptions(
         out=Path(args.out), ckpt=args.ckpt, variants=args.variants,
-        batch_size=args.batch_size if args.batch_size is not None else int(data_cfg.get("samples_per_gpu", 4)),
-        device=_device(args.device), amp=args.amp, trust=args.trust_checkpoint, strict=args.strict,
+        batch_size=args.batch_size if args.batch_size is not None else int(setting(cfg, "data", "samples_per_gpu")),
+        device=str(resolve_device(args.device)), amp=args.amp, trust=args.trust_checkpoint, strict=args.strict,
         shard_size=args.shard_size,
-        workers=args.workers if args.workers is not None else int(data_cfg.get("workers_per_gpu", 2)),
+        workers=args.workers if args.workers is not None else int(setting(cfg, "data", "workers_per_gpu")),
         threads=args.threads, progress=not args.no_progress, config_dir=str(Path(args.config).resolve().parent))
     summary = precompute(cfg, coco, opts)
     if summary["rank"] == 0:

@@ -24,6 +24,8 @@ from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.images import display_path, load_image_rgb
 from yolc_kd.errors import UserError
 from yolc_kd.infer.viz import save_detections
+from yolc_kd.progress import progress_bar
+from yolc_kd.runtime import resolve_device
 
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -120,18 +122,6 @@ class ImagePrediction:
     regions: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
 
 
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r} (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available (use --device cpu)")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported device {device!r} (use cpu or cuda)")
-    return dev
-
-
 def build_test_transform(cfg: Dict[str, Any]) -> TestTransform:
     """YOLC's test transform from the config's pipelines (defaults when it has none)."""
     train, test = cfg.get("train_pipeline"), cfg.get("test_pipeline")
@@ -143,8 +133,11 @@ def build_test_transform(cfg: Dict[str, Any]) -> TestTransform:
 class Predictor:
     """Runs a YOLC model on lists of (H,W,3) uint8 RGB images."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Dict[str, Any], device: Union[str, torch.device] = "cpu",
-                 fusion: Optional[str] = None, max_patches: Optional[int] = None) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: Dict[str, Any], device: Union[str, torch.device] = "auto",
+                 fusion: Optional[str] = None, max_patches: Optional[int] = None,
+                 crop_model: Optional[torch.nn.Module] = None) -> None:
+        """crop_model: another YOLC (e.g. the deployed teacher) whose LSM regions on the same input pick the
+        crops; refine and fusion stay with `model`."""
         if fusion is not None and fusion not in FUSION_MODES:
             raise UserError(f"fusion must be one of {', '.join(FUSION_MODES)}, got {fusion!r}")
         if max_patches is not None and (isinstance(max_patches, bool) or int(max_patches) != max_patches
@@ -152,6 +145,7 @@ class Predictor:
             raise UserError(f"max_patches must be a non-negative integer, got {max_patches!r}")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self.crop_model = crop_model.to(self.device).eval() if crop_model is not None else None
         self.transform = build_test_transform(cfg)
         self.fusion = fusion
         self.max_patches = None if max_patches is None else int(max_patches)
@@ -162,8 +156,11 @@ class Predictor:
         batch, metas = collate_test([self.transform(img) for img in images])
         with torch.inference_mode():
             self.model.eval()
-            results, extras = self.model.simple_test(batch.to(self.device), metas, rescale=True, fusion=self.fusion,
-                                                     max_patches=self.max_patches, return_extras=True)
+            batch = batch.to(self.device)
+            coords = self.crop_model.lsm_coords(batch, metas) if self.crop_model is not None else None
+            results, extras = self.model.simple_test(batch, metas, rescale=True, fusion=self.fusion,
+                                                     max_patches=self.max_patches, return_extras=True,
+                                                     crop_coords=coords)
         heat = extras.get("heatmap") if keep_heatmap else None
         regions = extras.get("regions") or [None] * len(images)
         out = []
@@ -258,7 +255,7 @@ def predict_images(predictor: Predictor, source: ImageSource, batch_size: int = 
                                                  score_thr=VIZ_SCORE_THR))
         pending.clear()
 
-    with tqdm(total=len(source.items), unit="img", desc="infer", disable=None if progress else True) as bar:
+    with progress_bar(total=len(source.items), unit="img", desc="infer", disable=not progress) as bar:
         for item in source.items:
             try:
                 arr = load_image_rgb(item.path)

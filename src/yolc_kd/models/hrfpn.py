@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from yolc_kd.errors import ModelConfigError
+
 
 class ConvModule(nn.Module):
     """mmcv ConvModule without norm/activation: just a biased conv stored as `.conv`."""
@@ -25,7 +27,7 @@ class HRFPN(nn.Module):
                  with_cp: bool = False, stride: int = 1, init_cfg=None):
         super().__init__()
         if conv_cfg or norm_cfg:
-            raise ValueError("HRFPN: conv_cfg and norm_cfg are not supported (YOLC uses neither)")
+            raise ModelConfigError("HRFPN: conv_cfg and norm_cfg are not supported (YOLC uses neither)")
         self.in_channels = list(in_channels)
         self.num_outs = num_outs
         self.reduction_conv = ConvModule(sum(in_channels), out_channels, 1)

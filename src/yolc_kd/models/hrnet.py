@@ -6,6 +6,8 @@ from typing import List, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from yolc_kd.errors import ModelConfigError
+
 
 def _bn(ch: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(ch)  # mmdet norm_cfg=dict(type='BN'): eps 1e-5, momentum 0.1
@@ -78,7 +80,7 @@ class HRModule(nn.Module):
                  num_channels: Sequence[int], multiscale_output: bool = True):
         super().__init__()
         if not (num_branches == len(num_blocks) == len(num_channels) == len(in_channels)):
-            raise ValueError(f"HRModule: num_branches={num_branches} but num_blocks={list(num_blocks)}, "
+            raise ModelConfigError(f"HRModule: num_branches={num_branches} but num_blocks={list(num_blocks)}, "
                              f"num_channels={list(num_channels)}, in_channels={in_channels}")
         self.num_branches = num_branches
         self.branches = nn.ModuleList(
@@ -133,14 +135,17 @@ class HRNet(nn.Module):
                  pretrained: Optional[str] = None, init_cfg=None):
         super().__init__()
         if conv_cfg not in (None, {}) or (norm_cfg and dict(norm_cfg).get("type", "BN") != "BN"):
-            raise ValueError("HRNet: only conv_cfg=None and norm_cfg=dict(type='BN') are supported")
+            raise ModelConfigError("HRNet: only conv_cfg=None and norm_cfg=dict(type='BN') are supported")
+        if with_cp or zero_init_residual:
+            raise ModelConfigError("HRNet: with_cp=True (activation checkpointing) and zero_init_residual=True are "
+                                   "not supported; remove them from the backbone config")
         # pretrained/init_cfg name ImageNet weights that cannot be downloaded here: load a checkpoint instead
         for name in ("stage1", "stage2", "stage3", "stage4"):
             if name not in extra:
-                raise ValueError(f"HRNet extra is missing '{name}'")
+                raise ModelConfigError(f"HRNet extra is missing '{name}'")
             cfg = extra[name]
             if not (len(cfg["num_blocks"]) == cfg["num_branches"] == len(cfg["num_channels"])):
-                raise ValueError(f"HRNet {name}: num_branches must equal len(num_blocks) and len(num_channels)")
+                raise ModelConfigError(f"HRNet {name}: num_branches must equal len(num_blocks) and len(num_channels)")
         self.extra = extra
         self.norm_eval = norm_eval
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=2, padding=1, bias=False)

@@ -6,6 +6,8 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from yolc_kd.errors import ModelConfigError
+
 AvgFactor = Optional[Union[float, torch.Tensor]]
 
 
@@ -37,7 +39,7 @@ def gwd_distance_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class GaussianFocalLoss(nn.Module):
-    def __init__(self, alpha: float = 2.0, gamma: float = 4.0, loss_weight: float = 1.0, reduction: str = "mean"):
+    def __init__(self, alpha: float = 2.0, gamma: float = 4.0, loss_weight: float = 1.0):
         super().__init__()
         self.alpha, self.gamma, self.loss_weight = alpha, gamma, loss_weight
 
@@ -47,7 +49,7 @@ class GaussianFocalLoss(nn.Module):
 
 
 class GWDLoss(nn.Module):
-    def __init__(self, loss_weight: float = 1.0, reduction: str = "mean"):
+    def __init__(self, loss_weight: float = 1.0):
         super().__init__()
         self.loss_weight = loss_weight
 
@@ -56,7 +58,7 @@ class GWDLoss(nn.Module):
 
 
 class L1Loss(nn.Module):
-    def __init__(self, loss_weight: float = 1.0, reduction: str = "mean"):
+    def __init__(self, loss_weight: float = 1.0):
         super().__init__()
         self.loss_weight = loss_weight
 
@@ -72,5 +74,10 @@ def build_loss(cfg: Mapping) -> nn.Module:
     cfg = dict(cfg)
     kind = cfg.pop("type", None)
     if kind not in LOSSES:
-        raise ValueError(f"unknown loss type {kind!r}; known: {sorted(LOSSES)}")
-    return LOSSES[kind](**cfg)
+        raise ModelConfigError(f"unknown loss type {kind!r}; known: {sorted(LOSSES)}")
+    if cfg.pop("reduction", "mean") != "mean":  # YOLC reduces every loss by its avg_factor ('mean')
+        raise ModelConfigError(f"loss {kind}: only reduction='mean' is supported")
+    try:
+        return LOSSES[kind](**cfg)
+    except TypeError as exc:
+        raise ModelConfigError(f"loss {kind}: {exc}") from None

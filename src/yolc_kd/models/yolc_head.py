@@ -213,27 +213,34 @@ class YOLCHead(nn.Module):
     def LSM(self, center_heatmap_preds: List[torch.Tensor], img_metas: List[Mapping], visualize: bool = False,
             viz_dir: Optional[str] = None) -> List[np.ndarray]:
         """Cluster regions [x, y, w, h] (int, input pixels without border) for EVERY image of the batch."""
-        locmap = center_heatmap_preds[0].detach().max(dim=1, keepdim=True)[0].float().cpu().numpy()
-        out = []
-        for i, meta in enumerate(img_metas):
-            coord = self.findclusters(locmap[i:i + 1], visualize=visualize, viz_dir=viz_dir,
-                                      name=str(meta.get("filename", f"img{i}")))
-            border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.int64)
-            coord[:, 0] -= border[2]
-            coord[:, 1] -= border[0]
-            out.append(coord)
-        return out
+        coords, binaries = crops.lsm_regions(center_heatmap_preds[0], img_metas, self.lsm_cfg, with_binary=True)
+        if visualize:
+            viz_dir = self._viz_dir(viz_dir)
+            for i, (meta, binary) in enumerate(zip(img_metas, binaries)):
+                name = Path(str(meta.get("filename", f"img{i}"))).stem
+                border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.int64)
+                drawn = coords[i] + np.array([border[2], border[0], 0, 0])  # the binary map is in the tensor frame
+                crops.save_cluster_png(binary, drawn, Path(viz_dir) / f"lsm_{name}.png")
+        return coords
+
+    @property
+    def lsm_cfg(self) -> Dict[str, object]:
+        """test_cfg.lsm over YOLC's constants (crops.LSM_DEFAULTS)."""
+        lsm = {k: v for k, v in dict(self.test_cfg.get("lsm", {})).items() if k in crops.LSM_DEFAULTS}
+        return {**crops.LSM_DEFAULTS, **lsm}
+
+    def _viz_dir(self, viz_dir: Optional[str]) -> str:
+        viz_dir = viz_dir or self.test_cfg.get("lsm", {}).get("viz_dir")
+        if not viz_dir:
+            raise ValueError("LSM visualisation needs viz_dir (or test_cfg.lsm.viz_dir)")
+        return str(viz_dir)
 
     def findclusters(self, heatmap: np.ndarray, visualize: bool = False, viz_dir: Optional[str] = None,
                      name: str = "heatmap") -> np.ndarray:
         """YOLC's cluster finder on one (1,1,H,W) max-over-classes heatmap -> (K,4) int [x, y, w, h]."""
-        cfg = self.test_cfg.get("lsm", {})
-        binary, coords = crops.find_clusters(heatmap, grid=tuple(cfg.get("grid", (16, 10))),
-                                             topk_cells=int(cfg.get("topk_cells", 15)),
-                                             threshold=float(cfg.get("threshold", 10.0 / 11.0)))
+        cfg = self.lsm_cfg
+        binary, coords = crops.find_clusters(heatmap, grid=tuple(cfg["grid"]), topk_cells=int(cfg["topk_cells"]),
+                                             threshold=float(cfg["threshold"]))
         if visualize:
-            viz_dir = viz_dir or cfg.get("viz_dir")
-            if not viz_dir:
-                raise ValueError("findclusters(visualize=True) needs viz_dir (or test_cfg.lsm.viz_dir)")
-            crops.save_cluster_png(binary, coords, Path(viz_dir) / f"lsm_{Path(name).stem}.png")
+            crops.save_cluster_png(binary, coords, Path(self._viz_dir(viz_dir)) / f"lsm_{Path(name).stem}.png")
         return coords

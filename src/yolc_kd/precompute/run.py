@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -29,6 +27,9 @@ from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
+from yolc_kd.progress import progress_bar
+from yolc_kd.runtime import deterministic_numerics, init_distributed
+from yolc_kd.teacher import build_teacher, teacher_model_cfg, teacher_targets
 
 
 @dataclass
@@ -63,20 +64,6 @@ def _check_options(opts: PrecomputeOptions, dcfg: Mapping) -> None:
                         "made before training cannot know: use `yolc-kd train --online`, or set it to True")
 
 
-def dist_env() -> tuple:
-    """(rank, world, initialised_here) from torchrun's environment; gloo is used for barriers only."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(hours=24))  # ranks may finish far apart
-        return rank, world, True
-    return rank, world, False
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def _layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptions, input_hw: Tuple[int, int],
             dcfg: Mapping) -> Layout:
     """Array shapes from one forward of the teacher on a blank view (the map strides are the model's business)."""
@@ -84,7 +71,7 @@ def _layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptions, in
     meta = dict(batch_input_shape=(h, w), pad_shape=(h, w, 3), img_shape=(h, w, 3), ori_shape=(h, w, 3),
                 scale_factor=np.ones(4, np.float32), border=np.zeros(4, np.float32), flip=False)
     with torch.inference_mode():
-        t = teacher.kd_targets(torch.zeros(1, 3, h, w, device=opts.device), [meta], dcfg)
+        t = teacher_targets(teacher, torch.zeros(1, 3, h, w, device=opts.device), [meta], dcfg)
     return Layout(num_images=len(coco), variants=int(opts.variants), shard_size=int(opts.shard_size),
                   num_classes=int(t.heatmap.shape[1]), input_hw=(h, w), coarse_hw=tuple(t.coarse.shape[2:]),
                   max_patches=int(t.patch_valid.shape[1]), refine_hw=tuple(t.refine.shape[3:]))
@@ -143,22 +130,7 @@ def run_teacher(teacher: nn.Module, item: Mapping[str, Any], dcfg: Mapping, devi
     img = item["img"].to(device, non_blocking=True)
     autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
-        return teacher.kd_targets(img, item["metas"], dcfg)
-
-
-@contextlib.contextmanager
-def deterministic_numerics(device: str, threads: int) -> Iterator[None]:
-    """Same views -> same bits: a fixed CPU thread count (so a resumed, single or torchrun run agree),
-    no cuDNN autotuning. The previous settings come back afterwards."""
-    prev = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    if not str(device).startswith("cuda"):
-        torch.set_num_threads(max(1, int(threads)))
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev[0])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1], prev[2]
+        return teacher_targets(teacher, img, item["metas"], dcfg)
 
 
 def precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Dict[str, Any]:
@@ -168,8 +140,6 @@ def precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Di
 
 
 def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Dict[str, Any]:
-    from yolc_kd.models.distill import build_teacher, teacher_model_cfg
-
     dcfg = cfg["distill_cfg"]
     _check_options(opts, dcfg)
     ckpt = opts.ckpt or dcfg.get("teacher_ckpt")
@@ -184,22 +154,22 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
     w, h = aug_cfg.input_size
     canvas = crops.patch_canvas((h, w))
     layout = _layout(teacher, coco, opts, (h, w), dcfg)
-    rank, world, own_group = dist_env()
+    env = init_distributed("gloo", timeout=timedelta(hours=24))  # barriers only; ranks may finish far apart
+    rank, world = env.rank, env.world
     manifest = build_manifest(cfg, coco, aug_cfg, teacher_model_cfg(dcfg, cfg["model"], opts.config_dir), teacher,
                               ckpt, layout, canvas, opts, world)
     try:
         store = CacheStore.prepare(opts.out, manifest, image_ids) if rank == 0 else None
-        _barrier(world)  # rank 0 has created (or checked) the store
+        env.barrier()  # rank 0 has created (or checked) the store
         store = store or CacheStore.attach(opts.out, manifest)
         done = store.done_shards()
         mine = [j for j in range(layout.num_shards) if j % world == rank and j not in done]
         desc = f"precompute[{rank}]" if world > 1 else "precompute"
         written = _fill(store, mine, teacher, coco, aug_cfg, image_ids, dcfg, opts, int(cfg.get("seed", 0)), desc)
-        _barrier(world)  # every rank has committed its shards
+        env.barrier()  # every rank has committed its shards
         final = store.finalize([coco.image_info(i) for i in range(len(coco))]) if rank == 0 else store.manifest
     finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+        env.close()
     return dict(out=str(opts.out), rank=rank, world=world, shards_written=len(mine), samples_written=written,
                 already_done=len(done), manifest=final)
 
@@ -216,7 +186,7 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     buffers: Dict[int, ShardBuffer] = {}
     warned: set = set()
     total = sum(len(j) for j in jobs)
-    bar = tqdm(total=total, desc=desc, unit="view", disable=not opts.progress or None, dynamic_ncols=True)
+    bar = progress_bar(total=total, desc=desc, unit="view", disable=not opts.progress)
     # quantising a batch runs on a thread while the teacher labels the next one (numpy releases the GIL)
     quantizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yolc-kd-quantize")
     pending: Deque[Tuple[Future, List[Dict[str, Any]]]] = deque()

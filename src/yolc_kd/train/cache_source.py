@@ -4,30 +4,39 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Mapping, Tuple
 
 import numpy as np
 import torch
 
-from yolc_kd import crops
-from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, sha256_file, target_identity
+from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
 from yolc_kd.cache.schema import BOX_STEP, HEATMAP_LEVELS, STATUS_OK
 from yolc_kd.data.augment import AugmentConfig
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
+from yolc_kd.teacher import expected_target_identity
 
 _TARGET_ARRAYS = ["heatmap", "coarse", "patch_boxes", "patch_scales", "patch_valid", "refine", "fingerprint",
                   "status", "aug_params"]
 
 
 class CacheTargetSource:
-    """TargetSource over a finished cache. read() raises CacheError (a UserError) for a damaged or skipped sample."""
+    """TargetSource over a finished cache: read() serves one sample's stored targets in the DataLoader workers
+    (raises CacheError, a UserError, for a damaged or skipped sample); targets() dequantises the batch."""
+    reads_samples = True
 
     def __init__(self, reader: CacheReader):
         self.reader = reader
         self.num_variants = reader.num_variants
+
+    def to(self, device: torch.device) -> "CacheTargetSource":
+        return self
+
+    def targets(self, batch: Mapping[str, Any]) -> KDTargets:
+        """The batch's stored targets (already on the device), as float32."""
+        return dequantize_targets(batch["kd_targets"])
 
     def read(self, image_id: int, variant: int) -> Tuple[str, KDTargets]:
         try:
@@ -58,21 +67,6 @@ def dequantize_targets(t: KDTargets) -> KDTargets:
     return t
 
 
-def expected_identity(cfg: Mapping, aug_cfg: AugmentConfig, classes) -> Dict[str, Any]:
-    """What a cache for this training config must have been made with (manifest TRAIN_FIELDS)."""
-    from yolc_kd.models.detector import DEFAULT_CROP_CFG
-    from yolc_kd.models.distill import teacher_model_cfg
-
-    dcfg = cfg["distill_cfg"]
-    config_dir = str(Path(cfg["_path"]).resolve().parent) if cfg.get("_path") else None
-    teacher = teacher_model_cfg(dcfg, cfg["model"], config_dir)
-    crop = {**DEFAULT_CROP_CFG, **dict((teacher.get("test_cfg") or {}).get("crop", {}))}
-    w, h = aug_cfg.input_size
-    return target_identity(teacher_model=teacher, augment=aug_cfg.to_dict(), input_size=(w, h), classes=classes,
-                           distill=dcfg, crop=crop, patch_canvas=crops.patch_canvas((h, w)),
-                           seed=int(cfg.get("seed", 0)))
-
-
 def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig, coco: CocoDetection) -> CacheTargetSource:
     """Open a finished cache for training with cfg; one UserError lists every way the cache does not fit."""
     reader = CacheReader(path)
@@ -80,7 +74,7 @@ def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig, coco: Coc
     if not reader.complete:
         raise UserError(f"cache {path} is incomplete (its precompute run did not finish): rerun the same "
                         f"`yolc-kd precompute` command to complete it")
-    problems = diff_fields(m, expected_identity(cfg, aug_cfg, coco.classes), TRAIN_FIELDS, now="config")
+    problems = diff_fields(m, expected_target_identity(cfg, aug_cfg, coco.classes), TRAIN_FIELDS, now="config")
     ckpt = (cfg.get("distill_cfg") or {}).get("teacher_ckpt")
     if ckpt and Path(ckpt).is_file():  # the config names a teacher file: the cache must come from it
         cached_sha = (m.get("teacher") or {}).get("ckpt_sha256")

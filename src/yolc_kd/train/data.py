@@ -15,8 +15,17 @@ from yolc_kd.kd import KDTargets
 
 
 class TargetSource(Protocol):
-    """What the trainer needs from a soft-label store (the cache reader implements it)."""
-    num_variants: int
+    """Where the trainer's KD targets come from: the soft-label cache (train/cache_source.py) or a live
+    teacher (train/teacher_source.py). The trainer only calls to() and targets(); a source that stores
+    per-sample targets (reads_samples) also serves read() to the dataset in the DataLoader workers."""
+    num_variants: Optional[int]
+    reads_samples: bool
+
+    def to(self, device: torch.device) -> "TargetSource":
+        """Move what the source computes with to the training device."""
+
+    def targets(self, batch: Mapping[str, Any]) -> Any:
+        """KDTargets of a batch already on the device (or a function of the student's heatmap giving them)."""
 
     def read(self, image_id: int, variant: int) -> Tuple[str, KDTargets]:
         """-> (fingerprint of the view the teacher saw, targets with batch size 1)."""
@@ -43,7 +52,7 @@ class TrainSamples(Dataset):
             out = dict(img=sample.img, meta=sample.meta, boxes=torch.from_numpy(np.asarray(sample.boxes, np.float32)),
                        labels=torch.from_numpy(np.asarray(sample.labels, np.int64)), image_id=int(info["id"]),
                        variant=int(variant), fingerprint=sample.fingerprint)
-            if self.source is not None:
+            if self.source is not None and self.source.reads_samples:
                 fingerprint, targets = self.source.read(int(info["id"]), int(variant))
                 if fingerprint != sample.fingerprint:
                     raise UserError(f"cache sample (image id {info['id']}, variant {variant}) was made from a "
@@ -95,11 +104,3 @@ class VariantSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.base) - self.skip
-
-
-def data_paths(cfg: Mapping, split: str = "train") -> Tuple[Optional[str], Optional[str], Optional[List[str]]]:
-    """(ann_file, img_prefix, classes) of data.<split> in an mmdet config, unwrapping RepeatDataset."""
-    spec = (cfg.get("data") or {}).get(split) or {}
-    while isinstance(spec, Mapping) and "dataset" in spec:
-        spec = spec["dataset"]
-    return spec.get("ann_file"), spec.get("img_prefix"), spec.get("classes")

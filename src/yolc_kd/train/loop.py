@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 from yolc_kd import __version__
 from yolc_kd.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from yolc_kd.config import setting
 from yolc_kd.errors import UserError
-from yolc_kd.train.cache_source import dequantize_targets
-from yolc_kd.train.data import TrainSamples, VariantSampler, collate_train
+from yolc_kd.runtime import init_distributed, resolve_device
+from yolc_kd.train.data import TargetSource, TrainSamples, VariantSampler, collate_train
+from yolc_kd.train.lsm_viz import LSMVisualizer
 from yolc_kd.train.precise_bn import recompute_bn_stats
 from yolc_kd.train.schedule import build_optimizer, lr_at, set_lr
 
@@ -29,24 +31,15 @@ class TrainOptions:
     work_dir: Path
     max_iters: Optional[int] = None
     resume: bool = False
-    device: str = "cpu"
+    device: str = "auto"
     workers: Optional[int] = None
+    batch_size: Optional[int] = None             # default data.samples_per_gpu
     amp: bool = False
     log_interval: Optional[int] = None
-    num_variants: Optional[int] = None           # K views per image in the cache (None: fresh view per epoch)
     eval_fn: Optional[Callable[[nn.Module, int], Dict[str, Any]]] = None  # called on rank 0 after an epoch
     progress: bool = True
     trust: bool = False                          # --trust-checkpoint: allow pickle checkpoints on --resume
     seed: Optional[int] = None                   # sample-order seed (None: the config's seed)
-
-
-def dist_env() -> tuple:
-    """(rank, world) from torchrun's environment; initialises the process group when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -55,7 +48,7 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     out["gt_bboxes"] = [b.to(device) for b in batch["gt_bboxes"]]
     out["gt_labels"] = [l.to(device) for l in batch["gt_labels"]]
     if "kd_targets" in batch:
-        out["kd_targets"] = dequantize_targets(batch["kd_targets"].to(device))
+        out["kd_targets"] = batch["kd_targets"].to(device)
     return out
 
 
@@ -73,30 +66,39 @@ def _schedule(cfg: Mapping, iters_per_epoch: int, max_iters: Optional[int]) -> t
 
 
 class Trainer:
-    def __init__(self, cfg: Mapping, model: nn.Module, dataset: TrainSamples, opts: TrainOptions):
+    """Trains `model` on `dataset`; with a target source (cache or live teacher) it asks the source for each
+    batch's KD targets and hands them, with distill_cfg, to the model's loss."""
+
+    def __init__(self, cfg: Mapping, model: nn.Module, dataset: TrainSamples, opts: TrainOptions,
+                 source: Optional[TargetSource] = None):
         self.cfg, self.opts, self.dataset = cfg, opts, dataset
-        self.rank, self.world = dist_env()
-        self.device = torch.device(opts.device)
+        dist_env = init_distributed()
+        self.rank, self.world = dist_env.rank, dist_env.world
+        self.device = resolve_device(opts.device)
         self.model = model.to(self.device)
+        self.source = source.to(self.device) if source is not None else None
+        self.kd_cfg = dict(cfg.get("distill_cfg") or {}, enable=True) if source is not None else None
         self.optimizer = build_optimizer(self.model.parameters(), cfg["optimizer"])
-        self.base_lr = float(cfg["optimizer"].get("lr", 0.0025))
-        data_cfg = cfg.get("data") or {}
-        self.batch_size = int(data_cfg.get("samples_per_gpu", 4))
+        self.base_lr = float(setting(cfg, "optimizer", "lr"))
+        self.batch_size = int(opts.batch_size or setting(cfg, "data", "samples_per_gpu"))
         order_seed = int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed)
-        self.sampler = VariantSampler(len(dataset), order_seed, opts.num_variants, self.rank, self.world)
-        workers = opts.workers if opts.workers is not None else int(data_cfg.get("workers_per_gpu", 2))
+        num_variants = source.num_variants if source is not None else None
+        self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world)
+        workers = opts.workers if opts.workers is not None else int(setting(cfg, "data", "workers_per_gpu"))
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_train, pin_memory=self.device.type == "cuda")
         self.iters_per_epoch = max(1, math.ceil(len(self.sampler) / self.batch_size))
         self.total_iters, self.steps = _schedule(cfg, self.iters_per_epoch, opts.max_iters)
         clip = (cfg.get("optimizer_config") or {}).get("grad_clip") or {}
         self.max_norm = clip.get("max_norm")
-        self.log_interval = opts.log_interval or int((cfg.get("log_config") or {}).get("interval", 50))
-        self.ckpt_interval = int((cfg.get("checkpoint_config") or {}).get("interval", 1))
+        self.log_interval = opts.log_interval or int(setting(cfg, "log_config", "interval"))
+        self.ckpt_interval = int(setting(cfg, "checkpoint_config", "interval"))
         self.epoch_runner = (cfg.get("runner") or {}).get("type") != "IterBasedRunner"
-        self.eval_interval = int((cfg.get("evaluation") or {}).get("interval", 1))
+        self.eval_interval = int(setting(cfg, "evaluation", "interval"))
         self.work_dir = Path(opts.work_dir)
         self.metrics_path = self.work_dir / "metrics.jsonl"
+        self.lsm_viz = LSMVisualizer(self.work_dir / "lsm") \
+            if self.kd_cfg and self.kd_cfg.get("lsm_visualize") and self.rank == 0 else None
         self.start_iter, self.bad_samples = 0, 0
         self.ddp = None
         if self.world > 1:
@@ -115,7 +117,8 @@ class Trainer:
     def _meta(self, it: int) -> Dict[str, Any]:
         return dict(iter=it, epoch=it // self.iters_per_epoch, yolc_kd_version=__version__,
                     CLASSES=list(self.cfg.get("classes") or []), seed=int(self.cfg.get("seed", 0)),
-                    config=json.dumps(self.cfg.get("model"), default=str), num_variants=self.opts.num_variants)
+                    config=json.dumps(self.cfg.get("model"), default=str),
+                    num_variants=self.source.num_variants if self.source is not None else None)
 
     def save(self, it: int) -> Path:
         path = save_checkpoint(self.work_dir / f"iter_{it}.pth", self.model, self._meta(it), self.optimizer)
@@ -154,9 +157,12 @@ class Trainer:
         lr = lr_at(it, self.base_lr, self.cfg.get("lr_config") or {}, self.steps)
         set_lr(self.optimizer, lr)
         net = self.ddp or self.model
+        kd_targets = self.source.targets(batch) if self.source is not None else None
+        if self.lsm_viz is not None and not callable(kd_targets):
+            self.lsm_viz(it, batch, kd_targets)
         with torch.autocast(self.device.type, enabled=self.opts.amp and self.device.type == "cuda"):
             losses = net(batch["img"], batch["img_metas"], gt_bboxes=batch["gt_bboxes"],
-                         gt_labels=batch["gt_labels"], kd_targets=batch.get("kd_targets"))
+                         gt_labels=batch["gt_labels"], kd_targets=kd_targets, kd_cfg=self.kd_cfg)
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise UserError(f"loss became {float(total)} at iteration {it} (samples {batch['keys']}); "

@@ -1,0 +1,85 @@
+"""A YOLC model as the frozen KD teacher: built from distill_cfg, loaded, eval(), no gradients; and its
+soft labels (KDTargets) for a batch of views. Used by precompute, the live-teacher source and verify."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from yolc_kd import crops
+from yolc_kd.cache.manifest import target_identity
+from yolc_kd.checkpoint import load_checkpoint
+from yolc_kd.errors import UserError
+from yolc_kd.kd import KDTargets
+from yolc_kd.models import YOLC, build_detector
+
+
+def teacher_model_cfg(dcfg: Mapping, student_model_cfg: Mapping, config_dir: Optional[str] = None) -> dict:
+    """teacher_config: None -> the student's model dict; a dict -> that model dict; a path -> its `model`."""
+    from yolc_kd.config import load_config
+
+    spec = dcfg.get("teacher_config")
+    if spec is None:
+        return dict(student_model_cfg)
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    path = Path(spec)
+    if not path.is_absolute() and config_dir and not path.exists():
+        path = Path(config_dir) / path
+    return load_config(path)["model"]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_teacher(dcfg: Mapping, student_model_cfg: Mapping, config_dir: Optional[str] = None,
+                  ckpt: Optional[str] = None, trust: bool = False) -> YOLC:
+    """The frozen teacher of distill_cfg. Its construction draws from a forked RNG, so building a teacher
+    never changes the student's initialisation."""
+    ckpt = ckpt or dcfg.get("teacher_ckpt")
+    if not ckpt:
+        raise UserError("distillation needs a teacher checkpoint: set distill_cfg.teacher_ckpt or pass --teacher-ckpt")
+    with torch.random.fork_rng(devices=[]):
+        teacher = build_detector(teacher_model_cfg(dcfg, student_model_cfg, config_dir))
+    load_checkpoint(teacher, ckpt, strict=True, trust=trust)
+    return freeze(teacher)
+
+
+@torch.no_grad()
+def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping], dcfg: Mapping,
+                    coords: Optional[List[np.ndarray]] = None) -> KDTargets:
+    """Soft labels of a batch of views: heatmap and coarse maps, LSM crops (or the given ones), the refine
+    maps of every patch (one batched forward)."""
+    heat, coarse, _ = teacher.bbox_head(teacher.extract_feat(img))
+    if coords is None:
+        # KD crops: LSM on the raw teacher heatmap (inference reads the blurred one); cached targets depend on it
+        coords = teacher.bbox_head.LSM(heat, img_metas)
+    plan = crops.plan_patches(coords, img_metas, img.shape[2:], int(dcfg["max_patches_per_img"]),
+                              int(dcfg["min_patch_size"]), float(teacher.crop_cfg["enlarge"]),
+                              float(teacher.crop_cfg["upscale"]), crops.patch_canvas(img.shape[2:]), mode="kd")
+    patches = plan.cut(img)
+    canvas = plan.canvas
+    refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4))
+    if patches.shape[0]:
+        refine[plan.valid.to(img.device)] = teacher.patch_refine(patches)
+    return KDTargets(heatmap=heat[0], coarse=coarse[0], patch_boxes=plan.boxes.to(img.device),
+                     patch_scales=plan.scales.to(img.device), patch_valid=plan.valid.to(img.device), refine=refine)
+
+
+def expected_target_identity(cfg: Mapping, aug_cfg: Any, classes: Sequence[str]) -> Dict[str, Any]:
+    """What the teacher targets for this (student) training config are made with: the manifest's TRAIN_FIELDS
+    a cache must carry to fit it. aug_cfg is the config's data.augment.AugmentConfig."""
+    dcfg = cfg["distill_cfg"]
+    config_dir = str(Path(cfg["_path"]).resolve().parent) if cfg.get("_path") else None
+    teacher = teacher_model_cfg(dcfg, cfg["model"], config_dir)
+    w, h = aug_cfg.input_size
+    return target_identity(teacher_model=teacher, augment=aug_cfg.to_dict(), input_size=(w, h), classes=classes,
+                           distill=dcfg, crop=crops.crop_config(teacher.get("test_cfg")),
+                           patch_canvas=crops.patch_canvas((h, w)), seed=int(cfg.get("seed", 0)))

@@ -1,0 +1,81 @@
+"""The `train` stage: config + data + (optionally) a target source -> a trained model in a work dir.
+Supervised YOLC training, or a KD student with targets from the cache (offline) or a live teacher (online)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+
+from yolc_kd.config import load_config
+from yolc_kd.data.augment import AugmentConfig, TrainAugment
+from yolc_kd.data.loading import load_dataset, resolve_data
+from yolc_kd.errors import UserError
+from yolc_kd.models import build_detector
+from yolc_kd.runtime import resolve_device
+from yolc_kd.train.data import TargetSource, TrainSamples
+from yolc_kd.train.loop import Trainer, TrainOptions
+
+
+@dataclass
+class KDSource:
+    """Where KD targets come from: cache (a folder) or online (a live teacher; teacher_ckpt overrides the config)."""
+    cache: Optional[str] = None
+    online: bool = False
+    teacher_ckpt: Optional[str] = None
+
+
+def open_target_source(cfg: Mapping, kd: KDSource, aug_cfg: AugmentConfig, coco, trust: bool) -> Optional[TargetSource]:
+    if kd.cache and kd.online:
+        raise UserError("--cache and --online exclude each other: KD targets come from one source")
+    if kd.cache:
+        from yolc_kd.train.cache_source import open_cache_source
+
+        return open_cache_source(kd.cache, cfg, aug_cfg, coco)
+    if kd.online:
+        from yolc_kd.teacher import build_teacher
+        from yolc_kd.train.teacher_source import LiveTeacherSource
+
+        config_dir = str(Path(cfg["_path"]).resolve().parent) if cfg.get("_path") else None
+        teacher = build_teacher(cfg["distill_cfg"], cfg["model"], config_dir, kd.teacher_ckpt, trust)
+        return LiveTeacherSource(teacher, dict(cfg["distill_cfg"], enable=True))
+    return None
+
+
+def run_training(config: str, ann: Optional[str], images: Optional[str], opts: TrainOptions,
+                 kd: KDSource = KDSource(), skip_bad: bool = False, val_ann: Optional[str] = None,
+                 val_images: Optional[str] = None) -> Dict[str, Any]:
+    """Train the config's model; the student's weights start from opts.seed (default the config's seed)
+    whichever target source is used."""
+    cfg = load_config(config, with_defaults=True)
+    ann, images = resolve_data(cfg, ann, images)
+    coco = load_dataset(cfg, ann, images)
+    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
+    device = resolve_device(opts.device)
+    torch.manual_seed(int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed))
+    model = build_detector(cfg["model"])  # before any teacher: every student of a seed starts the same
+    source = open_target_source(cfg, kd, aug_cfg, coco, opts.trust)
+    dataset = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg.get("seed", 0)), source, skip_bad=skip_bad)
+    if val_ann or val_images:
+        opts.eval_fn = make_eval_fn(cfg, val_ann, val_images, device)
+    opts.device = str(device)
+    return Trainer(cfg, model, dataset, opts, source).run()
+
+
+def make_eval_fn(cfg: dict, val_ann: Optional[str], val_images: Optional[str],
+                 device: torch.device) -> Callable[[torch.nn.Module, int], Dict[str, float]]:
+    """Fused-inference COCO evaluation on a validation set, for the trainer to call after epochs."""
+    from yolc_kd.infer.coco_eval import evaluate_coco
+    from yolc_kd.infer.predict import predict_dataset
+
+    ann, images = resolve_data(cfg, val_ann, val_images, "val")
+
+    def evaluate(model, it: int) -> dict:
+        was_training = model.training
+        summary = predict_dataset(model, cfg, ann, images, device=device)
+        model.train(was_training)
+        result = evaluate_coco(ann, summary.results)
+        return {k: result[k] for k in ("AP", "AP50", "AP75", "AP_small")}
+
+    return evaluate
