@@ -11,7 +11,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from test_precompute import cli_args, make_setup
+from conftest import cli_args, make_setup
 from yolc_kd.cache.reader import CacheError, CacheReader
 from yolc_kd.cache.schema import (HEATMAP_MAX_ERROR, SAMPLE_ARRAYS, SCHEMA_VERSION, Layout, box_tolerance,
                                   dequantize_boxes, dequantize_heatmap, heatmap_tolerance, quantize_boxes,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from test_precompute import cli_args, make_setup, save_random_teacher, subprocess_env, teacher_model_cfg
+from conftest import cli_args, make_setup, save_random_teacher, subprocess_env, teacher_model_cfg
 from yolc_kd.cache.verify import format_ranges, verify_cache
 from yolc_kd.cli import main
 
@@ -211,3 +211,81 @@ def test_manifest_counts_must_agree(copy, capsys):
     found = faults(out)
     assert rc == 1 and any("counts.samples_skipped is 3" in f for f in found)
     assert any("manifest: variants is 3 but layout implies 2" in f for f in found)
+
+
+# ----------------------------------------------------------------------------- all-zero shards (issue 14)
+
+@pytest.fixture(scope="module")
+def zero_coarse(tmp_path_factory):
+    """A cache of a teacher whose box maps quantise to zero: every `coarse` shard is all zero."""
+    s = make_setup(tmp_path_factory.mktemp("zero"), n_images=2)  # 4 samples, shards of 2
+    ckpt = torch.load(s.ckpt, weights_only=True)
+    for key in ("bbox_head.xywh_init.weight", "bbox_head.xywh_init.bias"):
+        ckpt["state_dict"][key].zero_()
+    torch.save(ckpt, s.ckpt)
+    s.cache = s.root / "soft"
+    assert main(cli_args(s, s.cache)) == 0
+    assert not zarr.open_group(str(s.cache), mode="r")["coarse"][:].any()
+    return s
+
+
+def _copy_of(cache, tmp_path):
+    out = tmp_path / "soft"
+    shutil.copytree(cache, out)
+    return out
+
+
+def test_all_zero_shards_are_written_and_verify_clean(zero_coarse, capsys):
+    cache = zero_coarse.cache
+    assert zarr.open_group(str(cache), mode="r").attrs["yolc_kd_cache"]["all_shard_files"] is True
+    files = sorted(p.relative_to(cache / "coarse").as_posix() for p in (cache / "coarse").rglob("c/**/*")
+                   if p.is_file())
+    assert files == ["c/0/0/0/0", "c/1/0/0/0"]
+    rc, out, _ = verify(capsys, cache, "--deep")
+    assert rc == 0 and not faults(out), out
+
+
+def test_deleted_all_zero_shard_file_is_a_fault(zero_coarse, tmp_path, capsys):
+    cache = _copy_of(zero_coarse.cache, tmp_path)
+    (cache / "coarse" / "c" / "1" / "0" / "0" / "0").unlink()
+    rc, out, _ = verify(capsys, cache)
+    assert rc == 1 and faults(out) == ["array 'coarse', samples 2..3 (shard 1): shard file coarse/c/1/0/0/0 is "
+                                       "missing although shard 1 is committed"]
+
+
+@pytest.mark.parametrize("offset, deep, what", [
+    (2, True, "sample 0 (shard 0): damaged chunk: crc32c mismatch"),   # inside the first inner chunk
+    (-1, False, "samples 0..1 (shard 0): shard index fails its crc32c check"),  # the index's checksum
+])
+def test_flipped_byte_in_an_all_zero_shard_is_a_fault(zero_coarse, tmp_path, capsys, offset, deep, what):
+    cache = _copy_of(zero_coarse.cache, tmp_path)
+    flip_byte(cache / "coarse" / "c" / "0" / "0" / "0" / "0", offset)
+    rc, out, _ = verify(capsys, cache, *(["--deep"] if deep else []))
+    assert rc == 1 and faults(out) == [f"array 'coarse', {what}"], out
+
+
+def test_old_cache_without_all_zero_shard_files_still_verifies(zero_coarse, tmp_path):
+    """A cache from before all_shard_files: zarr skipped the all-zero shard, the manifest has no flag."""
+    cache = _copy_of(zero_coarse.cache, tmp_path)
+    (cache / "coarse" / "c" / "1" / "0" / "0" / "0").unlink()
+    g = zarr.open_group(str(cache), mode="r+")
+    m = dict(g.attrs["yolc_kd_cache"])
+    del m["all_shard_files"]
+    g.update_attributes({"yolc_kd_cache": m})
+    assert verify_cache(cache, deep=True) == []
+    (cache / "status" / "c" / "1").unlink()  # a status shard is never all zero: still a fault in an old cache
+    assert [f for f in verify_cache(cache) if "status/c/1 is missing" in f]
+
+
+def test_chunk_dropped_by_a_default_zarr_write_is_a_fault(copy, capsys):
+    g = zarr.open_group(str(copy), mode="r+")  # zarr's default config drops an all-zero inner chunk from its shard
+    g["coarse"][2] = 0
+    rc, out, _ = verify(capsys, copy)
+    assert rc == 1 and faults(out) == ["array 'coarse', samples 2..3 (shard 1): shard index has no inner chunk at "
+                                       "sample offset(s) 0 of the shard (zarr would read zeros)"]
+
+
+def test_manifest_flag_must_be_a_bool(copy):
+    g = zarr.open_group(str(copy), mode="r+")
+    g.update_attributes({"yolc_kd_cache": dict(g.attrs["yolc_kd_cache"], all_shard_files="yes")})
+    assert verify_cache(copy) == ["manifest: all_shard_files is 'yes', expected true or false"]

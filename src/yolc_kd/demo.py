@@ -3,8 +3,10 @@ tiny student trained without and with KD -> fused inference -> one AP table, pic
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -12,7 +14,9 @@ import yolc_kd
 from yolc_kd.errors import UserError
 
 ASSET_TEACHER = Path(yolc_kd.__file__).resolve().parent / "assets" / "tiny_teacher_synth.pth"
-CONFIGS = Path(yolc_kd.__file__).resolve().parents[2] / "configs"
+# the configs ship in the package; they name each other by relative path, so they are read from its folder
+_CONFIGS = resources.files(yolc_kd) / "configs"
+CONFIGS: Optional[Path] = Path(_CONFIGS) if isinstance(_CONFIGS, os.PathLike) else None  # None: a zipped install
 TRAIN = dict(num_images=200, seed=0)  # the data the shipped teacher was trained on (same seed -> same bytes)
 VAL = dict(num_images=40, seed=1)
 SIZE, CLASSES = (384, 256), 4
@@ -69,8 +73,8 @@ def run_demo(out_dir: Path, iters: int = 120, variants: int = 2) -> Dict[str, Di
 
     if not ASSET_TEACHER.exists():
         raise UserError(f"the shipped teacher checkpoint is missing: {ASSET_TEACHER}")
-    if not (CONFIGS / "tiny_student_synth.py").exists():
-        raise UserError(f"configs not found at {CONFIGS}: run the demo from a source checkout (pip install -e .)")
+    if CONFIGS is None or not (CONFIGS / "tiny_student_synth.py").is_file():
+        raise UserError(f"the packaged configs are missing ({_CONFIGS}): reinstall yolc-kd (pip install .)")
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     train, val = out_dir / "data" / "train", out_dir / "data" / "val"

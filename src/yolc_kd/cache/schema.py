@@ -11,6 +11,8 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 SCHEMA_VERSION = 2                      # 2: box maps as int16 fixed point (1: float16)
 MANIFEST_KEY = "yolc_kd_cache"          # root group attribute holding the manifest
+ALL_SHARD_FILES = "all_shard_files"     # manifest flag: every committed shard has a file in every array
+WRITE_CONFIG = {"write_empty_chunks": True}  # zarr runtime config of every write: all-fill chunks are stored too
 DEFAULT_SHARD_SIZE = 16                 # samples per shard (one shard file per array)
 ZSTD_LEVEL = 3
 

@@ -20,8 +20,11 @@ manifest) and the samples concerned; an empty list means the cache is sound. It 
   with deep=True also no NaN/inf in `coarse`/`refine`, zero maps for skipped samples and zero `refine` in
   invalid slots.
 
-A missing shard file is only a fault where the data it would hold cannot all be the fill value (zarr does not
-write all-zero shards): e.g. `refine` of a shard without any crop, `seed` of a cache made with seed 0.
+A missing shard file of a committed shard is a fault in a cache whose manifest has `all_shard_files: true`
+(its writer stored all-zero shards too), and so is an inner map chunk absent from a committed shard's index.
+In an older cache (no such flag: zarr skipped all-zero shards) a missing file is only a fault where the data
+it would hold cannot all be the fill value: never for the maps (a weak teacher's maps can quantise to zero),
+nor e.g. `seed` of a cache made with seed 0; `status` and `aug_params` always.
 """
 from __future__ import annotations
 
@@ -32,11 +35,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 import zarr
 
+from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, IMAGE_IDS, MANIFEST_KEY, MAP_ARRAYS, SAMPLE_ARRAYS,
+                                  SCHEMA_VERSION, SHARD_DONE, STATUS_SKIPPED, Layout, chunk_samples)
+from yolc_kd.cache.shards import chunk_files, index_problem, shard_key
 from yolc_kd.cache.verify_values import ValueChecks, _first_line, _short, format_ranges
-from yolc_kd.cache.schema import (ALL_ARRAYS, IMAGE_IDS, MANIFEST_KEY, MAP_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION,
-                                  SHARD_DONE, STATUS_SKIPPED, Layout, chunk_samples)
+from yolc_kd.progress import progress_bar
 
-_EMPTY = 2 ** 64 - 1                       # shard index entry of an absent inner chunk
 _ZARR_DTYPES = {"str": "string"}           # SAMPLE_ARRAYS dtype -> zarr.json data_type
 _SMALL = tuple(n for n in SAMPLE_ARRAYS if n not in MAP_ARRAYS)
 
@@ -53,12 +57,12 @@ class _Verifier(ValueChecks):
         self.manifest: Dict[str, Any] = {}
         self.layout: Optional[Layout] = None
         self.usable: Dict[str, zarr.Array] = {}        # arrays whose metadata is as the schema says
-        self.meta: Dict[str, Dict[str, Any]] = {}      # their zarr.json
         self.missing_files: Dict[str, Set[int]] = {}   # array -> shards without a file (or an empty one)
         self.empty_files: Dict[str, Set[int]] = {}     # array -> shards with an empty file (reported)
         self.data: Dict[str, np.ndarray] = {}          # decoded small arrays (+ image_ids, shard_done)
         self.ok_rows: Dict[str, np.ndarray] = {}       # rows of data[name] that decoded (bool per sample)
         self.committed: Optional[np.ndarray] = None    # per shard: shard_done == 1 (decoded)
+        self.exact = False                             # manifest all_shard_files: every committed shard has files
 
     # ------------------------------------------------------------------ helpers
     def fault(self, what: str) -> None:
@@ -75,10 +79,7 @@ class _Verifier(ValueChecks):
         self.fault(f"array '{name}', {where}: {what}")
 
     def _bar(self, total: int, desc: str):
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit="shard", disable=None if self.progress else True,
-                    dynamic_ncols=True, leave=False)
+        return progress_bar(total=total, desc=desc, unit="shard", disable=not self.progress, leave=False)
 
     # ------------------------------------------------------------------ run
     def run(self) -> List[str]:
@@ -151,6 +152,10 @@ class _Verifier(ValueChecks):
         for name, got, want in checks:
             if got != want:
                 self.fault(f"manifest: {name} is {_short(got)} but layout implies {_short(want)}")
+        flag = m.get(ALL_SHARD_FILES, False)
+        if not isinstance(flag, bool):
+            self.fault(f"manifest: {ALL_SHARD_FILES} is {_short(flag)}, expected true or false")
+        self.exact = flag is True
         if not m.get("complete"):
             self.fault("manifest: complete is false (the precompute run did not finish: rerun the same "
                        "`yolc-kd precompute` command to complete it)")
@@ -195,8 +200,6 @@ class _Verifier(ValueChecks):
                 self.usable[name] = group[name]
             except Exception as exc:
                 self.fault(f"array '{name}' cannot be opened ({_first_line(exc)})")
-                continue
-            self.meta[name] = meta
 
     def _metadata_problems(self, name: str, meta: Mapping[str, Any]) -> List[str]:
         dtype, shape, shard, inner = self._expected(name)
@@ -240,8 +243,7 @@ class _Verifier(ValueChecks):
 
     # ------------------------------------------------------------------ files
     def _shard_file(self, name: str, j: int) -> Path:
-        ndim = len(self._expected(name)[1])
-        return self.path / name / "c" / "/".join([str(j)] + ["0"] * (ndim - 1))
+        return self.path / name / shard_key(self.usable[name], j)
 
     def _check_files(self) -> None:
         lay = self.layout
@@ -250,11 +252,9 @@ class _Verifier(ValueChecks):
             self.fault(f"leftover temporary file(s) of a killed write: {', '.join(stray[:3])}"
                        + (f" (+{len(stray) - 3} more)" if len(stray) > 3 else "")
                        + " (rerun the same `yolc-kd precompute` command to clean them)")
-        for name in self.usable:
-            n_chunks = 1 if name == IMAGE_IDS else lay.num_shards
-            ndim = len(self._expected(name)[1])
-            expected = {self._shard_file(name, j).relative_to(self.path / name).as_posix(): j
-                        for j in range(n_chunks)}
+        for name, arr in self.usable.items():
+            expected = {key: coords[0] for key, coords in chunk_files(arr).items()}  # key -> shard (chunk) j
+            n_chunks, ndim = len(expected), arr.ndim
             found: Dict[int, Path] = {}
             extra: List[str] = []
             chunk_root = self.path / name / "c"
@@ -278,7 +278,7 @@ class _Verifier(ValueChecks):
                     self.sample_fault(name, rows, "shard file is empty (zarr would read it as all zero)")
                 else:
                     self.fault(f"array '{name}': chunk file(s) {format_ranges(empty)} are empty")
-            self.missing_files[name] = {j for j in range(n_chunks) if j not in found or j in empty}
+            self.missing_files[name] = {j for j in expected.values() if j not in found or j in empty}
             self.empty_files[name] = set(empty)
 
     # ------------------------------------------------------------------ small arrays
@@ -345,33 +345,6 @@ class _Verifier(ValueChecks):
             self.committed = np.zeros(lay.num_shards, dtype=bool)
 
     # ------------------------------------------------------------------ map shard indexes / deep read
-    def _index_problem(self, name: str, path: Path) -> Optional[str]:
-        """Why the shard index of a map file is damaged (None when it is sound)."""
-        import google_crc32c
-
-        conf = self.meta[name]["codecs"][0]["configuration"]
-        n_chunks = self.layout.shard_size // chunk_samples(name, self.layout.shard_size)
-        size = path.stat().st_size
-        index_bytes = 16 * n_chunks + 4
-        if size < index_bytes:
-            return f"file is {size} bytes, shorter than its shard index ({index_bytes} bytes): truncated"
-        with open(path, "rb") as fh:
-            if conf.get("index_location", "end") == "end":
-                fh.seek(size - index_bytes)
-            raw = fh.read(index_bytes)
-        payload, stored = raw[:-4], raw[-4:]
-        if np.uint32(google_crc32c.value(payload)).tobytes() != stored:
-            return "shard index fails its crc32c check"
-        table = np.frombuffer(payload, dtype="<u8").reshape(n_chunks, 2)
-        data_start = index_bytes if conf.get("index_location", "end") == "start" else 0
-        data_end = size if data_start else size - index_bytes
-        for k, (off, nbytes) in enumerate(table.tolist()):
-            if off == _EMPTY and nbytes == _EMPTY:
-                continue
-            if off < data_start or off + nbytes > data_end or nbytes < 4:
-                return f"shard index entry {k} points outside the file (offset {off}, {nbytes} bytes): truncated?"
-        return None
-
     def _check_map_indexes(self) -> None:
         lay = self.layout
         maps = [n for n in MAP_ARRAYS if n in self.usable]
@@ -384,7 +357,7 @@ class _Verifier(ValueChecks):
                     a, b = lay.shard_range(j)
                     if j in self.missing_files.get(name, ()):
                         continue
-                    problem = self._index_problem(name, self._shard_file(name, j))
+                    problem = index_problem(arr, self._shard_file(name, j), b - a, self.exact and self.committed[j])
                     if problem:
                         self.sample_fault(name, range(a, b), problem)
                         continue
@@ -446,9 +419,11 @@ class _Verifier(ValueChecks):
             return self.manifest.get("seed") == 0
         if name == "image_id":  # COCO id 0 is possible (for one image at most)
             return IMAGE_IDS in d and bool((d[IMAGE_IDS][[r // lay.variants for r in range(a, b)]] == 0).all())
-        if name in ("fingerprint", "heatmap", "coarse"):
-            return all_skipped                             # a stored view has a fingerprint and (almost) surely maps
-        if name in ("patch_boxes", "patch_scales", "refine"):
+        if name in MAP_ARRAYS:  # a weak teacher's maps can quantise to all zero: no telling that from a lost file
+            return True
+        if name == "fingerprint":
+            return all_skipped                             # a stored view has a fingerprint
+        if name in ("patch_boxes", "patch_scales"):
             for other in ("patch_valid", "num_valid_patches"):
                 if known(other):
                     return not d[other][a:b].any()
@@ -464,9 +439,7 @@ class _Verifier(ValueChecks):
             if name not in self.usable:
                 continue
             for j in sorted(self.missing_files.get(name, ())):
-                if not self.committed[j]:
-                    continue
-                if self._may_be_all_fill(name, j):
+                if not self.committed[j] or (not self.exact and self._may_be_all_fill(name, j)):
                     continue
                 a, b = lay.shard_range(j)
                 path = self._shard_file(name, j)
@@ -477,8 +450,8 @@ class _Verifier(ValueChecks):
                 if name in self.ok_rows:
                     self.ok_rows[name][a:b] = False
         for name in (IMAGE_IDS,):
-            if name in self.usable and self.missing_files.get(name) and lay.num_images > 1:
-                self.fault(f"array '{name}': its chunk file c/0 is missing")
+            if name in self.usable and self.missing_files.get(name) and (self.exact or lay.num_images > 1):
+                self.fault(f"array '{name}': its chunk file {shard_key(self.usable[name], 0)} is missing")
                 self.ok_rows[name][:] = False
 
     # ------------------------------------------------------------------ values

@@ -15,16 +15,13 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from yolc_kd.cache.manifest import RESUME_FIELDS, diff_fields, read_manifest
-from yolc_kd.cache.schema import (ALL_ARRAYS, IMAGE_IDS, MANIFEST_KEY, SAMPLE_ARRAYS, SHARD_DONE, STATUS_OK,
-                                  STATUS_SKIPPED, Layout, chunk_samples, compressors)
+from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, IMAGE_IDS, MANIFEST_KEY, SAMPLE_ARRAYS, SHARD_DONE,
+                                  STATUS_OK, STATUS_SKIPPED, WRITE_CONFIG, Layout, chunk_samples, compressors)
 from yolc_kd.errors import UserError
 
 
 def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return  # an all-fill chunk is not stored at all
+    fd = os.open(path, os.O_RDONLY)  # every write stores its chunk, all-fill ones too (WRITE_CONFIG)
     try:
         os.fsync(fd)
     finally:
@@ -62,7 +59,7 @@ class CacheStore:
     def __init__(self, path: Path, group: zarr.Group, manifest: Dict[str, Any]):
         self.path, self.group, self.manifest = Path(path), group, manifest
         self.layout = Layout.from_dict(manifest["layout"])
-        self.arrays = {name: group[name] for name in ALL_ARRAYS}
+        self.arrays = {name: group[name].with_config(WRITE_CONFIG) for name in ALL_ARRAYS}
 
     @classmethod
     def prepare(cls, path: Any, manifest: Mapping[str, Any], image_ids: Sequence[int]) -> "CacheStore":
@@ -77,7 +74,8 @@ class CacheStore:
         if stray:
             raise UserError(f"--out {path} exists and is not a yolc-kd cache (it holds {stray[0]!r}): "
                             f"choose a new or empty folder")
-        return cls(path, _create(path, dict(manifest), image_ids), dict(manifest))
+        manifest = {**manifest, ALL_SHARD_FILES: True}  # at creation only: a resumed older cache keeps its manifest
+        return cls(path, _create(path, manifest, image_ids), manifest)
 
     @classmethod
     def attach(cls, path: Any, manifest: Mapping[str, Any]) -> "CacheStore":
@@ -165,13 +163,13 @@ def _create(path: Path, manifest: Dict[str, Any], image_ids: Sequence[int]) -> z
         dtype = SAMPLE_ARRAYS[name]
         group.create_array(name, shape=(n, *shape), chunks=(chunk_samples(name, s), *shape), shards=(s, *shape),
                            dtype=str if dtype == "str" else dtype, compressors=compressors(name),
-                           fill_value="" if dtype == "str" else 0,
+                           fill_value="" if dtype == "str" else 0, config=WRITE_CONFIG,
                            dimension_names=("sample",) + tuple(f"d{i}" for i in range(len(shape))))
     ids = group.create_array(IMAGE_IDS, shape=(lay.num_images,), chunks=(max(1, lay.num_images),), dtype="int64",
-                             compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
+                             compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0, config=WRITE_CONFIG,
                              dimension_names=("image",))
     ids[:] = np.asarray(image_ids, dtype=np.int64)
-    group.create_array(SHARD_DONE, shape=(lay.num_shards,), chunks=(1,), dtype="uint8",
+    group.create_array(SHARD_DONE, shape=(lay.num_shards,), chunks=(1,), dtype="uint8", config=WRITE_CONFIG,
                        compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
     group.update_attributes({MANIFEST_KEY: manifest})  # last: a store without a manifest is recreated
     return group

@@ -11,11 +11,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from yolc_kd.data.images import PathLike, display_path
 from yolc_kd.data.visdrone import VISDRONE_CLASSES, write_json
 from yolc_kd.errors import UserError
+from yolc_kd.progress import progress_bar
 
 MIN_SIZE, MAX_SIZE = 4, 32
 MAX_CLASSES = 10
@@ -272,7 +272,7 @@ def make_synthetic_dataset(out_dir: PathLike, num_images: int, seed: int, size: 
         raise UserError(f"cannot create {display_path(out / 'images')}: {exc.strerror}") from None
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for i in tqdm(range(num_images), desc="synth", unit="img", disable=None if progress else True):
+    for i in progress_bar(range(num_images), desc="synth", unit="img", disable=not progress):
         rng = np.random.default_rng([seed, i])
         layout = layouts[i % len(layouts)] if layouts else None
         pixels, objects = render_image(rng, (w, h), num_classes, layout)

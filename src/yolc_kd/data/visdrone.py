@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from tqdm import tqdm
-
 from yolc_kd.data.images import PathLike, display_path, read_image_size
 from yolc_kd.errors import UserError
+from yolc_kd.progress import progress_bar
 
 VISDRONE_CLASSES = (
     "pedestrian", "people", "bicycle", "car", "van",
@@ -89,7 +88,7 @@ def convert_visdrone(images_dir: PathLike, annotations_dir: PathLike, out_file: 
     stats: dict[str, int] = {"images": len(names), "images_without_txt": 0}
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    bar = tqdm(names, desc="convert-visdrone", unit="img", disable=None if progress else True)
+    bar = progress_bar(names, desc="convert-visdrone", unit="img", disable=not progress)
     for image_id, name in enumerate(bar, start=1):
         width, height = read_image_size(images_dir / name)
         images.append({"id": image_id, "file_name": name, "width": width, "height": height})

@@ -1,0 +1,76 @@
+"""The chunk files of a cache array, named by zarr's own chunk key encoding, and the check of a shard's index.
+
+zarr 3 has no public call that reads a shard index without decoding the shard (the sharding codec's index
+reader is private), so `index_problem` reads it here: its layout (chunks per shard, index location,
+endianness) comes from the array's metadata, its format (16-byte offset/length pairs + a 4-byte crc32c) from
+the `bytes` + `crc32c` index codecs that verify requires."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import google_crc32c
+import numpy as np
+import zarr
+from zarr.codecs import ShardingCodec
+
+_EMPTY = 2 ** 64 - 1                       # offset and length of an absent inner chunk
+_CRC_BYTES = 4
+
+
+def chunk_files(arr: zarr.Array) -> Dict[str, Tuple[int, ...]]:
+    """Store key (relative to the array's folder, e.g. 'c/3/0/0/0') -> grid position, for every chunk (a shard
+    in a sharded array) the array's shape implies."""
+    meta = arr.metadata
+    return {meta.encode_chunk_key(coords): coords for coords in meta.chunk_grid.all_chunk_coords(arr.shape)}
+
+
+def shard_key(arr: zarr.Array, j: int) -> str:
+    """Store key of the j-th chunk (shard) along the sample axis; the other axes hold a single chunk."""
+    return arr.metadata.encode_chunk_key((j,) + (0,) * (arr.ndim - 1))
+
+
+def _sharding(arr: zarr.Array) -> ShardingCodec:
+    codec = arr.metadata.codecs[0]
+    if not isinstance(codec, ShardingCodec):
+        raise TypeError(f"{arr.name} is not sharded")
+    return codec
+
+
+def index_problem(arr: zarr.Array, path: Path, rows: int, exact: bool) -> Optional[str]:
+    """Why the shard index of shard file `path` of `arr` is damaged (None when it is sound). `rows`: samples
+    the shard holds; exact=True: every inner chunk inside the array must be present (a cache whose writer
+    stored all-fill chunks too, data_schema.md)."""
+    codec = _sharding(arr)
+    shard_shape = arr.metadata.chunk_grid.chunk_shape
+    per_shard = tuple(s // c for s, c in zip(shard_shape, codec.chunk_shape))
+    n_chunks = math.prod(per_shard)
+    index_bytes = 16 * n_chunks + _CRC_BYTES
+    at_start = codec.index_location.value == "start"
+    endian = getattr(codec.index_codecs[0], "endian", None)
+    dtype = ">u8" if endian is not None and endian.value == "big" else "<u8"
+    size = path.stat().st_size
+    if size < index_bytes:
+        return f"file is {size} bytes, shorter than its shard index ({index_bytes} bytes): truncated"
+    with open(path, "rb") as fh:
+        if not at_start:
+            fh.seek(size - index_bytes)
+        raw = fh.read(index_bytes)
+    payload, stored = raw[:-_CRC_BYTES], raw[-_CRC_BYTES:]
+    if np.uint32(google_crc32c.value(payload)).tobytes() != stored:
+        return "shard index fails its crc32c check"
+    table = np.frombuffer(payload, dtype=dtype).reshape(*per_shard, 2)
+    data_start, data_end = (index_bytes, size) if at_start else (0, size - index_bytes)
+    for k, (off, nbytes) in enumerate(table.reshape(n_chunks, 2).tolist()):
+        if off == _EMPTY and nbytes == _EMPTY:
+            continue
+        if off < data_start or off + nbytes > data_end or nbytes < _CRC_BYTES:
+            return f"shard index entry {k} points outside the file (offset {off}, {nbytes} bytes): truncated?"
+    if exact:
+        inside = table[:math.ceil(rows / codec.chunk_shape[0])]  # inner chunks along the sample axis in the array
+        absent = np.flatnonzero((inside[..., 0] == _EMPTY).reshape(inside.shape[0], -1).any(axis=1))
+        if absent.size:
+            at = ", ".join(str(int(k) * codec.chunk_shape[0]) for k in absent[:3]) + (", ..." * (absent.size > 3))
+            return f"shard index has no inner chunk at sample offset(s) {at} of the shard (zarr would read zeros)"
+    return None
