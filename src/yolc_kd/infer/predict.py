@@ -25,7 +25,6 @@ from yolc_kd.data.images import display_path, load_image_rgb
 from yolc_kd.errors import UserError
 from yolc_kd.infer.viz import save_detections
 from yolc_kd.progress import progress_bar
-from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import resolve_device
 
 PathLike = Union[str, "os.PathLike[str]"]

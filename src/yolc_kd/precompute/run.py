@@ -28,7 +28,6 @@ from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
 from yolc_kd.progress import progress_bar
-from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import deterministic_numerics, init_distributed
 from yolc_kd.teacher import build_teacher, teacher_model_cfg, teacher_targets
 
