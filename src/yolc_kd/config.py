@@ -44,13 +44,14 @@ DISTILL_DEFAULTS: Dict[str, Any] = dict(
     # box_kd_distance (weighted only): gwd_l1 (YOLC's own box loss) | mse (squared error, summed over x, y, w, h)
     hm_kd="soft_focal", hm_kd_temperature=1.0, hm_kd_beta=2.0, hm_kd_peak_thr=0.3,
     box_kd="weighted", box_kd_distance="gwd_l1",
+    cache_flip=True,  # training from a cache of K views also sees their mirrors: 2K distinct views per image
 )
 _DISTILL_TYPES = dict(
     enable=bool, teacher_ckpt=(str, type(None)), teacher_config=(str, dict, type(None)),
     kd_weight_global_hm=(int, float), kd_weight_global_coarse=(int, float), kd_weight_local_refine=(int, float),
     use_teacher_crop=bool, max_patches_per_img=int, min_patch_size=int, lsm_visualize=bool,
     hm_kd=str, hm_kd_temperature=(int, float), hm_kd_beta=(int, float), hm_kd_peak_thr=(int, float),
-    box_kd=str, box_kd_distance=str,
+    box_kd=str, box_kd_distance=str, cache_flip=bool,
 )
 
 

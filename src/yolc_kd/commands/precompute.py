@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from yolc_kd.cli_args import add_data_args, add_device_arg, check_count
+from yolc_kd.errors import UserError
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +22,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ckpt", default=None, help="teacher checkpoint (default: distill_cfg.teacher_ckpt)")
     add_data_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created, or resumed when it exists)")
-    p.add_argument("--variants", type=int, default=4, metavar="K", help="augmented views per image (default 4)")
+    p.add_argument("--variants", default="auto", metavar="K",
+                   help="augmented views per image, or auto (default): as many as the training schedule needs so "
+                        "the student never sees a view twice (one per epoch, halved by distill_cfg.cache_flip)")
+    p.add_argument("--train-iters", type=int, default=None, metavar="N",
+                   help="with --variants auto: the student's `train --max-iters N` (default: the config's runner)")
     p.add_argument("--batch-size", type=int, default=None, help="teacher batch (default data.samples_per_gpu)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="S",
                    help=f"samples per shard file (default {DEFAULT_SHARD_SIZE})")
@@ -37,20 +42,35 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
+    from yolc_kd.config import setting
+    from yolc_kd.train.schedule import views_needed
+
+    if str(args.variants).strip().lower() == "auto":
+        return views_needed(cfg, num_images, int(setting(cfg, "data", "samples_per_gpu")), args.train_iters,
+                            flip=bool(cfg["distill_cfg"].get("cache_flip", True)))
+    try:
+        k = int(args.variants)
+    except ValueError:
+        raise UserError(f"--variants must be a count or auto, got {args.variants!r}") from None
+    check_count("variants", k)
+    return k
+
+
 def run(args: argparse.Namespace) -> int:
     from yolc_kd.config import load_config, setting
     from yolc_kd.data.loading import load_dataset, resolve_data
     from yolc_kd.precompute.run import PrecomputeOptions, precompute
     from yolc_kd.runtime import resolve_device
 
-    for name in ("variants", "batch_size", "shard_size", "threads"):
+    for name in ("batch_size", "shard_size", "threads", "train_iters"):
         check_count(name.replace("_", "-"), getattr(args, name))
     check_count("workers", args.workers, 0)
     cfg = load_config(args.config, with_defaults=True)
     ann, images = resolve_data(cfg, args.ann, args.images)
     coco = load_dataset(cfg, ann, images)
     opts = PrecomputeOptions(
-        out=Path(args.out), ckpt=args.ckpt, variants=args.variants,
+        out=Path(args.out), ckpt=args.ckpt, variants=_variants(args, cfg, len(coco)),
         batch_size=args.batch_size if args.batch_size is not None else int(setting(cfg, "data", "samples_per_gpu")),
         device=str(resolve_device(args.device)), amp=args.amp, trust=args.trust_checkpoint, strict=args.strict,
         shard_size=args.shard_size,

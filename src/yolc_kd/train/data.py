@@ -12,6 +12,7 @@ from yolc_kd.data.augment import TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
+from yolc_kd.train.reaugment import flip_sample
 
 
 class TargetSource(Protocol):
@@ -42,8 +43,9 @@ class TrainSamples(Dataset):
     def __len__(self) -> int:
         return len(self.coco)
 
-    def __getitem__(self, item: Tuple[int, int]) -> Optional[Dict[str, Any]]:
-        i, variant = item
+    def __getitem__(self, item: Tuple[int, ...]) -> Optional[Dict[str, Any]]:
+        i, variant = item[:2]
+        mirrored = len(item) > 2 and bool(item[2])  # the sampler asks for the mirrored cached view
         info = self.coco.image_info(i)
         try:
             image = self.coco.load_image(i)
@@ -59,7 +61,7 @@ class TrainSamples(Dataset):
                                     f"different view (fingerprint {fingerprint} != replayed {sample.fingerprint}): "
                                     f"the augmentation, image file or package version changed")
                 out["kd_targets"] = targets
-            return out
+            return flip_sample(out) if mirrored else out
         except UserError as exc:
             if self.skip_bad:
                 return dict(bad=f"image id {info['id']} variant {variant}: {exc}")
@@ -83,12 +85,14 @@ def collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
 class VariantSampler(Sampler):
     """DistributedSampler over images, each yielded with the epoch's variant: epoch % num_variants for
     a cache of K views, or the epoch itself (a fresh augmentation every epoch) when num_variants is None.
+    With flip (a cache only), epochs K..2K-1 yield the mirrored cached views, so 2K epochs see distinct views.
     `skip` drops the first samples of the epoch (resuming mid-epoch)."""
 
     def __init__(self, n: int, seed: int, num_variants: Optional[int] = None, rank: int = 0, world: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, flip: bool = False):
         self.base = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
         self.num_variants = num_variants
+        self.flip = bool(flip and num_variants)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -98,8 +102,13 @@ class VariantSampler(Sampler):
     def variant(self, epoch: int) -> int:
         return epoch % self.num_variants if self.num_variants else epoch
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def mirrored(self, epoch: int) -> bool:
+        return self.flip and (epoch // self.num_variants) % 2 == 1
+
+    def __iter__(self) -> Iterator[Tuple[int, ...]]:
         v = self.variant(self.epoch)
+        if self.mirrored(self.epoch):
+            return iter([(i, v, 1) for i in list(self.base)[self.skip:]])
         return iter([(i, v) for i in list(self.base)[self.skip:]])
 
     def __len__(self) -> int:

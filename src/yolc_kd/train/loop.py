@@ -23,7 +23,7 @@ from yolc_kd.runtime import init_distributed, resolve_device
 from yolc_kd.train.data import TargetSource, TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.lsm_viz import LSMVisualizer
 from yolc_kd.train.precise_bn import recompute_bn_stats
-from yolc_kd.train.schedule import build_optimizer, lr_at, set_lr
+from yolc_kd.train.schedule import build_optimizer, lr_at, schedule_iters, set_lr
 
 
 @dataclass
@@ -52,19 +52,6 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return out
 
 
-def _schedule(cfg: Mapping, iters_per_epoch: int, max_iters: Optional[int]) -> tuple:
-    runner = cfg.get("runner") or {}
-    lr_cfg = cfg.get("lr_config") or {}
-    steps = list(lr_cfg.get("step") or [])
-    if runner.get("type") == "IterBasedRunner":
-        total = int(runner.get("max_iters", 1000))
-        steps_iters = [int(s) for s in steps]
-    else:
-        total = int(runner.get("max_epochs", 48)) * iters_per_epoch
-        steps_iters = [int(s) * iters_per_epoch for s in steps]
-    return (int(max_iters) if max_iters else total), steps_iters
-
-
 class Trainer:
     """Trains `model` on `dataset`; with a target source (cache or live teacher) it asks the source for each
     batch's KD targets and hands them, with distill_cfg, to the model's loss."""
@@ -83,12 +70,13 @@ class Trainer:
         self.batch_size = int(opts.batch_size or setting(cfg, "data", "samples_per_gpu"))
         order_seed = int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed)
         num_variants = source.num_variants if source is not None else None
-        self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world)
+        flip = bool(source is not None and num_variants and self.kd_cfg.get("cache_flip", True))
+        self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world, flip=flip)
         workers = opts.workers if opts.workers is not None else int(setting(cfg, "data", "workers_per_gpu"))
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_train, pin_memory=self.device.type == "cuda")
         self.iters_per_epoch = max(1, math.ceil(len(self.sampler) / self.batch_size))
-        self.total_iters, self.steps = _schedule(cfg, self.iters_per_epoch, opts.max_iters)
+        self.total_iters, self.steps = schedule_iters(cfg, self.iters_per_epoch, opts.max_iters)
         clip = (cfg.get("optimizer_config") or {}).get("grad_clip") or {}
         self.max_norm = clip.get("max_norm")
         self.log_interval = opts.log_interval or int(setting(cfg, "log_config", "interval"))

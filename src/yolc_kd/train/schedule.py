@@ -1,7 +1,8 @@
 """YOLC's optimisation recipe: optimizer from the config, linear warmup, step decay, grad clipping."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+import math
+from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,3 +37,27 @@ def lr_at(it: int, base_lr: float, lr_cfg: Mapping, steps_in_iters: Sequence[int
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def schedule_iters(cfg: Mapping, iters_per_epoch: int, max_iters: Optional[int]) -> Tuple[int, list]:
+    """(total iterations, lr step iterations) of the config's runner; max_iters overrides the total."""
+    runner = cfg.get("runner") or {}
+    lr_cfg = cfg.get("lr_config") or {}
+    steps = list(lr_cfg.get("step") or [])
+    if runner.get("type") == "IterBasedRunner":
+        total = int(runner.get("max_iters", 1000))
+        steps_iters = [int(s) for s in steps]
+    else:
+        total = int(runner.get("max_epochs", 48)) * iters_per_epoch
+        steps_iters = [int(s) * iters_per_epoch for s in steps]
+    return (int(max_iters) if max_iters else total), steps_iters
+
+
+def views_needed(cfg: Mapping, num_images: int, batch_size: int, max_iters: Optional[int] = None, world: int = 1,
+                 flip: bool = True) -> int:
+    """Cached views per image (K) for a schedule in which the student never sees the same view twice:
+    one per epoch, halved when training mirrors the cached views (distill_cfg.cache_flip)."""
+    per_epoch = max(1, math.ceil(math.ceil(num_images / world) / batch_size))
+    total, _ = schedule_iters(cfg, per_epoch, max_iters)
+    epochs = math.ceil(total / per_epoch)
+    return max(1, math.ceil(epochs / 2) if flip else epochs)

@@ -1,0 +1,113 @@
+"""Re-augmentation of cached views: the mirrored targets are the mirror of the teacher's targets (exact
+geometry), patches that cannot be mirrored cell for cell are dropped, and the sampler walks 2K views."""
+import numpy as np
+import torch
+
+from conftest import plain_metas, tiny_model_cfg
+from yolc_kd.cache.schema import BOX_STEP
+from yolc_kd.kd import KDTargets
+from yolc_kd.models import build_detector
+from yolc_kd.train.cache_source import dequantize_targets
+from yolc_kd.train.data import VariantSampler
+from yolc_kd.train.reaugment import flip_sample, flip_targets
+
+
+def _decoded_centres_px(coarse: torch.Tensor, decode) -> torch.Tensor:
+    return decode(coarse)[..., :2] * 4  # (B, cells, 2) box centres in input pixels (stride 4)
+
+
+def test_mirrored_box_maps_decode_to_mirrored_boxes():
+    decode = build_detector(tiny_model_cfg()).bbox_head.decode_xywh_to_bbox
+    h, w = 32, 48
+    coarse = torch.randn(1, 4, h // 4, w // 4)
+    t = KDTargets(heatmap=torch.rand(1, 3, h, w), coarse=coarse, patch_boxes=torch.zeros(1, 1, 4),
+                  patch_scales=torch.zeros(1, 1), patch_valid=torch.zeros(1, 1, dtype=torch.bool),
+                  refine=torch.zeros(1, 1, 4, 4, 6))
+    f = flip_targets(t, (h, w))
+    torch.testing.assert_close(f.heatmap, t.heatmap.flip(-1))
+    orig = _decoded_centres_px(coarse, decode).reshape(h // 4, w // 4, 2)
+    mirr = _decoded_centres_px(f.coarse, decode).reshape(h // 4, w // 4, 2)
+    # the box predicted at cell x is predicted at cell W/4-1-x of the mirror, with its centre at W - cx
+    torch.testing.assert_close(mirr[:, :, 0].flip(-1), w - orig[:, :, 0])
+    torch.testing.assert_close(mirr[:, :, 1].flip(-1), orig[:, :, 1])
+    torch.testing.assert_close(f.coarse[:, 2:], coarse[:, 2:].flip(-1))  # sizes unchanged
+    torch.testing.assert_close(flip_targets(f, (h, w)).coarse, coarse)  # twice = identity
+
+
+def test_fixed_point_mirror_equals_float_mirror():
+    q = torch.randint(-3000, 3000, (1, 4, 8, 12), dtype=torch.int16)
+    t = KDTargets(heatmap=torch.randint(0, 255, (1, 3, 32, 48), dtype=torch.uint8), coarse=q,
+                  patch_boxes=torch.zeros(1, 1, 4), patch_scales=torch.zeros(1, 1),
+                  patch_valid=torch.zeros(1, 1, dtype=torch.bool), refine=torch.zeros(1, 1, 4, 4, 6, dtype=torch.int16))
+    stored_then_flipped = dequantize_targets(flip_targets(t, (32, 48)))
+    flipped_float = flip_targets(dequantize_targets(t), (32, 48))
+    torch.testing.assert_close(stored_then_flipped.coarse, flipped_float.coarse, atol=BOX_STEP / 4, rtol=0)
+    torch.testing.assert_close(stored_then_flipped.heatmap, flipped_float.heatmap)
+
+
+def test_patches_mirror_inside_their_width_or_are_dropped():
+    h, w = 64, 96  # patch canvas (32, 32)
+    boxes = torch.tensor([[[8., 4., 16., 16.], [40., 10., 15., 20.]]])  # 16 px -> 24 (x1.5): ok; 15 -> 22: dropped
+    scales = torch.tensor([[1.5, 1.5]])
+    valid = torch.tensor([[True, True]])
+    refine = torch.randn(1, 2, 4, 8, 8)
+    t = KDTargets(heatmap=torch.rand(1, 3, h, w), coarse=torch.randn(1, 4, h // 4, w // 4), patch_boxes=boxes,
+                  patch_scales=scales, patch_valid=valid, refine=refine)
+    f = flip_targets(t, (h, w))
+    assert f.patch_valid.tolist() == [[True, False]]
+    assert f.patch_boxes[0, 0].tolist() == [w - 8 - 16, 4., 16., 16.]
+    cells = 24 // 4
+    torch.testing.assert_close(f.refine[0, 0, 1:, :, :cells], refine[0, 0, 1:, :, :cells].flip(-1))
+    torch.testing.assert_close(f.refine[0, 0, 0, :, :cells], 1 - refine[0, 0, 0, :, :cells].flip(-1))
+    assert float(f.refine[0, 1].abs().sum()) == 0.0
+
+
+def test_flip_sample_mirrors_view_boxes_and_targets():
+    img = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(3, 16, 12)[:, :8]
+    sample = dict(img=img, boxes=torch.tensor([[1., 2., 5., 6.]]), labels=torch.tensor([0]),
+                  meta=dict(plain_metas(1, 8, 12)[0], flip=False), image_id=1, variant=0)
+    out = flip_sample(sample)
+    assert torch.equal(out["img"], img.flip(-1)) and out["meta"]["flip"] is True
+    assert out["boxes"].tolist() == [[7., 2., 11., 6.]]
+    assert torch.equal(flip_sample(out)["img"], img) and flip_sample(out)["boxes"].tolist() == [[1., 2., 5., 6.]]
+
+
+def test_sampler_walks_k_views_then_their_mirrors():
+    s = VariantSampler(4, seed=0, num_variants=2, flip=True)
+    seen = []
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        items = list(s)
+        assert sorted(i for i, *_ in items) == [0, 1, 2, 3]
+        seen.append({(v, bool(rest and rest[0])) for _, v, *rest in items})
+    assert seen == [{(0, False)}, {(1, False)}, {(0, True)}, {(1, True)}]
+    plain = VariantSampler(4, seed=0, num_variants=2)
+    plain.set_epoch(2)
+    assert {len(it) for it in plain} == {2}
+
+
+def test_views_needed_follows_the_schedule():
+    from yolc_kd.train.schedule import views_needed
+
+    cfg = dict(runner=dict(type="EpochBasedRunner", max_epochs=12))
+    assert views_needed(cfg, 200, 8) == 6 and views_needed(cfg, 200, 8, flip=False) == 12
+    assert views_needed(cfg, 200, 8, max_iters=120) == 3  # 25 iterations per epoch: 4.8 epochs -> 5 -> 3 mirrored
+    assert views_needed(dict(runner=dict(type="IterBasedRunner", max_iters=400)), 200, 4, flip=False) == 8
+
+
+def test_precompute_variants_auto_and_bad_values(tmp_path, capsys):
+    from conftest import cli_args, make_setup
+    from yolc_kd.cache.reader import CacheReader
+    from yolc_kd.cli import main
+
+    s = make_setup(tmp_path, n_images=2)
+    for bad, msg in (("0", "--variants must be at least 1"), ("many", "--variants must be a count or auto")):
+        args = cli_args(s, tmp_path / "bad")
+        args[args.index("--variants") + 1] = bad
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    args = cli_args(s, tmp_path / "auto", "--train-iters", "3")  # batch 2 of 2 images: 1 iteration per epoch
+    args[args.index("--variants") + 1] = "auto"
+    assert main(args) == 0
+    assert CacheReader(tmp_path / "auto").num_variants == 2  # 3 epochs, mirrored: ceil(3 / 2)
