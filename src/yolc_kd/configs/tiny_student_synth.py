@@ -46,9 +46,12 @@ distill_cfg = dict(
     enable=True,
     teacher_ckpt=None,
     teacher_config='./tiny_teacher_synth.py',
-    # the heatmap MSE is a mean over B*C*H*W probabilities (C*H*W = 393k here) and the sigmoid damps its gradient
-    # where the student is unsure: weights around 2.5*C*H*W work (swept in BENCHMARKS.md; 5e6 collapses)
-    kd_weight_global_hm=1e6,
+    # normalised KD (issue 12): heatmap per teacher peak, boxes weighted by teacher confidence; at the start of
+    # training each term is 0.4x-1.7x the supervised heatmap loss at weight 1 (tests/test_kd_scale.py)
+    hm_kd='soft_focal',
+    box_kd='weighted',
+    box_kd_distance='gwd_l1',
+    kd_weight_global_hm=1.0,
     kd_weight_global_coarse=1.0,
     kd_weight_local_refine=1.0,
     use_teacher_crop=True,

@@ -13,9 +13,13 @@ distill_cfg = dict(
     enable=True,
     teacher_ckpt='work_dirs/yolc_w48/latest.pth',
     teacher_config='./yolc_hrnet_w48_visdrone.py',
-    # MSE is a mean over C*H*W = 10*640*1024 probabilities: scaled like the tiny config's swept 2.5*C*H*W
-    # (untested at this scale; sweep it, the cache makes each try cost only student steps)
-    kd_weight_global_hm=1.6e7,
+    # normalised KD (issue 12): no weight grows with image size or class count. At 1024x640, 10 classes, weight 1,
+    # each term starts at 0.4x-1.7x the supervised heatmap loss with heatmap_prior_prob=0.01; at YOLC's 0.5 init
+    # (this model) that loss is a sum over every background pixel, ~4e4 at start (tests/test_kd_scale.py)
+    hm_kd='soft_focal',
+    box_kd='weighted',
+    box_kd_distance='gwd_l1',
+    kd_weight_global_hm=1.0,
     kd_weight_global_coarse=1.0,
     kd_weight_local_refine=1.0,
     use_teacher_crop=True,
