@@ -1,46 +1,180 @@
-"""KD quality: held-out AP of the teacher, the tiny student without KD, with offline KD (from the cache) and with
-online KD (live teacher), all trained for the same iterations on the demo's synthetic data.
+"""KD quality over seeds: does the student get better because of the teacher?
 
-    python benchmarks/bench_kd_quality.py [--out results.json] [--workdir DIR] [--iters 120]
+    python benchmarks/bench_kd_quality.py [--workdir DIR] [--seeds 0 1 2] [--iters 400] [--batch 4] [--parallel 2]
 
-The first three rows are `yolc-kd demo` (reused when --workdir already holds a finished demo); the online
-student is trained here with `yolc-kd train --online`.
+On the demo's synthetic data (200 training images, 40 held-out, 384x256, 4 classes) and the shipped tiny
+teacher, for every seed (`yolc-kd train --seed S`: the student's initialisation and sample order, the same
+for every student of a seed) five students are trained for the same iterations:
+
+  no_kd_fresh     no KD, a fresh augmentation every epoch (what a user compares against)
+  no_kd_cached    no KD, only the cached views (KD weights 0): what the cache's views alone give
+  kd_seed         offline KD with the seed's formulas (MSE over all pixels / cells, weights 1e6 / 1 / 1)
+  kd_default      offline KD with the default configuration (normalised losses, weights 1)
+  online_default  online KD (live teacher) with the default configuration
+
+The cache holds `--variants auto` views (enough for the schedule with mirroring). Each run is one process with
+one CPU thread, `--parallel` at a time; finished runs are reused, so an interrupted benchmark resumes. Prints
+full-image and fused AP per seed, mean and spread, and the share of the student-to-teacher gap KD closes.
 """
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Dict, List
 
-from _common import emit  # benchmarks/ is on sys.path when a script runs
+from _common import emit, log  # benchmarks/ is on sys.path when a script runs
+
+STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default")  # most telling first
+SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
+                "kd_weight_local_refine=1.0"
+NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _configs(work: Path, student: Path, batch: int) -> Dict[str, Path]:
+    """The student config at the benchmark's batch, and its KD variants (each a `_base_` child)."""
+    cfgs = {}
+    base = work / "student.py"
+    base.write_text(f"_base_ = {str(student)!r}\ndata = dict(samples_per_gpu={batch})\n")
+    cfgs["default"] = base
+    for name, dcfg in (("seed", SEED_FORMULAS), ("nokd", NO_KD)):
+        path = work / f"student_{name}.py"
+        path.write_text(f"_base_ = {str(base)!r}\ndistill_cfg = dict({dcfg})\n")
+        cfgs[name] = path
+    return cfgs
+
+
+def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) -> List[str]:
+    return {"no_kd_fresh": ["--config", str(cfgs["default"])],
+            "no_kd_cached": ["--config", str(cfgs["nokd"]), "--cache", str(cache)],
+            "kd_seed": ["--config", str(cfgs["seed"]), "--cache", str(cache)],
+            "kd_default": ["--config", str(cfgs["default"]), "--cache", str(cache)],
+            "online_default": ["--config", str(cfgs["default"]), "--online", "--teacher-ckpt", str(teacher)]}[name]
+
+
+def _run_one(name: str, seed: int, args, cfgs: Dict[str, Path], cache: Path, teacher: Path, data: Path,
+             work: Path) -> dict:
+    out = work / "runs" / f"{name}_s{seed}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    wd = work / "students" / f"{name}_s{seed}"
+    train = data / "train"
+    t0 = time.perf_counter()
+    ckpt = wd / f"iter_{args.iters}.pth"
+    if not ckpt.exists():
+        cmd = [sys.executable, "-m", "yolc_kd", "train", *_train_args(name, cfgs, cache, teacher),
+               "--ann", str(train / "annotations.json"), "--images", str(train), "--work-dir", str(wd),
+               "--max-iters", str(args.iters), "--seed", str(seed), "--log-interval", "20", "--no-progress"]
+        log(f"train {name} seed {seed}")
+        subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL)
+    train_s = time.perf_counter() - t0
+    code = ("import json,sys; from pathlib import Path; from yolc_kd.demo import evaluate_checkpoint; "
+            "print(json.dumps(evaluate_checkpoint(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), "
+            "Path(sys.argv[4]), Path(sys.argv[5]))))")
+    res = subprocess.run([sys.executable, "-c", code, f"{name}_s{seed}", str(cfgs["default"]), str(ckpt),
+                          str(data / "val"), str(wd)], check=True, env=_env(), capture_output=True, text=True)
+    row = dict(json.loads(res.stdout.strip().splitlines()[-1]), student=name, seed=seed, train_s=round(train_s, 1))
+    first = json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])
+    row["first_losses"] = {k: v for k, v in first.items() if k.startswith("loss")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=2))
+    log(f"{name} seed {seed}: full AP {row['full_AP']:.4f}, fused AP {row['fused_AP']:.4f} ({train_s:.0f} s)")
+    return row
+
+
+def summarise(rows: List[dict], teacher: dict) -> dict:
+    """Per student: mean / spread over seeds; KD rows: wins against no_kd_fresh and the gap share closed."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["student"], {})[r["seed"]] = r
+    base = by.get("no_kd_fresh", {})
+    out = {}
+    for name, seeds in by.items():
+        s = {}
+        for key in ("full_AP", "fused_AP"):
+            vals = [seeds[k][key] for k in sorted(seeds)]
+            s[key] = dict(per_seed=vals, mean=statistics.mean(vals),
+                          stdev=statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            common = [k for k in seeds if k in base]
+            if name != "no_kd_fresh" and common:
+                s[key]["wins_vs_no_kd_fresh"] = sum(seeds[k][key] > base[k][key] for k in common)
+                b = statistics.mean(base[k][key] for k in common)
+                m = statistics.mean(seeds[k][key] for k in common)
+                s[key]["gap_closed"] = (m - b) / (teacher[key] - b) if teacher[key] != b else None
+        out[name] = s
+    return out
 
 
 def main() -> None:
-    from yolc_kd.demo import ASSET_TEACHER, CONFIGS, evaluate_checkpoint, format_table, run_demo, run_step
+    from yolc_kd.data.synth import make_synthetic_dataset
+    from yolc_kd.demo import ASSET_TEACHER, CLASSES, CONFIGS, SIZE, TRAIN, VAL, evaluate_checkpoint
 
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
-    p.add_argument("--workdir", default=None, help="demo folder (default: a temp dir)")
-    p.add_argument("--iters", type=int, default=120)
+    p.add_argument("--workdir", default="kd_quality_work")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--iters", type=int, default=400)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--students", nargs="+", default=list(STUDENTS), choices=STUDENTS)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.workdir or tmp)
-        t0 = time.perf_counter()
-        table = run_demo(work, iters=args.iters)
-        demo_s = time.perf_counter() - t0
-        student, online = CONFIGS / "tiny_student_synth.py", work / "student_online"
-        train = work / "data" / "train"
-        t0 = time.perf_counter()
-        if not (online / f"iter_{args.iters}.pth").exists():
-            run_step(["train", "--config", str(student), "--ann", str(train / "annotations.json"), "--images",
-                      str(train), "--work-dir", str(online), "--max-iters", str(args.iters), "--online",
-                      "--teacher-ckpt", str(ASSET_TEACHER), "--log-interval", "10"])
-        online_s = time.perf_counter() - t0
-        table["student (online KD)"] = evaluate_checkpoint("student_online", student, online / f"iter_{args.iters}.pth",
-                                                           work / "data" / "val", work)
-        print(format_table(table))
-        emit(dict(iters=args.iters, table=table, demo_wall_s=demo_s, online_train_and_eval_s=online_s), args.out)
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = work / "data"
+    for split, spec in (("train", TRAIN), ("val", VAL)):
+        if not (data / split / "annotations.json").exists():
+            make_synthetic_dataset(data / split, spec["num_images"], spec["seed"], size=SIZE, num_classes=CLASSES,
+                                   progress=False)
+    cfgs = _configs(work, CONFIGS / "tiny_student_synth.py", args.batch)
+    cache = work / "soft"
+    t0 = time.perf_counter()
+    train = data / "train"
+    subprocess.run([sys.executable, "-m", "yolc_kd", "precompute", "--config", str(cfgs["default"]), "--ckpt",
+                    str(ASSET_TEACHER), "--ann", str(train / "annotations.json"), "--images", str(train),
+                    "--out", str(cache), "--variants", "auto", "--train-iters", str(args.iters),
+                    "--batch-size", "8", "--threads", "2", "--no-progress"], check=True)
+    precompute_s = time.perf_counter() - t0
+    teacher_json = work / "runs" / "teacher.json"
+    if not teacher_json.exists():
+        teacher_json.parent.mkdir(parents=True, exist_ok=True)
+        teacher_json.write_text(json.dumps(evaluate_checkpoint("teacher", CONFIGS / "tiny_teacher_synth.py",
+                                                               ASSET_TEACHER, data / "val", work)))
+    teacher = json.loads(teacher_json.read_text())
+    jobs = [(name, seed) for name in args.students for seed in args.seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        rows = list(pool.map(lambda j: _run_one(j[0], j[1], args, cfgs, cache, ASSET_TEACHER, data, work), jobs))
+    summary = summarise(rows, teacher)
+    lines = [f"{'student':<16}" + "".join(f"{'s' + str(s) + ' full/fused':>20}" for s in args.seeds)
+             + f"{'mean full/fused':>20}{'gap closed':>14}"]
+    for name in args.students:
+        rs = {r["seed"]: r for r in rows if r["student"] == name}
+        cells = "".join(f"{rs[s]['full_AP']:>10.4f}/{rs[s]['fused_AP']:<9.4f}" for s in args.seeds)
+        sm = summary[name]
+        gap = sm["full_AP"].get("gap_closed")
+        lines.append(f"{name:<16}{cells}{sm['full_AP']['mean']:>10.4f}/{sm['fused_AP']['mean']:<9.4f}"
+                     + (f"{gap:>8.1%}/{sm['fused_AP']['gap_closed']:.1%}" if gap is not None else ""))
+    lines.append(f"teacher: full AP {teacher['full_AP']:.4f}, fused AP {teacher['fused_AP']:.4f}")
+    print("\n".join(lines))
+    emit(dict(iters=args.iters, batch=args.batch, seeds=args.seeds, variants=_variants(cache), teacher=teacher,
+              rows=rows, summary=summary, precompute_s=round(precompute_s, 1),
+              wall_s=round(time.perf_counter() - t_start, 1)), args.out)
+
+
+def _variants(cache: Path) -> int:
+    from yolc_kd.cache.reader import CacheReader
+
+    return int(CacheReader(cache).num_variants)
 
 
 if __name__ == "__main__":
