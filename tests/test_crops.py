@@ -280,3 +280,24 @@ def test_patch_detections_land_in_the_full_frame(monkeypatch, upscale):
     patch_box = dets[labels == 0][0, :4]
     s = round(64 * upscale) / 64  # a 64 px region upscaled by 2 still fits the 128 px canvas of a 256 px input
     torch.testing.assert_close(patch_box, torch.tensor([10.0, 20.0, 10 + 30 / s, 20 + 30 / s]), atol=1e-4, rtol=0)
+
+
+def test_lsm_ties_at_the_cut_go_by_grid_index():
+    """20 isolated cells of equal density compete for the 15 places: the fixed rule keeps the 15 with the lowest
+    x-major grid index (ix * 10 + iy), whatever numpy's sort would do; without ties the choice is the top 15."""
+    cell = 8
+    heat = np.zeros((1, 1, 10 * cell, 16 * cell), np.float32)
+    candidates = [(ix, iy) for ix in range(0, 16, 2) for iy in range(0, 10, 2)]  # never adjacent
+    rng = np.random.default_rng(0)
+    tied = [candidates[i] for i in rng.permutation(len(candidates))[:20]]
+    for ix, iy in tied:
+        heat[0, 0, iy * cell:iy * cell + 2, ix * cell:ix * cell + 3] = 0.9  # 6 hot pixels in each
+    _, coords = crops.find_clusters(heat)
+    expect = sorted(tied, key=lambda c: c[0] * 10 + c[1])[:15]
+    assert sorted(map(tuple, coords.tolist())) == sorted((ix * cell, iy * cell, cell, cell) for ix, iy in expect)
+    # a strictly denser cell always wins its place, and the tie-break is the same on every call
+    ix, iy = max(tied, key=lambda c: c[0] * 10 + c[1])
+    heat[0, 0, iy * cell + 4:iy * cell + 6, ix * cell:ix * cell + 3] = 0.9
+    _, again = crops.find_clusters(heat)
+    assert (ix * cell, iy * cell, cell, cell) in set(map(tuple, again.tolist())) and len(again) == 15
+    np.testing.assert_array_equal(crops.find_clusters(heat)[1], again)

@@ -175,7 +175,7 @@ def test_strict_missing_image_is_an_error(setup, tmp_path, capsys):
     ann = _write_coco(tmp_path / "ann_missing.json", extra_images=["gone.png"])
     assert _infer(setup, tmp_path / "p.json", "--ann", ann, "--images", setup["images"], "--strict") == 1
     line = _error_line(capsys)
-    assert "image not found" in line and "gone.png" in line
+    assert "1 of 4 images not found" in line and "gone.png" in line  # checked before the model runs
     assert not (tmp_path / "p.json").exists()
 
 
@@ -272,3 +272,39 @@ def test_folder_listing_and_predictor_api(setup, tmp_path):
         assert len(p.boxes) == len(p.scores) == len(p.labels) > 0
         assert (p.boxes >= 0).all() and (p.boxes[:, [0, 2]] <= w).all() and (p.boxes[:, [1, 3]] <= h).all()
         assert len(p.regions) <= 2
+
+
+def test_crop_model_picks_the_crops(setup, tmp_path, capsys):
+    """--crop-config/--crop-ckpt: LSM on the crop model's heatmap; refine and fusion stay with the model."""
+    model = _tiny_model()
+    images = [np.asarray(Image.open(setup["images"] / name).convert("RGB")) for name, _, _ in IMAGES]
+    plain = Predictor(model, {"model": _model_cfg()}, device="cpu")(images)
+    same = Predictor(model, {"model": _model_cfg()}, device="cpu", crop_model=_tiny_model())(images)
+    for a, b in zip(plain, same):  # the same weights as crop model: the same crops and detections
+        np.testing.assert_array_equal(a.regions, b.regions)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+
+    class CornerCrops(torch.nn.Module):  # a crop model whose LSM region is each image's top-left quarter
+        def lsm_coords(self, img, metas):
+            return [np.array([[0, 0, m["img_shape"][1] // 2, m["img_shape"][0] // 2]]) for m in metas]
+
+    lent = Predictor(model, {"model": _model_cfg()}, device="cpu", crop_model=CornerCrops())(images)
+    for pred, (_, w, h) in zip(lent, IMAGES):
+        cw, ch = w // 2, h // 2  # enlarged 1.2x about its centre, clamped to the image
+        x1, y1 = max(0, round(cw / 2 - cw * 0.6)), max(0, round(ch / 2 - ch * 0.6))
+        x2, y2 = min(w, round(cw / 2 + cw * 0.6)), min(h, round(ch / 2 + ch * 0.6))
+        np.testing.assert_array_equal(pred.regions, [[x1, y1, x2 - x1, y2 - y1]])
+    torch.manual_seed(5)
+    other = build_detector(_model_cfg())
+    # the command
+    crop_ckpt = save_checkpoint(tmp_path / "crop.pth", other)
+    assert _infer(setup, tmp_path / "p.json", "--images", setup["images"], "--crop-config", setup["cfg"],
+                  "--crop-ckpt", crop_ckpt) == 0
+    assert json.loads((tmp_path / "p.json").read_text())
+    capsys.readouterr()
+    assert _infer(setup, tmp_path / "q.json", "--images", setup["images"], "--crop-config", setup["cfg"]) == 1
+    assert "--crop-config and --crop-ckpt go together" in _error_line(capsys)
+    four = _write_config(tmp_path / "four.py", num_classes=4, classes=("a", "b", "c", "d"))
+    assert _infer(setup, tmp_path / "q.json", "--images", setup["images"], "--crop-config", four,
+                  "--crop-ckpt", crop_ckpt) == 1
+    assert "must share the classes" in _error_line(capsys)
