@@ -9,7 +9,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
@@ -20,6 +19,7 @@ from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.loading import load_dataset, resolve_data
 from yolc_kd.errors import UserError
 from yolc_kd.precompute.run import run_teacher
+from yolc_kd.progress import progress_bar
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, plan_jobs
 from yolc_kd.runtime import deterministic_numerics, resolve_device
 from yolc_kd.teacher import build_teacher, expected_target_identity
@@ -100,8 +100,8 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: RecomputeOpt
     bad: Dict[str, List[int]] = {}
     notes: Dict[str, str] = {}
     with deterministic_numerics(device, int(run_m.get("cpu_threads") or 1)):
-        for k in tqdm(range(len(jobs)), desc="recompute", unit="batch", disable=None if args.progress else True,
-                      leave=False):
+        for k in progress_bar(range(len(jobs)), desc="recompute", unit="batch", disable=not args.progress,
+                              leave=False):
             item = views[k]
             targets = run_teacher(teacher, item, dcfg, device, amp)
             pos = 0

@@ -12,15 +12,15 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from yolc_kd import __version__
 from yolc_kd.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from yolc_kd.config import setting
 from yolc_kd.errors import UserError
+from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import init_distributed, resolve_device
-from yolc_kd.train.data import TargetSource, TrainSamples, VariantSampler, collate_train
+from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.lsm_viz import LSMVisualizer
 from yolc_kd.train.precise_bn import recompute_bn_stats
 from yolc_kd.train.schedule import build_optimizer, lr_at, schedule_iters, set_lr
@@ -73,8 +73,8 @@ class Trainer:
         flip = bool(source is not None and num_variants and self.kd_cfg.get("cache_flip", True))
         self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world, flip=flip)
         workers = opts.workers if opts.workers is not None else int(setting(cfg, "data", "workers_per_gpu"))
-        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
-                                 collate_fn=collate_train, pin_memory=self.device.type == "cuda")
+        self.loader = TrainLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
+                                  collate_fn=collate_train, pin_memory=self.device.type == "cuda")
         self.iters_per_epoch = max(1, math.ceil(len(self.sampler) / self.batch_size))
         self.total_iters, self.steps = schedule_iters(cfg, self.iters_per_epoch, opts.max_iters)
         clip = (cfg.get("optimizer_config") or {}).get("grad_clip") or {}
@@ -170,8 +170,8 @@ class Trainer:
             self.resume()
         self.model.train()
         it = self.start_iter
-        bar = tqdm(total=self.total_iters, initial=it, desc="train", disable=not self.opts.progress or self.rank != 0,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=self.total_iters, initial=it, desc="train", unit="it",
+                           disable=not self.opts.progress or self.rank != 0)
         last: Dict[str, float] = {}
         tic = time.perf_counter()
         while it < self.total_iters:
