@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from yolc_kd.cli_args import check_count
 from yolc_kd.errors import UserError
 from yolc_kd.infer.coco_eval import DEFAULT_MAX_DETS, evaluate_coco, format_table
 
@@ -26,6 +27,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for value in args.max_dets:
+        check_count("max-dets", value)
     preds = Path(args.preds)
     result = evaluate_coco(args.ann, preds, max_dets=args.max_dets, quiet=not args.verbose)
     out = Path(args.out) if args.out is not None else preds.with_name(f"{preds.stem}.metrics.json")

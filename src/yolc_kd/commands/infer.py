@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from yolc_kd.cli_args import add_device_arg
+from yolc_kd.cli_args import add_device_arg, check_count
 from yolc_kd.data.images import display_path
 from yolc_kd.errors import UserError
 
@@ -94,10 +94,8 @@ def _load_model(cfg: Dict[str, Any], config: Path, ckpt: Path, trust: bool):
 def run(args: argparse.Namespace) -> int:
     from yolc_kd.infer import predict as P
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_patches is not None and args.max_patches < 0:
-        raise UserError(f"--max-patches must be >= 0, got {args.max_patches}")
+    check_count("batch-size", args.batch_size)
+    check_count("max-patches", args.max_patches, 0)
     from yolc_kd.runtime import resolve_device
 
     if (args.crop_config is None) != (args.crop_ckpt is None):
@@ -106,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, num_classes, classes = _model_and_classes(args.config)
 
     if args.ann is not None:
-        source = P.coco_source(args.ann, args.images, classes, num_classes)
+        source = P.coco_source(args.ann, args.images, classes, num_classes, strict=args.strict)
         for warning in source.dataset.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     else:

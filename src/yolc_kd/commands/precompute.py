@@ -57,9 +57,25 @@ def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
     return k
 
 
+def _report_skipped(manifest: dict, out: str) -> None:
+    """One counted warning line for the images the cache skipped; a UserError when it holds no usable view
+    (training from it would fail on its first sample)."""
+    from yolc_kd.data.images import display_path
+
+    counts, skipped = manifest.get("counts", {}), manifest.get("skipped") or []
+    n, total = int(counts.get("images_skipped", 0)), int(counts.get("images", 0))
+    names = ", ".join(display_path(e.get("file_name", "")) for e in skipped[:3]) + (" ..." if n > 3 else "")
+    if total and not counts.get("samples_written"):
+        first = skipped[0] if skipped else {}
+        raise UserError(f"cache {out} holds no usable view: all {total} images were unreadable "
+                        f"(first: {display_path(first.get('reason', '?'))}); fix the images, remove {out} and rerun")
+    if n:
+        print(f"warning: skipped {n} of {total} images (unreadable): {names}")
+
+
 def run(args: argparse.Namespace) -> int:
     from yolc_kd.config import load_config, setting
-    from yolc_kd.data.loading import load_dataset, resolve_data
+    from yolc_kd.data.loading import check_config_counts, load_dataset, resolve_data
     from yolc_kd.precompute.run import PrecomputeOptions, precompute
     from yolc_kd.runtime import resolve_device
 
@@ -67,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         check_count(name.replace("_", "-"), getattr(args, name))
     check_count("workers", args.workers, 0)
     cfg = load_config(args.config, with_defaults=True)
+    check_config_counts(cfg)
     ann, images = resolve_data(cfg, args.ann, args.images)
     coco = load_dataset(cfg, ann, images)
     opts = PrecomputeOptions(
@@ -79,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     summary = precompute(cfg, coco, opts)
     if summary["rank"] == 0:
         counts = summary["manifest"].get("counts", {})
+        _report_skipped(summary["manifest"], summary["out"])
         per_sample = counts.get("bytes", 0) / max(1, counts.get("samples", 1))
         print(f"cache {summary['out']}: {counts.get('samples_written', 0)} views of {counts.get('images', 0)} images "
               f"({summary['manifest']['variants']} variants, {counts.get('shards', 0)} shards, "

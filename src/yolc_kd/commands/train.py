@@ -68,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
     last = summary["last"]
     print(f"trained to iteration {summary['iters']}: loss {last.get('loss', float('nan')):.4f}; "
           f"checkpoints and metrics.jsonl in {summary['work_dir']}"
-          + (f"; {summary['bad_samples']} damaged samples skipped" if summary["bad_samples"] else ""))
+          + (f"; {summary['bad_samples']} damaged samples skipped" if summary["bad_samples"] else "")
+          + (f"; {summary['missing_images']} missing images skipped" if summary.get("missing_images") else ""))
     return 0

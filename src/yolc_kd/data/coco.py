@@ -58,6 +58,37 @@ def _safe_relpath(file_name: Any, ann_shown: str, image_id: Any) -> str:
     return file_name
 
 
+def _parents(root: Path) -> list[Path]:
+    """Up to 3 folders above root, as the user wrote it where possible (data/images -> data)."""
+    parents = list(root.parents) or list(root.absolute().parents)
+    return parents[:3]
+
+
+def _subfolders(root: Path, limit: int = 64) -> list[Path]:
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir())[:limit]
+    except OSError:
+        return []
+
+
+def root_hint(root: Path, file_name: str, flag: str = "--images") -> str:
+    """Where the images probably are when `file_name` (relative, from the json) is not under `root`: a phrase
+    naming the `flag` (--images) to try, or '' when no folder near root fits. Only stats, no decoding."""
+    rel = PurePosixPath(file_name)
+    for folder in _parents(root) + _subfolders(root):
+        if (folder / rel).is_file():
+            return f"file_name is relative to the image root, try {flag} {display_path(folder)}"
+    if len(rel.parts) > 1 and (root / rel.name).is_file():
+        return (f"{display_path(root / rel.name)} exists, but file_name {display_path(file_name)!r} starts with "
+                f"the folder {display_path(str(rel.parent))!r}, which {display_path(root)} lacks")
+    if len(rel.parts) > 1 and root.name == rel.parts[0]:
+        return (f"the image root already ends with {rel.parts[0]!r}, the first folder of file_name "
+                f"{display_path(file_name)!r}: try {flag} {display_path(root.parent)}")
+    if not root.exists():
+        return f"the image root {display_path(root)} does not exist"
+    return ""
+
+
 def _positive_int(value: Any) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -89,6 +120,11 @@ class CocoDetection:
             path = self.img_root / rel
             width, height = _positive_int(entry.get("width")), _positive_int(entry.get("height"))
             if width is None or height is None:
+                if not os.path.isfile(path):  # the size must come from the file: say where the images may be
+                    hint = root_hint(self.img_root, rel)
+                    raise UserError(f"{shown}: image id {image_id} has no width/height and its file "
+                                    f"{display_path(rel)!r} is not under {display_path(self.img_root)}"
+                                    + (f"; {hint}" if hint else ""))
                 width, height = read_image_size(path)
                 self._count("sizes_read_from_file")
             self._index[image_id] = len(self._images)
@@ -199,6 +235,10 @@ class CocoDetection:
     def annotations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(boxes (N, 4) float32 xyxy in pixels, labels (N,) int64) of the i-th image (copies)."""
         return self._boxes[i].copy(), self._labels[i].copy()
+
+    def missing_images(self) -> list[int]:
+        """Positions of the images whose file is not a file under the image root (one stat each)."""
+        return [i for i, entry in enumerate(self._images) if not os.path.isfile(entry["path"])]
 
     def load_image(self, i: int) -> np.ndarray:
         """The i-th image as (H, W, 3) uint8 RGB."""

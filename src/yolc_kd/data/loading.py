@@ -1,10 +1,15 @@
-"""The COCO data a command works on: paths from the arguments or the config's data.<split>, and the dataset
-checked against the model's classes."""
+"""The COCO data a command works on: paths from the arguments or the config's data.<split>, the dataset
+checked against the model's classes and its image files checked before the first step (check_images), the
+config's count settings checked (check_config_counts), and the DataLoader that brings a worker's UserError
+back as one line (OneLineLoader)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from yolc_kd.data.coco import CocoDetection
+from torch.utils.data import DataLoader, get_worker_info
+
+from yolc_kd.data.coco import CocoDetection, root_hint
+from yolc_kd.data.images import display_path
 from yolc_kd.errors import UserError
 
 
@@ -35,3 +40,93 @@ def load_dataset(cfg: Mapping, ann: str, images: str) -> CocoDetection:
     for w in coco.warnings:
         print(f"warning: {w}")
     return coco
+
+
+def _first_names(coco: CocoDetection, positions: Sequence[int], shown: int = 3) -> str:
+    names = ", ".join(display_path(coco.image_info(i)["file_name"]) for i in positions[:shown])
+    return names + (f" (+{len(positions) - shown} more)" if len(positions) > shown else "")
+
+
+def check_images(coco: CocoDetection, skip_bad: bool, skip_hint: str = "pass --skip-bad to skip them",
+                 warn: Callable[[str], None] = print, flag: str = "--images") -> List[int]:
+    """Before the first step: every image file of `coco` exists under its root (one stat per image, no decode).
+
+    No image found: a UserError naming the likely image root (as the `flag` to pass). Some missing: a UserError
+    with the count and the first names, ending with `skip_hint` (how the command skips them), or with skip_bad
+    one counted warning through `warn`. Returns the positions of the missing images (to skip)."""
+    n = len(coco)
+    if n == 0:
+        raise UserError(f"{display_path(coco.ann_file)} lists no images")
+    missing = coco.missing_images()
+    if not missing:
+        return []
+    root = display_path(coco.img_root)
+    if len(missing) == n:
+        hint = root_hint(coco.img_root, coco.image_info(0)["file_name"], flag)
+        raise UserError(f"0 of {n} images found under {root}" + (f"; {hint}" if hint else ""))
+    what = f"{len(missing)} of {n} images not found under {root}: {_first_names(coco, missing)}"
+    if not skip_bad:
+        raise UserError(f"{what}; {skip_hint}")
+    warn(f"warning: skipping {what}")
+    return missing
+
+
+# (section, key, minimum) of the counts in a config that reach the trainer and precompute
+CONFIG_COUNTS: Tuple[Tuple[str, str, int], ...] = (
+    ("data", "samples_per_gpu", 1), ("data", "workers_per_gpu", 0), ("runner", "max_iters", 1),
+    ("runner", "max_epochs", 1), ("lr_config", "warmup_iters", 0), ("checkpoint_config", "interval", 1),
+    ("log_config", "interval", 1), ("evaluation", "interval", 1), ("precise_bn", "num_batches", 0),
+)
+
+
+def check_config_counts(cfg: Mapping) -> None:
+    """One UserError line naming the config key when a count setting is below its minimum
+    (config.py has already checked the types)."""
+    where = cfg.get("_path", "config")
+    for section, key, minimum in CONFIG_COUNTS:
+        value = (cfg.get(section) or {}).get(key) if isinstance(cfg.get(section), Mapping) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+            raise UserError(f"config {where}: '{section}.{key}' must be at least {minimum}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- errors from DataLoader workers
+
+def worker_message(exc: UserError) -> Optional[str]:
+    """The original message of a UserError torch re-raised from a DataLoader worker ("Caught UserError in
+    DataLoader worker process 0. Original Traceback ...": its last line is "<type>: <message>"), else None."""
+    text = str(exc)
+    if "DataLoader worker process" not in text.split("\n", 1)[0]:
+        return None
+    lines = [line for line in text.splitlines() if line.strip()]
+    _, sep, message = lines[-1].partition(": ")
+    return message if sep else lines[-1]
+
+
+class OneLineLoader(DataLoader):
+    """A DataLoader whose workers' UserErrors reach the main process as the same one-line UserError as without
+    workers: a dataset returns dict(error=message) from a worker (see worker_error) and collates it through
+    (a batch that is a dict with "error"); a UserError raised in a worker anyway is cut back to its message."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except UserError as exc:
+                message = worker_message(exc)
+                if message is None:
+                    raise
+                raise UserError(message) from None
+            if isinstance(batch, Mapping) and batch.get("error"):
+                raise UserError(str(batch["error"]))
+            yield batch
+
+
+def worker_error(exc: UserError) -> Dict[str, str]:
+    """In a DataLoader worker: the error as data (dict(error=message)) for OneLineLoader to raise in the main
+    process. In the main process (num_workers=0): raises exc itself."""
+    if get_worker_info() is None:
+        raise exc
+    return dict(error=str(exc))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from yolc_kd.data.augment import AugmentConfig, TestTransform, collate_test
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.images import display_path, load_image_rgb
+from yolc_kd.data.loading import check_images
 from yolc_kd.errors import UserError
 from yolc_kd.infer.viz import save_detections
 from yolc_kd.progress import progress_bar
@@ -79,13 +80,16 @@ def folder_source(folder: PathLike, class_names: Sequence[str]) -> ImageSource:
 
 
 def coco_source(ann_file: PathLike, img_root: PathLike, classes: Optional[Sequence[str]] = None,
-                num_classes: Optional[int] = None) -> ImageSource:
+                num_classes: Optional[int] = None, strict: bool = False) -> ImageSource:
     """The images of a COCO json (its order and ids). Label l is the category named classes[l]
-    (default: the json's categories by id). num_classes, when given, must equal the category count."""
+    (default: the json's categories by id). num_classes, when given, must equal the category count.
+    Every image file is checked up front (a stat each): none there is a UserError naming the likely image
+    root; some missing is one with strict, else they stay listed for predict_images to skip and report."""
     ds = CocoDetection(ann_file, img_root)
     shown = display_path(ann_file)
     if len(ds) == 0:
         raise UserError(f"{shown} lists no images")
+    check_images(ds, skip_bad=not strict, skip_hint="without --strict they are skipped", warn=lambda line: None)
     if num_classes is not None and len(ds.classes) != num_classes:
         raise UserError(f"{shown} has {len(ds.classes)} categories but the model has {num_classes} classes")
     names, label_to_cat_id = tuple(ds.classes), list(ds.label_to_cat_id)

@@ -9,12 +9,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from yolc_kd import __version__, crops
@@ -24,6 +23,7 @@ from yolc_kd.cache.schema import (BOX_MAX_ERROR, DEFAULT_SHARD_SIZE, HEATMAP_MAX
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
+from yolc_kd.data.loading import OneLineLoader, check_images
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
@@ -146,6 +146,8 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
     if not ckpt:
         raise UserError("precompute needs the teacher checkpoint: pass --ckpt or set distill_cfg.teacher_ckpt")
     image_ids = image_ids_of(coco)
+    missing = check_images(coco, skip_bad=not opts.strict, warn=tqdm.write,  # before the teacher loads
+                           skip_hint="without --strict they are skipped and recorded in the manifest")
     teacher = build_teacher(dcfg, cfg["model"], opts.config_dir, ckpt, opts.trust).to(opts.device)
     if teacher.bbox_head.num_classes != coco.num_classes:
         raise UserError(f"the teacher predicts {teacher.bbox_head.num_classes} classes but {coco.ann_file} "
@@ -165,7 +167,8 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
         done = store.done_shards()
         mine = [j for j in range(layout.num_shards) if j % world == rank and j not in done]
         desc = f"precompute[{rank}]" if world > 1 else "precompute"
-        written = _fill(store, mine, teacher, coco, aug_cfg, image_ids, dcfg, opts, int(cfg.get("seed", 0)), desc)
+        written = _fill(store, mine, teacher, coco, aug_cfg, image_ids, dcfg, opts, int(cfg.get("seed", 0)), desc,
+                        reported={image_ids[i] for i in missing})
         env.barrier()  # every rank has committed its shards
         final = store.finalize([coco.image_info(i) for i in range(len(coco))]) if rank == 0 else store.manifest
     finally:
@@ -175,16 +178,20 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
 
 
 def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDetection, aug_cfg: AugmentConfig,
-          image_ids: List[int], dcfg: Mapping, opts: PrecomputeOptions, seed: int, desc: str) -> int:
-    """Label the given shards: views from a DataLoader, the teacher on the main thread, writes on a thread."""
+          image_ids: List[int], dcfg: Mapping, opts: PrecomputeOptions, seed: int, desc: str,
+          reported: Set[int] = frozenset()) -> int:
+    """Label the given shards: views from a DataLoader, the teacher on the main thread, writes on a thread.
+    An unreadable image gets one warning, unless its id is in `reported` (already counted in one line).
+    Returns the number of views labelled (skipped ones are recorded, not counted)."""
     layout = store.layout
     jobs = plan_jobs(shards, layout.shard_range, int(opts.batch_size))
     views = ViewJobs(coco, TrainAugment(aug_cfg), seed, layout.variants, image_ids, jobs)
-    loader = DataLoader(views, batch_size=None, shuffle=False, num_workers=int(opts.workers),
-                        collate_fn=passthrough, pin_memory=str(opts.device).startswith("cuda"))
+    loader = OneLineLoader(views, batch_size=None, shuffle=False, num_workers=int(opts.workers),
+                           collate_fn=passthrough, pin_memory=str(opts.device).startswith("cuda"))
     writer = BackgroundWriter(store, max_pending=2)
     buffers: Dict[int, ShardBuffer] = {}
-    warned: set = set()
+    warned = set(reported)
+    usable = 0  # views the teacher labelled (the skipped ones are recorded, not counted)
     total = sum(len(j) for j in jobs)
     bar = progress_bar(total=total, desc=desc, unit="view", disable=not opts.progress)
     # quantising a batch runs on a thread while the teacher labels the next one (numpy releases the GIL)
@@ -205,6 +212,7 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     try:
         for item in loader:
             records = item["records"]
+            usable += sum(1 for rec in records if rec["status"] == STATUS_OK)
             for rec in records:
                 if rec["status"] == STATUS_SKIPPED:
                     if opts.strict:
@@ -223,4 +231,4 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
         quantizer.shutdown(wait=True, cancel_futures=True)
         bar.close()
         writer.close()
-    return total
+    return usable

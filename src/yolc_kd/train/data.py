@@ -1,7 +1,7 @@
 """Training samples: (image, variant) -> replayed YOLC augmentation (+ KD targets from a source)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from yolc_kd.data.augment import TrainAugment
 from yolc_kd.data.coco import CocoDetection
+from yolc_kd.data.loading import OneLineLoader, worker_error
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.train.reaugment import flip_sample
@@ -33,18 +34,23 @@ class TargetSource(Protocol):
 
 
 class TrainSamples(Dataset):
-    """Item (i, v): image i augmented with key (seed, image_id, v); with a source, its cached targets,
-    after checking that the replayed view is the one the teacher saw."""
+    """Item (k, v): the k-th used image (all of coco, or `indices`, e.g. without the missing files) augmented
+    with key (seed, image_id, v); with a source, its cached targets, after checking that the replayed view is
+    the one the teacher saw. A bad sample gives dict(bad=message) with skip_bad; else its UserError is raised,
+    or in a DataLoader worker returned as dict(error=message) for OneLineLoader to raise as one line."""
 
     def __init__(self, coco: CocoDetection, augment: TrainAugment, seed: int,
-                 source: Optional[TargetSource] = None, skip_bad: bool = False):
+                 source: Optional[TargetSource] = None, skip_bad: bool = False,
+                 indices: Optional[Sequence[int]] = None):
         self.coco, self.augment, self.seed, self.source, self.skip_bad = coco, augment, seed, source, skip_bad
+        self.indices = list(range(len(coco))) if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:
-        return len(self.coco)
+        return len(self.indices)
 
     def __getitem__(self, item: Tuple[int, ...]) -> Optional[Dict[str, Any]]:
-        i, variant = item[:2]
+        k, variant = item[:2]
+        i = self.indices[k]
         mirrored = len(item) > 2 and bool(item[2])  # the sampler asks for the mirrored cached view
         info = self.coco.image_info(i)
         try:
@@ -65,10 +71,13 @@ class TrainSamples(Dataset):
         except UserError as exc:
             if self.skip_bad:
                 return dict(bad=f"image id {info['id']} variant {variant}: {exc}")
-            raise
+            return worker_error(exc)
 
 
 def collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    errors = [it["error"] for it in items if "error" in it]
+    if errors:  # from a worker: OneLineLoader raises it in the main process
+        return dict(error=errors[0], bad=[], size=0)
     bad = [it["bad"] for it in items if "bad" in it]
     items = [it for it in items if "bad" not in it]
     batch: Dict[str, Any] = dict(bad=bad, size=len(items))
@@ -80,6 +89,22 @@ def collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
     if "kd_targets" in items[0]:
         batch["kd_targets"] = KDTargets.stack([it["kd_targets"] for it in items])
     return batch
+
+
+class TrainLoader(OneLineLoader):
+    """The trainer's DataLoader: a worker's UserError as one line (OneLineLoader), and a whole epoch whose every
+    sample was skipped (skip_bad) a UserError instead of an endless run of empty epochs."""
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        usable, bad = 0, []
+        for batch in super().__iter__():
+            usable += int(batch.get("size", 0))
+            bad += batch.get("bad", [])
+            yield batch
+        whole_epoch = getattr(self.sampler, "skip", 0) == 0  # not the tail of an epoch after --resume
+        if not usable and bad and whole_epoch:
+            raise UserError(f"all {len(bad)} samples of an epoch were skipped as damaged, nothing to train on "
+                            f"(first: {bad[0]})")
 
 
 class VariantSampler(Sampler):

@@ -10,7 +10,8 @@ import torch
 
 from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
-from yolc_kd.data.loading import load_dataset, resolve_data
+from yolc_kd.data.coco import CocoDetection
+from yolc_kd.data.loading import check_config_counts, check_images, load_dataset, resolve_data
 from yolc_kd.errors import UserError
 from yolc_kd.models import build_detector
 from yolc_kd.runtime import resolve_device
@@ -49,18 +50,26 @@ def run_training(config: str, ann: Optional[str], images: Optional[str], opts: T
     """Train the config's model; the student's weights start from opts.seed (default the config's seed)
     whichever target source is used."""
     cfg = load_config(config, with_defaults=True)
+    check_config_counts(cfg)
     ann, images = resolve_data(cfg, ann, images)
     coco = load_dataset(cfg, ann, images)
+    missing = set(check_images(coco, skip_bad))  # before the first step: every file there (or skipped)
+    if val_ann or val_images:
+        val_ann, val_images = resolve_data(cfg, val_ann, val_images, "val")
+        check_images(CocoDetection(val_ann, val_images), skip_bad=True, flag="--val-images")  # eval skips them
     aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
     device = resolve_device(opts.device)
     torch.manual_seed(int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed))
     model = build_detector(cfg["model"])  # before any teacher: every student of a seed starts the same
     source = open_target_source(cfg, kd, aug_cfg, coco, opts.trust)
-    dataset = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg.get("seed", 0)), source, skip_bad=skip_bad)
+    dataset = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg.get("seed", 0)), source, skip_bad=skip_bad,
+                           indices=[i for i in range(len(coco)) if i not in missing])
     if val_ann or val_images:
         opts.eval_fn = make_eval_fn(cfg, val_ann, val_images, device)
     opts.device = str(device)
-    return Trainer(cfg, model, dataset, opts, source).run()
+    summary = Trainer(cfg, model, dataset, opts, source).run()
+    summary["missing_images"] = len(missing)
+    return summary
 
 
 def make_eval_fn(cfg: dict, val_ann: Optional[str], val_images: Optional[str],
