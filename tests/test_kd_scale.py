@@ -110,7 +110,7 @@ def _ratios(sup: Mapping[str, float], kd: Mapping[str, float], key: str = "loss_
 
 @pytest.mark.parametrize("num_classes,hw,batch,prior", [
     (4, (256, 384), 2, shipped_prior("tiny_student_synth.py")),   # the tiny config: 384x256, 4 classes, prior 0.01
-    (10, (640, 1024), 1, 0.01),                                     # VisDrone scale, 10 classes, prior 0.01
+    (10, (640, 1024), 1, shipped_prior("yolc_hrnet_w18_visdrone_kd.py")),  # the w18 config: 1024x640, 10 classes
 ], ids=["tiny_384x256x4", "visdrone_1024x640x10"])
 def test_kd_terms_within_10x_of_supervised_heatmap_loss_at_start(num_classes, hw, batch, prior):
     sup, kd = start_losses(num_classes, hw, prior, VARIANTS, batch=batch)
@@ -125,11 +125,14 @@ def test_seed_heatmap_mse_is_tiny_at_start():
     assert _ratios(sup, kd["seed"])["loss_kd_global_hm"] < 1e-3
 
 
+def test_shipped_students_start_their_heatmap_at_one_percent():
+    assert shipped_prior("tiny_student_synth.py") == shipped_prior("yolc_hrnet_w18_visdrone_kd.py") == 0.01
+
+
 def test_yolc_init_at_1024x640_heatmap_kd_tracks_the_supervised_loss():
-    """YOLC's own init (heatmaps at 0.5, the w18 student config): the supervised heatmap loss is then a sum over
-    every background pixel / number of objects, so grows with C*H*W; the soft-focal term grows with it, the box
-    terms stay at the scale of the supervised box losses."""
-    assert shipped_prior("yolc_hrnet_w18_visdrone_kd.py") is None
+    """YOLC's own init (heatmaps at 0.5): the supervised heatmap loss is then a sum over every background pixel /
+    number of objects, so grows with C*H*W; the soft-focal term grows with it, the box terms stay at the scale of
+    the supervised box losses."""
     sup, kd = start_losses(10, (640, 1024), None, {"default": {}})
     assert 0.1 <= _ratios(sup, kd["default"])["loss_kd_global_hm"] <= 10
     for key, sup_key in (("loss_kd_global_coarse", "loss_xywh_coarse"), ("loss_kd_local_refine", "loss_xywh_refine")):
