@@ -11,13 +11,18 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="end-to-end KD demo on embedded synthetic data (CPU, minutes)",
                               description=__doc__)
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
-    p.add_argument("--iters", type=int, default=120, help="training iterations per student (default 120)")
-    p.add_argument("--variants", type=int, default=2, help="augmented views per image in the cache (default 2)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations per student (default 200)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 4)")
+    p.add_argument("--variants", default="auto",
+                   help="augmented views per image in the cache (default auto: as many as the iterations need)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from yolc_kd.demo import run_demo
+    from yolc_kd.cli_args import check_count
+    from yolc_kd.demo import DEMO_BATCH, DEMO_ITERS, run_demo
 
-    run_demo(Path(args.out), iters=args.iters, variants=args.variants)
+    check_count("iters", args.iters)
+    check_count("batch-size", args.batch_size)
+    run_demo(Path(args.out), iters=args.iters or DEMO_ITERS, variants=args.variants, batch=args.batch_size or DEMO_BATCH)
     return 0
