@@ -120,3 +120,26 @@ def test_lsm_visualize_writes_the_crops_local_kd_used(kd_setup, tmp_path):
     assert main(["train", "--config", str(kd_setup.config), "--cache", str(kd_setup.cache), "--work-dir",
                  str(tmp_path / "w2"), "--max-iters", "1", "--no-progress", "--workers", "0"]) == 0
     assert not (tmp_path / "w2" / "lsm").exists()
+
+
+def test_every_student_of_a_seed_starts_from_the_same_weights_and_order(kd_setup, tmp_path, monkeypatch):
+    """No KD, offline KD and online KD with one --seed: bit-identical initial weights, the same image order."""
+    from yolc_kd.train import recipe
+    from yolc_kd.train.loop import Trainer, TrainOptions
+
+    seen = {}
+
+    def capture(self):
+        self.sampler.set_epoch(0)
+        seen[self.opts.work_dir.name] = ({k: v.clone() for k, v in self.model.state_dict().items()},
+                                         [i for i, *_ in self.sampler])
+        return dict(iters=0, last={}, bad_samples=0, work_dir=str(self.work_dir))
+
+    monkeypatch.setattr(Trainer, "run", capture)
+    kinds = dict(plain=recipe.KDSource(), offline=recipe.KDSource(cache=str(kd_setup.cache)),
+                 online=recipe.KDSource(online=True, teacher_ckpt=str(kd_setup.ckpt)))
+    for name, kd in kinds.items():
+        recipe.run_training(str(kd_setup.config), None, None, TrainOptions(work_dir=tmp_path / name, seed=11), kd)
+    (w0, o0), *others = seen.values()
+    for w, o in others:
+        assert o == o0 and all(torch.equal(w0[k], w[k]) for k in w0)
