@@ -11,6 +11,7 @@ for every student of a seed) five students are trained for the same iterations:
   kd_seed         offline KD with the seed's formulas (MSE over all pixels / cells, weights 1e6 / 1 / 1)
   kd_default      offline KD with the default configuration (normalised losses, weights 1)
   online_default  online KD (live teacher) with the default configuration
+  kd_hm8          (tuning) offline KD, default losses, heatmap KD weight 8
 
 The cache holds `--variants auto` views (enough for the schedule with mirroring). Each run is one process with
 one CPU thread, `--parallel` at a time; finished runs are reused, so an interrupted benchmark resumes. Prints
@@ -31,10 +32,11 @@ from typing import Dict, List
 
 from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 
-STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default")  # most telling first
+STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default", "kd_hm8")  # most telling first
 SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
                 "kd_weight_local_refine=1.0"
 NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
+VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0")  # distill_cfg overrides
 
 
 def _env() -> dict:
@@ -47,7 +49,7 @@ def _configs(work: Path, student: Path, batch: int) -> Dict[str, Path]:
     base = work / "student.py"
     base.write_text(f"_base_ = {str(student)!r}\ndata = dict(samples_per_gpu={batch})\n")
     cfgs["default"] = base
-    for name, dcfg in (("seed", SEED_FORMULAS), ("nokd", NO_KD)):
+    for name, dcfg in VARIANTS.items():
         path = work / f"student_{name}.py"
         path.write_text(f"_base_ = {str(base)!r}\ndistill_cfg = dict({dcfg})\n")
         cfgs[name] = path
@@ -59,6 +61,7 @@ def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) ->
             "no_kd_cached": ["--config", str(cfgs["nokd"]), "--cache", str(cache)],
             "kd_seed": ["--config", str(cfgs["seed"]), "--cache", str(cache)],
             "kd_default": ["--config", str(cfgs["default"]), "--cache", str(cache)],
+            "kd_hm8": ["--config", str(cfgs["hm8"]), "--cache", str(cache)],
             "online_default": ["--config", str(cfgs["default"]), "--online", "--teacher-ckpt", str(teacher)]}[name]
 
 
@@ -126,7 +129,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=400)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--parallel", type=int, default=2)
-    p.add_argument("--students", nargs="+", default=list(STUDENTS), choices=STUDENTS)
+    p.add_argument("--students", nargs="+", default=list(STUDENTS[:5]), choices=STUDENTS)
+    p.add_argument("--order", choices=("student", "seed"), default="student",
+                   help="run order: all seeds of a student first (default), or all students of a seed first")
     args = p.parse_args()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -151,7 +156,8 @@ def main() -> None:
         teacher_json.write_text(json.dumps(evaluate_checkpoint("teacher", CONFIGS / "tiny_teacher_synth.py",
                                                                ASSET_TEACHER, data / "val", work)))
     teacher = json.loads(teacher_json.read_text())
-    jobs = [(name, seed) for name in args.students for seed in args.seeds]
+    jobs = [(name, seed) for name in args.students for seed in args.seeds] if args.order == "student" else \
+        [(name, seed) for seed in args.seeds for name in args.students]
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         rows = list(pool.map(lambda j: _run_one(j[0], j[1], args, cfgs, cache, ASSET_TEACHER, data, work), jobs))
     summary = summarise(rows, teacher)
