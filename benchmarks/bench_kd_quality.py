@@ -9,9 +9,10 @@ for every student of a seed) five students are trained for the same iterations:
   no_kd_fresh     no KD, a fresh augmentation every epoch (what a user compares against)
   no_kd_cached    no KD, only the cached views (KD weights 0): what the cache's views alone give
   kd_seed         offline KD with the seed's formulas (MSE over all pixels / cells, weights 1e6 / 1 / 1)
-  kd_default      offline KD with the default configuration (normalised losses, weights 1)
+  kd_default      offline KD with the shipped configuration (normalised losses, weights 8 / 1 / 1)
   online_default  online KD (live teacher) with the default configuration
-  kd_hm8          (tuning) offline KD, default losses, heatmap KD weight 8
+  kd_w1           (tuning) offline KD, normalised losses, weights 1 / 1 / 1 (session 3's first default)
+  kd_hm8          (tuning) heatmap KD weight 8 written out (= the shipped default); online_hm8 the same online
 
 The cache holds `--variants auto` views (enough for the schedule with mirroring). Each run is one process with
 one CPU thread, `--parallel` at a time; finished runs are reused, so an interrupted benchmark resumes. Prints
@@ -32,11 +33,12 @@ from typing import Dict, List
 
 from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 
-STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default", "kd_hm8")  # most telling first
+STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default", "kd_w1", "kd_hm8",
+            "online_hm8")
 SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
                 "kd_weight_local_refine=1.0"
 NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
-VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0")  # distill_cfg overrides
+VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0", w1="kd_weight_global_hm=1.0")  # distill_cfg overrides
 
 
 def _env() -> dict:
@@ -62,6 +64,8 @@ def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) ->
             "kd_seed": ["--config", str(cfgs["seed"]), "--cache", str(cache)],
             "kd_default": ["--config", str(cfgs["default"]), "--cache", str(cache)],
             "kd_hm8": ["--config", str(cfgs["hm8"]), "--cache", str(cache)],
+            "kd_w1": ["--config", str(cfgs["w1"]), "--cache", str(cache)],
+            "online_hm8": ["--config", str(cfgs["hm8"]), "--online", "--teacher-ckpt", str(teacher)],
             "online_default": ["--config", str(cfgs["default"]), "--online", "--teacher-ckpt", str(teacher)]}[name]
 
 
