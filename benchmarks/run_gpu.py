@@ -1,6 +1,8 @@
 """Real-scale GPU check (HRNet-w48 teacher -> HRNet-w18 student, 1024x640, AMP) in a few minutes:
 train-step ratios (supervised / offline KD / online KD), teacher forward + kd_targets throughput and fused
-inference time. Exits 0 with a message when no CUDA device is present.
+inference time, then bench_real_scale.py at full scale on CUDA with AMP (precompute per view, step time and
+torch.cuda.max_memory_allocated per mode, the online / offline peak-memory ratio, the memory breakdown, full vs
+fused inference). Exits 0 with a message when no CUDA device is present.
 
     python benchmarks/run_gpu.py [--out gpu_results.json]
 """
@@ -59,6 +61,11 @@ def main() -> None:
     subprocess.run([sys.executable, str(HERE / "bench_train_step.py"), "--real-scale", "--iters", "5",
                     "--out", str(step_json)], check=True)
     results["train_step"] = json.loads(step_json.read_text())
+    real_json = HERE / "gpu_real_scale.json"
+    subprocess.run([sys.executable, str(HERE / "bench_real_scale.py"), "--device", "cuda", "--amp", "--batch", "4",
+                    "--steps", "5", "--infer-images", "10", "--precompute-workers", "4", "--out", str(real_json)],
+                   check=True)
+    results["real_scale"] = json.loads(real_json.read_text())
     emit(results, args.out)
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from yolc_kd import crops
 from yolc_kd.config import DISTILL_DEFAULTS
@@ -68,14 +69,32 @@ def teacher_peak_count(p_t: torch.Tensor, threshold: float = 0.3) -> torch.Tenso
     return peak.sum().clamp(min=1).to(p.dtype)
 
 
-def soft_focal_heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, beta: float = 2.0,
-                          peak_threshold: float = 0.3) -> torch.Tensor:
-    """Quality-focal soft BCE: sum of BCE(p_s; p_t) * |p_s - p_t|^beta over all elements / teacher peaks."""
+def recomputed_in_backward(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors), its intermediates not kept for backward but computed again when backward reaches them
+    (torch.utils.checkpoint, non-reentrant): the same ops on the same inputs inside the same backward graph, so
+    values and gradients are bit-identical. For the full-resolution heatmap losses, whose elementwise chains
+    otherwise keep about eight (B,C,H,W) tensors each alive from the forward to the backward. fn must be
+    deterministic and draw no random numbers; without gradients it simply runs."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=False)
+    return fn(*tensors)
+
+
+def _soft_focal_sum(p_s: torch.Tensor, p_t: torch.Tensor, beta: float) -> torch.Tensor:
+    p_s = p_s.float()  # a float16 (autocast) student heatmap is cast here, so its float32 copy is not kept either
     log_p = p_s.clamp(min=PROB_EPS).log()
     log_1mp = (1 - p_s).clamp(min=PROB_EPS).log()
     bce = -(p_t * log_p + (1 - p_t) * log_1mp)
     modulator = (p_s - p_t).abs().pow(beta) if beta else torch.ones_like(bce)
-    return (bce * modulator).sum() / teacher_peak_count(p_t, peak_threshold)
+    return (bce * modulator).sum()
+
+
+def soft_focal_heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, beta: float = 2.0,
+                          peak_threshold: float = 0.3) -> torch.Tensor:
+    """Quality-focal soft BCE: sum of BCE(p_s; p_t) * |p_s - p_t|^beta over all elements / teacher peaks."""
+    p_t = p_t.float()
+    total = recomputed_in_backward(lambda s, t: _soft_focal_sum(s, t, beta), p_s, p_t)
+    return total / teacher_peak_count(p_t, peak_threshold)
 
 
 def heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, mode: str = "mse", temperature: float = 1.0, *,
@@ -83,14 +102,18 @@ def heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, mode: str = "mse", temperat
     """mse (seed): MSE on probabilities; kl: KL of per-pixel class softmax of the logits recovered from the
     probabilities; soft_focal: soft_focal_heatmap_kd."""
     if mode == "mse":
-        return F.mse_loss(p_s, p_t, reduction="mean")
+        return F.mse_loss(p_s.float(), p_t.float(), reduction="mean")
     if mode == "soft_focal":
         return soft_focal_heatmap_kd(p_s, p_t, beta, peak_threshold)
     if mode != "kl":
         raise ValueError(f"unknown hm_kd mode {mode!r} ({', '.join(HM_KD_MODES)})")
+    return recomputed_in_backward(lambda s, t: _kl_heatmap_kd(s, t, temperature), p_s, p_t)
+
+
+def _kl_heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, temperature: float) -> torch.Tensor:
     eps = 1e-6
-    logit_s = torch.logit(p_s.clamp(eps, 1 - eps))
-    logit_t = torch.logit(p_t.clamp(eps, 1 - eps))
+    logit_s = torch.logit(p_s.float().clamp(eps, 1 - eps))
+    logit_t = torch.logit(p_t.float().clamp(eps, 1 - eps))
     log_q_s = F.log_softmax(logit_s / temperature, dim=1)
     log_q_t = F.log_softmax(logit_t / temperature, dim=1)
     kl = (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)  # (B,H,W)
@@ -156,7 +179,8 @@ def kd_losses(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: t
             raise TypeError(f"KD target {name} is {getattr(t, name).dtype}: dequantise stored targets first")
     _check_shape("heatmap", heatmap_s, t.heatmap)
     _check_shape("coarse", coarse_s, t.coarse)
-    hm = heatmap_kd(heatmap_s.float(), t.heatmap.float(), opt["hm_kd"], float(opt["hm_kd_temperature"]),
+    # heatmap_kd casts to float32 itself (inside the recomputed part: no float32 copy of a float16 heatmap is kept)
+    hm = heatmap_kd(heatmap_s, t.heatmap, opt["hm_kd"], float(opt["hm_kd_temperature"]),
                     beta=float(opt["hm_kd_beta"]), peak_threshold=float(opt["hm_kd_peak_thr"]))
     box_mode, distance = opt["box_kd"], opt["box_kd_distance"]
     if box_mode not in BOX_KD_MODES:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from yolc_kd import crops
+from yolc_kd.kd import recomputed_in_backward
 from yolc_kd.models.deform import DeformConv2d
 from yolc_kd.models.losses import build_loss
 from yolc_kd.models.targets import yolc_targets
@@ -138,7 +139,6 @@ class YOLCHead(nn.Module):
              xywh_preds_refine: List[torch.Tensor], gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor],
              img_metas: List[Mapping], gt_bboxes_ignore=None) -> Dict[str, torch.Tensor]:
         assert len(center_local_preds) == len(xywh_preds_coarse) == len(xywh_preds_refine) == 1
-        heatmap = center_local_preds[0].float()
         coarse, refine = xywh_preds_coarse[0].float(), xywh_preds_refine[0].float()
         b = coarse.shape[0]
         # YOLC quirk kept: the target frame comes from the first image's pad_shape for the whole batch
@@ -149,8 +149,13 @@ class YOLCHead(nn.Module):
         xywh_t = targets["xywh_target"].reshape(b, -1, 4)
         w = targets["xywh_target_weight"].reshape(b, -1)
         w_l1 = targets["xywh_l1target_weight"].reshape(b, -1, 4)
+        # the focal loss's full-resolution intermediates are recomputed in backward, not kept (bit-identical); the
+        # float32 cast of a float16 (autocast) heatmap happens inside, so that copy is not kept either
+        heatmap_loss = recomputed_in_backward(
+            lambda pred, target: self.loss_center_local(pred.float(), target, avg_factor=avg_factor),
+            center_local_preds[0], targets["center_heatmap_target"])
         return dict(
-            loss_center_heatmap=self.loss_center_local(heatmap, targets["center_heatmap_target"], avg_factor=avg_factor),
+            loss_center_heatmap=heatmap_loss,
             loss_xywh_coarse=self.loss_xywh_coarse(box_coarse, xywh_t, w, avg_factor=avg_factor),
             loss_xywh_coarse_l1=self.loss_xywh_coarse_l1(box_coarse, xywh_t, w_l1, avg_factor=avg_factor),
             loss_xywh_refine=self.loss_xywh_refine(box_refine, xywh_t, w, avg_factor=avg_factor),
