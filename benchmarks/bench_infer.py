@@ -1,8 +1,14 @@
 """Inference: full-image only vs fused crop-refine (K = 1, 2, 4 LSM patches) vs uniform sliced inference
 (SAHI-style grid of half-size slices, 0.2 overlap, same upscale and fusion): seconds per image and COCO AP
-on the synthetic validation set, measured in one run.
+on the synthetic validation set, measured in one run. With --student-config/--student-ckpt also a student
+with its own crops and with the crops of the teacher (the --config model, LSM on its heatmap; its time is
+counted).
 
-    python benchmarks/bench_infer.py --config configs/tiny_teacher_synth.py --ckpt CKPT --val DIR [--out r.json]
+Every image goes through every mode in turn (round robin), so a change of machine load during the run
+weighs on all rows alike; the time of a mode is the sum of its calls (the model only, data loading excluded).
+
+    python benchmarks/bench_infer.py --val DIR [--config CFG --ckpt CKPT] [--student-config CFG
+        --student-ckpt CKPT] [--threads N] [--out r.json]
 """
 from __future__ import annotations
 
@@ -10,11 +16,11 @@ import argparse
 import platform
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
-from _common import emit  # benchmarks/ is on sys.path when a script runs
+from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,78 +33,139 @@ def grid_regions(h: int, w: int, overlap: float = 0.2) -> np.ndarray:
     return np.array([[x, y, sw, sh] for y in ys for x in xs], dtype=np.int64)
 
 
-def run_mode(model, cfg, source, mode: str, k: int, batch_size: int):
+def sliced(model, img, metas):
+    """Full image + every grid slice (as it is: no enlarging, no size filter), upscaled and fused like LSM patches."""
+    from yolc_kd import crops
+
+    heat, coarse, refine = model.bbox_head(model.extract_feat(img))
+    full = model.bbox_head.get_bboxes(heat, coarse, refine, metas, rescale=False)
+    regions = [grid_regions(*m["img_shape"][:2]) for m in metas]
+    cfg = model.crop_cfg
+    canvas = crops.patch_canvas(img.shape[2:]) if cfg.get("patch_limit", "input") == "quarter" else tuple(img.shape[2:])
+    plan = crops.plan_patches(regions, metas, img.shape[2:], max(len(r) for r in regions), 1, 1.0,
+                              float(cfg["upscale"]), canvas, mode="inference")
+    return [(d.clone(), l) for d, l in model._fuse_patches(img, metas, full, plan, "nms")]
+
+
+def with_crop_cfg(model, fn: Callable, **cfg) -> Callable:
+    """fn run with model.crop_cfg temporarily updated (rows of one run differ only in these settings)."""
+    def run(img, metas):
+        saved = dict(model.crop_cfg)
+        model.crop_cfg.update(cfg)
+        try:
+            return fn(img, metas)
+        finally:
+            model.crop_cfg.clear()
+            model.crop_cfg.update(saved)
+    return run
+
+
+def build_modes(teacher, student) -> Dict[str, Callable]:
+    def fused(model, k):
+        return lambda img, metas: model.simple_test(img, metas, rescale=False, fusion="nms", max_patches=k)
+
+    def full(model):
+        return lambda img, metas: model.simple_test(img, metas, rescale=False, fusion="none")
+
+    modes: Dict[str, Callable] = {"full": full(teacher)}
+    for k in (1, 2, 4):
+        modes[f"fused K={k}"] = with_crop_cfg(teacher, fused(teacher, k), patch_limit="input")
+    if teacher.crop_cfg.get("patch_budget") is not None:  # what the budget saves, in the same run
+        modes["fused K=2, no patch budget"] = with_crop_cfg(teacher, fused(teacher, 2), patch_limit="input",
+                                                            patch_budget=None)
+    modes["fused K=2 (quarter)"] = with_crop_cfg(teacher, fused(teacher, 2), patch_limit="quarter")
+    modes["sliced"] = with_crop_cfg(teacher, lambda img, metas: sliced(teacher, img, metas), patch_limit="input")
+    if student is not None:
+        modes["student full"] = full(student)
+        modes["student fused K=2, own crops"] = fused(student, 2)
+
+        def teacher_crops(img, metas):
+            coords = teacher.lsm_coords(img, metas)  # the deployed teacher's LSM on the same input
+            return student.simple_test(img, metas, rescale=False, fusion="nms", max_patches=2, crop_coords=coords)
+
+        modes["student fused K=2, teacher crops"] = teacher_crops
+    return modes
+
+
+def run_all(modes: Dict[str, Callable], cfg, source, batch_size: int):
     from yolc_kd.data.augment import collate_test
     from yolc_kd.infer.predict import build_test_transform
 
     transform = build_test_transform(cfg)
-    results: List[dict] = []
-    seconds = 0.0
+    results: Dict[str, List[dict]] = {name: [] for name in modes}
+    seconds = dict.fromkeys(modes, 0.0)
     items = source.items
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         arrays = [source.dataset.load_image(start + i) for i in range(len(chunk))]
         img, metas = collate_test([transform(a) for a in arrays])
-        t = time.perf_counter()
-        with torch.inference_mode():
-            if mode == "sliced":
-                heat, coarse, refine = model.bbox_head(model.extract_feat(img))
-                full = model.bbox_head.get_bboxes(heat, coarse, refine, metas, rescale=False)
-                regions = [grid_regions(*m["img_shape"][:2]) for m in metas]
-                dets = model._fuse_patches(img, metas, full, regions, "nms")
-                dets = [(d.clone(), l) for d, l in dets]
-            else:
-                dets = model.simple_test(img, metas, rescale=False, fusion="none" if mode == "full" else "nms",
-                                         max_patches=k)
-        seconds += time.perf_counter() - t
-        for item, (d, l) in zip(chunk, dets):
-            d = d.numpy()
-            for row, lab in zip(d, l.tolist()):
-                x1, y1, x2, y2, s = [float(v) for v in row]
-                if x2 > x1 and y2 > y1:
-                    results.append(dict(image_id=item.image_id, category_id=source.label_to_cat_id[lab],
-                                        bbox=[x1, y1, x2 - x1, y2 - y1], score=s))
-    return results, seconds / len(items)
+        for name, fn in modes.items():
+            t = time.perf_counter()
+            with torch.inference_mode():
+                dets = fn(img, metas)
+            seconds[name] += time.perf_counter() - t
+            for item, (d, l) in zip(chunk, dets):
+                for row, lab in zip(d.numpy(), l.tolist()):
+                    x1, y1, x2, y2, s = [float(v) for v in row]
+                    if x2 > x1 and y2 > y1:
+                        results[name].append(dict(image_id=item.image_id, category_id=source.label_to_cat_id[lab],
+                                                  bbox=[x1, y1, x2 - x1, y2 - y1], score=s))
+    return results, {name: s / len(items) for name, s in seconds.items()}
+
+
+def _load(config: str, ckpt: str):
+    from yolc_kd.checkpoint import load_checkpoint
+    from yolc_kd.config import load_config
+    from yolc_kd.models import build_detector
+
+    cfg = load_config(config, with_defaults=True)
+    model = build_detector(cfg["model"])
+    load_checkpoint(model, ckpt)
+    return model.eval(), cfg
 
 
 def main() -> None:
-    from yolc_kd.checkpoint import load_checkpoint
-    from yolc_kd.config import load_config
     from yolc_kd.infer.coco_eval import evaluate_coco
     from yolc_kd.infer.predict import coco_source
-    from yolc_kd.models import build_detector
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny_teacher_synth.py"))
     parser.add_argument("--ckpt", default=str(REPO / "src" / "yolc_kd" / "assets" / "tiny_teacher_synth.pth"))
     parser.add_argument("--val", required=True, help="synthetic val folder (annotations.json + images/)")
+    parser.add_argument("--student-config", default=None, help="a student evaluated with its own / the teacher's crops")
+    parser.add_argument("--student-ckpt", default=None)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--patch-limits", nargs="+", default=["input", "quarter"])
     args = parser.parse_args()
-    cfg = load_config(args.config, with_defaults=True)
-    model = build_detector(cfg["model"])
-    load_checkpoint(model, args.ckpt)
-    model.eval()
+    if (args.student_config is None) != (args.student_ckpt is None):
+        parser.error("--student-config and --student-ckpt go together")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher, cfg = _load(args.config, args.ckpt)
+    student = _load(args.student_config, args.student_ckpt)[0] if args.student_config else None
     ann = Path(args.val) / "annotations.json"
     source = coco_source(ann, args.val, cfg.get("classes"), cfg["model"]["bbox_head"]["num_classes"])
-    runs = [("full", 0, None)] + [("fused", k, lim) for lim in args.patch_limits for k in (1, 2, 4)] \
-        + [("sliced", 0, lim) for lim in args.patch_limits]
+    modes = build_modes(teacher, student)
+    run_all({"full": modes["full"]}, cfg, source, args.batch_size)  # warm-up
+    log(f"{len(modes)} modes x {len(source.items)} images, {torch.get_num_threads()} threads")
+    t0 = time.perf_counter()
+    results, spi = run_all(modes, cfg, source, args.batch_size)
+    timed_s = round(time.perf_counter() - t0, 1)
     rows = []
-    run_mode(model, cfg, source, "full", 0, args.batch_size)  # warm-up
-    for mode, k, limit in runs:
-        if limit:
-            model.crop_cfg["patch_limit"] = limit
-        results, spi = run_mode(model, cfg, source, mode, k, args.batch_size)
-        metrics = evaluate_coco(ann, results, max_dets=(1, 10, 100))
-        name = mode if mode != "fused" else f"fused K={k}"
-        rows.append(dict(mode=name + (f" ({limit})" if limit else ""), sec_per_img=spi, AP=metrics["AP"],
-                         AP50=metrics["AP50"], AP_small=metrics["AP_small"]))
-    base = rows[0]["sec_per_img"]
-    for r in rows:
-        r["time_ratio_vs_full"] = r["sec_per_img"] / base
+    for name in modes:
+        metrics = evaluate_coco(ann, results[name], max_dets=(1, 10, 100))
+        rows.append(dict(mode=name, sec_per_img=spi[name], time_ratio_vs_full=spi[name] / spi["full"],
+                         AP=metrics["AP"], AP50=metrics["AP50"], AP_small=metrics["AP_small"]))
+    if student is not None:
+        base = spi["student full"]
+        for r in rows:
+            if r["mode"].startswith("student"):
+                r["time_ratio_vs_student_full"] = r["sec_per_img"] / base
     out = dict(machine=platform.machine(), threads=torch.get_num_threads(), config=args.config,
-               images=len(source.items), batch_size=args.batch_size, rows=rows)
+               crop_cfg={k: v for k, v in teacher.crop_cfg.items()}, student_config=args.student_config,
+               student_ckpt=args.student_ckpt, images=len(source.items), batch_size=args.batch_size,
+               timed_s=timed_s, rows=rows)
     emit(out, args.out)
 
 

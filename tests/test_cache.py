@@ -193,3 +193,24 @@ def test_half_created_store_is_recreated(tmp_path):
     manifest = dict(schema_version=SCHEMA_VERSION, layout=_layout().to_dict(), complete=False)
     store = CacheStore.prepare(half, manifest, image_ids=range(5))
     assert store.done_shards() == set() and CacheReader(half).layout == _layout()
+
+
+def test_inference_only_crop_settings_are_no_part_of_a_caches_identity(made):
+    """patch_budget bounds inference patches only: a cache made without it fits a teacher config that has it
+    (and the reverse); a KD crop setting (enlarge) still counts."""
+    from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, target_identity
+
+    def identity(**crop):
+        model = copy.deepcopy(made.cfg["model"])
+        model["test_cfg"]["crop"] = dict(model["test_cfg"].get("crop") or {}, **crop)
+        return target_identity(teacher_model=model, augment={}, input_size=(128, 96), classes=["a"],
+                               distill=made.cfg["distill_cfg"], crop=dict(enlarge=1.2, upscale=1.5),
+                               patch_canvas=(48, 64), seed=0)
+
+    plain = identity()
+    assert diff_fields(plain, identity(patch_budget=0.34), TRAIN_FIELDS, now="config") == []
+    assert "patch_budget" not in json.dumps(identity(patch_budget=0.34))
+    assert diff_fields(plain, identity(enlarge=1.5), TRAIN_FIELDS, now="config")
+    model = made.cfg["model"]
+    identity(patch_budget=0.5)
+    assert "patch_budget" not in (model["test_cfg"].get("crop") or {})  # the caller's config is not changed

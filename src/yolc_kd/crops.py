@@ -172,6 +172,34 @@ def pad_batch(patches: List[torch.Tensor], divisor: int = 32) -> torch.Tensor:
     return torch.stack([F.pad(p, (0, wmax - p.shape[2], 0, hmax - p.shape[1])) for p in patches])
 
 
+def pack_patches(sizes: Sequence[Tuple[int, int]], divisor: int = 32) -> Tuple[Tuple[int, int], List[Tuple[int, int]]]:
+    """A layout of (h, w) patches on ONE canvas: (canvas (H, W), [(y, x)] per patch), H, W, y and x multiples of
+    divisor, no two patches overlapping. Shelf packing: tallest first, each shelf as high as its first patch,
+    the canvas width that gives the smallest area. Patches of different shapes waste far less than a batch
+    padded to the largest H and W (pad_batch); a single patch gets exactly pad_batch's shape."""
+    up = lambda v: -(-int(v) // divisor) * divisor  # noqa: E731
+    padded = [(up(h), up(w)) for h, w in sizes]
+    if not padded:
+        return (0, 0), []
+    order = sorted(range(len(padded)), key=lambda i: (-padded[i][0], -padded[i][1], i))
+    best = None
+    for width in range(max(w for _, w in padded), sum(w for _, w in padded) + 1, divisor):
+        shelves: List[List[int]] = []  # [y, height, used width]
+        offsets = [(0, 0)] * len(padded)
+        for i in order:
+            h, w = padded[i]
+            shelf = next((sh for sh in shelves if sh[2] + w <= width), None)  # first fit; h <= the shelf's
+            if shelf is None:
+                shelf = [sum(sh[1] for sh in shelves), h, 0]
+                shelves.append(shelf)
+            offsets[i] = (shelf[0], shelf[2])
+            shelf[2] += w
+        canvas = (sum(sh[1] for sh in shelves), max(sh[2] for sh in shelves))
+        if best is None or canvas[0] * canvas[1] < best[0][0] * best[0][1]:
+            best = (canvas, offsets)
+    return best
+
+
 def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.Tensor, torch.Tensor],
                     regions: np.ndarray, mode: str = "nms", iou_threshold: float = 0.6,
                     max_per_img: int = 300) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +229,9 @@ def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.
 
 # test_cfg.crop defaults; patch_limit: upscale a patch only while it fits the input ("input") or a quarter of
 # it ("quarter": bounded cost)
-DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms", patch_limit="input")
+# patch_budget: None (YOLC: no bound) or the most patch pixels per image as a share of its area (plan_patches)
+DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms", patch_limit="input",
+                        patch_budget=None)
 
 
 def crop_config(test_cfg: Optional[Mapping]) -> dict:
@@ -252,20 +282,38 @@ class PatchPlan:
             out.append(size)
         return out
 
-    def cut(self, img: torch.Tensor) -> torch.Tensor:
-        """(Np,C,ph,pw): every valid patch cut from its view, resized by its scale and zero-padded bottom/right
-        (kd: to the canvas; inference: to the largest patch, a multiple of 32). All patches, one batch."""
+    def _resized(self, img: torch.Tensor) -> List[torch.Tensor]:
+        """Every valid patch cut from its view and resized by its scale, (C,h,w) each, in cut order."""
         out = []
         for (i, k), size in zip(self.valid.nonzero().tolist(), self.sizes()):
             patch = crop_img_tensor(img[i], self.boxes[i, k].tolist())
             if size != tuple(patch.shape[1:]):
                 patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
             out.append(patch)
+        return out
+
+    def cut(self, img: torch.Tensor) -> torch.Tensor:
+        """(Np,C,ph,pw): every valid patch cut from its view, resized by its scale and zero-padded bottom/right
+        (kd: to the canvas; inference: to the largest patch, a multiple of 32). All patches, one batch."""
+        out = self._resized(img)
         if not out:
             return img.new_zeros((0, img.shape[1], self.canvas[0], self.canvas[1]))
         if self.mode == "inference":
             return pad_batch(out)
         return torch.stack([F.pad(p, (0, self.canvas[1] - p.shape[2], 0, self.canvas[0] - p.shape[1])) for p in out])
+
+    def pack(self, img: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[int, int, int, int, int]]]:
+        """Inference: every valid patch cut and resized as cut() does, laid out on one zero canvas by
+        pack_patches: ((1,C,H,W), windows (0, y, x, h, w) in cut order). One forward, little padding."""
+        if self.mode != "inference":
+            raise ValueError("PatchPlan.pack is for inference plans (kd patches fill a fixed canvas)")
+        patches = self._resized(img)
+        sizes = [tuple(p.shape[1:]) for p in patches]
+        (ch, cw), offsets = pack_patches(sizes)
+        canvas = img.new_zeros((1, img.shape[1], ch, cw))
+        for p, (y, x) in zip(patches, offsets):
+            canvas[0, :, y:y + p.shape[1], x:x + p.shape[2]] = p
+        return canvas, [(0, y, x, h, w) for (y, x), (h, w) in zip(offsets, sizes)]
 
     def metas(self, img_metas: Sequence[Mapping], batch_hw: Sequence[int]) -> List[dict]:
         """Patch metas in cut order: crop offset, the exact per-axis scale (patch size / crop size) and the
@@ -283,11 +331,17 @@ class PatchPlan:
 
 def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], view_hw: Sequence[int],
                  max_patches: int, min_size: int, enlarge: float, upscale: float,
-                 canvas: Sequence[int], mode: str = "kd") -> PatchPlan:
+                 canvas: Sequence[int], mode: str = "kd", budget: Optional[float] = None) -> PatchPlan:
     """LSM regions of each image (content frame, [x,y,w,h]) -> the patch plan (see PATCH_MODES):
-    the max_patches largest regions of at least min_size, enlarged, each upscaled by `upscale`."""
+    the max_patches largest regions of at least min_size, enlarged, each upscaled by `upscale`.
+
+    budget (inference only): the patches of an image together cover at most budget x its content area after
+    upscaling. Largest region first; one that does not fit at its scale is upscaled less (never below 1) to
+    fill what is left, or left out when even that does not fit. The fused cost is then about 1 + budget."""
     if mode not in PATCH_MODES:
         raise ValueError(f"patch plan mode must be one of {PATCH_MODES}, got {mode!r}")
+    if budget is not None and mode != "inference":
+        raise ValueError("a patch budget is for inference plans only (kd targets use the plain plan)")
     b = len(coords)
     canvas = (int(canvas[0]), int(canvas[1]))
     boxes = torch.zeros(b, max_patches, 4)
@@ -296,6 +350,7 @@ def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], vie
     valid = torch.zeros(b, max_patches, dtype=torch.bool)
     regions = []
     for i, (c, meta) in enumerate(zip(coords, img_metas)):
+        kept = []
         if mode == "kd":
             bounds, (ox, oy) = tuple(view_hw[:2]), (0, 0)
         else:
@@ -303,15 +358,28 @@ def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], vie
             border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.float64)
             ox, oy = int(border[2]), int(border[0])  # content -> tensor frame
         regs = select_regions(c, bounds, max_patches, min_size, enlarge)
-        regions.append(regs)
+        left = None if budget is None else float(budget) * bounds[0] * bounds[1]  # patch pixels still allowed
         for k, (x, y, w, h) in enumerate(regs.tolist()):
             if w < 1 or h < 1:
                 continue
-            boxes[i, k] = torch.tensor([x + ox, y + oy, w, h], dtype=torch.float32)
             fit = min(canvas[0] / h, canvas[1] / w)
-            scales[i, k] = min(float(upscale), fit) if mode == "kd" else min(float(upscale), max(1.0, fit))
+            scale = min(float(upscale), fit) if mode == "kd" else min(float(upscale), max(1.0, fit))
+            if left is not None:  # yolc-kd's cost bound (YOLC has none): less upscaling, or no patch
+                scale = min(scale, (max(left, 0.0) / (w * h)) ** 0.5)
+                if scale < 1.0:
+                    continue
+                left -= _resized_hw(h, w, scale)[0] * _resized_hw(h, w, scale)[1]
+            boxes[i, k] = torch.tensor([x + ox, y + oy, w, h], dtype=torch.float32)
+            scales[i, k] = scale
             valid[i, k] = True
+            kept.append(k)
+        regions.append(regs[kept] if budget is not None else regs)
     return PatchPlan(boxes, scales, valid, canvas, (int(view_hw[0]), int(view_hw[1])), mode, regions)
+
+
+def _resized_hw(h: int, w: int, scale: float) -> Tuple[int, int]:
+    """(h, w) of a crop resized by scale, rounded as PatchPlan.sizes does."""
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 def kd_patch_plan(boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor, view_hw: Sequence[int]) -> PatchPlan:

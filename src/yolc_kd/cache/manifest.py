@@ -2,6 +2,7 @@
 comparison of a manifest with what a rerun or a training run expects."""
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -42,9 +43,17 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+# test_cfg.crop keys that no KD plan reads: not part of what a cache is made with (older caches stay valid)
+INFERENCE_ONLY_CROP_KEYS = ("patch_budget",)
+
+
 def target_identity(*, teacher_model: Mapping, augment: Mapping, input_size: Sequence[int], classes: Sequence[str],
                     distill: Mapping, crop: Mapping, patch_canvas: Sequence[int], seed: int) -> Dict[str, Any]:
     """The TRAIN_FIELDS part of a manifest, from the values a config implies."""
+    teacher_model = copy.deepcopy(dict(teacher_model))
+    crop_cfg = (teacher_model.get("test_cfg") or {}).get("crop")
+    for key in INFERENCE_ONLY_CROP_KEYS if isinstance(crop_cfg, dict) else ():
+        crop_cfg.pop(key, None)
     return jsonable(dict(
         schema_version=SCHEMA_VERSION, teacher=dict(model=teacher_model), augment=augment,
         input_size=list(input_size), classes=list(classes), distill={k: distill[k] for k in DISTILL_FIELDS},

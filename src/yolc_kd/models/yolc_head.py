@@ -38,8 +38,12 @@ def gaussian_blur3x3(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 
 
 def local_maximum(heat: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """Peaks of a (non-negative) heatmap: values equal to their kernel x kernel maximum, the rest 0.
+    kernel 1 keeps every value (a map of peaks passes through unchanged)."""
+    if kernel <= 1:
+        return heat
     hmax = F.max_pool2d(heat, kernel, stride=1, padding=(kernel - 1) // 2)
-    return heat * (hmax == heat).float()
+    return torch.where(hmax == heat, heat, heat.new_zeros(()))  # = heat * (hmax == heat), one pass less
 
 
 class YOLCHead(nn.Module):
@@ -102,9 +106,13 @@ class YOLCHead(nn.Module):
         return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
 
     def forward_single(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        heatmap = self.local_head(feat).sigmoid()  # probabilities, not logits
+        heatmap = self.forward_heatmap(feat)
         coarse, refine = self.forward_boxes(feat)
         return heatmap, coarse, refine
+
+    def forward_heatmap(self, feat: torch.Tensor) -> torch.Tensor:
+        """The class heatmap only (probabilities, not logits): what LSM needs."""
+        return self.local_head(feat).sigmoid()
 
     def forward_boxes(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Coarse and refine maps only (no heatmap branch): what patch KD needs."""
@@ -185,6 +193,24 @@ class YOLCHead(nn.Module):
             return list(zip(dets, labels))
         return [self.bboxes_nms(d, l) for d, l in zip(dets, labels)]
 
+    def bboxes_from_windows(self, heat: torch.Tensor, xywh: torch.Tensor,
+                            windows: Sequence[Tuple[int, int, int, int, int]]) -> List[Dets]:
+        """Detections of several images laid out on one batch (e.g. patches packed on one canvas).
+
+        heat (B,C,H,W) already blurred, xywh (B,4,H/4,W/4); windows (b, y, x, h, w) in heatmap pixels, y and x
+        multiples of 4. Peaks are found on the whole map (a peak at a window's edge is compared with its real
+        neighbours, as when decoding the whole map), then each window takes its own top-k: boxes in the
+        window's frame, no peak outside it. A window covering a whole map gives get_bboxes' detections."""
+        peaks = local_maximum(heat, self.test_cfg["local_maximum_kernel"])
+        out = []
+        for b, y, x, h, w in windows:
+            ch, cw = -(-h // 4), -(-w // 4)
+            # kernel 1: the peaks are already found; (4ch, 4cw) keeps the regression stride at 4
+            out.append(tuple(t[0] for t in self.decode_heatmap(
+                peaks[b:b + 1, :, y:y + h, x:x + w], xywh[b:b + 1, :, y // 4:y // 4 + ch, x // 4:x // 4 + cw],
+                (4 * ch, 4 * cw), k=self.test_cfg["topk"], kernel=1)))
+        return out
+
     def decode_heatmap(self, heat: torch.Tensor, xywh: torch.Tensor, img_shape: Sequence[int], k: int = 100,
                        kernel: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
         height, width = xywh.shape[2:]
@@ -194,10 +220,11 @@ class YOLCHead(nn.Module):
         scores, inds = torch.topk(heat.reshape(b, -1), min(k, heat[0].numel()))
         labels = inds // (hh * hw)
         inds = inds % (hh * hw)
-        # full-resolution peak -> its stride-4 regression cell (floor division by 4)
+        # full-resolution peak -> its stride-4 regression cell (floor division by 4); the row length is the
+        # regression map's (= hw // 4 for a whole map, also right for a window whose width is not a multiple of 4)
         ys = (inds // hw).div(4, rounding_mode="floor").float()
         xs = (inds % hw).div(4, rounding_mode="floor").float()
-        cell = (hw // 4 * ys + xs).long()
+        cell = (width * ys + xs).long()
         box = xywh.permute(0, 2, 3, 1).reshape(b, -1, 4).gather(1, cell.unsqueeze(-1).expand(-1, -1, 4))
         cx, cy = xs + box[..., 0], ys + box[..., 1]
         sx, sy = inp_w / width, inp_h / height

@@ -23,7 +23,7 @@ from yolc_kd.runtime import init_distributed, resolve_device
 from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.lsm_viz import LSMVisualizer
 from yolc_kd.train.precise_bn import recompute_bn_stats
-from yolc_kd.train.schedule import build_optimizer, lr_at, schedule_iters, set_lr
+from yolc_kd.train.schedule import build_optimizer, check_lr_config, lr_at, schedule_iters, set_lr
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Trainer:
                                   collate_fn=collate_train, pin_memory=self.device.type == "cuda")
         self.iters_per_epoch = max(1, math.ceil(len(self.sampler) / self.batch_size))
         self.total_iters, self.steps = schedule_iters(cfg, self.iters_per_epoch, opts.max_iters)
+        check_lr_config(cfg.get("lr_config") or {})  # a bad policy fails before the first step
         clip = (cfg.get("optimizer_config") or {}).get("grad_clip") or {}
         self.max_norm = clip.get("max_norm")
         self.log_interval = opts.log_interval or int(setting(cfg, "log_config", "interval"))
@@ -142,7 +143,7 @@ class Trainer:
                     self.tb.add_scalar(key, value, record["iter"])
 
     def step(self, batch: Dict[str, Any], it: int) -> Dict[str, float]:
-        lr = lr_at(it, self.base_lr, self.cfg.get("lr_config") or {}, self.steps)
+        lr = lr_at(it, self.base_lr, self.cfg.get("lr_config") or {}, self.steps, self.total_iters)
         set_lr(self.optimizer, lr)
         net = self.ddp or self.model
         kd_targets = self.source.targets(batch) if self.source is not None else None

@@ -1,4 +1,5 @@
-"""YOLC's optimisation recipe: optimizer from the config, linear warmup, step decay, grad clipping."""
+"""YOLC's optimisation recipe: optimizer from the config, linear warmup, step decay (or mmcv's cosine
+annealing), grad clipping."""
 from __future__ import annotations
 
 import math
@@ -23,10 +24,30 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping) -> torch
         raise UserError(f"optimizer {kind}: {exc}") from None
 
 
-def lr_at(it: int, base_lr: float, lr_cfg: Mapping, steps_in_iters: Sequence[int]) -> float:
-    """mmdet's step policy with linear warmup, at iteration `it` (0-based)."""
-    gamma = float(lr_cfg.get("gamma", 0.1))
-    lr = base_lr * gamma ** sum(it >= s for s in steps_in_iters)
+LR_POLICIES = ("step", "CosineAnnealing")  # mmcv's names (mmcv also takes "Step")
+
+
+def check_lr_config(lr_cfg: Mapping) -> str:
+    """The policy of an lr_config, checked: one of LR_POLICIES, cosine with exactly one of min_lr/min_lr_ratio."""
+    policy = str(lr_cfg.get("policy", "step"))
+    policy = "step" if policy == "Step" else policy
+    if policy not in LR_POLICIES:
+        raise UserError(f"lr_config.policy {policy!r} is not supported (one of {', '.join(LR_POLICIES)})")
+    if policy == "CosineAnnealing" and (("min_lr" in lr_cfg) == ("min_lr_ratio" in lr_cfg)):
+        raise UserError("lr_config with policy='CosineAnnealing' needs exactly one of min_lr and min_lr_ratio")
+    return policy
+
+
+def lr_at(it: int, base_lr: float, lr_cfg: Mapping, steps_in_iters: Sequence[int], total_iters: int) -> float:
+    """mmcv's step or cosine-annealing policy with linear warmup, at iteration `it` (0-based). Cosine anneals
+    over the run's total iterations (so `--max-iters` shortens the whole schedule, not just its end)."""
+    if check_lr_config(lr_cfg) == "CosineAnnealing":
+        target = float(lr_cfg["min_lr"]) if "min_lr" in lr_cfg else base_lr * float(lr_cfg["min_lr_ratio"])
+        progress = min(it, total_iters) / max(1, total_iters)
+        lr = target + 0.5 * (base_lr - target) * (1 + math.cos(math.pi * progress))
+    else:
+        gamma = float(lr_cfg.get("gamma", 0.1))
+        lr = base_lr * gamma ** sum(it >= s for s in steps_in_iters)
     warmup_iters = int(lr_cfg.get("warmup_iters", 0) or 0)
     if lr_cfg.get("warmup") == "linear" and it < warmup_iters:
         ratio = float(lr_cfg.get("warmup_ratio", 0.001))
