@@ -10,7 +10,8 @@ One run measures, each heavy part in its own process (so every peak memory is th
   3. where the step's peak memory goes: one extra, profiled step per mode (torch.profiler memory timeline by
      category and by phase: data, forward backbone / neck / head, targets, losses, KD patch forward, backward,
      optimizer) and the bytes autograd saves for backward per phase;
-  4. full-image vs fused (crop-refine, fusion='nms') inference time per image for both models.
+  4. full-image vs fused (crop-refine, fusion='nms') inference time per image for both models, and the student
+     fused with the teacher's crops (`infer --crop-ckpt`; the teacher's heatmap pass is counted).
 
     python benchmarks/bench_real_scale.py [--quick] [--out results.json] [--batch 2] [--steps 2]
     python benchmarks/bench_real_scale.py --device cuda --amp --batch 4 --steps 5    # what run_gpu.py runs
@@ -366,6 +367,7 @@ def worker_infer(spec: Dict[str, Any]) -> Dict[str, Any]:
         else contextlib.nullcontext
     out: Dict[str, Any] = dict(device=str(device), amp=spec["amp"], threads=torch.get_num_threads(),
                                image_hw=list(images[0].shape[:2]), timed_images=spec["images_n"], models={})
+    teacher = None
     for name, cfg_path, ckpt in (("teacher_w48", spec["teacher_config"], spec["ckpt"]),
                                  ("student_w18", spec["config"], None)):
         cfg = load_config(cfg_path, with_defaults=True)
@@ -374,8 +376,10 @@ def worker_infer(spec: Dict[str, Any]) -> Dict[str, Any]:
         if ckpt:
             load_checkpoint(model, ckpt)
         res: Dict[str, Any] = {}
-        for fusion in ("none", "nms"):
-            predictor = Predictor(model, cfg, device, fusion=fusion)
+        # the student also with the deployed teacher's crops (infer --crop-ckpt): the teacher's heatmap pass counts
+        runs = [("none", None), ("nms", None)] + ([("nms", teacher)] if teacher is not None else [])
+        for fusion, crop_model in runs:
+            predictor = Predictor(model, cfg, device, fusion=fusion, crop_model=crop_model)
             times, regions = [], []
             for j, img in enumerate(images):  # image 0 warms up
                 _sync(device)
@@ -386,13 +390,16 @@ def worker_infer(spec: Dict[str, Any]) -> Dict[str, Any]:
                 if j:
                     times.append(time.perf_counter() - t0)
                     regions.append(int(len(pred.regions)))
-            key = "full" if fusion == "none" else "fused_nms"
+            key = "full" if fusion == "none" else "fused_nms" if crop_model is None else "fused_nms_teacher_crops"
             res[key] = dict(sec_per_image=times, sec_per_image_median=float(statistics.median(times)),
                             crops_per_image=regions if fusion != "none" else None)
             log(f"infer {name} {key}: {res[key]['sec_per_image_median']:.2f} s/image")
-        res["fused_over_full"] = res["fused_nms"]["sec_per_image_median"] / res["full"]["sec_per_image_median"]
+        for key in ("fused_nms", "fused_nms_teacher_crops"):
+            if key in res:
+                res[key.replace("fused_nms", "fused") + "_over_full"] = \
+                    res[key]["sec_per_image_median"] / res["full"]["sec_per_image_median"]
         out["models"][name] = res
-        del model
+        teacher = model if teacher is None else teacher  # kept for the student's teacher-crops row
     return out
 
 

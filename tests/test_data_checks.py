@@ -259,7 +259,7 @@ def test_precompute_warns_with_counts_when_it_skipped_some(w, tmp_path, capsys):
 # ----------------------------------------------------------------------------- counts
 
 def _cli_counts(w, tmp_path):
-    good, ann, s = w.good, w.good / "annotations.json", w.setup
+    good, ann = w.good, w.good / "annotations.json"
     tr = train(w, tmp_path / "w", ann, good)
     pre = precompute(w, tmp_path / "soft", ann, good)
     inf = infer(w, tmp_path / "p.json", ann, good)

@@ -1,4 +1,6 @@
 """`yolc-kd demo`: the KD gain line and argument checks (the full demo runs in benchmarks, minutes long)."""
+import json
+
 from yolc_kd.cli import main
 from yolc_kd.demo import kd_gain_line
 
@@ -16,3 +18,34 @@ def test_bad_demo_counts_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "must be at least 1" in err[0], err
     assert not (tmp_path / "d").exists()
+
+
+def test_run_parallel_trains_students_side_by_side_and_a_failure_is_one_line(tmp_path):
+    """The demo trains its two students at once (one process each, an equal share of the threads); both end as
+    a single run would, and a failing run stops the other and raises one line naming its log."""
+    import pytest
+
+    from conftest import write_config
+    from yolc_kd.data.synth import make_synthetic_dataset
+    from yolc_kd.demo import run_parallel
+    from yolc_kd.errors import UserError
+
+    root = make_synthetic_dataset(tmp_path / "d", 4, seed=3, size=(128, 96), num_classes=3)
+    data = ["--ann", str(root / "annotations.json"), "--images", str(root)]
+    cfg = write_config(tmp_path / "cfg.py")
+    steps = {tmp_path / name: ["train", "--config", cfg, *data, "--work-dir", str(tmp_path / name), "--max-iters", "2",
+                               "--seed", str(seed)] for seed, name in enumerate(("a", "b"))}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"iter": 7}\n')  # an earlier, unfinished run's log
+    run_parallel(steps, 2)
+    for work in steps:
+        assert (work / "iter_2.pth").exists()
+        assert [json.loads(l)["iter"] for l in (work / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    slow = tmp_path / "slow"  # would take minutes: stopped when the other run fails
+    failing = {tmp_path / "c": ["train", "--config", str(tmp_path / "missing.py"), *data, "--work-dir", str(tmp_path / "c")],
+               slow: ["train", "--config", cfg, *data, "--work-dir", str(slow), "--max-iters", "5000"]}
+    with pytest.raises(UserError) as exc:
+        run_parallel(failing, 5000)
+    msg = str(exc.value)
+    assert "\n" not in msg and "missing.py" in msg and "train.log" in msg
+    assert not (slow / "iter_5000.pth").exists()

@@ -1,6 +1,5 @@
 """Re-augmentation of cached views: the mirrored targets are the mirror of the teacher's targets (exact
 geometry), patches that cannot be mirrored cell for cell are dropped, and the sampler walks 2K views."""
-import numpy as np
 import torch
 
 from conftest import plain_metas, tiny_model_cfg

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Dict, List, Optional
 
 import yolc_kd
 from yolc_kd.errors import UserError
+from yolc_kd.progress import progress_bar
 
 ASSET_TEACHER = Path(yolc_kd.__file__).resolve().parent / "assets" / "tiny_teacher_synth.pth"
 # the configs ship in the package; they name each other by relative path, so they are read from its folder
@@ -28,6 +31,58 @@ def run_step(argv: List[str]) -> None:
     print(f"\n$ yolc-kd {shlex.join(argv)}", flush=True)
     if main(argv) != 0:
         raise UserError(f"demo step failed: yolc-kd {shlex.join(argv)}")
+
+
+def run_parallel(steps: Dict[Path, List[str]], iters: int) -> None:
+    """`yolc-kd train` runs at the same time, each in its own process with an equal share of the CPU threads
+    (on 2 cores one each: both students finish sooner than one after the other with two threads, and each run
+    is deterministic for its thread count). Output goes to WORK_DIR/train.log; one progress bar follows the
+    iterations logged in their metrics.jsonl. A failed run stops the others and raises one line."""
+    if not steps:
+        return
+    threads = str(max(1, (os.cpu_count() or 2) // len(steps)))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    procs: Dict[Path, subprocess.Popen] = {}
+    try:
+        for work, argv in steps.items():
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "metrics.jsonl").unlink(missing_ok=True)  # an unfinished earlier run's lines (training appends)
+            print(f"\n$ yolc-kd {shlex.join(argv)}   [{threads} thread(s); log {work / 'train.log'}]", flush=True)
+            with open(work / "train.log", "w", encoding="utf-8") as log:
+                procs[work] = subprocess.Popen([sys.executable, "-m", "yolc_kd", *argv, "--no-progress"],
+                                               stdout=log, stderr=subprocess.STDOUT, env=env)
+        with progress_bar(total=iters * len(procs), desc=f"train {len(procs)} students", unit="it") as bar:
+            while any(p.poll() is None for p in procs.values()):
+                failed = [w for w, p in procs.items() if p.returncode not in (None, 0)]
+                if failed:
+                    break
+                time.sleep(2)
+                bar.update(sum(_logged_iter(w) for w in procs) - bar.n)
+            bar.update(sum(_logged_iter(w) for w in procs) - bar.n)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    for work, p in procs.items():
+        if p.returncode != 0:
+            lines = (work / "train.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            raise UserError(f"demo step failed: yolc-kd {shlex.join(steps[work])}: "
+                            f"{lines[-1] if lines else 'no output'} (log: {work / 'train.log'})")
+
+
+def _logged_iter(work: Path) -> int:
+    """The last iteration a run has written to its metrics.jsonl (0 before the first)."""
+    try:
+        lines = (work / "metrics.jsonl").read_text(encoding="utf-8").strip().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("iter", 0))
+        except ValueError:  # a line being written
+            continue
+    return 0
 
 
 def _pictures(model, cfg: dict, val: Path, viz: Path, count: int = 4) -> None:
@@ -96,11 +151,9 @@ def run_demo(out_dir: Path, iters: int = DEMO_ITERS, variants: str = "auto",
     run_step(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache),
               "--variants", str(variants), "--train-iters", str(iters), "--batch-size", "8", "--threads", "2"])
     runs = {"student (no KD)": out_dir / "student_plain", "student (KD from cache)": out_dir / "student_kd"}
-    for name, work in runs.items():
-        if not (work / f"iter_{iters}.pth").exists():
-            extra = ["--cache", str(cache)] if work.name == "student_kd" else []
-            run_step(["train", "--config", str(student), *data, "--work-dir", str(work), "--max-iters", str(iters),
-                      "--log-interval", "5", *extra])
+    run_parallel({work: ["train", "--config", str(student), *data, "--work-dir", str(work), "--max-iters", str(iters),
+                         "--log-interval", "5", *(["--cache", str(cache)] if work.name == "student_kd" else [])]
+                  for work in runs.values() if not (work / f"iter_{iters}.pth").exists()}, iters)
     print("\nevaluating on the held-out synthetic images (full-image only and fused crop-refine)", flush=True)
     table = {"teacher": evaluate_checkpoint("teacher", teacher_cfg, ASSET_TEACHER, val, out_dir)}
     for name, work in runs.items():

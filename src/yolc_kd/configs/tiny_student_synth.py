@@ -37,9 +37,7 @@ train_pipeline = [
 data = dict(samples_per_gpu=8, workers_per_gpu=1)
 optimizer = dict(type='Adam', lr=0.002)
 optimizer_config = dict(grad_clip=dict(max_norm=35, norm_type=2))
-# cosine annealing over the run (--max-iters included): a short run ends at a low lr, not at a random point of
-# a constant-lr trajectory (the constant-lr step=[400] schedule made final AP swing more than KD's gain)
-lr_config = dict(policy='CosineAnnealing', warmup='linear', warmup_iters=30, warmup_ratio=0.1, min_lr_ratio=0.01)
+lr_config = dict(policy='step', warmup='linear', warmup_iters=30, warmup_ratio=0.1, step=[400])
 runner = dict(type='IterBasedRunner', max_iters=300)
 checkpoint_config = dict(interval=100)
 log_config = dict(interval=10)
