@@ -293,3 +293,17 @@ def test_peak_count_counts_a_plateau_once_so_cache_and_live_agree():
     cached = torch.from_numpy(dequantize_heatmap(quantize_heatmap(live.numpy())))
     assert int((cached == cached.max()).sum()) > 1  # the quantised top is a plateau
     assert float(teacher_peak_count(live, 0.3)) == float(teacher_peak_count(cached, 0.3)) == 1.0
+
+
+def test_supervised_gwd_loss_is_yolcs_formula_with_a_finite_gradient_at_zero_distance():
+    from yolc_kd.models.losses import gwd_distance_loss
+
+    pred, target = torch.randn(6, 4), torch.randn(6, 4)
+    target[2] = pred[2]  # one box exactly on its target
+    pred.requires_grad_(True)
+    loss = gwd_distance_loss(pred, target)
+    distance = torch.square(pred.detach() - target).sum(-1).sqrt()
+    torch.testing.assert_close(loss.detach(), 1 - 1 / (1 + torch.log1p(distance)))  # YOLC's values
+    loss.sum().backward()
+    assert float(loss[2]) == 0.0 and torch.isfinite(pred.grad).all() and (pred.grad[2] == 0).all()
+    assert (pred.grad[[0, 1, 3, 4, 5]] != 0).any(dim=1).all()

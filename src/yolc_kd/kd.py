@@ -141,22 +141,16 @@ def patch_cell_weights(targets: KDTargets, grid_hw: Tuple[int, int]) -> torch.Te
     return F.max_pool2d(patches, 4, stride=4).reshape(patches.shape[0], -1)
 
 
-def _gwd(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """losses.gwd_distance_loss, but 0 with a zero (not NaN) gradient where student == teacher."""
-    sq = torch.square(pred - target).sum(dim=-1)
-    nonzero = sq > 0
-    distance = torch.where(nonzero, torch.where(nonzero, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
-    return 1 - 1 / (1.0 + torch.log1p(distance))
-
-
 def box_distance(box_s: torch.Tensor, box_t: torch.Tensor, distance: str = "mse") -> torch.Tensor:
     """Per-cell distance of decoded boxes (...,4) -> (...): squared error summed over the 4 coords (mse), or
     YOLC's own box loss per box, 2 * GWD + 0.5 * L1 with size terms at 0.2 (gwd_l1)."""
     if distance == "mse":
         return (box_s - box_t).pow(2).sum(dim=-1)
     if distance == "gwd_l1":
+        from yolc_kd.models.losses import gwd_distance_loss  # not at the top: models imports kd when it loads
+
         l1 = ((box_s - box_t).abs() * box_s.new_tensor(L1_COORD_WEIGHTS)).sum(dim=-1)
-        return GWD_WEIGHT * _gwd(box_s, box_t) + L1_WEIGHT * l1
+        return GWD_WEIGHT * gwd_distance_loss(box_s, box_t) + L1_WEIGHT * l1
     raise ValueError(f"unknown box_kd_distance {distance!r} ({', '.join(BOX_KD_DISTANCES)})")
 
 

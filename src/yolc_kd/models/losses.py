@@ -31,10 +31,13 @@ def gaussian_focal_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float =
 
 
 def gwd_distance_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """YOLC's 'GWD': 1 - 1/(1 + log1p(||pred - target||_2)) per box, on [cx, cy, w/2, h/2]."""
+    """YOLC's 'GWD': 1 - 1/(1 + log1p(||pred - target||_2)) per box, on [cx, cy, w/2, h/2]. Where pred ==
+    target the loss is 0 with a zero gradient (a plain sqrt's gradient there is NaN); elsewhere YOLC's values."""
     if target.numel() == 0:
         return pred.sum() * 0
-    distance = torch.square(pred - target).sum(dim=-1).sqrt()
+    sq = torch.square(pred - target).sum(dim=-1)
+    nonzero = sq > 0
+    distance = torch.where(nonzero, torch.where(nonzero, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
     return 1 - 1 / (1.0 + torch.log1p(distance))
 
 
