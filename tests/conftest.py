@@ -14,6 +14,17 @@ from yolc_kd.data.synth import make_synthetic_dataset  # noqa: E402
 from yolc_kd.models import build_detector  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: the tiny model is ~100x slower with 2 threads when the CPUs are busy
+    (thread hand-off). Use as `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _find_shared() -> Path:
     """The project's shared/ folder: $YOLC_KD_SHARED, beside the checkout, or /work/shared."""
     candidates = [os.environ.get("YOLC_KD_SHARED"), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]

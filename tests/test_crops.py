@@ -17,13 +17,7 @@ def _model(num_classes: int = 3, **crop) -> torch.nn.Module:
     return build_detector(cfg).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is ~100x slower with 2 threads when the CPUs are busy (thread hand-off)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

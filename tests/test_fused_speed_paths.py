@@ -11,12 +11,7 @@ from yolc_kd.models import build_detector
 from yolc_kd.models.yolc_head import gaussian_blur3x3, local_maximum
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**crop):

@@ -19,12 +19,7 @@ COCO_IDS = {"b_scene.png": 7, "a_scene.png": 3, "c_scene.png": 11}
 CAT_IDS = {"a": 5, "b": 6, "c": 9}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is far slower with 2 threads on busy CPUs
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model_cfg(num_classes: int = 3) -> dict:

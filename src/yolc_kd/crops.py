@@ -275,8 +275,7 @@ class PatchPlan:
         for i, k in self.valid.nonzero().tolist():
             x1, y1, x2, y2 = crop_bounds(self.boxes[i, k].tolist(), self.view_hw)
             h, w = y2 - y1, x2 - x1
-            s = float(self.scales[i, k])
-            size = (max(1, round(h * s)), max(1, round(w * s)))
+            size = _resized_hw(h, w, float(self.scales[i, k]))
             if self.mode == "kd":
                 size = (min(self.canvas[0], size[0]), min(self.canvas[1], size[1]))
             out.append(size)
@@ -368,7 +367,8 @@ def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], vie
                 scale = min(scale, (max(left, 0.0) / (w * h)) ** 0.5)
                 if scale < 1.0:
                     continue
-                left -= _resized_hw(h, w, scale)[0] * _resized_hw(h, w, scale)[1]
+                rh, rw = _resized_hw(h, w, scale)
+                left -= rh * rw
             boxes[i, k] = torch.tensor([x + ox, y + oy, w, h], dtype=torch.float32)
             scales[i, k] = scale
             valid[i, k] = True
@@ -378,7 +378,7 @@ def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], vie
 
 
 def _resized_hw(h: int, w: int, scale: float) -> Tuple[int, int]:
-    """(h, w) of a crop resized by scale, rounded as PatchPlan.sizes does."""
+    """(h, w) of a crop resized by scale (PatchPlan.sizes and the patch budget round alike)."""
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
