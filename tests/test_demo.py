@@ -18,6 +18,10 @@ def test_bad_demo_counts_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "must be at least 1" in err[0], err
     assert not (tmp_path / "d").exists()
+    (tmp_path / "file").write_text("x")  # --out below a file: cannot be created
+    assert main(["demo", "--out", str(tmp_path / "file" / "d"), "--iters", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output folder" in err[0], err
 
 
 def test_run_parallel_trains_students_side_by_side_and_a_failure_is_one_line(tmp_path):

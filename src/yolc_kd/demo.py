@@ -135,7 +135,10 @@ def run_demo(out_dir: Path, iters: int = DEMO_ITERS, variants: str = "auto",
     if CONFIGS is None or not (CONFIGS / "tiny_student_synth.py").is_file():
         raise UserError(f"the packaged configs are missing ({_CONFIGS}): reinstall yolc-kd (pip install .)")
     start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the demo's output folder {out_dir}: {exc.strerror or exc}") from None
     train, val = out_dir / "data" / "train", out_dir / "data" / "val"
     print(f"making the synthetic aerial dataset in {out_dir / 'data'}", flush=True)
     for folder, spec in ((train, TRAIN), (val, VAL)):
