@@ -21,6 +21,7 @@ from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import init_distributed, resolve_device
 from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
+from yolc_kd.train.ema import WeightAverage, ema_hook
 from yolc_kd.train.lsm_viz import LSMVisualizer
 from yolc_kd.train.precise_bn import recompute_bn_stats
 from yolc_kd.train.schedule import build_optimizer, check_lr_config, lr_at, schedule_iters, set_lr
@@ -63,6 +64,8 @@ class Trainer:
         self.rank, self.world = dist_env.rank, dist_env.world
         self.device = resolve_device(opts.device)
         self.model = model.to(self.device)
+        hook = ema_hook(cfg)  # custom_hooks' EMA: the average is what checkpoints hand to infer
+        self.ema = WeightAverage(self.model, hook) if hook else None
         self.source = source.to(self.device) if source is not None else None
         self.kd_cfg = dict(cfg.get("distill_cfg") or {}, enable=True) if source is not None else None
         self.optimizer = build_optimizer(self.model.parameters(), cfg["optimizer"])
@@ -107,10 +110,20 @@ class Trainer:
         return dict(iter=it, epoch=it // self.iters_per_epoch, yolc_kd_version=__version__,
                     CLASSES=list(self.cfg.get("classes") or []), seed=int(self.cfg.get("seed", 0)),
                     config=json.dumps(self.cfg.get("model"), default=str),
-                    num_variants=self.source.num_variants if self.source is not None else None)
+                    num_variants=self.source.num_variants if self.source is not None else None,
+                    ema=self.ema.hook["type"] if self.ema is not None else None)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights a checkpoint hands to inference: the EMA average when the config has one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def save(self, it: int) -> Path:
-        path = save_checkpoint(self.work_dir / f"iter_{it}.pth", self.model, self._meta(it), self.optimizer)
+        extra = None
+        if self.ema is not None:  # the trained weights, for --resume
+            extra = dict(train_state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        path = save_checkpoint(self.work_dir / f"iter_{it}.pth", self.eval_model, self._meta(it), self.optimizer,
+                               extra)
         tmp = self.work_dir / "latest.pth.tmp"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(path.name)
@@ -125,10 +138,15 @@ class Trainer:
                 raise UserError(f"--resume: no checkpoint to resume from in {self.work_dir} (latest.pth missing)")
             latest = found[-1]
         meta = load_checkpoint(self.model, latest, strict=True, trust=self.opts.trust)
-        _, _, obj = read_checkpoint(latest, self.opts.trust)
+        saved, _, obj = read_checkpoint(latest, self.opts.trust)
         if "optimizer" in obj:
             self.optimizer.load_state_dict(obj["optimizer"])
         self.start_iter = int(meta.get("iter", 0))
+        trained = obj.get("train_state_dict")
+        if isinstance(trained, Mapping):  # saved with EMA: state_dict is the average, these are the weights
+            self.model.load_state_dict(trained, strict=True)
+        if self.ema is not None:  # a checkpoint without an average starts it from its weights
+            self.ema.restore(saved if isinstance(trained, Mapping) else self.model.state_dict(), self.start_iter)
 
     # ------------------------------------------------------------------ loop
     def _log(self, record: Dict[str, Any]) -> None:
@@ -163,6 +181,8 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), float(self.max_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model, it)
         return dict(lr=lr, loss=float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()})
 
     def run(self) -> Dict[str, Any]:
@@ -208,7 +228,7 @@ class Trainer:
         precise = int((self.cfg.get("precise_bn") or {}).get("num_batches", 0))
         if precise and self.rank == 0 and it == self.total_iters and self.start_iter < self.total_iters:
             self.sampler.set_epoch(it // self.iters_per_epoch)
-            used = recompute_bn_stats(self.model, self.loader, precise, lambda b: _to_device(b, self.device))
+            used = recompute_bn_stats(self.eval_model, self.loader, precise, lambda b: _to_device(b, self.device))
             self.save(it)
             self._log(dict(iter=it, precise_bn_batches=used))
         if self.world > 1:
@@ -216,11 +236,12 @@ class Trainer:
         return dict(iters=it, last=last, bad_samples=self.bad_samples, work_dir=str(self.work_dir))
 
     def _eval(self, it: int) -> None:
-        self.model.eval()
+        model = self.eval_model
+        model.eval()
         try:
-            result = self.opts.eval_fn(self.model, it)
+            result = self.opts.eval_fn(model, it)
         finally:
-            self.model.train()
+            model.train()
         self._log(dict(iter=it, eval=result))
         tqdm.write(f"eval @ iter {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
                                                    if isinstance(v, float)))
