@@ -11,8 +11,11 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="end-to-end KD demo on embedded synthetic data (CPU, minutes)",
                               description=__doc__)
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations per student (default 200; the KD benchmark uses 400)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 4)")
+    from yolc_kd.demo import DEMO_BATCH, DEMO_ITERS
+
+    p.add_argument("--iters", type=int, default=None,
+                   help=f"training iterations per student (default {DEMO_ITERS}; the KD benchmark: 400 at batch 4)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per step (default {DEMO_BATCH})")
     p.add_argument("--variants", default="auto",
                    help="augmented views per image in the cache (default auto: as many as the iterations need)")
     p.set_defaults(func=run)
