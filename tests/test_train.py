@@ -91,3 +91,16 @@ def test_seed_option_changes_init_and_order_but_not_the_augmentation(tmp_path, t
 
     assert first_loss("config_seed") == first_loss("seed_5", "--seed", "5")  # default: the config's seed
     assert first_loss("seed_6", "--seed", "6") != first_loss("config_seed")
+
+
+def test_fresh_run_keeps_an_earlier_runs_metrics_apart(tmp_path, tiny_data, capsys):
+    ann, images = tiny_data
+    cfg = write_config(tmp_path / "cfg.py")
+    assert _train(cfg, ann, images, tmp_path / "w", "--max-iters", "2") == 0
+    assert _train(cfg, ann, images, tmp_path / "w", "--max-iters", "1") == 0  # not --resume: starts over
+    lines = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["iter"] for l in lines] == [1]
+    kept = list((tmp_path / "w").glob("metrics.*.jsonl"))
+    assert len(kept) == 1 and [json.loads(l)["iter"] for l in kept[0].read_text().splitlines()] == [1, 2]
+    out = capsys.readouterr()
+    assert kept[0].name in out.out + out.err

@@ -189,6 +189,15 @@ class Trainer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.opts.resume:
             self.resume()
+        elif self.rank == 0 and self.metrics_path.exists():  # a fresh run: an earlier run's log is kept, not extended
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.metrics_path.stat().st_mtime))
+            kept = self.metrics_path.with_name(f"metrics.{stamp}.jsonl")
+            n = 1
+            while kept.exists():
+                n += 1
+                kept = self.metrics_path.with_name(f"metrics.{stamp}-{n}.jsonl")
+            os.replace(self.metrics_path, kept)
+            tqdm.write(f"note: {self.work_dir} held an earlier run's metrics.jsonl; it is now {kept.name}")
         self.model.train()
         it = self.start_iter
         bar = progress_bar(total=self.total_iters, initial=it, desc="train", unit="it",
