@@ -145,3 +145,12 @@ def test_bad_hook_in_a_config_is_one_line_from_train(tmp_path, tiny_data, capsys
     assert _train(cfg, ann, images, tmp_path / "w") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "momentum" in err
+
+
+def test_shipped_configs_hooks():
+    from yolc_kd.config import load_config
+    from yolc_kd.demo import CONFIGS
+
+    assert ema_hook(load_config(CONFIGS / "tiny_student_synth.py"))["momentum"] == 0.05
+    for name in ("yolc_hrnet_w18_visdrone_kd.py", "yolc_hrnet_w48_visdrone.py", "tiny_teacher_synth.py"):
+        assert ema_hook(load_config(CONFIGS / name, with_defaults=True)) is None  # YOLC's recipe

@@ -123,7 +123,7 @@ def evaluate_checkpoint(name: str, config: Path, ckpt: Path, val: Path, out: Pat
 
 
 # per student; the cache holds the views these need (precompute --variants auto). 400 steps of 2 images: the KD gain
-# shows (at 200 x 4 it did not) and the demo takes ~6 min on 2 cores (BENCHMARKS.md)
+# shows (at 200 x 4 it did not) and the demo takes 5-6 min on 2 cores (BENCHMARKS.md)
 DEMO_ITERS, DEMO_BATCH = 400, 2
 
 

@@ -43,6 +43,9 @@ checkpoint_config = dict(interval=100)
 log_config = dict(interval=10)
 # short runs: the head BN's running statistics (momentum 0.01 as YOLC) are recomputed after training
 precise_bn = dict(num_batches=20)
+# checkpoints hold an average of the weights over the last ~20 iterations (mmdet's EMA hook, train/ema.py): on the
+# KD benchmark it takes the end point out of a run's swing (momentum picked on seeds 0-1, BENCHMARKS.md)
+custom_hooks = [dict(type='ExpMomentumEMAHook', momentum=0.05, total_iter=100)]
 
 distill_cfg = dict(
     enable=True,
