@@ -15,6 +15,7 @@ model = dict(
 
 lr_config = dict(policy='step', warmup='linear', warmup_iters=50, warmup_ratio=0.1, step=[430])
 runner = dict(type='IterBasedRunner', max_iters=500)
+custom_hooks = []  # the shipped teacher was trained without the student's weight average
 checkpoint_config = dict(interval=100)
 log_config = dict(interval=20)
 distill_cfg = None
