@@ -85,6 +85,21 @@ PIPELINE = [
 ]
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """(annotations, image root) of 6 synthetic 128x96 images, 3 classes: the training tests' data."""
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("synth"), 6, seed=3, size=(128, 96), num_classes=3)
+    return str(root / "annotations.json"), str(root)
+
+
+def train_cli(cfg, ann, images, work, *extra) -> int:
+    """`yolc-kd train` on a config and data, without a progress bar: its exit code."""
+    from yolc_kd.cli import main
+
+    return main(["train", "--config", cfg, "--ann", ann, "--images", images, "--work-dir", str(work),
+                 "--no-progress", *extra])
+
+
 def write_config(path, extra: str = "") -> str:
     model = tiny_model_cfg(num_classes=3)
     path.write_text(

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import write_config
+from conftest import train_cli as _train, write_config
 from yolc_kd.cli import main
 from yolc_kd.errors import UserError
 from yolc_kd.train.ema import WeightAverage, ema_hook, momentum_fun
@@ -89,19 +89,6 @@ def test_other_hooks_mean_nothing():
 
 
 # ---------------------------------------------------------------- the trainer
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from yolc_kd.data.synth import make_synthetic_dataset
-
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("synth"), 6, seed=3, size=(128, 96), num_classes=3)
-    return str(root / "annotations.json"), str(root)
-
-
-def _train(cfg, ann, images, work, *extra):
-    return main(["train", "--config", cfg, "--ann", ann, "--images", images, "--work-dir", str(work),
-                 "--no-progress", *extra])
-
-
 HOOK = "custom_hooks = [dict(type='ExpMomentumEMAHook', momentum=0.2, total_iter=2)]\n"
 
 

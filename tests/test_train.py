@@ -4,20 +4,8 @@ import json
 import pytest
 import torch
 
-from conftest import write_config
+from conftest import train_cli as _train, write_config
 from yolc_kd.cli import main
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from yolc_kd.data.synth import make_synthetic_dataset
-
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("synth"), 6, seed=3, size=(128, 96), num_classes=3)
-    return str(root / "annotations.json"), str(root)
-
-
-def _train(cfg, ann, images, work, *extra):
-    return main(["train", "--config", cfg, "--ann", ann, "--images", images, "--work-dir", str(work),
-                 "--no-progress", *extra])
 
 
 def test_train_logs_checkpoints_and_resumes_exactly(tmp_path, tiny_data):

@@ -97,4 +97,3 @@ class WeightAverage:
         """Resume: the average saved at iteration start_iter (its updates counted from it)."""
         self.module.load_state_dict(weights, strict=True)
         self.averaged.n_averaged.fill_(start_iter + 1)
-
