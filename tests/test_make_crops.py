@@ -172,8 +172,24 @@ def test_rerun_into_own_output_and_unreadable_image_is_skipped(tmp_path, source,
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "warning: skipped 1 of 2 image(s) that could not be read" in err and "img_b.jpg" in err
-    assert set(_by_name(json.loads((out / "annotations.json").read_text()))) == {
-        "seq1/img_a.png", "seq1/img_a_part1.jpg"}
+    listed = set(_by_name(json.loads((out / "annotations.json").read_text())))
+    assert listed == {"seq1/img_a.png", "seq1/img_a_part1.jpg"}
+    on_disk = {p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*") if p.is_file()}
+    assert on_disk == listed  # the earlier run's img_b.jpg and its crop are gone
+    assert "removed 2 file(s) an earlier make-crops run had left" in err
+
+
+def test_rerun_with_fewer_crops_leaves_no_stale_crop(tmp_path, source):
+    ann, root = source
+    out = tmp_path / "out"
+    first = make_crop_dataset(ann, root, out, crops_per_image=3, min_size=0, min_canvas=(8, 8), progress=False)
+    assert (out / "images" / "seq1" / "img_a_part2.jpg").is_file()
+    assert not any("removed" in w for w in first.warnings)
+    again = make_crop_dataset(ann, root, out, crops_per_image=1, progress=False)
+    on_disk = {p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*") if p.is_file()}
+    assert on_disk == set(_by_name(json.loads(again.ann_file.read_text())))
+    assert not (out / "images" / "seq1" / "img_a_part2.jpg").exists()
+    assert any("removed" in w for w in again.warnings)
 
 
 def _fails(capsys, argv, *needles):

@@ -256,6 +256,26 @@ def _save_jpeg(img: Image.Image, path: Path) -> None:
         raise UserError(f"cannot write {display_path(path)}: {exc.strerror or exc}") from None
 
 
+def _remove_stale(image_root: Path, written: set[str]) -> int:
+    """Delete files an earlier run into this output left behind (fewer crops now, an image gone), so the folder
+    holds exactly what annotations.json lists; empty sub-folders go too. Returns how many files went."""
+    removed = 0
+    if not image_root.is_dir():
+        return removed
+    for path in sorted(image_root.rglob("*"), reverse=True):  # children before their folders
+        rel = path.relative_to(image_root).as_posix()
+        try:
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif rel not in written:
+                path.unlink()
+                removed += 1
+        except OSError as exc:
+            raise UserError(f"cannot remove the stale {display_path(path)}: {exc.strerror or exc}") from None
+    return removed
+
+
 def make_crop_dataset(ann_file: PathLike, image_root: PathLike, out_dir: PathLike, crops_per_image: int = 1,
                       min_size: int = 96, enlarge: float = 1.2, upscale: float = 1.5,
                       min_canvas: Sequence[int] = (1024, 640), progress: bool = True) -> CropSummary:
@@ -325,12 +345,16 @@ def make_crop_dataset(ann_file: PathLike, image_root: PathLike, out_dir: PathLik
     summary.skipped_images = len(skipped)
     if not summary.images:
         raise UserError(f"none of the {len(coco)} images of {ann_shown} could be read (first: {skipped[0]})")
+    stale = _remove_stale(summary.image_root, {str(PurePosixPath(im["file_name"])) for im in images})
     extra = {k: v for k, v in raw.items() if k not in ("images", "annotations")}
     write_json({**extra, "images": images, "annotations": out_anns}, summary.ann_file)
     # CocoDetection's own warnings are left out: they describe its training view (crowd boxes dropped), not this output
     if summary.dropped_annotations:
         summary.warnings.append(f"{ann_shown}: left out {summary.dropped_annotations} unusable annotation(s) "
                                 f"(malformed bbox, unknown image or category, or an empty box)")
+    if stale:
+        summary.warnings.append(f"removed {stale} file(s) an earlier make-crops run had left in "
+                                f"{display_path(summary.image_root)} (no longer in its annotations)")
     if skipped:
         summary.warnings.append(f"skipped {len(skipped)} of {len(coco)} image(s) that could not be read "
                                 f"(first: {skipped[0]})")
