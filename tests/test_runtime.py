@@ -5,7 +5,7 @@ import torch
 from conftest import write_config
 from yolc_kd.cli import main
 from yolc_kd.errors import UserError
-from yolc_kd.runtime import init_distributed, resolve_device
+from yolc_kd.runtime import init_distributed, mixed_precision, resolve_device
 
 
 def test_auto_is_cuda_when_available_else_cpu():
@@ -59,3 +59,12 @@ def test_train_batch_size_and_bad_counts(tmp_path, capsys):
         assert main([*base, "--work-dir", str(tmp_path / "w2"), *bad]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_amp_is_fp16_autocast_on_cuda_only():
+    for device, amp in (("cpu", True), ("cpu", False), ("cuda", False)):
+        with mixed_precision(device, amp):
+            assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
+    ctx = mixed_precision(torch.device("cuda", 0), True)
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16 and ctx.device == "cuda"

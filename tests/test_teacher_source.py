@@ -54,6 +54,19 @@ def test_live_teacher_is_frozen_and_outside_the_student(teacher_ckpt):
     assert all(p.grad is not None for p in student.backbone.parameters() if p.requires_grad)
 
 
+def test_low_precision_teacher_gives_float32_targets(teacher_ckpt):
+    """What --amp does on CUDA (an fp16 teacher) shown with bfloat16 on the CPU: the KD loss gets float32."""
+    path, _ = teacher_ckpt
+    source = _source(path)
+    batch = _batch()
+    full = source.targets(batch)
+    source.teacher.to(torch.bfloat16)
+    low = source.targets(dict(batch, img=batch["img"].to(torch.bfloat16)))
+    assert low.heatmap.dtype == low.coarse.dtype == low.refine.dtype == low.patch_scales.dtype == torch.float32
+    assert low.patch_valid.dtype == torch.bool
+    assert torch.allclose(low.heatmap, full.heatmap, atol=0.05)  # same teacher, bfloat16 rounding
+
+
 def test_teacher_equal_to_student_gives_zero_kd(teacher_ckpt):
     path, teacher = teacher_ckpt
     source = _source(path)

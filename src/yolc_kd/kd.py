@@ -29,6 +29,11 @@ class KDTargets:
     def detach(self) -> "KDTargets":
         return KDTargets(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
 
+    def float(self) -> "KDTargets":
+        """Floating-point fields as float32 (a teacher run under --amp gives fp16), the mask as it is."""
+        return KDTargets(**{f.name: (lambda t: t.float() if t.is_floating_point() else t)(getattr(self, f.name))
+                            for f in fields(self)})
+
     @staticmethod
     def stack(items: List["KDTargets"]) -> "KDTargets":
         """Concatenate per-sample (batch of 1) targets along the batch axis."""

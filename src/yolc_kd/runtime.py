@@ -42,6 +42,13 @@ def resolve_device(name: Union[str, torch.device] = "auto") -> torch.device:
     return dev
 
 
+def mixed_precision(device: Union[str, torch.device], amp: bool) -> contextlib.AbstractContextManager:
+    """--amp: fp16 autocast on CUDA (the student's step, precompute's and the online teacher's forwards); on
+    the CPU, and without --amp, full precision."""
+    on_cuda = torch.device(device).type == "cuda"
+    return torch.autocast("cuda", dtype=torch.float16) if amp and on_cuda else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def deterministic_numerics(device: Union[str, torch.device], threads: int) -> Iterator[None]:
     """Same inputs -> same bits: a fixed CPU thread count (float results depend on it, so a resumed, single or

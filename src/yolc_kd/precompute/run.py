@@ -2,7 +2,6 @@
 store its KD targets in the Zarr cache. Resumable (whole shards), and split by shard across torchrun ranks."""
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +27,7 @@ from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
 from yolc_kd.progress import progress_bar
-from yolc_kd.runtime import deterministic_numerics, init_distributed
+from yolc_kd.runtime import deterministic_numerics, init_distributed, mixed_precision
 from yolc_kd.teacher import build_teacher, teacher_model_cfg, teacher_targets
 
 
@@ -128,8 +127,7 @@ def run_teacher(teacher: nn.Module, item: Mapping[str, Any], dcfg: Mapping, devi
     if item["img"] is None:
         return None
     img = item["img"].to(device, non_blocking=True)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), mixed_precision(device, amp):
         return teacher_targets(teacher, img, item["metas"], dcfg)
 
 

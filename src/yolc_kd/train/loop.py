@@ -19,7 +19,7 @@ from yolc_kd.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from yolc_kd.config import setting
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
-from yolc_kd.runtime import init_distributed, resolve_device
+from yolc_kd.runtime import init_distributed, mixed_precision, resolve_device
 from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.ema import WeightAverage, ema_hook
 from yolc_kd.train.lsm_viz import LSMVisualizer
@@ -164,10 +164,11 @@ class Trainer:
         lr = lr_at(it, self.base_lr, self.cfg.get("lr_config") or {}, self.steps, self.total_iters)
         set_lr(self.optimizer, lr)
         net = self.ddp or self.model
-        kd_targets = self.source.targets(batch) if self.source is not None else None
+        with mixed_precision(self.device, self.opts.amp):  # an online teacher runs in it too
+            kd_targets = self.source.targets(batch) if self.source is not None else None
         if self.lsm_viz is not None and not callable(kd_targets):
             self.lsm_viz(it, batch, kd_targets)
-        with torch.autocast(self.device.type, enabled=self.opts.amp and self.device.type == "cuda"):
+        with mixed_precision(self.device, self.opts.amp):
             losses = net(batch["img"], batch["img_metas"], gt_bboxes=batch["gt_bboxes"],
                          gt_labels=batch["gt_labels"], kd_targets=kd_targets, kd_cfg=self.kd_cfg)
         total = sum(losses.values())

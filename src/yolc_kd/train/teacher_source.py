@@ -26,9 +26,10 @@ class LiveTeacherSource:
 
     def targets(self, batch: Mapping[str, Any]) -> KDTargetsArg:
         img, metas = batch["img"], batch["img_metas"]
+        # under --amp the trainer calls this in autocast (the teacher runs in fp16); the KD loss gets float32
         if self.dcfg.get("use_teacher_crop", True):
-            return teacher_targets(self.teacher, img, metas, self.dcfg)
+            return teacher_targets(self.teacher, img, metas, self.dcfg).float()
         lsm_cfg = self.teacher.bbox_head.lsm_cfg
         # crops from the student's heatmap: the student hands it over inside its forward
         return lambda student_heat: teacher_targets(self.teacher, img, metas, self.dcfg,
-                                                    crops.lsm_regions(student_heat, metas, lsm_cfg))
+                                                    crops.lsm_regions(student_heat, metas, lsm_cfg)).float()
