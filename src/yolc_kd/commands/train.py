@@ -41,7 +41,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--val-images", default=None, help="image root of the validation set")
     add_device_arg(p)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default data.workers_per_gpu)")
-    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    p.add_argument("--amp", action="store_true",
+                   help="float16 autocast on CUDA for the student (and, with --online, the teacher)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images and damaged cache samples with a counted warning")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
