@@ -90,11 +90,16 @@ def find_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> Mismatch:
 def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True, trust: bool = False) -> Dict[str, Any]:
     """Load weights into model; on mismatch raise a UserError with a short summary. Returns the meta."""
     sd, meta, _ = read_checkpoint(path, trust)
+    load_weights(model, sd, path, strict)
+    return meta
+
+
+def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], path: PathLike, strict: bool = True) -> None:
+    """Load a state dict read from checkpoint `path` into model; on mismatch a UserError with a short summary."""
     problem = find_mismatch(model, sd)
     if problem and (strict or problem.blocks_loading):
         raise UserError(f"checkpoint {path} does not fit the model: {problem.describe()}")
     model.load_state_dict(sd, strict=strict)
-    return meta
 
 
 def save_checkpoint(path: PathLike, model: nn.Module, meta: Optional[Mapping] = None,

@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from yolc_kd import __version__
-from yolc_kd.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from yolc_kd.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from yolc_kd.config import setting
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
@@ -137,14 +137,14 @@ class Trainer:
             if not found:
                 raise UserError(f"--resume: no checkpoint to resume from in {self.work_dir} (latest.pth missing)")
             latest = found[-1]
-        meta = load_checkpoint(self.model, latest, strict=True, trust=self.opts.trust)
-        saved, _, obj = read_checkpoint(latest, self.opts.trust)
+        saved, meta, obj = read_checkpoint(latest, self.opts.trust)
+        load_weights(self.model, saved, latest)
         if "optimizer" in obj:
             self.optimizer.load_state_dict(obj["optimizer"])
         self.start_iter = int(meta.get("iter", 0))
         trained = obj.get("train_state_dict")
         if isinstance(trained, Mapping):  # saved with EMA: state_dict is the average, these are the weights
-            self.model.load_state_dict(trained, strict=True)
+            load_weights(self.model, trained, latest)
         if self.ema is not None:  # a checkpoint without an average starts it from its weights
             self.ema.restore(saved if isinstance(trained, Mapping) else self.model.state_dict(), self.start_iter)
 
