@@ -89,8 +89,8 @@ def test_views_needed_follows_the_schedule():
     from yolc_kd.train.schedule import views_needed
 
     cfg = dict(runner=dict(type="EpochBasedRunner", max_epochs=12))
-    assert views_needed(cfg, 200, 8) == 6 and views_needed(cfg, 200, 8, flip=False) == 12
-    assert views_needed(cfg, 200, 8, max_iters=120) == 3  # 25 iterations per epoch: 4.8 epochs -> 5 -> 3 mirrored
+    assert views_needed(cfg, 200, 8, flip=True) == 6 and views_needed(cfg, 200, 8) == 12  # no mirroring by default
+    assert views_needed(cfg, 200, 8, max_iters=120, flip=True) == 3  # 25 iterations per epoch: 4.8 epochs -> 5 -> 3 mirrored
     assert views_needed(dict(runner=dict(type="IterBasedRunner", max_iters=400)), 200, 4, flip=False) == 8
 
 
@@ -109,4 +109,4 @@ def test_precompute_variants_auto_and_bad_values(tmp_path, capsys):
     args = cli_args(s, tmp_path / "auto", "--train-iters", "3")  # batch 2 of 2 images: 1 iteration per epoch
     args[args.index("--variants") + 1] = "auto"
     assert main(args) == 0
-    assert CacheReader(tmp_path / "auto").num_variants == 2  # 3 epochs, mirrored: ceil(3 / 2)
+    assert CacheReader(tmp_path / "auto").num_variants == 3  # 3 epochs, one view each (no mirroring by default)

@@ -44,7 +44,9 @@ DISTILL_DEFAULTS: Dict[str, Any] = dict(
     # box_kd_distance (weighted only): gwd_l1 (YOLC's own box loss) | mse (squared error, summed over x, y, w, h)
     hm_kd="soft_focal", hm_kd_temperature=1.0, hm_kd_beta=2.0, hm_kd_peak_thr=0.3,
     box_kd="weighted", box_kd_distance="gwd_l1",
-    cache_flip=True,  # training from a cache of K views also sees their mirrors: 2K distinct views per image
+    # true: training from a cache of K views also sees their mirrors (2K views per image from K). Off by default:
+    # mirrored views cost offline KD 0.04-0.07 AP against K fresh views (BENCHMARKS.md, session 6)
+    cache_flip=False,
 )
 _DISTILL_TYPES = dict(
     enable=bool, teacher_ckpt=(str, type(None)), teacher_config=(str, dict, type(None)),

@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created, or resumed when it exists)")
     p.add_argument("--variants", default="auto", metavar="K",
                    help="augmented views per image, or auto (default): as many as the training schedule needs so "
-                        "the student never sees a view twice (one per epoch, halved by distill_cfg.cache_flip)")
+                        "the student never sees a view twice (one per epoch; halved with distill_cfg.cache_flip=True)")
     p.add_argument("--train-iters", type=int, default=None, metavar="N",
                    help="with --variants auto: the student's `train --max-iters N` (default: the config's runner)")
     p.add_argument("--batch-size", type=int, default=None, help="teacher batch (default data.samples_per_gpu)")
@@ -43,12 +43,12 @@ def register(subparsers: Any) -> None:
 
 
 def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
-    from yolc_kd.config import setting
+    from yolc_kd.config import DISTILL_DEFAULTS, setting
     from yolc_kd.train.schedule import views_needed
 
     if str(args.variants).strip().lower() == "auto":
         return views_needed(cfg, num_images, int(setting(cfg, "data", "samples_per_gpu")), args.train_iters,
-                            flip=bool(cfg["distill_cfg"].get("cache_flip", True)))
+                            flip=bool(cfg["distill_cfg"].get("cache_flip", DISTILL_DEFAULTS["cache_flip"])))
     try:
         k = int(args.variants)
     except ValueError:

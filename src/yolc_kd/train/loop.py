@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from yolc_kd import __version__
 from yolc_kd.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from yolc_kd.config import setting
+from yolc_kd.config import DISTILL_DEFAULTS, setting
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import init_distributed, mixed_precision, resolve_device
@@ -73,7 +73,8 @@ class Trainer:
         self.batch_size = int(opts.batch_size or setting(cfg, "data", "samples_per_gpu"))
         order_seed = int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed)
         num_variants = source.num_variants if source is not None else None
-        flip = bool(source is not None and num_variants and self.kd_cfg.get("cache_flip", True))
+        flip = bool(source is not None and num_variants
+                    and self.kd_cfg.get("cache_flip", DISTILL_DEFAULTS["cache_flip"]))
         self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world, flip=flip)
         workers = opts.workers if opts.workers is not None else int(setting(cfg, "data", "workers_per_gpu"))
         self.loader = TrainLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,

@@ -7,6 +7,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from yolc_kd.config import DISTILL_DEFAULTS
 from yolc_kd.errors import UserError
 
 OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
@@ -75,9 +76,9 @@ def schedule_iters(cfg: Mapping, iters_per_epoch: int, max_iters: Optional[int])
 
 
 def views_needed(cfg: Mapping, num_images: int, batch_size: int, max_iters: Optional[int] = None, world: int = 1,
-                 flip: bool = True) -> int:
+                 flip: bool = DISTILL_DEFAULTS["cache_flip"]) -> int:
     """Cached views per image (K) for a schedule in which the student never sees the same view twice:
-    one per epoch, halved when training mirrors the cached views (distill_cfg.cache_flip)."""
+    one per epoch, halved when training mirrors the cached views (distill_cfg.cache_flip=True)."""
     per_epoch = max(1, math.ceil(math.ceil(num_images / world) / batch_size))
     total, _ = schedule_iters(cfg, per_epoch, max_iters)
     epochs = math.ceil(total / per_epoch)
