@@ -79,6 +79,19 @@ def test_offline_training_never_builds_a_teacher(kd_setup, tmp_path, monkeypatch
     assert {"loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"} <= set(record)
 
 
+def test_a_cache_with_fewer_views_than_epochs_gets_one_note(kd_setup, tmp_path, capsys):
+    k = CacheReader(kd_setup.cache).num_variants
+    base = ["train", "--config", str(kd_setup.config), "--cache", str(kd_setup.cache), "--batch-size", "4",
+            "--no-progress"]  # 4 images: one iteration per epoch
+    capsys.readouterr()
+    assert main(base + ["--work-dir", str(tmp_path / "enough"), "--max-iters", str(k)]) == 0
+    assert "views repeat" not in capsys.readouterr().out
+    assert main(base + ["--work-dir", str(tmp_path / "short"), "--max-iters", str(k + 1)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "views repeat" in line]
+    assert len(notes) == 1 and f"holds {k} view(s) per image and this run trains {k + 1} epochs" in notes[0]
+    assert f"--train-iters {k + 1}" in notes[0]
+
+
 def test_online_training_cli(kd_setup, tmp_path):
     assert main(["train", "--config", str(kd_setup.config), "--online", "--teacher-ckpt", str(kd_setup.ckpt),
                  "--work-dir", str(tmp_path / "w"), "--max-iters", "2", "--no-progress"]) == 0

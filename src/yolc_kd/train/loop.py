@@ -106,6 +106,19 @@ class Trainer:
             except ImportError:
                 pass
 
+    def _note_repeated_views(self) -> None:
+        """One note line when the cache holds fewer distinct views than the schedule's epochs (views repeat)."""
+        k = self.source.num_variants if self.source is not None else None
+        if not k or self.rank != 0:
+            return
+        distinct = 2 * k if self.sampler.flip else k
+        epochs = math.ceil(self.total_iters / self.iters_per_epoch)
+        if epochs > distinct:
+            held = f"{k} view(s) per image" + (f" ({distinct} with their mirrors)" if self.sampler.flip else "")
+            tqdm.write(f"note: the cache holds {held} and this run trains {epochs} epochs, so views repeat from "
+                       f"epoch {distinct}; `yolc-kd precompute --variants auto --train-iters {self.total_iters}` "
+                       f"caches enough")
+
     # ------------------------------------------------------------------ checkpoints
     def _meta(self, it: int) -> Dict[str, Any]:
         return dict(iter=it, epoch=it // self.iters_per_epoch, yolc_kd_version=__version__,
@@ -200,6 +213,7 @@ class Trainer:
                 kept = self.metrics_path.with_name(f"metrics.{stamp}-{n}.jsonl")
             os.replace(self.metrics_path, kept)
             tqdm.write(f"note: {self.work_dir} held an earlier run's metrics.jsonl; it is now {kept.name}")
+        self._note_repeated_views()
         self.model.train()
         it = self.start_iter
         bar = progress_bar(total=self.total_iters, initial=it, desc="train", unit="it",
