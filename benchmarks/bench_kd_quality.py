@@ -16,7 +16,7 @@ for every student of a seed) five students are trained for the same iterations:
   no_kd_fresh_noema, kd_default_noema   the first two without the config's weight average (custom_hooks
                   EMA; sessions 3-4 measured every row so): the trained weights are evaluated
 
-The cache holds `--variants auto` views (enough for the schedule with mirroring). Each run is one process with
+The cache holds `--variants auto` views (one per epoch: no view is seen twice). Each run is one process with
 one CPU thread (`--threads`: more, a run named NAME_tN, e.g. to see how far a change of the floating-point
 summation order alone moves a result), `--parallel` at a time; finished runs are reused, so an interrupted
 benchmark resumes. Prints

@@ -31,8 +31,8 @@ class KDTargets:
 
     def float(self) -> "KDTargets":
         """Floating-point fields as float32 (a teacher run under --amp gives fp16), the mask as it is."""
-        return KDTargets(**{f.name: (lambda t: t.float() if t.is_floating_point() else t)(getattr(self, f.name))
-                            for f in fields(self)})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return KDTargets(**{k: v.float() if v.is_floating_point() else v for k, v in values.items()})
 
     @staticmethod
     def stack(items: List["KDTargets"]) -> "KDTargets":
