@@ -46,6 +46,9 @@ VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0", w
 NO_EMA = "custom_hooks = []"  # the shipped config without its weight average (sessions 3-4 measured so)
 
 
+VAL_IMAGES = 40  # the demo's held-out set
+
+
 def _env(threads: int = 1) -> dict:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
 
@@ -78,39 +81,59 @@ def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) ->
             "kd_default_noema": ["--config", str(cfgs["noema"]), "--cache", str(cache)]}[name]
 
 
+def _val_dir(data: Path, n: int) -> Path:
+    """The held-out set of n images: the demo's 40 (data/val) or n images of the same seed (the 40 come first)."""
+    return data / "val" if n == VAL_IMAGES else data / f"val_{n}"
+
+
+def _suffix(n: int) -> str:
+    return "" if n == VAL_IMAGES else f"_v{n}"
+
+
+def _evaluate(name: str, cfg: Path, ckpt: Path, val: Path, wd: Path) -> dict:
+    code = ("import json,sys; from pathlib import Path; from yolc_kd.demo import evaluate_checkpoint; "
+            "print(json.dumps(evaluate_checkpoint(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), "
+            "Path(sys.argv[4]), Path(sys.argv[5]))))")
+    res = subprocess.run([sys.executable, "-c", code, name, str(cfg), str(ckpt), str(val), str(wd)], check=True,
+                         env=_env(), capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def _run_one(name: str, seed: int, args, cfgs: Dict[str, Path], cache: Path, teacher: Path, data: Path,
              work: Path) -> dict:
     run = f"{name}_t{args.threads}" if args.threads != 1 else name
     out = work / "runs" / f"{run}_s{seed}.json"
-    if out.exists():
-        return json.loads(out.read_text())
+    row = json.loads(out.read_text()) if out.exists() else None
     wd = work / "students" / f"{run}_s{seed}"
-    train = data / "train"
-    t0 = time.perf_counter()
     ckpt = wd / f"iter_{args.iters}.pth"
-    if not ckpt.exists():
-        cmd = [sys.executable, "-m", "yolc_kd", "train", *_train_args(name, cfgs, cache, teacher),
-               "--ann", str(train / "annotations.json"), "--images", str(train), "--work-dir", str(wd),
-               "--max-iters", str(args.iters), "--seed", str(seed), "--log-interval", "20", "--no-progress"]
-        log(f"train {name} seed {seed}")
-        subprocess.run(cmd, check=True, env=_env(args.threads), stdout=subprocess.DEVNULL)
-    train_s = time.perf_counter() - t0
-    code = ("import json,sys; from pathlib import Path; from yolc_kd.demo import evaluate_checkpoint; "
-            "print(json.dumps(evaluate_checkpoint(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), "
-            "Path(sys.argv[4]), Path(sys.argv[5]))))")
-    res = subprocess.run([sys.executable, "-c", code, f"{name}_s{seed}", str(cfgs["default"]), str(ckpt),
-                          str(data / "val"), str(wd)], check=True, env=_env(), capture_output=True, text=True)
-    row = dict(json.loads(res.stdout.strip().splitlines()[-1]), student=name, seed=seed, train_s=round(train_s, 1))
-    first = json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])
-    row["first_losses"] = {k: v for k, v in first.items() if k.startswith("loss")}
+    if row is None:
+        train = data / "train"
+        t0 = time.perf_counter()
+        if not ckpt.exists():
+            cmd = [sys.executable, "-m", "yolc_kd", "train", *_train_args(name, cfgs, cache, teacher),
+                   "--ann", str(train / "annotations.json"), "--images", str(train), "--work-dir", str(wd),
+                   "--max-iters", str(args.iters), "--seed", str(seed), "--log-interval", "20", "--no-progress"]
+            log(f"train {name} seed {seed}")
+            subprocess.run(cmd, check=True, env=_env(args.threads), stdout=subprocess.DEVNULL)
+        train_s = time.perf_counter() - t0
+        row = dict(student=name, seed=seed, train_s=round(train_s, 1))
+        first = json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])
+        row["first_losses"] = {k: v for k, v in first.items() if k.startswith("loss")}
+    for n in args.val_images:  # every held-out set asked for; a finished run only gets the ones it lacks
+        sfx = _suffix(n)
+        if f"full_AP{sfx}" not in row:
+            res = _evaluate(f"{name}_s{seed}{sfx}", cfgs["default"], ckpt, _val_dir(data, n), wd)
+            row.update({f"{k}{sfx}": v for k, v in res.items()})
+            log(f"{name} seed {seed} on {n} held-out images: full AP {res['full_AP']:.4f}, "
+                f"fused AP {res['fused_AP']:.4f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2))
-    log(f"{name} seed {seed}: full AP {row['full_AP']:.4f}, fused AP {row['fused_AP']:.4f} ({train_s:.0f} s)")
     return row
 
 
-def summarise(rows: List[dict], teacher: dict) -> dict:
-    """Per student: mean / spread over seeds; KD rows: wins against no_kd_fresh and the gap share closed."""
+def summarise(rows: List[dict], teacher: dict, sfx: str = "") -> dict:
+    """Per student: mean / spread over seeds; KD rows: wins against no_kd_fresh and the gap share closed.
+    sfx picks the held-out set (keys full_AP{sfx}, fused_AP{sfx})."""
     by = {}
     for r in rows:
         by.setdefault(r["student"], {})[r["seed"]] = r
@@ -118,7 +141,8 @@ def summarise(rows: List[dict], teacher: dict) -> dict:
     out = {}
     for name, seeds in by.items():
         s = {}
-        for key in ("full_AP", "fused_AP"):
+        for kind in ("full_AP", "fused_AP"):
+            key = kind + sfx
             vals = [seeds[k][key] for k in sorted(seeds)]
             s[key] = dict(per_seed=vals, mean=statistics.mean(vals),
                           stdev=statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -127,7 +151,8 @@ def summarise(rows: List[dict], teacher: dict) -> dict:
                 s[key]["wins_vs_no_kd_fresh"] = sum(seeds[k][key] > base[k][key] for k in common)
                 b = statistics.mean(base[k][key] for k in common)
                 m = statistics.mean(seeds[k][key] for k in common)
-                s[key]["gap_closed"] = (m - b) / (teacher[key] - b) if teacher[key] != b else None
+                s[key]["gap_closed"] = (m - b) / (teacher[kind] - b) if teacher[kind] != b else None
+            s[kind] = s.pop(key)
         out[name] = s
     return out
 
@@ -144,6 +169,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per training run")
+    p.add_argument("--val-images", type=int, nargs="+", default=[VAL_IMAGES],
+                   help=f"held-out set sizes to evaluate every student on (default: the demo's {VAL_IMAGES}); "
+                        f"n images of the demo's held-out seed, so the demo's {VAL_IMAGES} come first")
     p.add_argument("--students", nargs="+", default=list(STUDENTS[:5]), choices=STUDENTS)
     p.add_argument("--order", choices=("student", "seed"), default="student",
                    help="run order: all seeds of a student first (default), or all students of a seed first")
@@ -152,10 +180,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = work / "data"
-    for split, spec in (("train", TRAIN), ("val", VAL)):
-        if not (data / split / "annotations.json").exists():
-            make_synthetic_dataset(data / split, spec["num_images"], spec["seed"], size=SIZE, num_classes=CLASSES,
-                                   progress=False)
+    sets = [(data / "train", TRAIN["num_images"], TRAIN["seed"])] + \
+        [(_val_dir(data, n), n, VAL["seed"]) for n in args.val_images]
+    for folder, num, seed in sets:
+        if not (folder / "annotations.json").exists():
+            make_synthetic_dataset(folder, num, seed, size=SIZE, num_classes=CLASSES, progress=False)
     cfgs = _configs(work, CONFIGS / "tiny_student_synth.py", args.batch)
     cache = work / "soft"
     t0 = time.perf_counter()
@@ -165,31 +194,50 @@ def main() -> None:
                     "--out", str(cache), "--variants", "auto", "--train-iters", str(args.iters),
                     "--batch-size", "8", "--threads", "2", "--no-progress"], check=True)
     precompute_s = time.perf_counter() - t0
-    teacher_json = work / "runs" / "teacher.json"
-    if not teacher_json.exists():
-        teacher_json.parent.mkdir(parents=True, exist_ok=True)
-        teacher_json.write_text(json.dumps(evaluate_checkpoint("teacher", CONFIGS / "tiny_teacher_synth.py",
-                                                               ASSET_TEACHER, data / "val", work)))
-    teacher = json.loads(teacher_json.read_text())
+    teachers = {}
+    for n in args.val_images:
+        teacher_json = work / "runs" / f"teacher{_suffix(n)}.json"
+        if not teacher_json.exists():
+            teacher_json.parent.mkdir(parents=True, exist_ok=True)
+            teacher_json.write_text(json.dumps(evaluate_checkpoint("teacher", CONFIGS / "tiny_teacher_synth.py",
+                                                                   ASSET_TEACHER, _val_dir(data, n), work)))
+        teachers[n] = json.loads(teacher_json.read_text())
     jobs = [(name, seed) for name in args.students for seed in args.seeds] if args.order == "student" else \
         [(name, seed) for seed in args.seeds for name in args.students]
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         rows = list(pool.map(lambda j: _run_one(j[0], j[1], args, cfgs, cache, ASSET_TEACHER, data, work), jobs))
-    summary = summarise(rows, teacher)
-    lines = [f"{'student':<16}" + "".join(f"{'s' + str(s) + ' full/fused':>20}" for s in args.seeds)
-             + f"{'mean full/fused':>20}{'gap closed':>14}"]
-    for name in args.students:
-        rs = {r["seed"]: r for r in rows if r["student"] == name}
-        cells = "".join(f"{rs[s]['full_AP']:>10.4f}/{rs[s]['fused_AP']:<9.4f}" for s in args.seeds)
-        sm = summary[name]
-        gap = sm["full_AP"].get("gap_closed")
-        lines.append(f"{name:<16}{cells}{sm['full_AP']['mean']:>10.4f}/{sm['fused_AP']['mean']:<9.4f}"
-                     + (f"{gap:>8.1%}/{sm['fused_AP']['gap_closed']:.1%}" if gap is not None else ""))
-    lines.append(f"teacher: full AP {teacher['full_AP']:.4f}, fused AP {teacher['fused_AP']:.4f}")
-    print("\n".join(lines))
-    emit(dict(iters=args.iters, batch=args.batch, seeds=args.seeds, variants=_variants(cache), teacher=teacher,
-              rows=rows, summary=summary, precompute_s=round(precompute_s, 1),
+    summaries = {}
+    for n in args.val_images:
+        sfx = _suffix(n)
+        summaries[n] = summary = summarise(rows, teachers[n], sfx)
+        lines = [f"held-out images: {n}", f"{'student':<16}"
+                 + "".join(f"{'s' + str(s) + ' full/fused':>20}" for s in args.seeds)
+                 + f"{'mean full/fused':>20}{'gap closed':>14}"]
+        for name in args.students:
+            rs = {r["seed"]: r for r in rows if r["student"] == name}
+            cells = "".join(f"{rs[s]['full_AP' + sfx]:>10.4f}/{rs[s]['fused_AP' + sfx]:<9.4f}" for s in args.seeds)
+            sm = summary[name]
+            gap = sm["full_AP"].get("gap_closed")
+            lines.append(f"{name:<16}{cells}{sm['full_AP']['mean']:>10.4f}/{sm['fused_AP']['mean']:<9.4f}"
+                         + (f"{gap:>8.1%}/{sm['fused_AP']['gap_closed']:.1%}" if gap is not None else ""))
+        pair = paired_difference(rows, "online_default", "kd_default", sfx)
+        if pair:
+            lines.append("online_default - kd_default per seed, full/fused: "
+                         + ", ".join(f"{a:+.4f}/{b:+.4f}" for a, b in zip(pair["full_AP"], pair["fused_AP"])))
+        lines.append(f"teacher: full AP {teachers[n]['full_AP']:.4f}, fused AP {teachers[n]['fused_AP']:.4f}")
+        print("\n".join(lines))
+    emit(dict(iters=args.iters, batch=args.batch, seeds=args.seeds, variants=_variants(cache), teacher=teachers,
+              rows=rows, summary=summaries, precompute_s=round(precompute_s, 1),
               wall_s=round(time.perf_counter() - t_start, 1)), args.out)
+
+
+def paired_difference(rows: List[dict], a: str, b: str, sfx: str = "") -> Dict[str, List[float]]:
+    """Per seed that both students ran, student a's AP minus student b's (full and fused); {} if none."""
+    by = {(r["student"], r["seed"]): r for r in rows}
+    seeds = sorted(s for (name, s) in by if name == a and (b, s) in by)
+    if not seeds:
+        return {}
+    return {kind: [by[(a, s)][kind + sfx] - by[(b, s)][kind + sfx] for s in seeds] for kind in ("full_AP", "fused_AP")}
 
 
 def _variants(cache: Path) -> int:

@@ -246,3 +246,10 @@ def test_crop_name_clash_and_undecodable_set(tmp_path, capsys):
     for p in (root / "seq1" / "img_a.png", root / "img_b.jpg"):
         p.write_bytes(b"\x89PNG broken")
     _fails(capsys, argv, "none of the 2 images", "could be read")
+
+
+def test_summary_counts_read_in_the_singular_for_one():
+    from yolc_kd.commands.make_crops import _count
+
+    assert [_count(1, "image"), _count(2, "crop"), _count(0, "crop"), _count(1, "box", "boxes"),
+            _count(3, "box", "boxes")] == ["1 image", "2 crops", "0 crops", "1 box", "3 boxes"]

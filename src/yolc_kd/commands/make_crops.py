@@ -24,6 +24,10 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _count(n: int, word: str, words: str = "") -> str:
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
 def run(args: argparse.Namespace) -> int:
     from yolc_kd.data.make_crops import make_crop_dataset
 
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     for w in s.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"wrote {display_path(s.ann_file)}: {s.images} images + {s.crops} crops, "
-          f"{s.annotations} + {s.crop_annotations} boxes; train with --ann {display_path(s.ann_file)} "
+    print(f"wrote {display_path(s.ann_file)}: {_count(s.images, 'image')} + {_count(s.crops, 'crop')}, "
+          f"{s.annotations} + {_count(s.crop_annotations, 'box', 'boxes')}; train with --ann {display_path(s.ann_file)} "
           f"--images {display_path(s.image_root)}")
     return 0

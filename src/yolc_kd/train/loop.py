@@ -180,9 +180,8 @@ class Trainer:
         net = self.ddp or self.model
         with mixed_precision(self.device, self.opts.amp):  # an online teacher runs in it too
             kd_targets = self.source.targets(batch) if self.source is not None else None
-        if self.lsm_viz is not None and not callable(kd_targets):
-            self.lsm_viz(it, batch, kd_targets)
-        with mixed_precision(self.device, self.opts.amp):
+            if self.lsm_viz is not None and not callable(kd_targets):
+                self.lsm_viz(it, batch, kd_targets)
             losses = net(batch["img"], batch["img_metas"], gt_bboxes=batch["gt_bboxes"],
                          gt_labels=batch["gt_labels"], kd_targets=kd_targets, kd_cfg=self.kd_cfg)
         total = sum(losses.values())
