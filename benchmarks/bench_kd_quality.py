@@ -119,6 +119,8 @@ def _run_one(name: str, seed: int, args, cfgs: Dict[str, Path], cache: Path, tea
         row = dict(student=name, seed=seed, train_s=round(train_s, 1))
         first = json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])
         row["first_losses"] = {k: v for k, v in first.items() if k.startswith("loss")}
+    if "weights_sha256" not in row:
+        row["weights_sha256"] = weights_digest(ckpt)
     for n in args.val_images:  # every held-out set asked for; a finished run only gets the ones it lacks
         sfx = _suffix(n)
         if f"full_AP{sfx}" not in row:
@@ -192,7 +194,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "yolc_kd", "precompute", "--config", str(cfgs["default"]), "--ckpt",
                     str(ASSET_TEACHER), "--ann", str(train / "annotations.json"), "--images", str(train),
                     "--out", str(cache), "--variants", "auto", "--train-iters", str(args.iters),
-                    "--batch-size", "8", "--threads", "2", "--no-progress"], check=True)
+                    "--batch-size", "8", "--threads", str(args.threads), "--no-progress"], check=True)
     precompute_s = time.perf_counter() - t0
     teachers = {}
     for n in args.val_images:
@@ -224,6 +226,10 @@ def main() -> None:
         if pair:
             lines.append("online_default - kd_default per seed, full/fused: "
                          + ", ".join(f"{a:+.4f}/{b:+.4f}" for a, b in zip(pair["full_AP"], pair["fused_AP"])))
+            by = {(r["student"], r["seed"]): r.get("weights_sha256") for r in rows}
+            same = [s for s in args.seeds if by.get(("online_default", s)) is not None
+                    and by.get(("online_default", s)) == by.get(("kd_default", s))]
+            lines.append(f"online_default and kd_default bit-identical weights: seeds {same} of {args.seeds}")
         lines.append(f"teacher: full AP {teachers[n]['full_AP']:.4f}, fused AP {teachers[n]['fused_AP']:.4f}")
         print("\n".join(lines))
     emit(dict(iters=args.iters, batch=args.batch, seeds=args.seeds, variants=_variants(cache), teacher=teachers,
@@ -238,6 +244,20 @@ def paired_difference(rows: List[dict], a: str, b: str, sfx: str = "") -> Dict[s
     if not seeds:
         return {}
     return {kind: [by[(a, s)][kind + sfx] - by[(b, s)][kind + sfx] for s in seeds] for kind in ("full_AP", "fused_AP")}
+
+
+def weights_digest(ckpt: Path) -> str:
+    """sha256 over the checkpoint's state_dict tensors in key order: equal digests = bit-identical students."""
+    import hashlib
+
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _variants(cache: Path) -> int:

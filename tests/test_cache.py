@@ -23,7 +23,8 @@ from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
-from yolc_kd.train.cache_source import dequantize_targets, open_cache_source
+from yolc_kd.train.cache_source import open_cache_source
+from yolc_kd.train.target_codec import dequantize_targets
 from yolc_kd.train.data import TrainSamples, collate_train
 
 

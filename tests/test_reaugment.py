@@ -6,7 +6,7 @@ from conftest import plain_metas, tiny_model_cfg
 from yolc_kd.cache.schema import BOX_STEP
 from yolc_kd.kd import KDTargets
 from yolc_kd.models import build_detector
-from yolc_kd.train.cache_source import dequantize_targets
+from yolc_kd.train.target_codec import dequantize_targets
 from yolc_kd.train.data import VariantSampler
 from yolc_kd.train.reaugment import flip_sample, flip_targets
 

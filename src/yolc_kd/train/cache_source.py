@@ -2,7 +2,6 @@
 then serves (fingerprint, KDTargets of batch 1) per (image id, variant). Picklable for DataLoader workers."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Tuple
 
@@ -11,12 +10,13 @@ import torch
 
 from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import BOX_STEP, HEATMAP_LEVELS, STATUS_OK
+from yolc_kd.cache.schema import STATUS_OK
 from yolc_kd.data.augment import AugmentConfig
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.teacher import expected_target_identity
+from yolc_kd.train.target_codec import dequantize_targets
 
 _TARGET_ARRAYS = ["heatmap", "coarse", "patch_boxes", "patch_scales", "patch_valid", "refine", "fingerprint",
                   "status", "aug_params"]
@@ -55,16 +55,6 @@ class CacheTargetSource:
                       patch_valid=torch.from_numpy(s["patch_valid"].astype(bool))[None],
                       refine=torch.from_numpy(np.asarray(s["refine"], np.int16))[None])
         return self.reader.fingerprint(s), t
-
-
-def dequantize_targets(t: KDTargets) -> KDTargets:
-    """Targets as stored (uint8 heatmap, int16 box maps) -> float32 with the schema's formulas (data_schema.md),
-    best after batching and moving to the device. Float targets (a live teacher's) pass through unchanged."""
-    if t.heatmap.dtype == torch.uint8:
-        t = replace(t, heatmap=t.heatmap.float() / float(HEATMAP_LEVELS))
-    if t.coarse.dtype == torch.int16:
-        t = replace(t, coarse=t.coarse.float() * BOX_STEP, refine=t.refine.float() * BOX_STEP)
-    return t
 
 
 def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig, coco: CocoDetection) -> CacheTargetSource:

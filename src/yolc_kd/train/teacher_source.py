@@ -9,7 +9,10 @@ import torch
 from yolc_kd import crops
 from yolc_kd.models import YOLC
 from yolc_kd.models.detector import KDTargetsArg
+from yolc_kd.config import DISTILL_DEFAULTS
+from yolc_kd.kd import KDTargets
 from yolc_kd.teacher import teacher_targets
+from yolc_kd.train.target_codec import dequantize_targets, quantize_targets
 
 
 class LiveTeacherSource:
@@ -19,6 +22,7 @@ class LiveTeacherSource:
 
     def __init__(self, teacher: YOLC, dcfg: Mapping):
         self.teacher, self.dcfg = teacher.eval(), dict(dcfg)
+        self.as_cached = self.dcfg.get("online_targets", DISTILL_DEFAULTS["online_targets"]) == "cached"
 
     def to(self, device: torch.device) -> "LiveTeacherSource":
         self.teacher.to(device)
@@ -28,8 +32,12 @@ class LiveTeacherSource:
         img, metas = batch["img"], batch["img_metas"]
         # under --amp the trainer calls this in autocast (the teacher runs in fp16); the KD loss gets float32
         if self.dcfg.get("use_teacher_crop", True):
-            return teacher_targets(self.teacher, img, metas, self.dcfg).float()
+            return self._final(teacher_targets(self.teacher, img, metas, self.dcfg))
         lsm_cfg = self.teacher.bbox_head.lsm_cfg
         # crops from the student's heatmap: the student hands it over inside its forward
-        return lambda student_heat: teacher_targets(self.teacher, img, metas, self.dcfg,
-                                                    crops.lsm_regions(student_heat, metas, lsm_cfg)).float()
+        return lambda student_heat: self._final(teacher_targets(self.teacher, img, metas, self.dcfg,
+                                                                crops.lsm_regions(student_heat, metas, lsm_cfg)))
+
+    def _final(self, t: KDTargets) -> KDTargets:
+        """float32 targets; with online_targets "cached", rounded as the cache stores them."""
+        return dequantize_targets(quantize_targets(t)) if self.as_cached else t.float()
