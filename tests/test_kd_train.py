@@ -71,10 +71,14 @@ def test_offline_and_online_give_the_same_losses(kd_setup):
 
 def test_offline_and_online_training_end_in_the_same_weights(kd_setup, tmp_path):
     """Same seed, one CPU thread as the cache's precompute, as many epochs as cached views: `train --cache` and
-    `train --online` log the same losses at every step and save bit-identical students."""
+    `train --online` log the same losses at every step and save bit-identical students, the weight average and
+    the precise-BN statistics (recomputed after the last step, from views both modes have) included."""
     k = CacheReader(kd_setup.cache).num_variants
     torch.set_num_threads(1)
-    common = ["--config", str(kd_setup.config), "--batch-size", "2", "--max-iters", str(2 * k), "--log-interval", "1",
+    cfg = tmp_path / "student.py"
+    cfg.write_text(f"_base_ = {str(kd_setup.config)!r}\nprecise_bn = dict(num_batches=2)\n"
+                   f"custom_hooks = [dict(type='ExpMomentumEMAHook', momentum=0.05, total_iter=4)]\n")
+    common = ["--config", str(cfg), "--batch-size", "2", "--max-iters", str(2 * k), "--log-interval", "1",
               "--no-progress"]  # 4 images at batch 2: k epochs
     assert main(["train", *common, "--cache", str(kd_setup.cache), "--work-dir", str(tmp_path / "off")]) == 0
     assert main(["train", *common, "--online", "--teacher-ckpt", str(kd_setup.ckpt),
@@ -85,10 +89,11 @@ def test_offline_and_online_training_end_in_the_same_weights(kd_setup, tmp_path)
         return [{k: v for k, v in json.loads(x).items() if k.startswith("loss")} for x in lines]
 
     off, on = losses("off"), losses("on")
-    assert len(off) == 2 * k and off == on and "loss_kd_local_refine" in off[0]
-    a = torch.load(tmp_path / "off" / "latest.pth", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "on" / "latest.pth", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert len(off) == 2 * k + 1 and off == on and "loss_kd_local_refine" in off[0]  # + the precise-BN line
+    a = torch.load(tmp_path / "off" / "latest.pth", weights_only=True)
+    b = torch.load(tmp_path / "on" / "latest.pth", weights_only=True)
+    for part in ("state_dict", "train_state_dict"):  # the average (what infer loads) and the trained weights
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][n], b[part][n]) for n in a[part]), part
 
 
 def test_offline_training_never_builds_a_teacher(kd_setup, tmp_path, monkeypatch):

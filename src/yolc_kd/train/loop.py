@@ -251,7 +251,8 @@ class Trainer:
         bar.close()
         precise = int((self.cfg.get("precise_bn") or {}).get("num_batches", 0))
         if precise and self.rank == 0 and it == self.total_iters and self.start_iter < self.total_iters:
-            self.sampler.set_epoch(it // self.iters_per_epoch)
+            # the last trained epoch's views: a cache of K = epochs holds them, and offline and online read the same
+            self.sampler.set_epoch((it - 1) // self.iters_per_epoch)
             used = recompute_bn_stats(self.eval_model, self.loader, precise, lambda b: _to_device(b, self.device))
             self.save(it)
             self._log(dict(iter=it, precise_bn_batches=used))
