@@ -16,6 +16,10 @@ def _defaults_text() -> str:
     keys = ("optimizer", "optimizer_config", "lr_config", "runner", "data", "evaluation", "checkpoint_config", "seed")
     lines = ["defaults used when the config omits them (YOLC's recipe):"]
     lines += [f"  {k} = {json.dumps(DEFAULTS[k], default=str)}" for k in keys]
+    lines += ["  data.train = dict(type='RepeatDataset', times=T, dataset=...) as in mmdet: one epoch is T passes over",
+              "    every image; runner.max_epochs, lr_config.step, the checkpoint / evaluation intervals and",
+              "    `precompute --variants auto` count those epochs (YOLC's VisDrone recipe: T = 5 x 48 epochs = 240",
+              "    passes, lr steps after passes 90 and 120). The first log line says the passes per image."]
     lines.append("  train_pipeline = YOLC's: PhotoMetricDistortion, RandomCenterCropPad(1024x640, ratios 0.6..1.3), "
                  "Resize(1024x640, keep_ratio), RandomFlip(0.5), Normalize")
     return "\n".join(lines)
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     summary = run_training(args.config, args.ann, args.images, opts, kd, skip_bad=args.skip_bad,
                            val_ann=args.val_ann, val_images=args.val_images)
     last = summary["last"]
-    print(f"trained to iteration {summary['iters']}: loss {last.get('loss', float('nan')):.4f}; "
+    print(f"trained to iteration {summary['iters']} ({summary['passes']:.4g} passes per image, {summary['kd_mode']}): "
+          f"loss {last.get('loss', float('nan')):.4f}; "
           f"checkpoints and metrics.jsonl in {summary['work_dir']}"
           + (f"; {summary['bad_samples']} damaged samples skipped" if summary["bad_samples"] else "")
           + (f"; {summary['missing_images']} missing images skipped" if summary.get("missing_images") else ""))

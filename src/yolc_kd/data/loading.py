@@ -13,12 +13,40 @@ from yolc_kd.data.images import display_path
 from yolc_kd.errors import UserError
 
 
+# mmdet 2.x dataset wrappers: only RepeatDataset has a meaning here
+WRAPPERS = ("RepeatDataset", "ConcatDataset", "ClassBalancedDataset", "MultiImageMixDataset")
+
+
+def _unwrap(cfg: Mapping, split: str) -> Tuple[Mapping, int]:
+    """(the innermost dataset dict of data.<split>, the product of its RepeatDataset `times`). mmdet's meaning:
+    RepeatDataset(times=T) makes one epoch T passes over every image. Other wrappers are one UserError."""
+    spec = (cfg.get("data") or {}).get(split) or {}
+    times, where = 1, f"data.{split}"
+    while isinstance(spec, Mapping) and ("dataset" in spec or "datasets" in spec or spec.get("type") in WRAPPERS):
+        kind = spec.get("type")
+        if kind != "RepeatDataset":
+            raise UserError(f"config {cfg.get('_path', '')}: {where} type {kind!r} is not supported (RepeatDataset "
+                            f"is; merge several COCO files into one json for a ConcatDataset)")
+        t = spec.get("times", 1)
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise UserError(f"config {cfg.get('_path', '')}: {where}.times must be an integer >= 1, got {t!r}")
+        times, where, spec = times * t, where + ".dataset", spec.get("dataset") or {}
+    if isinstance(spec, Mapping) and isinstance(spec.get("ann_file"), (list, tuple)):
+        raise UserError(f"config {cfg.get('_path', '')}: {where}.ann_file lists several files (mmdet's "
+                        f"ConcatDataset); merge them into one COCO json")
+    return (spec if isinstance(spec, Mapping) else {}), times
+
+
 def data_paths(cfg: Mapping, split: str = "train") -> Tuple[Optional[str], Optional[str], Optional[list]]:
     """(ann_file, img_prefix, classes) of data.<split> in an mmdet config, unwrapping RepeatDataset."""
-    spec = (cfg.get("data") or {}).get(split) or {}
-    while isinstance(spec, Mapping) and "dataset" in spec:
-        spec = spec["dataset"]
+    spec, _ = _unwrap(cfg, split)
     return spec.get("ann_file"), spec.get("img_prefix"), spec.get("classes")
+
+
+def dataset_repeats(cfg: Mapping, split: str = "train") -> int:
+    """Passes over every image in one epoch: data.<split>'s RepeatDataset `times` (nested wrappers multiply),
+    1 without one."""
+    return _unwrap(cfg, split)[1]
 
 
 def resolve_data(cfg: Mapping, ann: Optional[str], images: Optional[str], split: str = "train") -> Tuple[str, str]:

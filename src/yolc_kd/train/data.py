@@ -108,14 +108,27 @@ class TrainLoader(OneLineLoader):
 
 
 class VariantSampler(Sampler):
-    """DistributedSampler over images, each yielded with the epoch's variant: epoch % num_variants for
-    a cache of K views, or the epoch itself (a fresh augmentation every epoch) when num_variants is None.
-    With flip (a cache only), epochs K..2K-1 yield the mirrored cached views, so 2K epochs see distinct views.
-    `skip` drops the first samples of the epoch (resuming mid-epoch)."""
+    """DistributedSampler over the epoch's items, each an image position with the variant of its pass.
+
+    Args:
+        n: images in the dataset.
+        seed: shuffle seed.
+        num_variants: cached views per image (K), or None for a fresh augmentation every pass.
+        rank, world: this process and the process count (torchrun).
+        shuffle: shuffle each epoch (mmdet's sampler does).
+        flip: with a cache only, passes K..2K-1 read the mirrored cached views, so 2K passes see distinct views.
+        repeats: passes over every image in one epoch (mmdet's RepeatDataset `times`): an epoch holds
+            n * repeats items, shuffled together as mmdet shuffles a RepeatDataset; item j is image j % n in
+            pass epoch * repeats + j // n.
+
+    A pass p reads variant p % K of a cache, or variant p (fresh) without one. `skip` drops the first items of
+    the epoch (resuming mid-epoch)."""
 
     def __init__(self, n: int, seed: int, num_variants: Optional[int] = None, rank: int = 0, world: int = 1,
-                 shuffle: bool = True, flip: bool = False):
-        self.base = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+                 shuffle: bool = True, flip: bool = False, repeats: int = 1):
+        self.n, self.repeats = int(n), max(1, int(repeats))
+        self.base = DistributedSampler(range(self.n * self.repeats), num_replicas=world, rank=rank, shuffle=shuffle,
+                                       seed=seed)
         self.num_variants = num_variants
         self.flip = bool(flip and num_variants)
         self.epoch, self.skip = 0, 0
@@ -124,17 +137,19 @@ class VariantSampler(Sampler):
         self.epoch, self.skip = epoch, skip
         self.base.set_epoch(epoch)
 
-    def variant(self, epoch: int) -> int:
-        return epoch % self.num_variants if self.num_variants else epoch
+    def variant(self, pass_index: int) -> int:
+        """The view a pass reads: pass % K of a cache, the pass itself for fresh augmentation."""
+        return pass_index % self.num_variants if self.num_variants else pass_index
 
-    def mirrored(self, epoch: int) -> bool:
-        return self.flip and (epoch // self.num_variants) % 2 == 1
+    def mirrored(self, pass_index: int) -> bool:
+        return self.flip and (pass_index // self.num_variants) % 2 == 1
 
     def __iter__(self) -> Iterator[Tuple[int, ...]]:
-        v = self.variant(self.epoch)
-        if self.mirrored(self.epoch):
-            return iter([(i, v, 1) for i in list(self.base)[self.skip:]])
-        return iter([(i, v) for i in list(self.base)[self.skip:]])
+        items = []
+        for j in list(self.base)[self.skip:]:
+            image, p = j % self.n, self.epoch * self.repeats + j // self.n
+            items.append((image, self.variant(p), 1) if self.mirrored(p) else (image, self.variant(p)))
+        return iter(items)
 
     def __len__(self) -> int:
         return len(self.base) - self.skip

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from yolc_kd import __version__
 from yolc_kd.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from yolc_kd.config import DISTILL_DEFAULTS, setting
+from yolc_kd.data.loading import dataset_repeats
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import init_distributed, mixed_precision, resolve_device
@@ -41,6 +42,7 @@ class TrainOptions:
     progress: bool = True
     trust: bool = False                          # --trust-checkpoint: allow pickle checkpoints on --resume
     seed: Optional[int] = None                   # sample-order seed (None: the config's seed)
+    kd_mode: str = "no KD"                       # what the target source is, for the run's first log line
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -75,7 +77,9 @@ class Trainer:
         num_variants = source.num_variants if source is not None else None
         flip = bool(source is not None and num_variants
                     and self.kd_cfg.get("cache_flip", DISTILL_DEFAULTS["cache_flip"]))
-        self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world, flip=flip)
+        self.repeats = dataset_repeats(cfg)  # RepeatDataset(times=T): an epoch is T passes over every image
+        self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world, flip=flip,
+                                      repeats=self.repeats)
         workers = opts.workers if opts.workers is not None else int(setting(cfg, "data", "workers_per_gpu"))
         self.loader = TrainLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
                                   collate_fn=collate_train, pin_memory=self.device.type == "cuda")
@@ -106,18 +110,36 @@ class Trainer:
             except ImportError:
                 pass
 
+    @property
+    def passes(self) -> int:
+        """Passes over every image that this run starts (started epochs x the RepeatDataset's times)."""
+        return math.ceil(self.total_iters / self.iters_per_epoch) * self.repeats
+
+    def plan_line(self) -> str:
+        """What this run does, said once before the first step: the KD source, the schedule in iterations,
+        epochs and passes per image, and where the learning rate steps."""
+        epochs = self.total_iters / self.iters_per_epoch
+        line = (f"{self.opts.kd_mode}; {self.total_iters} iterations at batch {self.batch_size} x {self.world} "
+                f"process(es), {self.iters_per_epoch} per epoch: {epochs:.4g} epoch(s)")
+        if self.repeats > 1:
+            line += f" of {self.repeats} passes (RepeatDataset)"
+        line += f" = {epochs * self.repeats:.4g} passes per image"
+        if self.steps and check_lr_config(self.cfg.get("lr_config") or {}) == "step":
+            line += "; lr steps at iterations " + ", ".join(
+                f"{s} (pass {s * self.repeats / self.iters_per_epoch:.4g})" for s in self.steps)
+        return line
+
     def _note_repeated_views(self) -> None:
-        """One note line when the cache holds fewer distinct views than the schedule's epochs (views repeat)."""
+        """One note line when the cache holds fewer distinct views than the schedule's passes (views repeat)."""
         k = self.source.num_variants if self.source is not None else None
         if not k or self.rank != 0:
             return
         distinct = 2 * k if self.sampler.flip else k
-        epochs = math.ceil(self.total_iters / self.iters_per_epoch)
-        if epochs > distinct:
+        if self.passes > distinct:
             held = f"{k} view(s) per image" + (f" ({distinct} with their mirrors)" if self.sampler.flip else "")
-            tqdm.write(f"note: the cache holds {held} and this run trains {epochs} epochs, so views repeat from "
-                       f"epoch {distinct}; `yolc-kd precompute --variants auto --train-iters {self.total_iters}` "
-                       f"caches enough")
+            tqdm.write(f"note: the cache holds {held} and this run makes {self.passes} passes over the data, so views "
+                       f"repeat from pass {distinct}; `yolc-kd precompute --variants auto --train-iters "
+                       f"{self.total_iters}` caches enough")
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self, it: int) -> Dict[str, Any]:
@@ -212,6 +234,8 @@ class Trainer:
                 kept = self.metrics_path.with_name(f"metrics.{stamp}-{n}.jsonl")
             os.replace(self.metrics_path, kept)
             tqdm.write(f"note: {self.work_dir} held an earlier run's metrics.jsonl; it is now {kept.name}")
+        if self.rank == 0:
+            tqdm.write(f"train: {self.plan_line()}")
         self._note_repeated_views()
         self.model.train()
         it = self.start_iter
@@ -258,7 +282,8 @@ class Trainer:
             self._log(dict(iter=it, precise_bn_batches=used))
         if self.world > 1:
             dist.barrier()
-        return dict(iters=it, last=last, bad_samples=self.bad_samples, work_dir=str(self.work_dir))
+        return dict(iters=it, last=last, bad_samples=self.bad_samples, work_dir=str(self.work_dir),
+                    passes=it / self.iters_per_epoch * self.repeats, kd_mode=self.opts.kd_mode)
 
     def _eval(self, it: int) -> None:
         model = self.eval_model

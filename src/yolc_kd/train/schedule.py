@@ -8,6 +8,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 
 from yolc_kd.config import DISTILL_DEFAULTS
+from yolc_kd.data.loading import dataset_repeats
 from yolc_kd.errors import UserError
 
 OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
@@ -78,8 +79,17 @@ def schedule_iters(cfg: Mapping, iters_per_epoch: int, max_iters: Optional[int])
 def views_needed(cfg: Mapping, num_images: int, batch_size: int, max_iters: Optional[int] = None, world: int = 1,
                  flip: bool = DISTILL_DEFAULTS["cache_flip"]) -> int:
     """Cached views per image (K) for a schedule in which the student never sees the same view twice:
-    one per epoch, halved when training mirrors the cached views (distill_cfg.cache_flip=True)."""
-    per_epoch = max(1, math.ceil(math.ceil(num_images / world) / batch_size))
+    one per pass over the data (epochs x the RepeatDataset's times), halved when training mirrors the cached
+    views (distill_cfg.cache_flip=True)."""
+    passes = schedule_passes(cfg, num_images, batch_size, max_iters, world)
+    return max(1, math.ceil(passes / 2) if flip else passes)
+
+
+def schedule_passes(cfg: Mapping, num_images: int, batch_size: int, max_iters: Optional[int] = None,
+                    world: int = 1) -> int:
+    """Passes over every image that the config's schedule (or max_iters) starts: started epochs x the
+    RepeatDataset's times (a partly trained epoch still visits items of each of its passes)."""
+    repeats = dataset_repeats(cfg)
+    per_epoch = max(1, math.ceil(math.ceil(num_images * repeats / world) / batch_size))
     total, _ = schedule_iters(cfg, per_epoch, max_iters)
-    epochs = math.ceil(total / per_epoch)
-    return max(1, math.ceil(epochs / 2) if flip else epochs)
+    return math.ceil(total / per_epoch) * repeats
