@@ -61,10 +61,17 @@ def test_train_batch_size_and_bad_counts(tmp_path, capsys):
         assert len(err) == 1 and msg in err[0], err
 
 
-@pytest.mark.filterwarnings("ignore:CUDA is not available")
-def test_amp_is_fp16_autocast_on_cuda_only():
-    for device, amp in (("cpu", True), ("cpu", False), ("cuda", False)):
-        with mixed_precision(device, amp):
+def test_amp_is_autocast_float16_on_cuda_bfloat16_on_cpu():
+    for device in ("cpu", "cuda"):
+        with mixed_precision(device, False):
             assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
-    ctx = mixed_precision(torch.device("cuda", 0), True)
-    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16 and ctx.device == "cuda"
+    with mixed_precision("cpu", True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with mixed_precision("cpu", True, "float16"):
+        assert torch.get_autocast_dtype("cpu") == torch.float16
+    if torch.cuda.is_available():
+        ctx = mixed_precision(torch.device("cuda", 0), True)
+        assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16 and ctx.device == "cuda"
+    else:  # torch would run it with autocast off: one UserError instead
+        with pytest.raises(UserError, match="torch cannot autocast"):
+            mixed_precision("cuda", True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator, Optional, Union
@@ -42,11 +43,44 @@ def resolve_device(name: Union[str, torch.device] = "auto") -> torch.device:
     return dev
 
 
-def mixed_precision(device: Union[str, torch.device], amp: bool) -> contextlib.AbstractContextManager:
-    """--amp: fp16 autocast on CUDA (the student's step, precompute's and the online teacher's forwards); on
-    the CPU, and without --amp, full precision."""
-    on_cuda = torch.device(device).type == "cuda"
-    return torch.autocast("cuda", dtype=torch.float16) if amp and on_cuda else contextlib.nullcontext()
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # --amp-dtype's choices
+
+
+def mixed_precision(device: Union[str, torch.device], amp: bool,
+                    dtype: Union[str, torch.dtype, None] = None) -> contextlib.AbstractContextManager:
+    """--amp: autocast to `dtype` on the device's type (the student's step, precompute's, the online teacher's
+    and inference's forwards); without --amp full precision. dtype None -> float16 on CUDA, bfloat16 on CPU; else
+    'float16' / 'bfloat16' or the torch dtype. A dtype torch cannot autocast to on that device is one UserError."""
+    if not amp:
+        return contextlib.nullcontext()
+    kind = torch.device(device).type
+    if dtype is None:
+        dtype = torch.float16 if kind == "cuda" else torch.bfloat16
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in AMP_DTYPES:
+        raise UserError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {dtype!r}")
+    if not torch.amp.is_autocast_available(kind):
+        raise UserError(f"--amp on {device}: torch has no autocast for {kind} devices")
+    # torch refuses an unsupported combination with a RuntimeError, or with a warning and autocast turned off
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ctx = torch.autocast(kind, dtype=AMP_DTYPES[name])
+    except RuntimeError as exc:
+        refused = [str(exc)]
+    else:
+        refused = [str(w.message) for w in caught if "autocast" in str(w.message).lower()]
+    if refused:
+        why = refused[0].strip().splitlines()[0]
+        raise UserError(f"--amp with {name} on {device}: torch cannot autocast to it there ({why})")
+    return ctx
+
+
+def amp_dtype(device: Union[str, torch.device], amp: bool,
+              dtype: Union[str, torch.dtype, None] = None) -> Optional[torch.dtype]:
+    """The dtype mixed_precision(device, amp, dtype) computes in (None: full precision)."""
+    ctx = mixed_precision(device, amp, dtype)
+    return ctx.fast_dtype if isinstance(ctx, torch.autocast) else None
 
 
 @contextlib.contextmanager
