@@ -42,7 +42,8 @@ STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_defa
 SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
                 "kd_weight_local_refine=1.0"
 NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
-VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0", w1="kd_weight_global_hm=1.0")  # distill_cfg overrides
+VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0", w1="kd_weight_global_hm=1.0",
+                plain="enable=False")  # distill_cfg overrides
 NO_EMA = "custom_hooks = []"  # the shipped config without its weight average (sessions 3-4 measured so)
 
 
@@ -65,11 +66,13 @@ def _configs(work: Path, student: Path, batch: int) -> Dict[str, Path]:
         cfgs[name] = path
     cfgs["noema"] = work / "student_noema.py"
     cfgs["noema"].write_text(f"_base_ = {str(base)!r}\n{NO_EMA}\n")
+    cfgs["noema_plain"] = work / "student_noema_plain.py"
+    cfgs["noema_plain"].write_text(f"_base_ = {str(cfgs['noema'])!r}\ndistill_cfg = dict(enable=False)\n")
     return cfgs
 
 
 def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) -> List[str]:
-    return {"no_kd_fresh": ["--config", str(cfgs["default"])],
+    return {"no_kd_fresh": ["--config", str(cfgs["plain"])],
             "no_kd_cached": ["--config", str(cfgs["nokd"]), "--cache", str(cache)],
             "kd_seed": ["--config", str(cfgs["seed"]), "--cache", str(cache)],
             "kd_default": ["--config", str(cfgs["default"]), "--cache", str(cache)],
@@ -77,7 +80,7 @@ def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) ->
             "kd_w1": ["--config", str(cfgs["w1"]), "--cache", str(cache)],
             "online_hm8": ["--config", str(cfgs["hm8"]), "--online", "--teacher-ckpt", str(teacher)],
             "online_default": ["--config", str(cfgs["default"]), "--online", "--teacher-ckpt", str(teacher)],
-            "no_kd_fresh_noema": ["--config", str(cfgs["noema"])],
+            "no_kd_fresh_noema": ["--config", str(cfgs["noema_plain"])],
             "kd_default_noema": ["--config", str(cfgs["noema"]), "--cache", str(cache)]}[name]
 
 

@@ -92,6 +92,8 @@ def world(tmp_path_factory):
     s = make_setup(root / "setup", n_images=4)  # student config (tiny teacher = student model) + teacher.pth
     s.hostile = _build_hostile(root / "hostile")
     s.train_config = write_config(root / "train_cfg.py")
+    s.plain_config = root / "plain.py"  # the student without KD (distill_cfg.enable=False)
+    s.plain_config.write_text(f"_base_ = {str(s.config)!r}\ndistill_cfg = dict(enable=False)\n")
     return s
 
 
@@ -336,7 +338,7 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(world, tmp_path, c
     work = tmp_path / "w"
     work.mkdir()
     shutil.copy(_foreign_checkpoint(world, "classes4"), work / "latest.pth")
-    rc, _, err = run_cli(capsys, "train", "--config", world.config, "--work-dir", work, "--max-iters", 2,
+    rc, _, err = run_cli(capsys, "train", "--config", world.plain_config, "--work-dir", work, "--max-iters", 2,
                          "--no-progress", "--resume")
     assert_one_line_error(rc, err, "4 classes")
 
@@ -345,7 +347,7 @@ def test_resume_from_a_pickle_checkpoint_explains_trust(world, tmp_path, capsys)
     work = tmp_path / "w"
     work.mkdir()
     shutil.copy(_foreign_checkpoint(world, "pickle"), work / "latest.pth")
-    rc, _, err = run_cli(capsys, "train", "--config", world.config, "--work-dir", work, "--max-iters", 2,
+    rc, _, err = run_cli(capsys, "train", "--config", world.plain_config, "--work-dir", work, "--max-iters", 2,
                          "--no-progress", "--resume")
     assert_one_line_error(rc, err, "--trust-checkpoint")
 
@@ -354,6 +356,6 @@ def test_resume_from_a_pickle_checkpoint_with_trust(world, tmp_path, capsys):
     work = tmp_path / "w"
     work.mkdir()
     shutil.copy(_foreign_checkpoint(world, "pickle"), work / "latest.pth")
-    rc, _, err = run_cli(capsys, "train", "--config", world.config, "--work-dir", work, "--max-iters", 1,
+    rc, _, err = run_cli(capsys, "train", "--config", world.plain_config, "--work-dir", work, "--max-iters", 1,
                          "--no-progress", "--resume", "--trust-checkpoint")
     assert rc == 0, err

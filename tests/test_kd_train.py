@@ -118,7 +118,7 @@ def test_a_cache_with_fewer_views_than_epochs_gets_one_note(kd_setup, tmp_path, 
     assert "views repeat" not in capsys.readouterr().out
     assert main(base + ["--work-dir", str(tmp_path / "short"), "--max-iters", str(k + 1)]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if "views repeat" in line]
-    assert len(notes) == 1 and f"holds {k} view(s) per image and this run trains {k + 1} epochs" in notes[0]
+    assert len(notes) == 1 and f"holds {k} view(s) per image and this run makes {k + 1} passes over the data" in notes[0]
     assert f"--train-iters {k + 1}" in notes[0]
 
 
@@ -181,8 +181,11 @@ def test_every_student_of_a_seed_starts_from_the_same_weights_and_order(kd_setup
     monkeypatch.setattr(Trainer, "run", capture)
     kinds = dict(plain=recipe.KDSource(), offline=recipe.KDSource(cache=str(kd_setup.cache)),
                  online=recipe.KDSource(online=True, teacher_ckpt=str(kd_setup.ckpt)))
+    plain = tmp_path / "plain.py"
+    plain.write_text(f"_base_ = {str(kd_setup.config)!r}\ndistill_cfg = dict(enable=False)\n")
     for name, kd in kinds.items():
-        recipe.run_training(str(kd_setup.config), None, None, TrainOptions(work_dir=tmp_path / name, seed=11), kd)
+        config = plain if name == "plain" else kd_setup.config
+        recipe.run_training(str(config), None, None, TrainOptions(work_dir=tmp_path / name, seed=11), kd)
     (w0, o0), *others = seen.values()
     for w, o in others:
         assert o == o0 and all(torch.equal(w0[k], w[k]) for k in w0)

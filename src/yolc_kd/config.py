@@ -137,8 +137,8 @@ def _check_nested_types(cfg: Mapping, path: Union[str, Path]) -> None:
 
 def validate_distill_cfg(dcfg: Optional[Mapping], where: Union[str, Path] = "config") -> Dict[str, Any]:
     """distill_cfg with defaults filled; unknown keys or wrong types name the key and the file."""
-    if dcfg is None:
-        return dict(DISTILL_DEFAULTS, enable=False)
+    if dcfg is None:  # no distill_cfg: KD only where the command line asks for it, with these defaults
+        return dict(DISTILL_DEFAULTS, enable=None)
     if not isinstance(dcfg, Mapping):
         raise UserError(f"config {where}: 'distill_cfg' must be a dict")
     out = dict(DISTILL_DEFAULTS)

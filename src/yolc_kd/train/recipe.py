@@ -27,14 +27,52 @@ class KDSource:
     teacher_ckpt: Optional[str] = None
 
 
-def open_target_source(cfg: Mapping, kd: KDSource, aug_cfg: AugmentConfig, coco, trust: bool) -> Optional[TargetSource]:
+def kd_mode(dcfg: Mapping, kd: KDSource, where: str = "the config") -> str:
+    """Which KD this run does, from distill_cfg.enable (the seed's switch) and the command line:
+    "offline" (--cache), "online" (a live teacher) or "none". enable=True with a teacher (--teacher-ckpt or
+    distill_cfg.teacher_ckpt) and no --cache is online KD; enable=False is no KD, and a KD source asked for with
+    it is one UserError; a config without distill_cfg (enable None) distils only when asked to. Every other
+    contradiction is one UserError too."""
     if kd.cache and kd.online:
         raise UserError("--cache and --online exclude each other: KD targets come from one source")
+    enable = dcfg.get("enable")
+    asked = [flag for flag, on in (("--cache", kd.cache), ("--online", kd.online), ("--teacher-ckpt", kd.teacher_ckpt))
+             if on]
+    if enable is False:
+        if asked:
+            raise UserError(f"{' and '.join(asked)} asks for KD but distill_cfg.enable=False in {where} turns it off: "
+                            f"drop {asked[0]} or set distill_cfg.enable=True")
+        return "none"
     if kd.cache:
+        if kd.teacher_ckpt:
+            raise UserError("--teacher-ckpt names a live teacher but --cache reads the cached one: pass one of them")
+        return "offline"
+    if kd.online or kd.teacher_ckpt or (enable and dcfg.get("teacher_ckpt")):
+        return "online"
+    if enable:
+        raise UserError(f"distill_cfg.enable=True in {where} asks for KD but no teacher is given: pass --cache DIR "
+                        f"(offline KD from `yolc-kd precompute`), --teacher-ckpt T or set distill_cfg.teacher_ckpt "
+                        f"(online KD), or set distill_cfg.enable=False to train without KD")
+    return "none"
+
+
+def describe_kd(mode: str, dcfg: Mapping, kd: KDSource) -> str:
+    """The first words of the run's first log line: what the student learns from."""
+    if mode == "offline":
+        return f"offline KD from the cache {kd.cache}"
+    if mode == "online":
+        why = "--online" if kd.online else "distill_cfg.enable=True and no --cache"
+        return f"online KD from a live teacher ({kd.teacher_ckpt or dcfg.get('teacher_ckpt')}; {why})"
+    return "no KD (" + ("distill_cfg.enable=False" if dcfg.get("enable") is False else "no distill_cfg") + ")"
+
+
+def open_target_source(cfg: Mapping, kd: KDSource, aug_cfg: AugmentConfig, coco, trust: bool) -> Optional[TargetSource]:
+    mode = kd_mode(cfg["distill_cfg"], kd, cfg.get("_path", "the config"))
+    if mode == "offline":
         from yolc_kd.train.cache_source import open_cache_source
 
         return open_cache_source(kd.cache, cfg, aug_cfg, coco)
-    if kd.online:
+    if mode == "online":
         from yolc_kd.teacher import build_teacher
         from yolc_kd.train.teacher_source import LiveTeacherSource
 
@@ -62,6 +100,7 @@ def run_training(config: str, ann: Optional[str], images: Optional[str], opts: T
     torch.manual_seed(int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed))
     model = build_detector(cfg["model"])  # before any teacher: every student of a seed starts the same
     source = open_target_source(cfg, kd, aug_cfg, coco, opts.trust)
+    opts.kd_mode = describe_kd(kd_mode(cfg["distill_cfg"], kd), cfg["distill_cfg"], kd)
     dataset = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg.get("seed", 0)), source, skip_bad=skip_bad,
                            indices=[i for i in range(len(coco)) if i not in missing])
     if val_ann or val_images:
