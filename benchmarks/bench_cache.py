@@ -314,7 +314,7 @@ def bench_throughput(tmp: Path, ckpt: Path, args) -> Dict[str, Any]:
     from yolc_kd.data.coco import CocoDetection
     from yolc_kd.data.synth import make_synthetic_dataset
     from yolc_kd.precompute.run import PrecomputeOptions, precompute, run_teacher
-    from yolc_kd.runtime import deterministic_numerics
+    from yolc_kd.runtime import numerics
     from yolc_kd.teacher import build_teacher
     from yolc_kd.precompute.views import ViewJobs, image_ids_of, plan_jobs
 
@@ -333,7 +333,7 @@ def bench_throughput(tmp: Path, ckpt: Path, args) -> Dict[str, Any]:
 
     def teacher_only() -> float:
         nonlocal patches
-        with deterministic_numerics("cpu", args.threads):
+        with numerics("cpu", args.threads):
             t0 = time.perf_counter()
             for item in items:
                 t = run_teacher(teacher, item, dcfg, "cpu", False)

@@ -15,6 +15,34 @@ from yolc_kd.models import build_detector  # noqa: E402
 
 torch.set_num_threads(2)
 
+# The suite runs on the CPU wherever it runs: `--device auto` (every command's default) reads $YOLC_KD_DEVICE,
+# and torchrun / CLI subprocesses inherit it. The exact-equality tests (cache = live teacher, offline = online KD)
+# hold on the CPU only. YOLC_KD_TEST_DEVICE=cuda also runs the tests marked `cuda` (they name their device):
+#   YOLC_KD_TEST_DEVICE=cuda python -m pytest -q -m cuda
+TEST_DEVICE = os.environ.get("YOLC_KD_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+os.environ["YOLC_KD_DEVICE"] = "cpu"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; runs with YOLC_KD_TEST_DEVICE=cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE == "cuda":
+        return
+    skip = pytest.mark.skip(reason="CUDA test: set YOLC_KD_TEST_DEVICE=cuda on a machine with a GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def cuda_device():
+    """The CUDA device of a `cuda` test; a failure (not a skip) when YOLC_KD_TEST_DEVICE=cuda finds no GPU."""
+    if not torch.cuda.is_available():
+        pytest.fail("YOLC_KD_TEST_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device("cuda", 0)
+
 
 @pytest.fixture(scope="module")
 def one_thread():

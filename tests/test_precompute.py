@@ -19,7 +19,7 @@ from yolc_kd.cli import main
 from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
-from yolc_kd.runtime import deterministic_numerics
+from yolc_kd.runtime import numerics
 from yolc_kd.teacher import build_teacher, teacher_targets
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def ref_cache(setup):
 
 
 def test_cached_targets_equal_live_teacher(setup, ref_cache):
-    with deterministic_numerics("cpu", 1):  # the cache's numerics (and no oversubscribed cores)
+    with numerics("cpu", 1):  # the cache's numerics (and no oversubscribed cores)
         _compare_with_live_teacher(setup, ref_cache)
 
 

@@ -23,8 +23,12 @@ class KDTargets:
     patch_valid: torch.Tensor   # (B,K) bool
     refine: torch.Tensor        # (B,K,4,ph/4,pw/4) raw refine maps of the teacher on each patch (0 if invalid)
 
-    def to(self, device) -> "KDTargets":
-        return KDTargets(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device, non_blocking: bool = False) -> "KDTargets":
+        return KDTargets(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def pin_memory(self) -> "KDTargets":
+        """In page-locked memory (the DataLoader calls it with pin_memory=True), for asynchronous copies."""
+        return KDTargets(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
     def detach(self) -> "KDTargets":
         return KDTargets(**{f.name: getattr(self, f.name).detach() for f in fields(self)})

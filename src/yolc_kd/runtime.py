@@ -1,45 +1,80 @@
-"""Where and how the work runs: the device (one resolver for every command), CPU thread pinning and the
-torch.distributed process group under torchrun."""
+"""Where and how the work runs: the device (one resolver for every command), the numerics settings (CPU thread
+pinning, cuDNN autotuning or --deterministic) and the torch.distributed process group under torchrun."""
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from yolc_kd.errors import UserError
 
-DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N; under torchrun cuda is cuda:LOCAL_RANK"
+DEVICE_ENV = "YOLC_KD_DEVICE"  # what --device auto means when set (the test suite pins it to cpu)
+DEVICE_HELP = (f"auto (${DEVICE_ENV} when set, else CUDA when available, else CPU), cpu, cuda or cuda:N; under "
+               f"torchrun cuda is cuda:LOCAL_RANK")
+# how long the other ranks wait while rank 0 evaluates or recomputes BN statistics (a gloo barrier of its own;
+# the training process group keeps its default timeout, so a hung collective in a step still fails in minutes)
+RANK0_WAIT = timedelta(hours=24)
+CUBLAS_WORKSPACE = ":4096:8"  # what CUDA's docs ask for deterministic cuBLAS
+DETERMINISTIC_HELP = ("repeatable numerics on CUDA: deterministic algorithms where PyTorch has them, cuDNN without "
+                      "autotuning, no TF32 (slower); the default lets cuDNN pick the fastest algorithms. Even so, "
+                      "training backward is not bit-repeatable on CUDA (atomic adds in upsample and deformable "
+                      "convolution backward), nor are results across GPU models")
+
+
+def _torchrun_local_rank() -> Optional[int]:
+    """LOCAL_RANK when torchrun started several processes (WORLD_SIZE > 1), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return None
 
 
 def resolve_device(name: Union[str, torch.device] = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' under torchrun -> cuda:LOCAL_RANK (made current).
+    """'auto' -> $YOLC_KD_DEVICE when set, else cuda when available, else cpu. Under torchrun with several
+    processes, 'cuda' is cuda:LOCAL_RANK and an explicit cuda:N must be it. A CUDA device is made current.
     A device that cannot be used is one UserError."""
     if isinstance(name, torch.device):
         name = str(name)
     name = str(name).strip().lower()
+    given = name
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = os.environ.get(DEVICE_ENV, "").strip().lower() or ("cuda" if torch.cuda.is_available() else "cpu")
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        given = name if name == given else f"auto (${DEVICE_ENV}={name})"
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {given!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
-        if dev.index is None and "LOCAL_RANK" in os.environ:
-            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        if dev.index is not None:
-            if dev.index >= torch.cuda.device_count():
-                raise UserError(f"--device {dev}: only {torch.cuda.device_count()} CUDA device(s) visible")
-            torch.cuda.set_device(dev)
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {given!r}")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {given}: CUDA is not available here (use --device cpu or auto)")
+    count = torch.cuda.device_count()
+    local = _torchrun_local_rank()
+    if local is None and dev.index is None and "LOCAL_RANK" in os.environ:  # torchrun with one process
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if local is not None:
+        if dev.index is None:
+            if local >= count:
+                raise UserError(f"torchrun process with LOCAL_RANK {local} needs cuda:{local}, but {count} CUDA "
+                                f"device(s) are visible: start at most {count} process(es) per node "
+                                f"(--nproc_per_node) or use --device cpu")
+            dev = torch.device("cuda", local)
+        elif dev.index != local:
+            raise UserError(f"--device {dev} contradicts torchrun's LOCAL_RANK {local}: every process trains on "
+                            f"cuda:LOCAL_RANK, so pass --device cuda (or auto)")
+    if dev.index is not None:
+        if dev.index >= count:
+            raise UserError(f"--device {dev}: only {count} CUDA device(s) visible")
+        torch.cuda.set_device(dev)
     return dev
 
 
@@ -84,29 +119,86 @@ def amp_dtype(device: Union[str, torch.device], amp: bool,
 
 
 @contextlib.contextmanager
-def deterministic_numerics(device: Union[str, torch.device], threads: int) -> Iterator[None]:
-    """Same inputs -> same bits: a fixed CPU thread count (float results depend on it, so a resumed, single or
-    torchrun run agree), no cuDNN autotuning. The previous settings come back afterwards."""
-    prev = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    if not str(device).startswith("cuda"):
+def numerics(device: Union[str, torch.device], threads: Optional[int] = None,
+             deterministic: bool = False) -> Iterator[None]:
+    """The numerics of a run, restored afterwards.
+
+    threads: on the CPU, the intra-op thread count is pinned to it (float results depend on it, so a resumed,
+        single or torchrun run agree); None leaves it as it is.
+    deterministic: what PyTorch offers for repeatable results: torch.use_deterministic_algorithms (warn_only:
+        ops without a deterministic CUDA kernel, e.g. the bilinear upsample backward, warn and still run), cuDNN
+        deterministic without autotuning, TF32 off, CUBLAS_WORKSPACE_CONFIG set. Without it, cuDNN picks the
+        fastest algorithms (cudnn.benchmark) on CUDA; on the CPU results are repeatable either way."""
+    on_cuda = torch.device(device).type == "cuda"
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    prev = (torch.get_num_threads(), cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if threads is not None and not on_cuda:
         torch.set_num_threads(max(1, int(threads)))
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # read when cuBLAS allocates
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = False, True, False, False
+    else:
+        cudnn.benchmark = on_cuda
     try:
         yield
     finally:
         torch.set_num_threads(prev[0])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1], prev[2]
+        cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = prev[1:5]
+        torch.use_deterministic_algorithms(prev[5], warn_only=prev[6])
+        if prev[7] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def device_name(device: Union[str, torch.device]) -> str:
+    """What a result depends on beyond the device type: the GPU model on CUDA, 'cpu' on the CPU."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def backend_for(device: Union[str, torch.device, None]) -> str:
+    """The process group backend of a device: nccl for CUDA, gloo for the CPU."""
+    return "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
 
 
 @dataclass
 class DistEnv:
+    """This process's place under torchrun.
+
+    Args:
+        rank, world: the process and the process count (1: no process group).
+        initialised_here: this DistEnv created the default process group (close() destroys it).
+        device: where the default group's collectives run (the CUDA device for nccl, the CPU for gloo).
+        slow_group: a gloo group with the RANK0_WAIT timeout, for waiting on rank-0-only work.
+    """
     rank: int = 0
     world: int = 1
     initialised_here: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    slow_group: Any = None
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def wait_for_rank0(self) -> None:
+        """Every rank waits here while rank 0 does work of its own (evaluation, BN statistics, checkpoint):
+        a gloo barrier with the RANK0_WAIT timeout, so a long evaluation cannot time the job out."""
+        if self.world > 1:
+            dist.barrier(group=self.slow_group)
+
+    def all_true(self, flag: Union[bool, torch.Tensor]) -> bool:
+        """Whether the flag holds on every rank (one all_reduce; each rank gets the same answer). A tensor flag
+        stays on its device until the all_reduce (one host sync)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.as_tensor(flag).reshape(()).to(device=self.device, dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
     def close(self) -> None:
         """Destroy the process group if this DistEnv created it."""
@@ -114,15 +206,21 @@ class DistEnv:
             dist.destroy_process_group()
 
 
-def init_distributed(backend: Optional[str] = None, timeout: Optional[timedelta] = None) -> DistEnv:
+def init_distributed(device: Union[str, torch.device, None] = None, *, backend: Optional[str] = None,
+                     timeout: Optional[timedelta] = None) -> DistEnv:
     """Rank and world size from torchrun's environment; initialises the process group when world > 1.
-    backend: None -> nccl on CUDA, gloo on CPU. Precompute asks for gloo with a long timeout (barriers only,
-    ranks may finish far apart); training uses the default (gradients all-reduce on the device)."""
+    backend: None -> the device's (nccl on CUDA, gloo on the CPU). Precompute asks for gloo with a long timeout
+    (barriers only, ranks may finish far apart); training uses the device's backend and its default timeout
+    (gradients all-reduce on the device) and waits for rank-0 work on the slow gloo group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if world <= 1:
+        return DistEnv(rank, world, False)
+    backend = backend or backend_for(device)
+    here = not dist.is_initialized()
+    if here:
         kwargs = {"timeout": timeout} if timeout is not None else {}
         dist.init_process_group(backend, **kwargs)
-        return DistEnv(rank, world, True)
-    return DistEnv(rank, world, False)
+    comm = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    slow = dist.new_group(backend="gloo", timeout=RANK0_WAIT)
+    return DistEnv(rank, world, here, comm, slow)

@@ -10,6 +10,7 @@ from typing import Any
 
 from yolc_kd.cli_args import add_data_args, add_device_arg, check_count
 from yolc_kd.errors import UserError
+from yolc_kd.runtime import DETERMINISTIC_HELP
 
 
 def register(subparsers: Any) -> None:
@@ -36,6 +37,7 @@ def register(subparsers: Any) -> None:
                         "scale out with torchrun instead")
     add_device_arg(p)
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         device=str(resolve_device(args.device)), amp=args.amp, trust=args.trust_checkpoint, strict=args.strict,
         shard_size=args.shard_size,
         workers=args.workers if args.workers is not None else int(setting(cfg, "data", "workers_per_gpu")),
-        threads=args.threads, progress=not args.no_progress, config_dir=str(Path(args.config).resolve().parent))
+        threads=args.threads, deterministic=args.deterministic, progress=not args.no_progress,
+        config_dir=str(Path(args.config).resolve().parent))
     summary = precompute(cfg, coco, opts)
     if summary["rank"] == 0:
         counts = summary["manifest"].get("counts", {})

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from yolc_kd.cli_args import add_data_args, add_device_arg
+from yolc_kd.runtime import DETERMINISTIC_HELP
 
 
 def _defaults_text() -> str:
@@ -47,6 +48,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default data.workers_per_gpu)")
     p.add_argument("--amp", action="store_true",
                    help="float16 autocast on CUDA for the student (and, with --online, the teacher)")
+    p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images and damaged cache samples with a counted warning")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     opts = TrainOptions(work_dir=Path(args.work_dir), max_iters=args.max_iters, resume=args.resume,
                         device=args.device, workers=args.workers, batch_size=args.batch_size, amp=args.amp,
                         log_interval=args.log_interval, progress=not args.no_progress, trust=args.trust_checkpoint,
-                        seed=args.seed)
+                        seed=args.seed, deterministic=args.deterministic)
     kd = KDSource(cache=args.cache, online=args.online, teacher_ckpt=args.teacher_ckpt)
     summary = run_training(args.config, args.ann, args.images, opts, kd, skip_bad=args.skip_bad,
                            val_ann=args.val_ann, val_images=args.val_images)

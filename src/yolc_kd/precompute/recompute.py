@@ -1,6 +1,8 @@
 """verify --recompute: re-run the teacher on random stored samples of a cache, along the precompute code path
-(the same batches, views and thread count), and compare with the stored targets within the documented
-quantisation tolerance."""
+(the same batches, views, thread count and --deterministic setting), and compare with the stored targets within
+the documented quantisation tolerance. Where the teacher's floats cannot repeat the cache's bit for bit (another
+device type or GPU model, CUDA without --deterministic, another torch), the maps are compared within a looser
+tolerance and crops that LSM chose differently are noted, not counted as faults."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,11 +10,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+import torch
 import zarr
+from tqdm import tqdm
 
 from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import STATUS_OK, box_tolerance, dequantize_boxes, dequantize_heatmap, heatmap_tolerance
+from yolc_kd.cache.schema import (BOX_STEP, HEATMAP_LEVELS, STATUS_OK, box_tolerance, dequantize_boxes,
+                                  dequantize_heatmap, heatmap_tolerance)
 from yolc_kd.cache.verify import format_ranges
 from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
@@ -21,10 +26,31 @@ from yolc_kd.errors import UserError
 from yolc_kd.precompute.run import run_teacher
 from yolc_kd.progress import progress_bar
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, plan_jobs
-from yolc_kd.runtime import deterministic_numerics, resolve_device
+from yolc_kd.runtime import device_name, numerics, resolve_device
 from yolc_kd.teacher import build_teacher, expected_target_identity
 
 RECOMPUTE_ATOL = 1e-5  # float32 noise on top of the quantisation bounds (as the precompute tests allow)
+# where the numerics differ from the cache's: one more quantisation step plus 1 % of the value (TF32 convolutions,
+# other kernels and summation orders; chosen, not yet measured against a GPU: benchmarks/run_gpu.py reports it)
+CROSS_STEPS, CROSS_RTOL = 1.0, 1e-2
+
+
+def numerics_difference(run_m: Mapping[str, Any], device: str) -> Optional[str]:
+    """Why the teacher cannot repeat the cache's floats bit for bit on `device` (None: it can). run_m is the
+    manifest's `run` (device_name, deterministic and torch are absent in caches of older versions)."""
+    cached = str(run_m.get("device") or "cpu")
+    then, now = torch.device(cached).type, torch.device(device).type
+    if then != now:
+        return f"the cache was made on {cached}, this run uses {device}"
+    if run_m.get("torch") and run_m["torch"] != torch.__version__:
+        return f"the cache was made with torch {run_m['torch']}, this run has {torch.__version__}"
+    if now == "cuda":
+        if run_m.get("device_name") != device_name(device):
+            return f"the cache was made on {run_m.get('device_name') or 'an unrecorded GPU'}, this run uses " \
+                   f"{device_name(device)}"
+        if not run_m.get("deterministic"):
+            return "the cache was made on CUDA without --deterministic (cuDNN picks its algorithms per run)"
+    return None
 
 
 @dataclass
@@ -99,7 +125,9 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: RecomputeOpt
                      reader.image_ids.tolist(), jobs)
     bad: Dict[str, List[int]] = {}
     notes: Dict[str, str] = {}
-    with deterministic_numerics(device, int(run_m.get("cpu_threads") or 1)):
+    why = numerics_difference(run_m, device)
+    other_crops: List[int] = []  # cross-numerics only: samples whose crops LSM chose differently
+    with numerics(device, int(run_m.get("cpu_threads") or 1), bool(run_m.get("deterministic"))):
         for k in progress_bar(range(len(jobs)), desc="recompute", unit="batch", disable=not args.progress,
                               leave=False):
             item = views[k]
@@ -113,7 +141,7 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: RecomputeOpt
                         notes["status"] = f"stored, but the image cannot be read now: {rec['reason']}"
                     else:
                         try:
-                            _compare(reader, rec, targets, pos, bad, notes)
+                            _compare(reader, rec, targets, pos, bad, notes, why is not None, other_crops)
                         except CacheError as exc:
                             bad.setdefault("read", []).append(rec["index"])
                             notes["read"] = str(exc)
@@ -124,12 +152,17 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: RecomputeOpt
         label = "recompute" if name == "read" else f"recompute: array '{name}'"
         out.append(f"{label}, sample{'s' if len(rows) > 1 else ''} {format_ranges(rows)} "
                    f"(shard{'s' if len(shards) > 1 else ''} {format_ranges(shards, 3)}): {notes[name]}")
+    if why is not None:
+        tqdm.write(f"note: recompute compared within one more quantisation step + {CROSS_RTOL:.0%} of the value: "
+                   f"{why}" + (f"; LSM chose other crops in sample(s) {format_ranges(other_crops)}, their refine "
+                               f"maps not compared" if other_crops else ""))
     return out, len(chosen)
 
 
 def _compare(reader, rec: Mapping[str, Any], targets, pos: int, bad: Dict[str, List[int]],
-             notes: Dict[str, str]) -> None:
-    """Stored sample rec['index'] vs the teacher's output number `pos` of the batch."""
+             notes: Dict[str, str], cross: bool = False, other_crops: Optional[List[int]] = None) -> None:
+    """Stored sample rec['index'] vs the teacher's output number `pos` of the batch. cross: the numerics differ
+    from the cache's (numerics_difference): looser map tolerances, and other crops go to other_crops."""
     idx = rec["index"]
     s = reader.read_sample(idx)
 
@@ -145,15 +178,25 @@ def _compare(reader, rec: Mapping[str, Any], targets, pos: int, bad: Dict[str, L
             for name in ("heatmap", "coarse", "patch_boxes", "patch_scales", "refine")}
     valid = targets.patch_valid[pos].cpu().numpy().astype(bool)
 
-    def excess(stored: np.ndarray, want: np.ndarray, tol: np.ndarray) -> float:
+    def excess(stored: np.ndarray, want: np.ndarray, tol: np.ndarray, step: float) -> float:
+        if cross:
+            tol = tol + CROSS_STEPS * step + CROSS_RTOL * np.abs(want)
         return float((np.abs(stored - want) - tol - RECOMPUTE_ATOL).max(initial=-1.0))
 
-    e = excess(dequantize_heatmap(s["heatmap"]), live["heatmap"], heatmap_tolerance(live["heatmap"]))
+    bound = "the quantisation bound" + (" + one step + 1 %" if cross else "")
+    e = excess(dequantize_heatmap(s["heatmap"]), live["heatmap"], heatmap_tolerance(live["heatmap"]),
+               1.0 / HEATMAP_LEVELS)
     if e > 0:
-        fail("heatmap", f"differs from the recomputed teacher beyond the quantisation bound (by {e:.3g})")
-    e = excess(dequantize_boxes(s["coarse"]), live["coarse"], box_tolerance(live["coarse"]))
+        fail("heatmap", f"differs from the recomputed teacher beyond {bound} (by {e:.3g})")
+    e = excess(dequantize_boxes(s["coarse"]), live["coarse"], box_tolerance(live["coarse"]), BOX_STEP)
     if e > 0:
-        fail("coarse", f"differs from the recomputed teacher beyond the fixed-point bound (by {e:.3g})")
+        fail("coarse", f"differs from the recomputed teacher beyond {bound} (by {e:.3g})")
+    same_crops = np.array_equal(s["patch_valid"].astype(bool), valid) and \
+        np.array_equal(s["patch_boxes"][valid], live["patch_boxes"][valid])
+    if cross and not same_crops:  # LSM's choices are discrete: a heatmap a few bits off may move a crop
+        if other_crops is not None:
+            other_crops.append(idx)
+        return
     if not np.array_equal(s["patch_valid"].astype(bool), valid):
         fail("patch_valid", "other crop slots than the recomputed teacher's")
         return
@@ -164,6 +207,7 @@ def _compare(reader, rec: Mapping[str, Any], targets, pos: int, bad: Dict[str, L
         return
     if not np.allclose(s["patch_scales"][valid], live["patch_scales"][valid], rtol=1e-6, atol=0):
         fail("patch_scales", "patch scales differ from the recomputed teacher's")
-    e = excess(dequantize_boxes(s["refine"][valid]), live["refine"][valid], box_tolerance(live["refine"][valid]))
+    e = excess(dequantize_boxes(s["refine"][valid]), live["refine"][valid], box_tolerance(live["refine"][valid]),
+               BOX_STEP)
     if e > 0:
-        fail("refine", f"differs from the recomputed teacher beyond the fixed-point bound (by {e:.3g})")
+        fail("refine", f"differs from the recomputed teacher beyond {bound} (by {e:.3g})")

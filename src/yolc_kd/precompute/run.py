@@ -18,7 +18,7 @@ from tqdm import tqdm
 from yolc_kd import __version__, crops
 from yolc_kd.cache.manifest import jsonable, sha256_file, target_identity
 from yolc_kd.cache.schema import (BOX_MAX_ERROR, DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED,
-                                  Layout, encode_fingerprint, quantize_boxes, quantize_heatmap)
+                                  Layout, encode_fingerprint)
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
@@ -27,8 +27,9 @@ from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
 from yolc_kd.progress import progress_bar
-from yolc_kd.runtime import deterministic_numerics, init_distributed, mixed_precision
+from yolc_kd.runtime import device_name, init_distributed, mixed_precision, numerics
 from yolc_kd.teacher import build_teacher, teacher_model_cfg, teacher_targets
+from yolc_kd.train.target_codec import quantize_targets
 
 
 @dataclass
@@ -46,6 +47,7 @@ class PrecomputeOptions:
     threads: int = 1                    # CPU intra-op threads, pinned: float results depend on the count
     progress: bool = True
     config_dir: Optional[str] = None    # resolves a relative distill_cfg.teacher_config
+    deterministic: bool = False         # --deterministic: runtime.numerics' repeatable settings
 
 
 def _check_options(opts: PrecomputeOptions, dcfg: Mapping) -> None:
@@ -92,22 +94,24 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
                           heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
                           maps="q = round(x / 2^-6) as int16, clipped to +-32767; x = q * 2^-6 grid cells",
                           maps_max_error=BOX_MAX_ERROR),
-        run=dict(device=str(opts.device), batch_size=int(opts.batch_size), world_size=world,
-                 cpu_threads=int(opts.threads)),
+        run=dict(device=str(opts.device), device_name=device_name(opts.device), batch_size=int(opts.batch_size),
+                 world_size=world, cpu_threads=int(opts.threads), deterministic=bool(opts.deterministic),
+                 torch=torch.__version__),
         complete=False)))
     return m
 
 
 def _rows(targets: Optional[KDTargets], records: List[Dict[str, Any]], seed: int) -> List[Dict[str, Any]]:
-    """Cache rows (numpy, stored dtypes) of the records of one batch; the teacher ran on the ok ones in order."""
+    """Cache rows (numpy, stored dtypes) of the records of one batch; the teacher ran on the ok ones in order.
+    The maps are quantised where the teacher ran (target_codec, bit for bit the schema's numpy functions), so a
+    GPU sends the host uint8 / int16 maps instead of float32 ones."""
     arr = {}
     if targets is not None:
-        valid = targets.patch_valid.cpu().numpy()
-        arr = dict(heatmap=quantize_heatmap(targets.heatmap.float().cpu().numpy()),
-                   coarse=quantize_boxes(targets.coarse.float().cpu().numpy()),
-                   patch_boxes=targets.patch_boxes.float().cpu().numpy(),
-                   patch_scales=targets.patch_scales.float().cpu().numpy(), patch_valid=valid,
-                   refine=quantize_boxes(targets.refine.float().cpu().numpy()), num_valid_patches=valid.sum(axis=1))
+        q = quantize_targets(targets)
+        valid = q.patch_valid.cpu().numpy()
+        arr = dict(heatmap=q.heatmap.cpu().numpy(), coarse=q.coarse.cpu().numpy(),
+                   patch_boxes=q.patch_boxes.cpu().numpy(), patch_scales=q.patch_scales.cpu().numpy(),
+                   patch_valid=valid, refine=q.refine.cpu().numpy(), num_valid_patches=valid.sum(axis=1))
     rows, k = [], 0
     for rec in records:
         row: Dict[str, Any] = dict(image_id=rec["image_id"], variant=rec["variant"], seed=seed, status=rec["status"])
@@ -133,7 +137,7 @@ def run_teacher(teacher: nn.Module, item: Mapping[str, Any], dcfg: Mapping, devi
 
 def precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Dict[str, Any]:
     """Fill (or finish) the cache at opts.out; returns a summary. Rank r of W does the shards j with j % W == r."""
-    with deterministic_numerics(opts.device, opts.threads):
+    with numerics(opts.device, opts.threads, opts.deterministic):
         return _precompute(cfg, coco, opts)
 
 
@@ -154,7 +158,7 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
     w, h = aug_cfg.input_size
     canvas = crops.patch_canvas((h, w))
     layout = _layout(teacher, coco, opts, (h, w), dcfg)
-    env = init_distributed("gloo", timeout=timedelta(hours=24))  # barriers only; ranks may finish far apart
+    env = init_distributed(opts.device, backend="gloo", timeout=timedelta(hours=24))  # barriers only; ranks may finish far apart
     rank, world = env.rank, env.world
     manifest = build_manifest(cfg, coco, aug_cfg, teacher_model_cfg(dcfg, cfg["model"], opts.config_dir), teacher,
                               ckpt, layout, canvas, opts, world)
@@ -192,7 +196,7 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     usable = 0  # views the teacher labelled (the skipped ones are recorded, not counted)
     total = sum(len(j) for j in jobs)
     bar = progress_bar(total=total, desc=desc, unit="view", disable=not opts.progress)
-    # quantising a batch runs on a thread while the teacher labels the next one (numpy releases the GIL)
+    # quantising a batch runs on a thread while the teacher labels the next one (torch releases the GIL)
     quantizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yolc-kd-quantize")
     pending: Deque[Tuple[Future, List[Dict[str, Any]]]] = deque()
 

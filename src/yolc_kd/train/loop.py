@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -20,7 +19,7 @@ from yolc_kd.config import DISTILL_DEFAULTS, setting
 from yolc_kd.data.loading import dataset_repeats
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
-from yolc_kd.runtime import init_distributed, mixed_precision, resolve_device
+from yolc_kd.runtime import init_distributed, mixed_precision, numerics, resolve_device
 from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.ema import WeightAverage, ema_hook
 from yolc_kd.train.lsm_viz import LSMVisualizer
@@ -43,15 +42,17 @@ class TrainOptions:
     trust: bool = False                          # --trust-checkpoint: allow pickle checkpoints on --resume
     seed: Optional[int] = None                   # sample-order seed (None: the config's seed)
     kd_mode: str = "no KD"                       # what the target source is, for the run's first log line
+    deterministic: bool = False                  # --deterministic: runtime.numerics' repeatable settings
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """The batch's tensors on the device; copies from the loader's pinned memory run asynchronously."""
     out = dict(batch)
     out["img"] = batch["img"].to(device, non_blocking=True)
-    out["gt_bboxes"] = [b.to(device) for b in batch["gt_bboxes"]]
-    out["gt_labels"] = [l.to(device) for l in batch["gt_labels"]]
+    out["gt_bboxes"] = [b.to(device, non_blocking=True) for b in batch["gt_bboxes"]]
+    out["gt_labels"] = [l.to(device, non_blocking=True) for l in batch["gt_labels"]]
     if "kd_targets" in batch:
-        out["kd_targets"] = batch["kd_targets"].to(device)
+        out["kd_targets"] = batch["kd_targets"].to(device, non_blocking=True)
     return out
 
 
@@ -62,9 +63,9 @@ class Trainer:
     def __init__(self, cfg: Mapping, model: nn.Module, dataset: TrainSamples, opts: TrainOptions,
                  source: Optional[TargetSource] = None):
         self.cfg, self.opts, self.dataset = cfg, opts, dataset
-        dist_env = init_distributed()
-        self.rank, self.world = dist_env.rank, dist_env.world
-        self.device = resolve_device(opts.device)
+        self.device = resolve_device(opts.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
+        self.dist = init_distributed(self.device)  # nccl for CUDA, gloo for the CPU
+        self.rank, self.world = self.dist.rank, self.dist.world
         self.model = model.to(self.device)
         hook = ema_hook(cfg)  # custom_hooks' EMA: the average is what checkpoints hand to infer
         self.ema = WeightAverage(self.model, hook) if hook else None
@@ -82,7 +83,8 @@ class Trainer:
                                       repeats=self.repeats)
         workers = opts.workers if opts.workers is not None else int(setting(cfg, "data", "workers_per_gpu"))
         self.loader = TrainLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
-                                  collate_fn=collate_train, pin_memory=self.device.type == "cuda")
+                                  collate_fn=collate_train, pin_memory=self.device.type == "cuda",
+                                  persistent_workers=workers > 0)  # workers stay up across epochs
         self.iters_per_epoch = max(1, math.ceil(len(self.sampler) / self.batch_size))
         self.total_iters, self.steps = schedule_iters(cfg, self.iters_per_epoch, opts.max_iters)
         check_lr_config(cfg.get("lr_config") or {})  # a bad policy fails before the first step
@@ -207,8 +209,11 @@ class Trainer:
             losses = net(batch["img"], batch["img_metas"], gt_bboxes=batch["gt_bboxes"],
                          gt_labels=batch["gt_labels"], kd_targets=kd_targets, kd_cfg=self.kd_cfg)
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise UserError(f"loss became {float(total)} at iteration {it} (samples {batch['keys']}); "
+        finite = torch.isfinite(total)
+        if not self.dist.all_true(finite):  # every rank stops together (none is left in DDP's all-reduce)
+            where = f"became {float(total)}" if not bool(finite) else \
+                f"became non-finite on another rank ({float(total):.4g} here)"
+            raise UserError(f"loss {where} at iteration {it} (samples {batch['keys']}); "
                             f"lower the learning rate or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -222,6 +227,12 @@ class Trainer:
         return dict(lr=lr, loss=float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()})
 
     def run(self) -> Dict[str, Any]:
+        with numerics(self.device, deterministic=self.opts.deterministic):
+            summary = self._run()
+        self.dist.close()  # the process group this trainer created (after an error the process exits instead)
+        return summary
+
+    def _run(self) -> Dict[str, Any]:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.opts.resume:
             self.resume()
@@ -251,7 +262,10 @@ class Trainer:
                     self.bad_samples += len(batch["bad"])
                     for msg in batch["bad"]:
                         tqdm.write(f"warning: skipped damaged sample {msg}")
-                if not batch["size"]:
+                if not self.dist.all_true(batch["size"] > 0):  # all ranks skip it, or none: DDP steps together
+                    if batch["size"]:
+                        tqdm.write(f"warning: batch {batch['keys']} skipped: another rank's batch had no usable "
+                                   f"sample")
                     continue
                 last = self.step(_to_device(batch, self.device), it)
                 it += 1
@@ -268,8 +282,10 @@ class Trainer:
                     self.save(it)
                 eval_due = (epoch_done and (it // self.iters_per_epoch) % self.eval_interval == 0) \
                     or it == self.total_iters
-                if eval_due and self.opts.eval_fn and self.rank == 0:
-                    self._eval(it)
+                if eval_due and self.opts.eval_fn:
+                    if self.rank == 0:
+                        self._eval(it)
+                    self.dist.wait_for_rank0()
                 if it >= self.total_iters:
                     break
         bar.close()
@@ -280,8 +296,7 @@ class Trainer:
             used = recompute_bn_stats(self.eval_model, self.loader, precise, lambda b: _to_device(b, self.device))
             self.save(it)
             self._log(dict(iter=it, precise_bn_batches=used))
-        if self.world > 1:
-            dist.barrier()
+        self.dist.wait_for_rank0()  # rank 0's precise BN and last checkpoint
         return dict(iters=it, last=last, bad_samples=self.bad_samples, work_dir=str(self.work_dir),
                     passes=it / self.iters_per_epoch * self.repeats, kd_mode=self.opts.kd_mode)
 
