@@ -118,18 +118,20 @@ def test_kill_9_after_first_checkpoint_then_resume_equals_uninterrupted(job, ref
 
 def test_crash_inside_a_checkpoint_write_keeps_the_previous_checkpoint(job, reference, tmp_path, monkeypatch):
     """torch.save dies half-way through iter_4's file: latest.pth still names the complete iter_2.pth, the torn
-    bytes sit only in a temporary file, and --resume from there ends with the uninterrupted weights."""
+    bytes went only to a temporary file, which is removed, and --resume from there ends with the uninterrupted
+    weights."""
     work = tmp_path / "torn"
     real_save = torch.save
-    calls = []
+    calls, torn = [], []
 
     def dying_save(obj, f, *args, **kwargs):
-        calls.append(str(f))
+        calls.append(f.name)  # save_checkpoint hands torch its open temporary file
         if len(calls) == 2:  # the iteration-4 checkpoint
             buf = io.BytesIO()
             real_save(obj, buf, *args, **kwargs)
-            with open(f, "wb") as fh:
-                fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            torn.append(os.path.getsize(f.name))
             raise RuntimeError("simulated crash while writing a checkpoint")
         return real_save(obj, f, *args, **kwargs)
 
@@ -137,8 +139,8 @@ def test_crash_inside_a_checkpoint_write_keeps_the_previous_checkpoint(job, refe
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_process(train_argv(job, work))
     monkeypatch.setattr(torch, "save", real_save)
-    assert calls[1].endswith(".tmp") and not (work / "iter_4.pth").exists()
-    assert os.path.getsize(calls[1]) > 0  # the torn file exists, under its temporary name only
+    assert ".tmp" in os.path.basename(calls[1]) and not (work / "iter_4.pth").exists()
+    assert torn[0] > 0 and not os.path.exists(calls[1])  # the torn temporary file was written, then removed
     ckpt = load_latest(work)
     assert ckpt["meta"]["iter"] == 2 and (work / "latest.pth").resolve().name == "iter_2.pth"
 

@@ -1,7 +1,6 @@
 """Checkpoints in mmdet's layout ({'meta', 'state_dict', 'optimizer'}), loaded with weights_only."""
 from __future__ import annotations
 
-import os
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from yolc_kd.diskio import atomic_write
 from yolc_kd.errors import UserError
 
 PathLike = Union[str, Path]
@@ -104,9 +104,9 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], path: PathLik
 
 def save_checkpoint(path: PathLike, model: nn.Module, meta: Optional[Mapping] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None, extra: Optional[Mapping] = None) -> Path:
-    """Atomically write an mmdet-layout checkpoint (weights on CPU, JSON-able meta)."""
+    """Atomically write an mmdet-layout checkpoint (weights on CPU, JSON-able meta); a failed write (a full
+    disk) is one UserError and leaves no file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = model.module if hasattr(model, "module") else model
     obj: Dict[str, Any] = {
         "meta": dict(meta or {}),
@@ -116,9 +116,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, meta: Optional[Mapping] = 
         obj["optimizer"] = optimizer.state_dict()
     if extra:
         obj.update(extra)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # through a Python file: a failed write then carries its OSError (errno) inside torch's RuntimeError
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
     return path

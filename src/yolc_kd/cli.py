@@ -6,6 +6,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from yolc_kd.diskio import describe_os_error
 from yolc_kd.errors import UserError
 
 # each module defines register(subparsers) which adds a parser with set_defaults(func=run)
@@ -36,6 +37,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"yolc-kd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the environment failed where no writer named it (a full disk, a lost mount)
+        print(f"yolc-kd {args.command}: error: {describe_os_error(exc, action=None)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"yolc-kd {args.command}: interrupted", file=sys.stderr)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
+from yolc_kd.diskio import atomic_write
+
 
 def _grid_components(mask: np.ndarray) -> List[Tuple[int, int, int, int]]:
     """8-connected components of a boolean (gx, gy) grid as [x0, y0, x1, y1) cell ranges, in scan order.
@@ -95,12 +97,12 @@ def save_cluster_png(binary: np.ndarray, coords: np.ndarray, path: Path) -> Path
     """The LSM binary map with its regions outlined, for inspection."""
     from PIL import Image, ImageDraw
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(binary).convert("RGB")
     draw = ImageDraw.Draw(img)
     for x, y, w, h in coords.tolist():
         draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(255, 0, 0), width=2)
-    img.save(path)
+    with atomic_write(path) as fh:  # a failed write (a full disk) is one line and leaves no file
+        img.save(fh, format="PNG")
     return path
 
 

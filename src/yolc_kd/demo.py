@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import yolc_kd
+from yolc_kd.diskio import write_errors, write_json, write_text
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
 
@@ -48,7 +49,7 @@ def run_parallel(steps: Dict[Path, List[str]], iters: int) -> None:
             work.mkdir(parents=True, exist_ok=True)
             (work / "metrics.jsonl").unlink(missing_ok=True)  # an unfinished earlier run's lines (training appends)
             print(f"\n$ yolc-kd {shlex.join(argv)}   [{threads} thread(s); log {work / 'train.log'}]", flush=True)
-            with open(work / "train.log", "w", encoding="utf-8") as log:
+            with write_errors(work / "train.log"), open(work / "train.log", "w", encoding="utf-8") as log:
                 procs[work] = subprocess.Popen([sys.executable, "-m", "yolc_kd", *argv, "--no-progress"],
                                                stdout=log, stderr=subprocess.STDOUT, env=env)
         with progress_bar(total=iters * len(procs), desc=f"train {len(procs)} students", unit="it") as bar:
@@ -112,7 +113,7 @@ def evaluate_checkpoint(name: str, config: Path, ckpt: Path, val: Path, out: Pat
     row: Dict[str, float] = {}
     for fusion in ("none", "nms"):
         summary = predict_dataset(model, cfg, val / "annotations.json", val, fusion=fusion)
-        (out / f"preds_{name}_{fusion}.json").write_text(json.dumps(summary.results))
+        write_json(out / f"preds_{name}_{fusion}.json", summary.results)
         metrics = evaluate_coco(val / "annotations.json", summary.results, max_dets=(1, 10, 100))
         key = "full" if fusion == "none" else "fused"
         row[f"{key}_AP"], row[f"{key}_AP50"] = metrics["AP"], metrics["AP50"]
@@ -151,7 +152,7 @@ def run_demo(out_dir: Path, iters: int = DEMO_ITERS, variants: str = "auto",
     data = ["--ann", str(train / "annotations.json"), "--images", str(train)]
     cache = out_dir / "soft"
     student_b = out_dir / f"student_batch{batch}.py"  # the default student at the demo's batch
-    student_b.write_text(f"_base_ = {str(student)!r}\ndata = dict(samples_per_gpu={int(batch)})\n")
+    write_text(student_b, f"_base_ = {str(student)!r}\ndata = dict(samples_per_gpu={int(batch)})\n")
     student = student_b
     run_step(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache),
               "--variants", str(variants), "--train-iters", str(iters), "--batch-size", "8", "--threads", "2"])
@@ -166,7 +167,7 @@ def run_demo(out_dir: Path, iters: int = DEMO_ITERS, variants: str = "auto",
         table[name] = evaluate_checkpoint(work.name, student, work / f"iter_{iters}.pth", val, out_dir, viz)
     plot_loss_curves({name: work / "metrics.jsonl" for name, work in runs.items()}, out_dir / "loss_curves.png",
                      keys=["loss_center_heatmap"])  # the supervised heatmap term: comparable across runs
-    (out_dir / "results.json").write_text(json.dumps(table, indent=2))
+    write_json(out_dir / "results.json", table, indent=2)
     print(format_table(table))
     print(kd_gain_line(table))
     print(f"\npictures: {out_dir / 'viz'} (detections + crop regions), {out_dir / 'loss_curves.png'}; "

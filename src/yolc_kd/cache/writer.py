@@ -17,6 +17,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from yolc_kd.cache.manifest import RESUME_FIELDS, diff_fields, read_manifest
 from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, IMAGE_IDS, MANIFEST_KEY, SAMPLE_ARRAYS, SHARD_DONE,
                                   STATUS_OK, STATUS_SKIPPED, WRITE_CONFIG, Layout, chunk_samples, compressors)
+from yolc_kd.diskio import write_errors
 from yolc_kd.errors import UserError
 
 
@@ -75,7 +76,9 @@ class CacheStore:
             raise UserError(f"--out {path} exists and is not a yolc-kd cache (it holds {stray[0]!r}): "
                             f"choose a new or empty folder")
         manifest = {**manifest, ALL_SHARD_FILES: True}  # at creation only: a resumed older cache keeps its manifest
-        return cls(path, _create(path, manifest, image_ids), manifest)
+        with write_errors(path):  # a store cut short has no manifest yet: a rerun creates it afresh
+            group = _create(path, manifest, image_ids)
+        return cls(path, group, manifest)
 
     @classmethod
     def attach(cls, path: Any, manifest: Mapping[str, Any]) -> "CacheStore":
@@ -103,14 +106,19 @@ class CacheStore:
     def write_shard(self, j: int, block: Mapping[str, np.ndarray]) -> None:
         """Write shard j of every array in one call each, flush them to disk, then set its done marker."""
         a, b = self.layout.shard_range(j)
+        # a failed write (a full disk) is one line; zarr removes its temporary file, and the shard stays
+        # uncommitted (no marker), so a rerun writes it again
         for name in SAMPLE_ARRAYS:
-            self.arrays[name][a:b] = block[name]
+            with write_errors(self._chunk_file(name, j)):
+                self.arrays[name][a:b] = block[name]
         for name in SAMPLE_ARRAYS:
-            _fsync(self._chunk_file(name, j))
-        self.arrays[SHARD_DONE][j] = 1
+            with write_errors(self._chunk_file(name, j)):
+                _fsync(self._chunk_file(name, j))
         marker = self._chunk_file(SHARD_DONE, j)
-        _fsync(marker)
-        _fsync(marker.parent)  # the marker's directory entry
+        with write_errors(marker):
+            self.arrays[SHARD_DONE][j] = 1
+            _fsync(marker)
+            _fsync(marker.parent)  # the marker's directory entry
 
     def _chunk_file(self, name: str, j: int) -> Path:
         arr = self.arrays[name]
@@ -141,8 +149,9 @@ class CacheStore:
             samples=lay.num_samples, samples_written=int((status == STATUS_OK).sum()),
             samples_skipped=int(len(skipped_idx)), images=lay.num_images, images_skipped=len(by_image),
             shards=lay.num_shards, bytes=_folder_bytes(self.path)))
-        self.group.update_attributes({MANIFEST_KEY: manifest})
-        _fsync(self.path / "zarr.json")
+        with write_errors(self.path / "zarr.json"):  # zarr replaces the file whole: a failure keeps the old one
+            self.group.update_attributes({MANIFEST_KEY: manifest})
+            _fsync(self.path / "zarr.json")
         self.manifest = manifest
         return manifest
 

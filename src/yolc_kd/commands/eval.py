@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from yolc_kd.cli_args import check_count
-from yolc_kd.errors import UserError
+from yolc_kd.diskio import write_json
 from yolc_kd.infer.coco_eval import DEFAULT_MAX_DETS, evaluate_coco, format_table
 
 
@@ -33,10 +32,6 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_coco(args.ann, preds, max_dets=args.max_dets, quiet=not args.verbose)
     out = Path(args.out) if args.out is not None else preds.with_name(f"{preds.stem}.metrics.json")
     print(format_table(result))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot write metrics to {out}: {exc.strerror or exc}") from None
+    write_json(out, result, indent=2)
     print(f"metrics written to {out}")
     return 0

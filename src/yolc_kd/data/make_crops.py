@@ -24,6 +24,7 @@ from yolc_kd.crops import find_clusters, select_regions
 from yolc_kd.data.coco import CocoDetection, _load_json
 from yolc_kd.data.images import PathLike, display_path, load_image_rgb
 from yolc_kd.data.visdrone import write_json
+from yolc_kd.diskio import atomic_path, atomic_write, write_errors
 from yolc_kd.errors import UserError
 from yolc_kd.models.targets import draw_gaussians, gaussian_radius
 
@@ -234,7 +235,7 @@ def _usable(ann: Any, image_ids: dict[Any, int], cat_ids: set) -> bool:
 
 def _place_original(src: Path, dst: Path) -> None:
     """Hard-link the original into the output (gen_crop.py re-encodes it with cv2); copy across devices."""
-    try:
+    with write_errors(dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists() or dst.is_symlink():
             if dst.exists() and os.path.samefile(src, dst):
@@ -242,18 +243,16 @@ def _place_original(src: Path, dst: Path) -> None:
             dst.unlink()
         try:
             os.link(src, dst)
+            return
         except OSError:
-            shutil.copy2(src, dst)
-    except OSError as exc:
-        raise UserError(f"cannot write {display_path(dst)}: {exc.strerror or exc}") from None
+            pass
+    with atomic_path(dst) as tmp:  # a copy cut short by a full disk leaves no file
+        shutil.copy2(src, tmp)
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, format="JPEG", quality=JPEG_QUALITY)
-    except OSError as exc:
-        raise UserError(f"cannot write {display_path(path)}: {exc.strerror or exc}") from None
+    with atomic_write(path) as fh:
+        img.save(fh, format="JPEG", quality=JPEG_QUALITY)
 
 
 def _remove_stale(image_root: Path, written: set[str]) -> int:
@@ -303,11 +302,9 @@ def make_crop_dataset(ann_file: PathLike, image_root: PathLike, out_dir: PathLik
         else:
             summary.dropped_annotations += 1
 
-    try:
+    with write_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MARKER).touch()
-    except OSError as exc:
-        raise UserError(f"cannot create {display_path(out_dir)}: {exc.strerror or exc}") from None
     images: list[dict[str, Any]] = []
     out_anns: list[dict[str, Any]] = []
     skipped: list[str] = []

@@ -14,6 +14,7 @@ from PIL import Image
 
 from yolc_kd.data.images import PathLike, display_path
 from yolc_kd.data.visdrone import VISDRONE_CLASSES, write_json
+from yolc_kd.diskio import atomic_write
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
 
@@ -277,10 +278,8 @@ def make_synthetic_dataset(out_dir: PathLike, num_images: int, seed: int, size: 
         layout = layouts[i % len(layouts)] if layouts else None
         pixels, objects = render_image(rng, (w, h), num_classes, layout)
         file_name = f"images/{i:06d}.png"
-        try:
-            Image.fromarray(pixels).save(out / file_name, format="PNG", compress_level=1)
-        except OSError as exc:
-            raise UserError(f"cannot write {display_path(out / file_name)}: {exc.strerror or exc}") from None
+        with atomic_write(out / file_name) as fh:
+            Image.fromarray(pixels).save(fh, format="PNG", compress_level=1)
         images.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
         for cls, (x0, y0, x1, y1) in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,

@@ -1,11 +1,11 @@
 """VisDrone-DET txt annotations -> COCO json with YOLC's ten categories."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
+from yolc_kd import diskio
 from yolc_kd.data.images import PathLike, display_path, read_image_size
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
@@ -106,14 +106,6 @@ def convert_visdrone(images_dir: PathLike, annotations_dir: PathLike, out_file: 
 
 
 def write_json(data: dict[str, Any], out_file: PathLike) -> None:
-    """Write `data` as deterministic JSON (sorted keys), creating parent directories."""
-    out = Path(out_file)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, sort_keys=True, separators=(",", ":"))
-            fh.write("\n")
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise UserError(f"cannot write {display_path(out)}: {exc.strerror}") from None
+    """Write `data` as deterministic JSON (sorted keys) atomically, creating parent directories; a failed write
+    (a full disk) is one UserError and leaves no file."""
+    diskio.write_json(out_file, data, sort_keys=True, separators=(",", ":"))

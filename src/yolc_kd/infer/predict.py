@@ -7,7 +7,6 @@ area (e.g. peaks in the padding) are dropped.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from yolc_kd.data.augment import AugmentConfig, TestTransform, collate_test
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.images import display_path, load_image_rgb
 from yolc_kd.data.loading import check_images
+from yolc_kd.diskio import write_json
 from yolc_kd.errors import UserError
 from yolc_kd.infer.viz import save_detections
 from yolc_kd.progress import progress_bar
@@ -287,24 +287,9 @@ def predict_images(predictor: Predictor, source: ImageSource, batch_size: int = 
 # ----------------------------------------------------------------------------- writing
 
 def write_json_atomic(path: PathLike, obj: Any) -> Path:
-    """Write JSON to a temporary file next to `path`, then rename it over `path`."""
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise UserError(f"cannot write {display_path(out)}: {exc.strerror or exc}") from None
-    return out
+    """Write JSON to a temporary file next to `path`, then rename it over `path`; a failed write (a full disk)
+    is one UserError naming the path and the free space, and leaves no file."""
+    return write_json(path, obj)
 
 
 def images_side_path(out: PathLike) -> Path:

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from yolc_kd.data.images import display_path
+from yolc_kd.diskio import atomic_write
 from yolc_kd.errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -162,12 +164,15 @@ def save_detections(path: PathLike, img: np.ndarray, boxes: Any, labels: Any, sc
                     heatmap: Any = None, score_thr: float = 0.3) -> Path:
     """``draw_detections`` then save (format from the extension); returns the path."""
     out = Path(path)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot save image {display_path(out)}: unknown file extension {out.suffix!r}")
     pil = draw_detections(img, boxes, labels, scores, class_names, crop_regions, heatmap, score_thr)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pil.save(out)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot save image {out}: {exc}") from None
+        with atomic_write(out) as fh:
+            pil.save(fh, format=fmt)
+    except (ValueError, KeyError) as exc:  # PIL's refusals (no writer for the format, options it rejects)
+        raise UserError(f"cannot save image {display_path(out)}: {exc}") from None
     return out
 
 
@@ -322,9 +327,6 @@ def plot_loss_curves(jsonl_paths: Dict[str, PathLike], out_png: PathLike,
         draw.text((lx + 32, y), label, fill=(0, 0, 0), font=font)
 
     out = Path(out_png)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        img.save(out, format="PNG")
-    except OSError as exc:
-        raise UserError(f"cannot write plot {out}: {exc.strerror or exc}") from None
+    with atomic_write(out) as fh:
+        img.save(fh, format="PNG")
     return out

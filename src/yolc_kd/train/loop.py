@@ -17,6 +17,7 @@ from yolc_kd import __version__
 from yolc_kd.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from yolc_kd.config import DISTILL_DEFAULTS, setting
 from yolc_kd.data.loading import dataset_repeats
+from yolc_kd.diskio import append_text, replace_symlink
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import init_distributed, mixed_precision, numerics, resolve_device
@@ -162,10 +163,7 @@ class Trainer:
             extra = dict(train_state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         path = save_checkpoint(self.work_dir / f"iter_{it}.pth", self.eval_model, self._meta(it), self.optimizer,
                                extra)
-        tmp = self.work_dir / "latest.pth.tmp"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(path.name)
-        os.replace(tmp, self.work_dir / "latest.pth")
+        replace_symlink(self.work_dir / "latest.pth", path.name)
         return path
 
     def resume(self) -> None:
@@ -190,8 +188,7 @@ class Trainer:
     def _log(self, record: Dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_text(self.metrics_path, json.dumps(record) + "\n")
         if self.tb is not None:
             flat = {**record, **{f"eval/{k}": v for k, v in (record.get("eval") or {}).items()}}
             for key, value in flat.items():
