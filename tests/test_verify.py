@@ -152,6 +152,45 @@ def test_recompute_catches_values_with_valid_checksums(made, copy, capsys):
     assert rc == 1 and len(found) == 1 and found[0].startswith("recompute: array 'coarse', samples "), out
 
 
+def _made_on(copy, **run):
+    """The cache's manifest as if precompute had run elsewhere (run fields overridden)."""
+    g = zarr.open_group(str(copy), mode="r+")
+    m = json.loads(json.dumps(g.attrs["yolc_kd_cache"]))
+    m["run"].update(run)
+    g.update_attributes({"yolc_kd_cache": m})
+
+
+def test_recompute_on_another_device_compares_within_a_step(made, copy, capsys):
+    """A cache made on a GPU, recomputed on the CPU: the maps may differ by the numerics (TF32, other kernels),
+    so they are compared within one more quantisation step + 1 %; one step passes there and not on the cache's
+    own device, half a grid cell fails on both."""
+    args = ("--recompute", "2", "--config", made.config, "--ckpt", made.ckpt)
+    g = zarr.open_group(str(copy), mode="r+")
+    g["coarse"][:] = g["coarse"][:] + 1  # one step (2^-6 cell): 1.5 steps from the teacher at worst
+    rc, out, _ = verify(capsys, copy, *args)
+    assert rc == 1 and any(f.startswith("recompute: array 'coarse'") for f in faults(out)), out
+    _made_on(copy, device="cuda:0", device_name="NVIDIA H100 80GB HBM3", deterministic=False)
+    rc, out, _ = verify(capsys, copy, *args)
+    assert rc == 0, out
+    assert any(line.startswith("note: recompute compared within one more quantisation step + 1% of the value: the "
+                               "cache was made on cuda:0, this run uses cpu") for line in out), out
+    g["coarse"][:] = g["coarse"][:] + 63  # half a grid cell more: beyond the looser bound as well
+    rc, out, _ = verify(capsys, copy, *args)
+    found = [f for f in faults(out) if not f.startswith("note:")]
+    assert rc == 1 and len(found) == 1 and found[0].startswith("recompute: array 'coarse'"), out
+    assert "beyond the quantisation bound + one step + 1 %" in found[0]
+
+
+def test_when_numerics_differ_from_the_cache():
+    from yolc_kd.precompute.recompute import numerics_difference
+
+    here = dict(device="cpu", cpu_threads=1, torch=torch.__version__)
+    assert numerics_difference(here, "cpu") is None
+    assert numerics_difference(dict(device="cpu"), "cpu") is None  # an older cache records no torch version
+    assert "torch 1.0" in numerics_difference(dict(here, torch="1.0"), "cpu")
+    assert "made on cuda:1" in numerics_difference(dict(device="cuda:1", device_name="X"), "cpu")
+
+
 def test_recompute_with_another_checkpoint_is_a_fault(made, capsys, tmp_path):
     other = save_random_teacher(tmp_path / "other.pth", 1)
     rc, out, _ = verify(capsys, made.cache, "--recompute", "2", "--config", made.config, "--ckpt", other)
