@@ -90,7 +90,7 @@ def recomputed_in_backward(fn: Callable[..., torch.Tensor], *tensors: torch.Tens
 
 
 def _soft_focal_sum(p_s: torch.Tensor, p_t: torch.Tensor, beta: float) -> torch.Tensor:
-    p_s = p_s.float()  # a float16 (autocast) student heatmap is cast here, so its float32 copy is not kept either
+    p_s = p_s.float()  # a lower-precision heatmap is cast here, so its float32 copy is not kept either
     log_p = p_s.clamp(min=PROB_EPS).log()
     log_1mp = (1 - p_s).clamp(min=PROB_EPS).log()
     bce = -(p_t * log_p + (1 - p_t) * log_1mp)
@@ -174,7 +174,14 @@ def weighted_box_kd(box_s: torch.Tensor, box_t: torch.Tensor, weight: torch.Tens
 def kd_losses(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: torch.Tensor, targets: KDTargets,
               dcfg: Mapping, decode: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The three KD terms, weighted by distill_cfg; every teacher tensor is detached. hm_kd / box_kd pick the
-    formulas ('mse' for both is the seed's); missing keys fall back to DISTILL_DEFAULTS."""
+    formulas ('mse' for both is the seed's); missing keys fall back to DISTILL_DEFAULTS. They compute in float32,
+    also under autocast (float16's logs of saturated probabilities give infinite gradients)."""
+    with torch.autocast(heatmap_s.device.type, enabled=False):
+        return _kd_terms(heatmap_s, coarse_s, patch_refine_s, targets, dcfg, decode)
+
+
+def _kd_terms(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: torch.Tensor, targets: KDTargets,
+              dcfg: Mapping, decode: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
     t = targets.detach()
     opt = {**DISTILL_DEFAULTS, **dict(dcfg)}
     for name in ("heatmap", "coarse", "refine"):
@@ -182,7 +189,8 @@ def kd_losses(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: t
             raise TypeError(f"KD target {name} is {getattr(t, name).dtype}: dequantise stored targets first")
     _check_shape("heatmap", heatmap_s, t.heatmap)
     _check_shape("coarse", coarse_s, t.coarse)
-    # heatmap_kd casts to float32 itself (inside the recomputed part: no float32 copy of a float16 heatmap is kept)
+    # heatmap_kd casts to float32 itself (inside the recomputed part: no float32 copy of a lower-precision heatmap
+    # is kept)
     hm = heatmap_kd(heatmap_s, t.heatmap, opt["hm_kd"], float(opt["hm_kd_temperature"]),
                     beta=float(opt["hm_kd_beta"]), peak_threshold=float(opt["hm_kd_peak_thr"]))
     box_mode, distance = opt["box_kd"], opt["box_kd_distance"]

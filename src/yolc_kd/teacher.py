@@ -56,7 +56,8 @@ def build_teacher(dcfg: Mapping, student_model_cfg: Mapping, config_dir: Optiona
 def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping], dcfg: Mapping,
                     coords: Optional[List[np.ndarray]] = None) -> KDTargets:
     """Soft labels of a batch of views: heatmap and coarse maps, LSM crops (or the given ones), the refine
-    maps of every patch (one batched forward)."""
+    maps of every patch (one batched forward). The maps are float32 (what the cache's codec takes) whatever the
+    autocast or the teacher's dtype."""
     heat, coarse, _ = teacher.bbox_head(teacher.extract_feat(img))
     if coords is None:
         # KD crops: LSM on the raw teacher heatmap (inference reads the blurred one); cached targets depend on it
@@ -66,10 +67,11 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping], 
                               float(teacher.crop_cfg["upscale"]), crops.patch_canvas(img.shape[2:]), mode="kd")
     patches = plan.cut(img)
     canvas = plan.canvas
-    refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4))
+    refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4),
+                           dtype=torch.float32)
     if patches.shape[0]:
-        refine[plan.valid.to(img.device)] = teacher.patch_refine(patches)
-    return KDTargets(heatmap=heat[0], coarse=coarse[0], patch_boxes=plan.boxes.to(img.device),
+        refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
+    return KDTargets(heatmap=heat[0].float(), coarse=coarse[0].float(), patch_boxes=plan.boxes.to(img.device),
                      patch_scales=plan.scales.to(img.device), patch_valid=plan.valid.to(img.device), refine=refine)
 
 

@@ -15,6 +15,7 @@ from yolc_kd.runtime import DETERMINISTIC_HELP
 
 def register(subparsers: Any) -> None:
     from yolc_kd.cache.schema import DEFAULT_SHARD_SIZE
+    from yolc_kd.runtime import AMP_DTYPES
 
     p = subparsers.add_parser("precompute", help="cache the teacher's KD targets for offline distillation",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +37,11 @@ def register(subparsers: Any) -> None:
                    help="CPU threads of the teacher (default 1): results depend on it, so keep it when resuming; "
                         "scale out with torchrun instead")
     add_device_arg(p)
-    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision (autocast) for the teacher; the manifest records the dtype, and the maps "
+                        "are float32 before the cache's rounding as without it")
+    p.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=None,
+                   help="dtype of --amp (default: float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
@@ -84,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "shard_size", "threads", "train_iters"):
         check_count(name.replace("_", "-"), getattr(args, name))
     check_count("workers", args.workers, 0)
+    if args.amp_dtype and not args.amp:
+        raise UserError("--amp-dtype needs --amp")
     cfg = load_config(args.config, with_defaults=True)
     check_config_counts(cfg)
     ann, images = resolve_data(cfg, args.ann, args.images)
@@ -91,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     opts = PrecomputeOptions(
         out=Path(args.out), ckpt=args.ckpt, variants=_variants(args, cfg, len(coco)),
         batch_size=args.batch_size if args.batch_size is not None else int(setting(cfg, "data", "samples_per_gpu")),
-        device=str(resolve_device(args.device)), amp=args.amp, trust=args.trust_checkpoint, strict=args.strict,
+        device=str(resolve_device(args.device)), amp=args.amp, amp_dtype=args.amp_dtype, trust=args.trust_checkpoint,
+        strict=args.strict,
         shard_size=args.shard_size,
         workers=args.workers if args.workers is not None else int(setting(cfg, "data", "workers_per_gpu")),
         threads=args.threads, deterministic=args.deterministic, progress=not args.no_progress,

@@ -27,6 +27,8 @@ def _defaults_text() -> str:
 
 
 def register(subparsers: Any) -> None:
+    from yolc_kd.runtime import AMP_DTYPES
+
     p = subparsers.add_parser("train", help="train a YOLC model (supervised, or KD student with --cache/--online)",
                               description=__doc__, epilog=_defaults_text(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +49,10 @@ def register(subparsers: Any) -> None:
     add_device_arg(p)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default data.workers_per_gpu)")
     p.add_argument("--amp", action="store_true",
-                   help="float16 autocast on CUDA for the student (and, with --online, the teacher)")
+                   help="mixed precision (autocast) for the student's step and, with --online, the teacher; the "
+                        "heatmap sigmoid, the DCN offsets and deformable conv, and the losses stay float32")
+    p.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=None,
+                   help="dtype of --amp (default: float16 on CUDA, with loss scaling; bfloat16 on CPU)")
     p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images and damaged cache samples with a counted warning")
@@ -65,8 +70,13 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_iters", "batch_size", "log_interval"):
         check_count(name.replace("_", "-"), getattr(args, name))
     check_count("workers", args.workers, 0)
+    if args.amp_dtype and not args.amp:
+        from yolc_kd.errors import UserError
+
+        raise UserError("--amp-dtype needs --amp")
     opts = TrainOptions(work_dir=Path(args.work_dir), max_iters=args.max_iters, resume=args.resume,
                         device=args.device, workers=args.workers, batch_size=args.batch_size, amp=args.amp,
+                        amp_dtype=args.amp_dtype,
                         log_interval=args.log_interval, progress=not args.no_progress, trust=args.trust_checkpoint,
                         seed=args.seed, deterministic=args.deterministic)
     kd = KDSource(cache=args.cache, online=args.online, teacher_ckpt=args.teacher_ckpt)

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torchvision.ops import DeformConv2d as _TorchvisionDeformConv2d
+from torchvision.ops import deform_conv2d
 
 
 def deform_conv2d_sampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
@@ -34,13 +35,24 @@ def deform_conv2d_sampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.T
 
 
 class DeformConv2d(_TorchvisionDeformConv2d):
-    """torchvision.ops.DeformConv2d (same parameters and state-dict names); CPU tensors take the sampled path."""
+    """torchvision.ops.DeformConv2d (same parameters and state-dict names); CPU tensors take the sampled path.
+    Under autocast, or with offsets of another dtype than the input, it samples and convolves in float32 and
+    returns float32 (torchvision's CUDA autocast kernel also computes in float32; at W/4 = 256 grid_sample's
+    coordinates in float16 are off by up to 0.03 cells, in bfloat16 by 0.25; its CPU kernel has no bfloat16)."""
 
     def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        kh, kw = self.weight.shape[2:]
+        if torch.is_autocast_enabled(input.device.type) or offset.dtype != input.dtype:
+            with torch.autocast(input.device.type, enabled=False):
+                return self._deform(input.float(), offset.float(), None if mask is None else mask.float(),
+                                    self.weight.float(), None if self.bias is None else self.bias.float())
+        return self._deform(input, offset, mask, self.weight, self.bias)
+
+    def _deform(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        kh, kw = weight.shape[2:]
         simple = (mask is None and self.groups == 1 and offset.shape[1] == 2 * kh * kw
                   and len(set(self.stride)) == len(set(self.padding)) == len(set(self.dilation)) == 1)
         if input.device.type != "cpu" or not simple or min(input.shape[2:]) < 2:
-            return super().forward(input, offset, mask)
-        return deform_conv2d_sampled(input, offset, self.weight, self.bias, self.stride[0], self.padding[0],
-                                     self.dilation[0])
+            return deform_conv2d(input, offset, weight, bias, stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation, mask=mask)  # what torchvision's forward calls
+        return deform_conv2d_sampled(input, offset, weight, bias, self.stride[0], self.padding[0], self.dilation[0])

@@ -1,4 +1,5 @@
-"""YOLC's losses (mmdet semantics): GaussianFocal, GWD and L1, with weight and avg_factor reduction."""
+"""YOLC's losses (mmdet semantics): GaussianFocal, GWD and L1, with weight and avg_factor reduction. They compute
+in float32, also under autocast (float16's 1 - pred + 1e-12 is 0 at pred = 1, and log(0) -inf)."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Union
@@ -47,8 +48,9 @@ class GaussianFocalLoss(nn.Module):
         self.alpha, self.gamma, self.loss_weight = alpha, gamma, loss_weight
 
     def forward(self, pred, target, weight=None, avg_factor: AvgFactor = None) -> torch.Tensor:
-        loss = gaussian_focal_loss(pred, target, self.alpha, self.gamma)
-        return self.loss_weight * reduce_weighted(loss, weight, avg_factor)
+        with torch.autocast(pred.device.type, enabled=False):
+            loss = gaussian_focal_loss(pred.float(), target.float(), self.alpha, self.gamma)
+            return self.loss_weight * reduce_weighted(loss, weight, avg_factor)
 
 
 class GWDLoss(nn.Module):
@@ -57,7 +59,9 @@ class GWDLoss(nn.Module):
         self.loss_weight = loss_weight
 
     def forward(self, pred, target, weight=None, avg_factor: AvgFactor = None) -> torch.Tensor:
-        return self.loss_weight * reduce_weighted(gwd_distance_loss(pred, target), weight, avg_factor)
+        with torch.autocast(pred.device.type, enabled=False):
+            return self.loss_weight * reduce_weighted(gwd_distance_loss(pred.float(), target.float()), weight,
+                                                      avg_factor)
 
 
 class L1Loss(nn.Module):
@@ -66,8 +70,10 @@ class L1Loss(nn.Module):
         self.loss_weight = loss_weight
 
     def forward(self, pred, target, weight=None, avg_factor: AvgFactor = None) -> torch.Tensor:
-        loss = pred.sum() * 0 if target.numel() == 0 else torch.abs(pred - target)
-        return self.loss_weight * reduce_weighted(loss, weight, avg_factor)
+        with torch.autocast(pred.device.type, enabled=False):
+            pred, target = pred.float(), target.float()
+            loss = pred.sum() * 0 if target.numel() == 0 else torch.abs(pred - target)
+            return self.loss_weight * reduce_weighted(loss, weight, avg_factor)
 
 
 LOSSES = {"GaussianFocalLoss": GaussianFocalLoss, "GWDLoss": GWDLoss, "L1Loss": L1Loss}

@@ -111,29 +111,39 @@ class YOLCHead(nn.Module):
         return heatmap, coarse, refine
 
     def forward_heatmap(self, feat: torch.Tensor) -> torch.Tensor:
-        """The class heatmap only (probabilities, not logits): what LSM needs."""
-        return self.local_head(feat).sigmoid()
+        """The class heatmap only (probabilities, not logits; float32 also under autocast): what LSM needs."""
+        logits = self.local_head(feat)
+        # float16's sigmoid is exactly 0 / 1 beyond logits of about -17 / +8, where the focal and KD losses'
+        # gradients through it turn NaN; float32 as torchvision's sigmoid_focal_loss
+        with torch.autocast(logits.device.type, enabled=False):
+            return logits.float().sigmoid()
 
     def forward_boxes(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Coarse and refine maps only (no heatmap branch): what patch KD needs."""
+        """Coarse and refine maps only (no heatmap branch): what patch KD needs. The DCN sampling points, the
+        deformable conv and so the refine maps are float32 also under autocast."""
         reg_feat = self.reg_conv(feat)
         coarse = self.xywh_init(reg_feat)
-        offset = self.bbox_offset(reg_feat).sigmoid()
+        logits = self.bbox_offset(reg_feat)
+        with torch.autocast(logits.device.type, enabled=False):
+            offset = logits.float().sigmoid()
         return coarse, self.xywh_refine(reg_feat, self.gen_dcn_offset(coarse.detach(), offset))
 
     def gen_dcn_offset(self, coarse: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Sampling points spread over the detached coarse box, minus the regular 3x3 grid."""
-        b, _, h, w = coarse.shape
-        grid = grid_points(h, w, coarse.device, coarse.dtype).T.reshape(1, 2, h, w)
-        centre = coarse[:, 0:2] + grid
-        top_left = centre - coarse[:, 2:4]
-        size = 2 * coarse[:, 2:4]
-        dcn = torch.empty(b, 18, h, w, dtype=offset.dtype, device=offset.device)
-        # YOLC quirk kept: x-terms fill the even (dy) channels and y-terms the odd (dx) channels
-        dcn[:, 0::2] = top_left[:, 0:1] + size[:, 0:1] * offset[:, 0::2]
-        dcn[:, 1::2] = top_left[:, 1:2] + size[:, 1:2] * offset[:, 1::2]
-        anchor = grid.repeat(1, 9, 1, 1) + self.dcn_base_offset.to(offset.dtype)
-        return dcn - anchor
+        """Sampling points spread over the detached coarse box, minus the regular 3x3 grid; float32 whatever the
+        inputs' dtype or autocast (grid coordinates up to W/4 and the box terms cancel in float16)."""
+        with torch.autocast(coarse.device.type, enabled=False):
+            coarse, offset = coarse.float(), offset.float()
+            b, _, h, w = coarse.shape
+            grid = grid_points(h, w, coarse.device, coarse.dtype).T.reshape(1, 2, h, w)
+            centre = coarse[:, 0:2] + grid
+            top_left = centre - coarse[:, 2:4]
+            size = 2 * coarse[:, 2:4]
+            dcn = torch.empty(b, 18, h, w, dtype=offset.dtype, device=offset.device)
+            # YOLC quirk kept: x-terms fill the even (dy) channels and y-terms the odd (dx) channels
+            dcn[:, 0::2] = top_left[:, 0:1] + size[:, 0:1] * offset[:, 0::2]
+            dcn[:, 1::2] = top_left[:, 1:2] + size[:, 1:2] * offset[:, 1::2]
+            anchor = grid.repeat(1, 9, 1, 1) + self.dcn_base_offset.to(offset.dtype)
+            return dcn - anchor
 
     def decode_xywh_to_bbox(self, xywh: torch.Tensor) -> torch.Tensor:
         """(B,4,h,w) raw output -> (B,h*w,4) [cx, cy, w/2, h/2] in the regression-grid frame (the loss frame)."""
@@ -147,7 +157,12 @@ class YOLCHead(nn.Module):
              xywh_preds_refine: List[torch.Tensor], gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor],
              img_metas: List[Mapping], gt_bboxes_ignore=None) -> Dict[str, torch.Tensor]:
         assert len(center_local_preds) == len(xywh_preds_coarse) == len(xywh_preds_refine) == 1
-        coarse, refine = xywh_preds_coarse[0].float(), xywh_preds_refine[0].float()
+        with torch.autocast(center_local_preds[0].device.type, enabled=False):  # the losses in float32
+            return self._loss(center_local_preds[0], xywh_preds_coarse[0].float(), xywh_preds_refine[0].float(),
+                              gt_bboxes, gt_labels, img_metas)
+
+    def _loss(self, heatmap: torch.Tensor, coarse: torch.Tensor, refine: torch.Tensor, gt_bboxes: List[torch.Tensor],
+              gt_labels: List[torch.Tensor], img_metas: List[Mapping]) -> Dict[str, torch.Tensor]:
         b = coarse.shape[0]
         # YOLC quirk kept: the target frame comes from the first image's pad_shape for the whole batch
         targets, avg_factor = yolc_targets(gt_bboxes, gt_labels, coarse.shape, img_metas[0]["pad_shape"],
@@ -157,11 +172,11 @@ class YOLCHead(nn.Module):
         xywh_t = targets["xywh_target"].reshape(b, -1, 4)
         w = targets["xywh_target_weight"].reshape(b, -1)
         w_l1 = targets["xywh_l1target_weight"].reshape(b, -1, 4)
-        # the focal loss's full-resolution intermediates are recomputed in backward, not kept (bit-identical); the
-        # float32 cast of a float16 (autocast) heatmap happens inside, so that copy is not kept either
+        # the focal loss's full-resolution intermediates are recomputed in backward, not kept (bit-identical); it
+        # casts a lower-precision heatmap to float32 inside, so that copy is not kept either
         heatmap_loss = recomputed_in_backward(
-            lambda pred, target: self.loss_center_local(pred.float(), target, avg_factor=avg_factor),
-            center_local_preds[0], targets["center_heatmap_target"])
+            lambda pred, target: self.loss_center_local(pred, target, avg_factor=avg_factor),
+            heatmap, targets["center_heatmap_target"])
         return dict(
             loss_center_heatmap=heatmap_loss,
             loss_xywh_coarse=self.loss_xywh_coarse(box_coarse, xywh_t, w, avg_factor=avg_factor),

@@ -26,7 +26,7 @@ from yolc_kd.errors import UserError
 from yolc_kd.precompute.run import run_teacher
 from yolc_kd.progress import progress_bar
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, plan_jobs
-from yolc_kd.runtime import device_name, numerics, resolve_device
+from yolc_kd.runtime import device_name, mixed_precision, numerics, resolve_device
 from yolc_kd.teacher import build_teacher, expected_target_identity
 
 RECOMPUTE_ATOL = 1e-5  # float32 noise on top of the quantisation bounds (as the precompute tests allow)
@@ -97,10 +97,14 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: RecomputeOpt
         return faults + ["recompute: skipped (the cache was not made from these inputs)"], 0
 
     run_m = manifest.get("run") or {}
-    amp = bool(manifest.get("amp"))
+    # the teacher runs in the autocast dtype the cache was made with (`true`: recorded without it, CUDA's float16)
+    amp = manifest.get("amp") or None
+    amp = "float16" if amp is True else amp
     device = str(resolve_device(args.device))
-    if amp and not device.startswith("cuda"):
-        raise UserError("the cache was made with --amp on CUDA: recompute with --device cuda")
+    try:
+        mixed_precision(device, amp is not None, amp)
+    except UserError as exc:
+        raise UserError(f"the cache was made with --amp ({amp}): {exc}") from None
     try:
         status = np.asarray(zarr.open_group(str(path), mode="r", zarr_format=3)["status"][:])
     except Exception as exc:
@@ -131,7 +135,7 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: RecomputeOpt
         for k in progress_bar(range(len(jobs)), desc="recompute", unit="batch", disable=not args.progress,
                               leave=False):
             item = views[k]
-            targets = run_teacher(teacher, item, dcfg, device, amp)
+            targets = run_teacher(teacher, item, dcfg, device, amp is not None, amp)
             pos = 0
             for rec in item["records"]:
                 ok = rec["status"] == STATUS_OK

@@ -27,7 +27,7 @@ from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
 from yolc_kd.progress import progress_bar
-from yolc_kd.runtime import device_name, init_distributed, mixed_precision, numerics
+from yolc_kd.runtime import amp_dtype, device_name, init_distributed, mixed_precision, numerics
 from yolc_kd.teacher import build_teacher, teacher_model_cfg, teacher_targets
 from yolc_kd.train.target_codec import quantize_targets
 
@@ -40,6 +40,7 @@ class PrecomputeOptions:
     batch_size: int = 4
     device: str = "cpu"
     amp: bool = False
+    amp_dtype: Optional[str] = None     # --amp-dtype (None: float16 on CUDA, bfloat16 on CPU)
     trust: bool = False
     strict: bool = False
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -58,8 +59,7 @@ def _check_options(opts: PrecomputeOptions, dcfg: Mapping) -> None:
         raise UserError(f"--threads must be at least 1, got {opts.threads}")
     if opts.workers < 0:
         raise UserError(f"--workers must be >= 0, got {opts.workers}")
-    if opts.amp and not str(opts.device).startswith("cuda"):
-        raise UserError("--amp needs --device cuda (autocast is used on CUDA only)")
+    amp_dtype(opts.device, opts.amp, opts.amp_dtype)  # a dtype the device cannot autocast to: one UserError
     if not dcfg.get("use_teacher_crop", True):
         raise UserError("distill_cfg.use_teacher_crop=False picks crops from the student's heatmap, which a cache "
                         "made before training cannot know: use `yolc-kd train --online`, or set it to True")
@@ -85,8 +85,10 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
                         classes=coco.classes, distill=cfg["distill_cfg"], crop=teacher.crop_cfg,
                         patch_canvas=canvas, seed=int(cfg.get("seed", 0)))
     m["teacher"].update(ckpt_sha256=sha256_file(ckpt), ckpt_path=str(ckpt))
+    dtype = amp_dtype(opts.device, opts.amp, opts.amp_dtype)
     m.update(jsonable(dict(
-        package_version=__version__, variants=layout.variants, shard_size=layout.shard_size, amp=bool(opts.amp),
+        package_version=__version__, variants=layout.variants, shard_size=layout.shard_size,
+        amp=str(dtype).removeprefix("torch.") if dtype is not None else False,  # --amp's dtype, or false
         annotations=dict(sha256=sha256_file(coco.ann_file), path=str(coco.ann_file), image_root=str(coco.img_root),
                          num_images=len(coco)),
         layout=layout.to_dict(), index="image_index * variants + variant",
@@ -126,12 +128,13 @@ def _rows(targets: Optional[KDTargets], records: List[Dict[str, Any]], seed: int
 
 
 def run_teacher(teacher: nn.Module, item: Mapping[str, Any], dcfg: Mapping, device: str,
-                amp: bool) -> Optional[KDTargets]:
-    """One batched teacher.kd_targets call on the readable views of a job (None when there is none)."""
+                amp: bool, dtype: Optional[str] = None) -> Optional[KDTargets]:
+    """One batched teacher.kd_targets call on the readable views of a job (None when there is none); with amp
+    under autocast to dtype (mixed_precision's default when None). The maps are float32 either way."""
     if item["img"] is None:
         return None
     img = item["img"].to(device, non_blocking=True)
-    with torch.inference_mode(), mixed_precision(device, amp):
+    with torch.inference_mode(), mixed_precision(device, amp, dtype):
         return teacher_targets(teacher, img, item["metas"], dcfg)
 
 
@@ -223,7 +226,7 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
                     if rec["image_id"] not in warned:
                         warned.add(rec["image_id"])
                         tqdm.write(f"warning: skipping image id {rec['image_id']}: {rec['reason']}")
-            targets = run_teacher(teacher, item, dcfg, opts.device, opts.amp)
+            targets = run_teacher(teacher, item, dcfg, opts.device, opts.amp, opts.amp_dtype)
             pending.append((quantizer.submit(_rows, targets, records, seed), records))
             while len(pending) > 1 or (pending and pending[0][0].done()):
                 store_rows(*pending.popleft())

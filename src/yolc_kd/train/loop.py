@@ -20,7 +20,7 @@ from yolc_kd.data.loading import dataset_repeats
 from yolc_kd.diskio import append_text, replace_symlink
 from yolc_kd.errors import UserError
 from yolc_kd.progress import progress_bar
-from yolc_kd.runtime import init_distributed, mixed_precision, numerics, resolve_device
+from yolc_kd.runtime import amp_dtype, init_distributed, mixed_precision, numerics, resolve_device
 from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.ema import WeightAverage, ema_hook
 from yolc_kd.train.lsm_viz import LSMVisualizer
@@ -37,6 +37,7 @@ class TrainOptions:
     workers: Optional[int] = None
     batch_size: Optional[int] = None             # default data.samples_per_gpu
     amp: bool = False
+    amp_dtype: Optional[str] = None              # --amp-dtype (None: float16 on CUDA, bfloat16 on CPU)
     log_interval: Optional[int] = None
     eval_fn: Optional[Callable[[nn.Module, int], Dict[str, Any]]] = None  # called on rank 0 after an epoch
     progress: bool = True
@@ -104,7 +105,10 @@ class Trainer:
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and self.device.type == "cuda")
+        self.amp_dtype = amp_dtype(self.device, opts.amp, opts.amp_dtype)  # an unusable --amp-dtype fails here
+        # loss scaling for float16's narrow range only (bfloat16 has float32's)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16
+                                           and self.device.type == "cuda")
         self.tb = None
         if self.rank == 0:
             try:  # TensorBoard when it is installed; metrics.jsonl always
@@ -199,7 +203,7 @@ class Trainer:
         lr = lr_at(it, self.base_lr, self.cfg.get("lr_config") or {}, self.steps, self.total_iters)
         set_lr(self.optimizer, lr)
         net = self.ddp or self.model
-        with mixed_precision(self.device, self.opts.amp):  # an online teacher runs in it too
+        with mixed_precision(self.device, self.opts.amp, self.amp_dtype):  # an online teacher runs in it too
             kd_targets = self.source.targets(batch) if self.source is not None else None
             if self.lsm_viz is not None and not callable(kd_targets):
                 self.lsm_viz(it, batch, kd_targets)

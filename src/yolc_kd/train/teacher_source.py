@@ -30,7 +30,7 @@ class LiveTeacherSource:
 
     def targets(self, batch: Mapping[str, Any]) -> KDTargetsArg:
         img, metas = batch["img"], batch["img_metas"]
-        # under --amp the trainer calls this in autocast (the teacher runs in fp16); the KD loss gets float32
+        # under --amp the trainer calls this in autocast (the teacher runs in its dtype); its maps come float32
         if self.dcfg.get("use_teacher_crop", True):
             return self._final(teacher_targets(self.teacher, img, metas, self.dcfg))
         lsm_cfg = self.teacher.bbox_head.lsm_cfg
