@@ -265,19 +265,33 @@ class PatchPlan:
     view_hw: Tuple[int, int]
     mode: str = "kd"
     regions: List[np.ndarray] = field(default_factory=list)
+    _host: Optional[Tuple[List[Tuple[int, int]], np.ndarray, np.ndarray]] = field(default=None, init=False,
+                                                                                   repr=False, compare=False)
+
+    def host(self) -> Tuple[List[Tuple[int, int]], np.ndarray, np.ndarray]:
+        """(valid slots (i, k) in cut order, boxes (B,K,4), scales (B,K)) on the host as float64 (exact for the
+        float32 / float64 tensors): ONE transfer for the whole plan, whose tensors may live on a GPU."""
+        if self._host is None:
+            b, k = self.valid.shape[:2]
+            packed = torch.cat([self.boxes.reshape(b, k, 4).double(), self.scales.reshape(b, k, 1).double(),
+                                self.valid.reshape(b, k, 1).double()], dim=2).cpu().numpy()
+            slots = [(int(i), int(j)) for i, j in zip(*np.nonzero(packed[:, :, 5]))]  # row-major = cut order
+            self._host = (slots, packed[:, :, :4], packed[:, :, 4])
+        return self._host
 
     @property
     def owners(self) -> List[int]:
         """Image index of every valid patch, in cut order (image by image, slot by slot)."""
-        return [i for i, _ in self.valid.nonzero().tolist()]
+        return [i for i, _ in self.host()[0]]
 
     def sizes(self) -> List[Tuple[int, int]]:
         """(h, w) of every valid patch after resizing, in cut order."""
         out = []
-        for i, k in self.valid.nonzero().tolist():
-            x1, y1, x2, y2 = crop_bounds(self.boxes[i, k].tolist(), self.view_hw)
+        slots, boxes, scales = self.host()
+        for i, k in slots:
+            x1, y1, x2, y2 = crop_bounds(boxes[i, k], self.view_hw)
             h, w = y2 - y1, x2 - x1
-            size = _resized_hw(h, w, float(self.scales[i, k]))
+            size = _resized_hw(h, w, float(scales[i, k]))
             if self.mode == "kd":
                 size = (min(self.canvas[0], size[0]), min(self.canvas[1], size[1]))
             out.append(size)
@@ -286,8 +300,9 @@ class PatchPlan:
     def _resized(self, img: torch.Tensor) -> List[torch.Tensor]:
         """Every valid patch cut from its view and resized by its scale, (C,h,w) each, in cut order."""
         out = []
-        for (i, k), size in zip(self.valid.nonzero().tolist(), self.sizes()):
-            patch = crop_img_tensor(img[i], self.boxes[i, k].tolist())
+        slots, boxes, _ = self.host()
+        for (i, k), size in zip(slots, self.sizes()):
+            patch = crop_img_tensor(img[i], boxes[i, k])
             if size != tuple(patch.shape[1:]):
                 patch = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False)[0]
             out.append(patch)
@@ -320,8 +335,9 @@ class PatchPlan:
         """Patch metas in cut order: crop offset, the exact per-axis scale (patch size / crop size) and the
         batch's padded shape, for decoding on the patch and remapping to the view."""
         out = []
-        for (i, k), (ph, pw) in zip(self.valid.nonzero().tolist(), self.sizes()):
-            x1, y1, x2, y2 = crop_bounds(self.boxes[i, k].tolist(), self.view_hw)
+        slots, boxes, _ = self.host()
+        for (i, k), (ph, pw) in zip(slots, self.sizes()):
+            x1, y1, x2, y2 = crop_bounds(boxes[i, k], self.view_hw)
             m = build_patch_meta(img_metas[i], (ph, pw), (float(x1), float(y1), x2 - x1, y2 - y1),
                                  (pw / (x2 - x1), ph / (y2 - y1)))
             m["batch_input_shape"] = tuple(int(v) for v in batch_hw)

@@ -35,25 +35,31 @@ def gaussian_2d(radius: int, sigma: float, dtype=torch.float32, device="cpu") ->
     x = torch.arange(-radius, radius + 1, dtype=dtype, device=device).view(1, -1)
     y = torch.arange(-radius, radius + 1, dtype=dtype, device=device).view(-1, 1)
     h = (-(x * x + y * y) / (2 * sigma * sigma)).exp()
-    h[h < torch.finfo(h.dtype).eps * h.max()] = 0
-    return h
+    return h.masked_fill_(h < torch.finfo(h.dtype).eps * h.max(), 0)  # a mask, no host read on a GPU
 
 
 def draw_gaussians(heat: torch.Tensor, index: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
                    radius: torch.Tensor) -> None:
     """Max-paste gaussians (sigma = diameter / 6) into heat (N,H,W) at integer centres, in place; one
-    scatter per distinct radius instead of one paste per object (max is order-free, so the result is the same)."""
+    scatter per distinct radius instead of one paste per object (max is order-free, so the result is the same).
+    One host sync in all (the distinct radii and their counts): objects are grouped by radius with a sort, and
+    offsets outside the map write -inf, which amax ignores, instead of being masked out."""
     n_maps, height, width = heat.shape
     flat = heat.view(-1)
-    for r in torch.unique(radius).tolist():
-        sel = radius == r
+    order = torch.argsort(radius, stable=True)
+    values, counts = torch.unique(radius, return_counts=True)  # sorted, as the argsort groups them
+    start = 0
+    for r, count in zip(*torch.stack([values, counts]).tolist()):
+        group = order[start:start + count]
+        start += count
         kernel = gaussian_2d(r, (2 * r + 1) / 6, heat.dtype, heat.device).reshape(-1)
         d = torch.arange(-r, r + 1, device=heat.device)
         dy, dx = d.repeat_interleave(2 * r + 1), d.repeat(2 * r + 1)
-        ys, xs = cy[sel, None] + dy, cx[sel, None] + dx
+        ys, xs = cy[group, None] + dy, cx[group, None] + dx
         inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-        pos = (index[sel, None] * height + ys) * width + xs
-        flat.scatter_reduce_(0, pos[inside], kernel.expand(pos.shape)[inside], reduce="amax")
+        pos = torch.where(inside, (index[group, None] * height + ys) * width + xs, 0)
+        val = torch.where(inside, kernel.expand(pos.shape), float("-inf"))
+        flat.scatter_reduce_(0, pos.reshape(-1), val.reshape(-1), reduce="amax")
 
 
 def yolc_targets(gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor], feat_shape: Sequence[int],
@@ -81,15 +87,17 @@ def yolc_targets(gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor], f
                        ((x1 + x2) / 2).trunc().long(), ((y1 + y2) / 2).trunc().long(), radius)
         ctx_int, cty_int = ctx.trunc().long(), cty.trunc().long()
         keep = (cty_int < feat_h) & (ctx_int < feat_w) & (cty_int >= 0) & (ctx_int >= 0)
-        cell = ((image * feat_h + cty_int) * feat_w + ctx_int)
-        # several objects in one cell: the last one wins, as in YOLC's per-object loop
-        last = {c: j for j, c in enumerate(cell.tolist()) if keep[j]}
-        rows = torch.tensor(list(last.values()), dtype=torch.long, device=ref.device)
-        cells = cell[rows]
-        xywh[cells] = torch.stack([ctx, cty, box_w * width_ratio / 2, box_h * height_ratio / 2], 1)[rows]
-        weight[cells] = 1
-        l1_weight[cells, 0:2] = 1.0
-        l1_weight[cells, 2:4] = 0.2  # YOLC down-weights the size terms of L1
+        n_cells = bs * feat_h * feat_w
+        cell = torch.where(keep, (image * feat_h + cty_int) * feat_w + ctx_int, n_cells)  # outside: a spare slot
+        # several objects in one cell: the last one wins, as in YOLC's per-object loop (the highest object index)
+        winner = torch.full((n_cells + 1,), -1, dtype=torch.long, device=ref.device)
+        winner.scatter_reduce_(0, cell, torch.arange(len(cell), device=ref.device), reduce="amax")
+        winner = winner[:n_cells]
+        has = (winner >= 0)[:, None]
+        rows = torch.stack([ctx, cty, box_w * width_ratio / 2, box_h * height_ratio / 2], 1)
+        xywh = torch.where(has, rows[winner.clamp(min=0)], xywh)
+        weight = has[:, 0].to(weight.dtype)
+        l1_weight = torch.where(has, ref.new_tensor([1.0, 1.0, 0.2, 0.2]), l1_weight)  # YOLC down-weights sizes
     avg_factor = torch.clamp(heat.eq(1).sum(), min=1)
     return dict(center_heatmap_target=heat, xywh_target=xywh.view(bs, feat_h, feat_w, 4),
                 xywh_target_weight=weight.view(bs, feat_h, feat_w),

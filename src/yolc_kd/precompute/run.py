@@ -18,7 +18,7 @@ from tqdm import tqdm
 from yolc_kd import __version__, crops
 from yolc_kd.cache.manifest import jsonable, sha256_file, target_identity
 from yolc_kd.cache.schema import (BOX_MAX_ERROR, DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED,
-                                  Layout, encode_fingerprint)
+                                  Layout, encode_fingerprint, quantize_boxes, quantize_heatmap)
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
@@ -105,15 +105,22 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
 
 def _rows(targets: Optional[KDTargets], records: List[Dict[str, Any]], seed: int) -> List[Dict[str, Any]]:
     """Cache rows (numpy, stored dtypes) of the records of one batch; the teacher ran on the ok ones in order.
-    The maps are quantised where the teacher ran (target_codec, bit for bit the schema's numpy functions), so a
-    GPU sends the host uint8 / int16 maps instead of float32 ones."""
+    Maps from a GPU are quantised there (target_codec), so uint8 / int16 maps cross to the host instead of
+    float32 ones; maps on the CPU with the schema's numpy functions (about 3x faster than torch's there,
+    BENCHMARKS.md). Both give the same bytes (tests/test_target_codec.py)."""
     arr = {}
     if targets is not None:
-        q = quantize_targets(targets)
-        valid = q.patch_valid.cpu().numpy()
-        arr = dict(heatmap=q.heatmap.cpu().numpy(), coarse=q.coarse.cpu().numpy(),
-                   patch_boxes=q.patch_boxes.cpu().numpy(), patch_scales=q.patch_scales.cpu().numpy(),
-                   patch_valid=valid, refine=q.refine.cpu().numpy(), num_valid_patches=valid.sum(axis=1))
+        if targets.heatmap.device.type == "cpu":
+            maps = dict(heatmap=quantize_heatmap(targets.heatmap.float().numpy()),
+                        coarse=quantize_boxes(targets.coarse.float().numpy()),
+                        refine=quantize_boxes(targets.refine.float().numpy()))
+        else:
+            q = quantize_targets(targets)
+            maps = dict(heatmap=q.heatmap.cpu().numpy(), coarse=q.coarse.cpu().numpy(), refine=q.refine.cpu().numpy())
+        valid = targets.patch_valid.cpu().numpy()
+        arr = dict(maps, patch_boxes=targets.patch_boxes.float().cpu().numpy(),
+                   patch_scales=targets.patch_scales.float().cpu().numpy(), patch_valid=valid,
+                   num_valid_patches=valid.sum(axis=1))
     rows, k = [], 0
     for rec in records:
         row: Dict[str, Any] = dict(image_id=rec["image_id"], variant=rec["variant"], seed=seed, status=rec["status"])
@@ -199,7 +206,7 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     usable = 0  # views the teacher labelled (the skipped ones are recorded, not counted)
     total = sum(len(j) for j in jobs)
     bar = progress_bar(total=total, desc=desc, unit="view", disable=not opts.progress)
-    # quantising a batch runs on a thread while the teacher labels the next one (torch releases the GIL)
+    # quantising a batch runs on a thread while the teacher labels the next one (numpy and torch release the GIL)
     quantizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yolc-kd-quantize")
     pending: Deque[Tuple[Future, List[Dict[str, Any]]]] = deque()
 
