@@ -178,6 +178,10 @@ def main() -> None:
                    help=f"held-out set sizes to evaluate every student on (default: the demo's {VAL_IMAGES}); "
                         f"n images of the demo's held-out seed, so the demo's {VAL_IMAGES} come first")
     p.add_argument("--students", nargs="+", default=list(STUDENTS[:5]), choices=STUDENTS)
+    p.add_argument("--demo-reference", default=None, metavar="JSON",
+                   help="also write the demo's seed reference (src/yolc_kd/assets/demo_seeds.json): per seed AP of "
+                        "no_kd_fresh and kd_default on the 40 held-out images, for `yolc-kd demo` to print beside "
+                        "its own run (run with the demo's --iters and --batch)")
     p.add_argument("--order", choices=("student", "seed"), default="student",
                    help="run order: all seeds of a student first (default), or all students of a seed first")
     args = p.parse_args()
@@ -235,9 +239,37 @@ def main() -> None:
             lines.append(f"online_default and kd_default bit-identical weights: seeds {same} of {args.seeds}")
         lines.append(f"teacher: full AP {teachers[n]['full_AP']:.4f}, fused AP {teachers[n]['fused_AP']:.4f}")
         print("\n".join(lines))
+    if args.demo_reference:
+        write_demo_reference(Path(args.demo_reference), rows, teachers[VAL_IMAGES], args)
     emit(dict(iters=args.iters, batch=args.batch, seeds=args.seeds, variants=_variants(cache), teacher=teachers,
               rows=rows, summary=summaries, precompute_s=round(precompute_s, 1),
               wall_s=round(time.perf_counter() - t_start, 1)), args.out)
+
+
+def machine() -> str:
+    """'N-core <CPU model>' of this machine, for numbers that hold on one machine only."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return f"{os.cpu_count()}-core {model}"
+
+
+def write_demo_reference(path: Path, rows: List[dict], teacher: dict, args) -> None:
+    """The demo's students over seeds (no_kd_fresh, kd_default on the demo's held-out set) as the demo reads it."""
+    by = {(r["student"], r["seed"]): r for r in rows}
+    seeds = [s for s in args.seeds if ("no_kd_fresh", s) in by and ("kd_default", s) in by]
+    if not seeds:
+        raise SystemExit("--demo-reference needs the students no_kd_fresh and kd_default")
+    ref = dict(iters=args.iters, batch=args.batch, seeds=seeds, threads_per_run=args.threads, machine=machine(),
+               teacher={k: teacher[k] for k in ("full_AP", "fused_AP")},
+               **{key: {k: [round(by[(name, s)][k], 4) for s in seeds] for k in ("full_AP", "fused_AP")}
+                  for key, name in (("no_kd", "no_kd_fresh"), ("kd", "kd_default"))})
+    path.write_text(json.dumps(ref, indent=1) + "\n")
+    log(f"demo reference written to {path}")
 
 
 def paired_difference(rows: List[dict], a: str, b: str, sfx: str = "") -> Dict[str, List[float]]:

@@ -53,3 +53,27 @@ def test_run_parallel_trains_students_side_by_side_and_a_failure_is_one_line(tmp
     msg = str(exc.value)
     assert "\n" not in msg and "missing.py" in msg and "train.log" in msg
     assert not (slow / "iter_5000.pth").exists()
+
+
+def test_the_demo_prints_the_benchmarks_spread_over_seeds_beside_its_own_run():
+    from yolc_kd.demo import seed_spread_line
+
+    ref = dict(iters=400, batch=2, seeds=[0, 1, 2], machine="2-core Test CPU",
+               no_kd=dict(full_AP=[0.10, 0.20, 0.15], fused_AP=[0.1, 0.2, 0.2]),
+               kd=dict(full_AP=[0.15, 0.19, 0.25], fused_AP=[0.2, 0.2, 0.3]))
+    line = seed_spread_line(ref)
+    assert "over seeds 0-2" in line and "2-core Test CPU" in line
+    assert "full AP +0.0467 (min -0.0100, max +0.1000; KD ahead on 2 of 3)" in line
+    assert "fused AP +0.0667 (min +0.0000, max +0.1000; KD ahead on 2 of 3)" in line
+    assert "one more draw" in line
+    assert "no benchmark over seeds" in seed_spread_line(None)
+
+
+def test_the_shipped_seed_reference_is_for_the_demos_defaults():
+    """The demo with its defaults finds the reference; other settings get none (not a wrong one)."""
+    from yolc_kd.demo import DEMO_BATCH, DEMO_ITERS, gains, seed_reference
+
+    ref = seed_reference(DEMO_ITERS, DEMO_BATCH)
+    assert ref is not None and len(ref["seeds"]) >= 5 and ref["machine"]
+    assert len(gains(ref, "full")) == len(ref["seeds"]) == len(gains(ref, "fused"))
+    assert seed_reference(DEMO_ITERS + 1, DEMO_BATCH) is None
