@@ -10,7 +10,8 @@ from yolc_kd.diskio import describe_os_error
 from yolc_kd.errors import UserError
 
 # each module defines register(subparsers) which adds a parser with set_defaults(func=run)
-COMMANDS = ("demo", "synth", "convert_visdrone", "make_crops", "train", "infer", "eval", "precompute", "verify")
+COMMANDS = ("demo", "synth", "convert_visdrone", "make_crops", "train", "infer", "eval", "precompute", "verify",
+            "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
