@@ -8,6 +8,7 @@ import torch
 
 from conftest import cli_args, make_setup, plain_metas, teacher_model_cfg
 from yolc_kd.cache.reader import CacheReader
+from yolc_kd.checkpoint import read_checkpoint
 from yolc_kd.cli import main
 from yolc_kd.config import DISTILL_DEFAULTS
 from yolc_kd.errors import UserError
@@ -185,3 +186,31 @@ def test_train_amp_two_iterations_with_finite_gradients(amp_setup, tmp_path, mon
     assert len(losses) == 2 and all(abs(v) < float("inf") for v in losses)
     if kind in ("cache", "online"):
         assert all("loss_kd_global_hm" in r for r in records if "loss" in r)
+
+
+@pytest.mark.cuda
+def test_cuda_float16_precompute_verify_and_train_with_loss_scaling(cuda_device, tmp_path, monkeypatch):
+    """On a GPU (YOLC_KD_TEST_DEVICE=cuda): --amp is float16 with the GradScaler; precompute records it and verify
+    --recompute repeats it; train --cache and --online take 2 steps and save finite weights."""
+    s = make_setup(tmp_path / "setup", n_images=4)
+    dev = str(cuda_device)
+    cache = tmp_path / "soft"
+    assert main(cli_args(s, cache, "--amp", "--deterministic", "--device", dev)) == 0
+    assert CacheReader(cache).manifest["amp"] == "float16"
+    assert main(["verify", str(cache), "--recompute", "3", "--config", str(s.config), "--ckpt", str(s.ckpt),
+                 "--device", dev, "--no-progress"]) == 0
+    scaled = []
+    step = Trainer.step
+
+    def recorded_step(self, batch, it):
+        scaled.append(self.scaler.is_enabled())
+        return step(self, batch, it)
+
+    monkeypatch.setattr(Trainer, "step", recorded_step)
+    for i, extra in enumerate((["--cache", str(cache)], ["--online", "--teacher-ckpt", str(s.ckpt)])):
+        work = tmp_path / f"w{i}"
+        assert main(["train", "--config", str(s.config), "--work-dir", str(work), "--max-iters", "2", "--amp",
+                     "--device", dev, "--no-progress", *extra]) == 0
+        weights, _, _ = read_checkpoint(work / "latest.pth", False)
+        assert all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
+    assert scaled == [True] * 4
