@@ -241,6 +241,29 @@ def crop_config(test_cfg: Optional[Mapping]) -> dict:
     return {**DEFAULT_CROP_CFG, **dict((test_cfg or {}).get("crop", {}))}
 
 
+# test_cfg.max_pixels: the most input pixels (batch x height x width) of one network forward in the full-image pass;
+# a larger input runs in overlapping tiles (models/tiling.py). 0: no limit (YOLC: the whole input at once). 4 MP keeps
+# the w48 teacher's tile near 6.5 GB, so a 48 MP image fits in 16 GB (BENCHMARKS.md, "Large images").
+# test_cfg.tile_overlap: the context (pixels, a multiple of 32) a tile sees beyond the part it keeps; HRNet-w18/w48
+# outputs stop changing (float32) 320 px from a cut edge, the tiny configs' 160 px (BENCHMARKS.md)
+DEFAULT_TILE_CFG = dict(max_pixels=4_194_304, tile_overlap=384)
+
+
+def tile_config(test_cfg: Optional[Mapping]) -> dict:
+    """A model's tiling settings: test_cfg.max_pixels and test_cfg.tile_overlap over DEFAULT_TILE_CFG, checked."""
+    from yolc_kd.errors import ModelConfigError
+
+    test_cfg = test_cfg or {}
+    out = {k: test_cfg.get(k, v) for k, v in DEFAULT_TILE_CFG.items()}
+    for key, value in out.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ModelConfigError(f"test_cfg.{key} must be an integer >= 0, got {value!r}")
+    if out["tile_overlap"] % 32:
+        raise ModelConfigError(f"test_cfg.tile_overlap must be a multiple of 32 (tiles start on the network's "
+                               f"coarsest grid), got {out['tile_overlap']}")
+    return out
+
+
 def patch_canvas(input_hw: Sequence[int]) -> Tuple[int, int]:
     """Fixed patch size for KD (one dense block per sample in the cache): half the input, multiple of 32."""
     return (max(32, int(input_hw[0]) // 2 // 32 * 32), max(32, int(input_hw[1]) // 2 // 32 * 32))

@@ -12,6 +12,9 @@ from yolc_kd.errors import UserError
 
 
 def register(subparsers: Any) -> None:
+    from yolc_kd.crops import DEFAULT_TILE_CFG
+    from yolc_kd.runtime import AMP_DTYPES
+
     p = subparsers.add_parser(
         "infer", help="detect objects in images with a YOLC checkpoint (COCO results json)",
         description="Run YOLC (full image -> LSM cluster crops -> one batched patch pass -> fusion) on a folder "
@@ -19,7 +22,11 @@ def register(subparsers: Any) -> None:
                     "{image_id, category_id, bbox [x,y,w,h], score}. For a folder, image ids are 1..N in "
                     "sorted file-name order and <out stem>.images.json maps them to the files.")
     p.add_argument("--config", required=True, type=Path, help="mmdet-style Python config (.py)")
-    p.add_argument("--ckpt", required=True, type=Path, help="checkpoint (.pth) matching the config")
+    p.add_argument("--ckpt", type=Path, default=None, help="checkpoint (.pth) matching the config")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="instead of --ckpt: the network exported by `yolc-kd export` (dynamic), run by ONNX Runtime "
+                        "(CPU, or CUDA with onnxruntime-gpu); the config still gives the crop, fusion and test "
+                        "settings. Needs the deploy extra")
     p.add_argument("--images", required=True, type=Path,
                    help="folder of images (.jpg .jpeg .png .bmp .tif .tiff .webp); with --ann: the image root")
     p.add_argument("--ann", type=Path, default=None,
@@ -32,7 +39,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--viz", type=Path, default=None, metavar="DIR",
                    help="also write one PNG per image (heatmap, crop regions, boxes with score >= 0.3)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="pixel budget of one network forward (batch x padded height x width; default: the config's "
+                        f"test_cfg.max_pixels, else {DEFAULT_TILE_CFG['max_pixels']:,}): a larger input runs in "
+                        "overlapping tiles whose stitched maps equal the untiled ones up to float noise, or is "
+                        "downscaled (--large-image). 0: no budget, the whole image in one pass (memory grows with it)")
+    p.add_argument("--large-image", choices=("tile", "downscale"), default="tile",
+                   help="an image over --max-pixels: 'tile' (default: full resolution in overlapping tiles) or "
+                        "'downscale' (resized so its padded input fits the budget, boxes mapped back: faster, "
+                        "but objects shrink with it)")
     add_device_arg(p)
+    p.add_argument("--amp", action="store_true", help="mixed precision (autocast) for the forwards")
+    p.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=None,
+                   help="dtype of --amp (default: float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--crop-config", type=Path, default=None,
                    help="config of a second model (e.g. the deployed teacher) whose LSM picks the crops")
     p.add_argument("--crop-ckpt", type=Path, default=None, help="checkpoint of the --crop-config model")
@@ -73,7 +92,7 @@ def _folder_names(num_classes: int, classes: Optional[Tuple[str, ...]]) -> Tuple
     return tuple(f"class{i + 1}" for i in range(num_classes))
 
 
-def _load_model(cfg: Dict[str, Any], config: Path, ckpt: Path, trust: bool):
+def _load_model(cfg: Dict[str, Any], config: Path, ckpt: Optional[Path], trust: bool):
     from yolc_kd.checkpoint import load_checkpoint
     from yolc_kd.models import build_detector
 
@@ -81,6 +100,8 @@ def _load_model(cfg: Dict[str, Any], config: Path, ckpt: Path, trust: bool):
         model = build_detector(cfg["model"])
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"config {config}: cannot build the model: {exc}") from None
+    if ckpt is None:
+        return model  # no weights: an exported network stands in for it (--onnx)
     try:
         load_checkpoint(model, ckpt, strict=True, trust=trust)
     except UserError:
@@ -96,11 +117,26 @@ def run(args: argparse.Namespace) -> int:
 
     check_count("batch-size", args.batch_size)
     check_count("max-patches", args.max_patches, 0)
+    check_count("max-pixels", args.max_pixels, 0)
+    if args.amp_dtype and not args.amp:
+        raise UserError("--amp-dtype needs --amp")
+    if args.large_image == "downscale" and args.max_pixels == 0:
+        raise UserError("--large-image downscale needs a pixel budget: --max-pixels N with N > 0")
+    if (args.ckpt is None) == (args.onnx is None):
+        raise UserError("--ckpt and --onnx exclude each other: give one" if args.onnx is not None
+                        else "give the network's weights: --ckpt CKPT or --onnx MODEL.onnx")
+    if args.onnx is not None and args.amp:
+        raise UserError("--amp does not apply to --onnx (the exported graph computes in float32)")
     from yolc_kd.runtime import resolve_device
 
     if (args.crop_config is None) != (args.crop_ckpt is None):
         raise UserError("--crop-config and --crop-ckpt go together (the model whose LSM picks the crops)")
-    device = resolve_device(args.device)
+    if args.onnx is not None:
+        from yolc_kd.deploy.onnx_runtime import OnnxNetwork, onnx_device
+
+        device = onnx_device(args.device)
+    else:
+        device = resolve_device(args.device)
     cfg, num_classes, classes = _model_and_classes(args.config)
 
     if args.ann is not None:
@@ -111,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         source = P.folder_source(args.images, _folder_names(num_classes, classes))
 
     model = _load_model(cfg, args.config, args.ckpt, args.trust_checkpoint)
+    if args.onnx is not None:  # ONNX Runtime stands in for the network; decoding, LSM, patches, fusion stay
+        model.use_network(OnnxNetwork(args.onnx, device=device, num_classes=num_classes))
     crop_model = None
     if args.crop_config is not None:
         crop_cfg, crop_num_classes, _ = _model_and_classes(args.crop_config)
@@ -119,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
                             f"--config {num_classes}: the crop model must share the classes")
         crop_model = _load_model(crop_cfg, args.crop_config, args.crop_ckpt, args.trust_checkpoint)
     predictor = P.Predictor(model, cfg, device=device, fusion=args.fusion, max_patches=args.max_patches,
-                            crop_model=crop_model)
+                            crop_model=crop_model, max_pixels=args.max_pixels, large_image=args.large_image,
+                            amp=args.amp, amp_dtype=args.amp_dtype)
 
     summary = P.predict_images(predictor, source, batch_size=args.batch_size, viz_dir=args.viz, strict=args.strict)
     written = P.save_predictions(args.out, summary, source)

@@ -7,30 +7,37 @@ area (e.g. peaks in the padding) are dropped.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
+from yolc_kd import crops
 from yolc_kd.data.augment import AugmentConfig, TestTransform, collate_test
 from yolc_kd.data.coco import CocoDetection
-from yolc_kd.data.images import display_path, load_image_rgb
+from yolc_kd.data.images import display_path, load_image_rgb, read_image_size
 from yolc_kd.data.loading import check_images
 from yolc_kd.diskio import write_json
 from yolc_kd.errors import UserError
 from yolc_kd.infer.viz import save_detections
+from yolc_kd.models import tiling
 from yolc_kd.progress import progress_bar
-from yolc_kd.runtime import resolve_device
+from yolc_kd.runtime import mixed_precision, resolve_device
 
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FUSION_MODES = ("nms", "replace", "none")
+# an image over the pixel budget: the full-resolution pass in overlapping tiles, or the image downscaled to the budget
+LARGE_IMAGE_MODES = ("tile", "downscale")
 VIZ_SCORE_THR = 0.3
 
 
@@ -135,36 +142,121 @@ def build_test_transform(cfg: Dict[str, Any]) -> TestTransform:
 
 
 class Predictor:
-    """Runs a YOLC model on lists of (H,W,3) uint8 RGB images."""
+    """Runs a YOLC model on lists of (H,W,3) uint8 RGB images.
+
+    Args:
+        model: the YOLC detector.
+        cfg: its config (the test transform comes from its pipelines).
+        device: where it runs (resolve_device).
+        fusion, max_patches: override test_cfg.crop's (None: the config's).
+        crop_model: another YOLC (e.g. the deployed teacher) whose LSM regions on the same input pick the crops;
+            refine and fusion stay with `model`.
+        max_pixels: the pixel budget of one forward (None: test_cfg.max_pixels; 0: no limit).
+        large_image: what an image over the budget gets: "tile" (full resolution in overlapping tiles) or
+            "downscale" (resized so its padded input fits the budget; boxes come back in its own pixels).
+        amp, amp_dtype: autocast the forwards (runtime.mixed_precision; dtype None: float16 on CUDA, bfloat16 on CPU).
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: Dict[str, Any], device: Union[str, torch.device] = "auto",
                  fusion: Optional[str] = None, max_patches: Optional[int] = None,
-                 crop_model: Optional[torch.nn.Module] = None) -> None:
-        """crop_model: another YOLC (e.g. the deployed teacher) whose LSM regions on the same input pick the
-        crops; refine and fusion stay with `model`."""
+                 crop_model: Optional[torch.nn.Module] = None, max_pixels: Optional[int] = None,
+                 large_image: str = "tile", amp: bool = False,
+                 amp_dtype: Union[str, torch.dtype, None] = None) -> None:
         if fusion is not None and fusion not in FUSION_MODES:
             raise UserError(f"fusion must be one of {', '.join(FUSION_MODES)}, got {fusion!r}")
         if max_patches is not None and (isinstance(max_patches, bool) or int(max_patches) != max_patches
                                         or max_patches < 0):
             raise UserError(f"max_patches must be a non-negative integer, got {max_patches!r}")
+        if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) != max_pixels
+                                       or max_pixels < 0):
+            raise UserError(f"max_pixels must be a non-negative integer, got {max_pixels!r}")
+        if large_image not in LARGE_IMAGE_MODES:
+            raise UserError(f"large_image must be one of {', '.join(LARGE_IMAGE_MODES)}, got {large_image!r}")
         self.device = resolve_device(device)
+        self.amp, self.amp_dtype = bool(amp), amp_dtype
+        mixed_precision(self.device, self.amp, self.amp_dtype)  # an unusable --amp-dtype is one line, before any work
         self.model = model.to(self.device).eval()
         self.crop_model = crop_model.to(self.device).eval() if crop_model is not None else None
         self.transform = build_test_transform(cfg)
         self.fusion = fusion
         self.max_patches = None if max_patches is None else int(max_patches)
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
+        self.large_image = large_image
+
+    @property
+    def budget(self) -> int:
+        """The pixel budget in force: max_pixels, else the model's test_cfg.max_pixels (0: none)."""
+        if self.max_pixels is not None:
+            return self.max_pixels
+        return int(getattr(self.model, "tile_cfg", crops.DEFAULT_TILE_CFG)["max_pixels"])
+
+    def input_hw(self, height: int, width: int) -> Tuple[int, int]:
+        """(height, width) an image of that size is run at: downscaled to the budget with large_image='downscale'
+        (the padded input then has at most `budget` pixels), else as it is."""
+        budget = self.budget
+        th, tw = self.transform.target_hw(height, width)
+        if self.large_image != "downscale" or not budget or th * tw <= budget:
+            return height, width
+        scale = math.sqrt(budget / (height * width))
+        while True:
+            h, w = max(1, int(height * scale)), max(1, int(width * scale))
+            th, tw = self.transform.target_hw(h, w)
+            if th * tw <= budget or (h == 1 and w == 1):
+                return h, w
+            scale *= 0.99  # the padding to a multiple of 32 took it over: a little smaller
+
+    def memory_estimate(self, sizes: Sequence[Tuple[int, int]], keep_heatmap: bool = False) -> Optional[Tuple[int, str]]:
+        """Estimated peak bytes (and what they are made of) of one call on images of these (height, width);
+        None for a model that gives no estimate. The crop model's pass runs before the model's: the larger counts."""
+        padded = [self.transform.target_hw(*self.input_hw(h, w)) for h, w in sizes]
+        hmax, wmax = max(h for h, _ in padded), max(w for _, w in padded)
+        found = []
+        for model, heat in ((self.model, keep_heatmap), (self.crop_model, False)):
+            if hasattr(model, "memory_estimate"):
+                found.append(model.memory_estimate(len(sizes), hmax, wmax, self.max_pixels, heat))
+        return max(found, default=None)
+
+    def check_memory(self, sizes: Sequence[Tuple[int, int]], keep_heatmap: bool = False,
+                     name: Optional[str] = None) -> None:
+        """One UserError, before any work, when the estimate for these images exceeds MemAvailable."""
+        estimate, available = self.memory_estimate(sizes, keep_heatmap), tiling.mem_available()
+        if estimate is None or available is None or estimate[0] <= available:
+            return
+        h, w = max(sizes, key=lambda s: s[0] * s[1])
+        what = name if name is not None else f"a batch of {len(sizes)} image(s)"
+        if self.budget and self.large_image == "tile":
+            hint = f"lower --max-pixels (now {self.budget:,}) or use --large-image downscale"
+        else:
+            hint = "set --max-pixels N to run it in tiles" if not self.budget else "lower --max-pixels"
+        raise UserError(f"{what} ({w}x{h}) needs about {tiling.gib(estimate[0])} ({estimate[1]}) but "
+                        f"{tiling.gib(available)} of memory is available: {hint}")
+
+    def _prepare(self, img: np.ndarray) -> Tuple[torch.Tensor, dict]:
+        """The test transform of one image, downscaled first when input_hw says so (its meta's scale_factor
+        then maps boxes back to the image's own pixels)."""
+        h, w = img.shape[:2]
+        nh, nw = self.input_hw(h, w)
+        if (nh, nw) == (h, w):
+            return self.transform(img)
+        tensor, meta = self.transform(np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR)))
+        meta["ori_shape"] = (h, w, 3)
+        meta["scale_factor"] = np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)
+        return tensor, meta
 
     def __call__(self, images: Sequence[np.ndarray], keep_heatmap: bool = False) -> List[ImagePrediction]:
         if not images:
             return []
-        batch, metas = collate_test([self.transform(img) for img in images])
-        with torch.inference_mode():
+        self.check_memory([img.shape[:2] for img in images], keep_heatmap)
+        batch, metas = collate_test([self._prepare(img) for img in images])
+        kw = {} if self.max_pixels is None else dict(max_pixels=self.max_pixels)
+        with torch.inference_mode(), mixed_precision(self.device, self.amp, self.amp_dtype):
             self.model.eval()
             batch = batch.to(self.device)
-            coords = self.crop_model.lsm_coords(batch, metas) if self.crop_model is not None else None
+            coords = self.crop_model.lsm_coords(batch, metas, **kw) if self.crop_model is not None else None
             results, extras = self.model.simple_test(batch, metas, rescale=True, fusion=self.fusion,
                                                      max_patches=self.max_patches, return_extras=True,
-                                                     crop_coords=coords)
+                                                     crop_coords=coords, keep_heatmap=keep_heatmap, **kw)
+        del batch
         heat = extras.get("heatmap") if keep_heatmap else None
         regions = extras.get("regions") or [None] * len(images)
         out = []
@@ -177,11 +269,14 @@ class Predictor:
             boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(d[:, 4])
             hm = None
-            if heat is not None:
+            if heat is not None:  # in the pixels the model saw (viz resizes it onto the image)
                 top, bottom, left, right = (int(round(float(v))) for v in np.asarray(meta["border"])[:4])
                 hm = heat[i, :, top:bottom, left:right].detach().float().cpu().numpy()
             reg = np.zeros((0, 4), np.int64) if regions[i] is None else np.asarray(regions[i]).reshape(-1, 4)
             reg = reg[(reg[:, 2] >= 1) & (reg[:, 3] >= 1)]  # empty regions gave no patch
+            scale = np.asarray(meta.get("scale_factor", np.ones(4)), np.float64).reshape(-1)[:4]
+            if not np.all(scale == 1):  # a downscaled image: regions in its own pixels
+                reg = np.round(reg / scale).astype(np.int64)
             out.append(ImagePrediction(boxes[keep], d[keep, 4], lab[keep], hm, reg))
         return out
 
@@ -231,6 +326,44 @@ def _viz_name(item: ImageItem, used: set) -> str:
     return name
 
 
+def _load(item: ImageItem) -> Union[np.ndarray, UserError]:
+    try:
+        return load_image_rgb(item.path)
+    except UserError as exc:  # handed to the loop, which skips or stops (--strict) in image order
+        return exc
+
+
+def _read_ahead(items: Sequence[ImageItem]) -> Iterator[Tuple[ImageItem, Union[np.ndarray, UserError]]]:
+    """(item, image or its UserError) in order, the next image decoded in a thread while the caller works."""
+    if not items:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(_load, items[0])
+        for i, item in enumerate(items):
+            arr = ahead.result()
+            if i + 1 < len(items):
+                ahead = pool.submit(_load, items[i + 1])
+            yield item, arr
+
+
+def _check_largest(predictor: Predictor, items: Sequence[ImageItem], batch_size: int, keep_heatmap: bool) -> None:
+    """Predictor.check_memory for a batch of the largest image (sizes from the file headers), before any work.
+    Files whose header cannot be read are left to the loop, which reports them."""
+    if not hasattr(predictor, "check_memory"):
+        return
+    largest = None
+    for item in items:
+        try:
+            w, h = read_image_size(item.path)
+        except Exception:  # noqa: BLE001 - any unreadable file is reported by the loop when it is read
+            continue
+        if largest is None or h * w > largest[1] * largest[2]:
+            largest = (item, h, w)
+    if largest is not None:
+        item, h, w = largest
+        predictor.check_memory([(h, w)] * min(batch_size, len(items)), keep_heatmap, display_path(item.file_name))
+
+
 def predict_images(predictor: Predictor, source: ImageSource, batch_size: int = 1,
                    viz_dir: Optional[PathLike] = None, strict: bool = False, progress: bool = True,
                    log: Callable[[str], None] = _stderr) -> PredictSummary:
@@ -246,6 +379,7 @@ def predict_images(predictor: Predictor, source: ImageSource, batch_size: int = 
     used_names: set = set()
     pending: List[Tuple[ImageItem, np.ndarray]] = []
     start = time.perf_counter()
+    _check_largest(predictor, source.items, batch_size, keep_heatmap=viz is not None)
 
     def flush() -> None:
         preds = predictor([a for _, a in pending], keep_heatmap=viz is not None)
@@ -260,12 +394,11 @@ def predict_images(predictor: Predictor, source: ImageSource, batch_size: int = 
         pending.clear()
 
     with progress_bar(total=len(source.items), unit="img", desc="infer", disable=not progress) as bar:
-        for item in source.items:
-            try:
-                arr = load_image_rgb(item.path)
-            except UserError as exc:
+        for item, arr in _read_ahead(source.items):
+            if isinstance(arr, UserError):
+                exc = arr
                 if strict:
-                    raise
+                    raise exc
                 skipped.append((item.file_name, str(exc)))
                 log(f"warning: skipping {exc}")
                 bar.update(1)

@@ -11,11 +11,14 @@ from yolc_kd import crops
 from yolc_kd.errors import ModelConfigError
 from yolc_kd.kd import KDTargets, kd_losses
 from yolc_kd.models.hrfpn import HRFPN
+from yolc_kd.models import tiling
 from yolc_kd.models.hrnet import HRNet
-from yolc_kd.models.yolc_head import Dets, YOLCHead, gaussian_blur3x3
+from yolc_kd.models.yolc_head import Dets, YOLCHead, gaussian_blur3x3, local_maximum
 
 # KD targets for a batch, or a function that makes them from the model's own (detached) heatmap
 KDTargetsArg = Union[KDTargets, Callable[[torch.Tensor], KDTargets], None]
+# what the network (backbone + neck + head) returns: ([heatmap], [coarse], [refine]), one entry per feature level
+NetworkOutputs = Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]
 
 
 class YOLC(nn.Module):
@@ -29,6 +32,8 @@ class YOLC(nn.Module):
         head_cfg.update(train_cfg=train_cfg, test_cfg=test_cfg)  # as mmdet's SingleStageDetector
         self.bbox_head = _build(head_cfg, {"YOLCHead": YOLCHead}, "bbox_head")
         self.crop_cfg = crops.crop_config(test_cfg)
+        self.tile_cfg = crops.tile_config(test_cfg)
+        self._network: Optional[Callable[[torch.Tensor], NetworkOutputs]] = None  # see use_network
 
     def forward(self, img: torch.Tensor, img_metas: List[Mapping], return_loss: bool = True, **kwargs):
         """mmdet convention (needed by DistributedDataParallel): losses in training, detections otherwise."""
@@ -45,6 +50,18 @@ class YOLC(nn.Module):
         return self.neck(x) if self.neck is not None else tuple(x)
 
     def forward_dummy(self, img: torch.Tensor):
+        return self.bbox_head(self.extract_feat(img))
+
+    def use_network(self, network: Optional[Callable[[torch.Tensor], NetworkOutputs]]) -> None:
+        """Let `network` (e.g. deploy.onnx_runtime.OnnxNetwork) stand in for backbone + neck + head at inference
+        (simple_test, lsm_coords): called with an image batch it returns the head's ([heatmap], [coarse],
+        [refine]). None: the PyTorch modules again. Training and KD always run the PyTorch modules."""
+        self._network = network
+
+    def network(self, img: torch.Tensor) -> NetworkOutputs:
+        """Backbone + neck + head at inference: the PyTorch modules, or the stand-in set by use_network."""
+        if self._network is not None:
+            return self._network(img)
         return self.bbox_head(self.extract_feat(img))
 
     def forward_train(self, img: torch.Tensor, img_metas: List[Mapping], gt_bboxes: List[torch.Tensor],
@@ -104,23 +121,44 @@ class YOLC(nn.Module):
     @torch.no_grad()
     def simple_test(self, img: torch.Tensor, img_metas: List[Mapping], rescale: bool = True,
                     fusion: Optional[str] = None, max_patches: Optional[int] = None,
-                    return_extras: bool = False, crop_coords: Optional[List[np.ndarray]] = None):
+                    return_extras: bool = False, crop_coords: Optional[List[np.ndarray]] = None,
+                    max_pixels: Optional[int] = None, keep_heatmap: bool = True):
         """Full-image detection -> LSM on this model's heatmap (or the given crop_coords, e.g. another model's
         LSM regions from lsm_coords) -> one batched forward over all patches -> remap -> fusion -> class-wise
-        NMS. Returns per image (dets (N,5) [x1,y1,x2,y2,score], labels (N,))."""
+        NMS. Returns per image (dets (N,5) [x1,y1,x2,y2,score], labels (N,)); with return_extras also
+        dict(heatmap=(B,C,H,W) or None without keep_heatmap, regions=per image (K,4)).
+
+        max_pixels (None: test_cfg.max_pixels): an input of more pixels runs the network in overlapping tiles
+        (models/tiling.py), the patch canvas too; 0 never tiles."""
         cfg = self.crop_cfg
         fusion = fusion or cfg["fusion"]
         max_patches = cfg["max_patches"] if max_patches is None else max_patches
-        heat, coarse, refine = self.bbox_head(self.extract_feat(img))
-        blurred = gaussian_blur3x3(heat[0])  # once: for decoding and (YOLC quirk kept) for LSM
-        full = self.bbox_head.bboxes_from_blurred(blurred, refine[0], img_metas, rescale=False)
+        max_pixels = self.tile_cfg["max_pixels"] if max_pixels is None else int(max_pixels)
+        tiles = self._tiles(img, max_pixels)
+        heat = None
+        if tiles is None:
+            heat, _, refine = self.network(img)
+            heat, refine = heat[0], refine[0]
+            blurred = gaussian_blur3x3(heat)  # once: for decoding and (YOLC quirk kept) for LSM
+            heat = heat if keep_heatmap else None
+            full = self.bbox_head.bboxes_from_blurred(blurred, refine, img_metas, rescale=False)
+            lsm_map = None
+            if fusion != "none" and max_patches > 0 and crop_coords is None:
+                lsm_map = blurred.amax(dim=1, keepdim=True)
+            del blurred
+        else:  # stitched peaks of the blurred heatmap, its max over classes for LSM, refine (and the heatmap)
+            maps = tiling.run_tiled(img, tiles, lambda window: self._tile_maps(window, keep_heatmap))
+            heat, refine, lsm_map = maps.pop("heat", None), maps.pop("refine"), maps.pop("lsm")
+            full = self.bbox_head.bboxes_from_blurred(maps.pop("peaks"), refine, img_metas, rescale=False, kernel=1)
+        del refine
         regions: List[np.ndarray] = [np.zeros((0, 4), np.int64) for _ in img_metas]
         results: List[Dets] = list(full)
         if fusion != "none" and max_patches > 0:
-            coords = crop_coords if crop_coords is not None else self._lsm_of_blurred(blurred, img_metas)
+            coords = crop_coords if crop_coords is not None else self._lsm_of_max(lsm_map, img_metas)
+            del lsm_map
             plan = self.inference_patch_plan(img, img_metas, coords, max_patches)
             regions = plan.regions
-            results = self._fuse_patches(img, img_metas, full, plan, fusion)
+            results = self._fuse_patches(img, img_metas, full, plan, fusion, max_pixels)
         out = []
         for (dets, labels), meta in zip(results, img_metas):
             dets = dets.clone()
@@ -131,32 +169,88 @@ class YOLC(nn.Module):
                 dets[:, :4] /= dets.new_tensor(np.asarray(meta.get("scale_factor", 1.0), np.float32) * np.ones(4, np.float32))
             out.append((dets, labels))
         if return_extras:
-            return out, dict(heatmap=heat[0], regions=regions)
+            return out, dict(heatmap=heat, regions=regions)
         return out
 
     @torch.no_grad()
-    def lsm_coords(self, img: torch.Tensor, img_metas: List[Mapping]) -> List[np.ndarray]:
-        """The LSM regions inference would crop (content frame): for lending this model's crops to another."""
-        feats = self.extract_feat(img)
-        assert len(feats) == 1, "YOLC uses one feature level"
-        heat = self.bbox_head.forward_heatmap(feats[0])  # the box branch would be thrown away
-        return self._lsm_of_blurred(gaussian_blur3x3(heat), img_metas)
+    def lsm_coords(self, img: torch.Tensor, img_metas: List[Mapping],
+                   max_pixels: Optional[int] = None) -> List[np.ndarray]:
+        """The LSM regions inference would crop (content frame): for lending this model's crops to another.
+        Heatmap branch only (the box branch would be thrown away); tiled as simple_test."""
+        def lsm_map(window: torch.Tensor) -> torch.Tensor:
+            if self._network is not None:  # a stand-in runs the whole network
+                return gaussian_blur3x3(self._network(window)[0][0]).amax(dim=1, keepdim=True)
+            feats = self.extract_feat(window)
+            assert len(feats) == 1, "YOLC uses one feature level"
+            return gaussian_blur3x3(self.bbox_head.forward_heatmap(feats[0])).amax(dim=1, keepdim=True)
+
+        tiles = self._tiles(img, self.tile_cfg["max_pixels"] if max_pixels is None else int(max_pixels))
+        if tiles is None:
+            return self._lsm_of_max(lsm_map(img), img_metas)
+        return self._lsm_of_max(tiling.run_tiled(img, tiles, lambda w: dict(lsm=lsm_map(w)))["lsm"], img_metas)
+
+    def _tiles(self, img: torch.Tensor, max_pixels: int) -> Optional[List[tiling.Tile]]:
+        """None when img fits one forward of max_pixels, else its tiles (test_cfg.tile_overlap of context)."""
+        return tiling.batch_tiles(img.shape[0], img.shape[2], img.shape[3], max_pixels, self.tile_cfg["tile_overlap"])
+
+    def _tile_maps(self, window: torch.Tensor, keep_heatmap: bool) -> Dict[str, torch.Tensor]:
+        """What the stitched full-image pass needs from one tile: the peaks of the blurred heatmap (blur and peak
+        search are 3x3-local, exact inside the core), its max over classes (LSM), refine, and the heatmap if kept."""
+        heat, _, refine = self.network(window)
+        blurred = gaussian_blur3x3(heat[0])
+        out = dict(peaks=local_maximum(blurred, self.test_cfg["local_maximum_kernel"]),
+                   lsm=blurred.amax(dim=1, keepdim=True), refine=refine[0])
+        if keep_heatmap:
+            out["heat"] = heat[0]
+        return out
 
     def _lsm_of_blurred(self, blurred: torch.Tensor, img_metas: List[Mapping]) -> List[np.ndarray]:
-        # YOLC's get_bboxes blurs the heatmap list in place, so its LSM reads the blurred map; no clusters in padding
-        return self.bbox_head.LSM([blurred * _content_mask(blurred, img_metas)], img_metas)
+        """LSM on the blurred (B,C,H,W) heatmap: _lsm_of_max on its max over classes."""
+        return self._lsm_of_max(blurred.amax(dim=1, keepdim=True), img_metas)
 
-    def _fuse_patches(self, img, img_metas, full: List[Dets], plan: crops.PatchPlan, fusion: str) -> List[Dets]:
+    def _lsm_of_max(self, lsm_map: torch.Tensor, img_metas: List[Mapping]) -> List[np.ndarray]:
+        """LSM on the (B,1,H,W) max over classes of the blurred heatmap (YOLC's get_bboxes blurs the heatmap list
+        in place, so its LSM reads the blurred map); zeroed in place outside each image: no clusters in padding."""
+        for i, meta in enumerate(img_metas):
+            top, _, left, _ = [int(v) for v in np.asarray(meta.get("border", np.zeros(4)))]
+            h, w = meta.get("img_shape", lsm_map.shape[2:])[:2]
+            lsm_map[i, :, :top] = 0
+            lsm_map[i, :, top + int(h):] = 0
+            lsm_map[i, :, :, :left] = 0
+            lsm_map[i, :, :, left + int(w):] = 0
+        return self.bbox_head.LSM([lsm_map], img_metas)
+
+    def memory_estimate(self, batch: int, height: int, width: int, max_pixels: Optional[int] = None,
+                        keep_heatmap: bool = False) -> Tuple[int, str]:
+        """Estimated peak bytes (and what they are made of) of simple_test's full-image pass on a (batch, 3,
+        height, width) input: see tiling.pass_bytes."""
+        head = self.bbox_head
+        neck_in = list(self.neck.in_channels) if self.neck is not None else [head.local_head[0].in_channels]
+        neck_out = self.neck.reduction_conv.conv.out_channels if self.neck is not None else 0
+        per_px = tiling.forward_bytes_per_pixel(head.num_classes, head.local_head[0].in_channels, neck_in, neck_out)
+        max_pixels = self.tile_cfg["max_pixels"] if max_pixels is None else int(max_pixels)
+        return tiling.pass_bytes(batch, height, width, head.num_classes, per_px, max_pixels,
+                                 self.tile_cfg["tile_overlap"], keep_heatmap)
+
+    def _fuse_patches(self, img, img_metas, full: List[Dets], plan: crops.PatchPlan, fusion: str,
+                      max_pixels: int = 0) -> List[Dets]:
         per_img: List[List[Dets]] = [[] for _ in img_metas]
         if plan.valid.any():
             # yolc-kd packs the patches on one canvas instead of a batch padded to the largest patch, and decodes
             # each patch inside its own window (no peaks in padding): far fewer pixels, still one forward
             canvas, windows = plan.pack(img)
             metas = plan.metas(img_metas, canvas.shape[2:])
-            ph, _, pr = self.bbox_head(self.extract_feat(canvas))
+            tiles = self._tiles(canvas, max_pixels)
+            if tiles is None:
+                ph, _, pr = self.network(canvas)
+                ph, pr = gaussian_blur3x3(ph[0]), pr[0]
+            else:  # a canvas over the budget runs in tiles; bboxes_from_windows' peak search keeps the peaks as they are
+                maps = tiling.run_tiled(canvas, tiles, lambda window: self._tile_maps(window, False))
+                ph, pr = maps["peaks"], maps["refine"]
+                del maps
+            del canvas
             # _remap_bboxes_to_full undoes the patch scale (the windows' boxes are in patch pixels)
-            for (dets, labels), m, i in zip(self.bbox_head.bboxes_from_windows(gaussian_blur3x3(ph[0]), pr[0], windows),
-                                            metas, plan.owners):
+            for (dets, labels), m, i in zip(self.bbox_head.bboxes_from_windows(ph, pr, windows), metas, plan.owners):
                 dets = self._remap_bboxes_to_full(dets, m)
                 border = np.asarray(img_metas[i].get("border", np.zeros(4)), np.float32)
                 dets[:, :4] -= dets.new_tensor(border[[2, 0, 2, 0]])  # tensor -> content frame
@@ -169,16 +263,6 @@ class YOLC(nn.Module):
             out.append(crops.fuse_detections((fd, fl), (pd, pl), plan.regions[i], fusion, iou,
                                              int(self.test_cfg["max_per_img"])))
         return out
-
-
-def _content_mask(heat: torch.Tensor, img_metas: List[Mapping]) -> torch.Tensor:
-    """(B,1,H,W) 1 inside each image's content (its border and the batch padding excluded), else 0."""
-    mask = heat.new_zeros((heat.shape[0], 1, *heat.shape[2:]))
-    for i, meta in enumerate(img_metas):
-        top, _, left, _ = [int(v) for v in np.asarray(meta.get("border", np.zeros(4)))]
-        h, w = meta.get("img_shape", heat.shape[2:])[:2]
-        mask[i, :, top:top + int(h), left:left + int(w)] = 1
-    return mask
 
 
 def _build(cfg: Mapping, registry: Mapping, what: str) -> nn.Module:

@@ -194,10 +194,12 @@ class YOLCHead(nn.Module):
                                         rescale, with_nms)
 
     def bboxes_from_blurred(self, heat: torch.Tensor, xywh: torch.Tensor, img_metas: List[Mapping],
-                            rescale: bool = True, with_nms: bool = False) -> List[Dets]:
-        """get_bboxes after the blur: heat (B,C,H,W) already blurred, xywh (B,4,h,w) refined maps."""
+                            rescale: bool = True, with_nms: bool = False, kernel: Optional[int] = None) -> List[Dets]:
+        """get_bboxes after the blur: heat (B,C,H,W) already blurred, xywh (B,4,h,w) refined maps. kernel: the
+        peak search's (None: test_cfg.local_maximum_kernel; 1 for a map that holds only its peaks already)."""
+        kernel = self.test_cfg["local_maximum_kernel"] if kernel is None else kernel
         dets, labels = self.decode_heatmap(heat, xywh, img_metas[0]["batch_input_shape"],
-                                           k=self.test_cfg["topk"], kernel=self.test_cfg["local_maximum_kernel"])
+                                           k=self.test_cfg["topk"], kernel=kernel)
         border = dets.new_tensor(np.array([m.get("border", np.zeros(4)) for m in img_metas], dtype=np.float32))
         dets[..., :4] -= border[:, [2, 0, 2, 0]].unsqueeze(1)
         if rescale:
