@@ -46,7 +46,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -406,7 +406,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results folder (default $OUT, else benchmarks/gpu_results)")
     parser.add_argument("--stages", default=None, help="comma-separated subset of: " + ", ".join(s[0] for s in STAGES))
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for all stages, start-up included (default 280 with --quick, 540 without)")
+                        help="seconds for all stages, start-up included (default 300 with --quick, 540 without)")
     args = parser.parse_args()
     print(f"run_gpu: Python {platform.python_version()} at {sys.executable}", file=sys.stderr, flush=True)
     deps = ensure_dependencies()
@@ -419,7 +419,7 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.dry_run
     mode = "dry" if not cuda else ("quick" if args.quick else "full")
     out = Path(args.out or os.environ.get("OUT") or HERE / "gpu_results")
-    budget = args.budget if args.budget is not None else (280.0 if args.quick or not cuda else 540.0)
+    budget = args.budget if args.budget is not None else (300.0 if args.quick or not cuda else 540.0)
     run = Run(out, mode, "cuda" if cuda else "cpu", budget, started)
     run.results["dependencies"] = deps
     run.log(f"mode {mode} on {run.device}, results in {out}")
