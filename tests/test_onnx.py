@@ -41,15 +41,21 @@ def _model_cfg() -> dict:
 
 
 def _tiny_model() -> torch.nn.Module:
-    """Random weights with a spread head: a heatmap with peaks, boxes of a few pixels, DCN offsets that vary."""
+    """Random weights, except that the heatmap follows the image content (peaks), boxes are a few pixels and the
+    DCN offsets vary over the map (a freshly initialised head gives a flat heatmap and zero-size boxes)."""
     torch.manual_seed(0)
     model = build_detector(_model_cfg()).eval()
     head = model.bbox_head
     with torch.no_grad():
-        for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        head.local_head[-1].bias.fill_(-2.0)
+        for m in head.local_head.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                m.weight.normal_(0, 0.5)
+        head.reg_conv[2].weight.mul_(0.3)
+        head.reg_conv[2].bias.fill_(1.0)
+        head.bbox_offset.weight.normal_(0, 0.3)
         head.xywh_init.bias.copy_(torch.tensor([0.0, 0.0, 2.0, 2.0]))
+        head.xywh_refine.weight.normal_(0, 0.01)
+        head.xywh_refine.weight[2:4] += 1.5 / (9 * head.xywh_refine.weight.shape[1])
     return model
 
 
@@ -266,7 +272,8 @@ def test_missing_deploy_package_export(exported, tmp_path, monkeypatch, capsys, 
 
 
 def _infer_args(s, out, *extra):
-    return ["infer", "--config", str(s.config), "--images", str(s.data), "--out", str(out), *map(str, extra)]
+    return ["infer", "--config", str(s.config), "--images", str(s.data / "images"), "--out", str(out),
+            *map(str, extra)]
 
 
 def test_missing_onnxruntime_infer(exported, tmp_path, monkeypatch, capsys):
@@ -280,7 +287,7 @@ def test_infer_onnx_errors(exported, tmp_path, capsys):
     assert main(_infer_args(exported, tmp_path / "p.json", "--onnx", exported.onnx, "--ckpt", exported.ckpt)) == 1
     assert "--ckpt and --onnx" in _error_line(capsys, "infer")
     assert main(_infer_args(exported, tmp_path / "p.json")) == 1
-    assert "--ckpt or --onnx" in _error_line(capsys, "infer")
+    assert "--ckpt CKPT or --onnx" in _error_line(capsys, "infer")
     assert main(_infer_args(exported, tmp_path / "p.json", "--onnx", tmp_path / "none.onnx")) == 1
     assert "ONNX model not found" in _error_line(capsys, "infer")
     garbage = tmp_path / "garbage.onnx"

@@ -14,6 +14,7 @@ import torch
 
 from yolc_kd.data.images import display_path
 from yolc_kd.errors import UserError
+from yolc_kd.models.detector import NetworkOutputs
 
 PathLike = Union[str, "os.PathLike[str]"]
 DEPLOY_INSTALL = "pip install 'yolc-kd[deploy]'"
@@ -21,8 +22,6 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("heatmap", "coarse", "refine")
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
-
-NetworkOutputs = Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]
 
 
 def require_module(name: str, what: str) -> ModuleType:
@@ -69,13 +68,12 @@ def onnx_device(requested: str) -> torch.device:
     onnxruntime have it, else the CPU; an explicit device is taken as asked (onnx_providers checks it)."""
     from yolc_kd.runtime import resolve_device
 
+    ort = require_module("onnxruntime", "running an ONNX model")
     if str(requested) != "auto":
         return resolve_device(requested)
     device = resolve_device("auto")
-    if device.type == "cuda":
-        ort = require_module("onnxruntime", "running an ONNX model")
-        if CUDA_PROVIDER not in ort.get_available_providers():
-            return torch.device("cpu")
+    if device.type == "cuda" and CUDA_PROVIDER not in ort.get_available_providers():
+        return torch.device("cpu")
     return device
 
 
