@@ -203,3 +203,18 @@ def test_train_and_precompute_take_deterministic():
     for argv in (["train", "--config", "c", "--work-dir", "w"], ["precompute", "--config", "c", "--out", "o"]):
         parser = build_parser()
         assert not parser.parse_args(argv).deterministic and parser.parse_args(argv + ["--deterministic"]).deterministic
+
+
+def test_deterministic_on_the_cpu_changes_no_cache_byte(tmp_path):
+    """On the CPU results repeat for a fixed thread count anyway: --deterministic gives the same cache, and the
+    manifest says how each was made."""
+    from conftest import assert_same_arrays, cli_args, make_setup
+    from yolc_kd.cache.reader import CacheReader
+
+    s = make_setup(tmp_path, n_images=2)
+    assert main(cli_args(s, tmp_path / "plain")) == 0
+    assert main(cli_args(s, tmp_path / "det", "--deterministic")) == 0
+    assert_same_arrays(tmp_path / "plain", tmp_path / "det")
+    runs = [CacheReader(tmp_path / name).manifest["run"] for name in ("plain", "det")]
+    assert [r["deterministic"] for r in runs] == [False, True]
+    assert runs[0]["device_name"] == "cpu" and runs[0]["torch"] == torch.__version__
