@@ -15,7 +15,8 @@ error) and its seconds; a stage that would not fit the time budget (--budget) is
 
 Stages, most telling first:
   env            Python (printed first: the GPU machine's is not known in advance), torch, CUDA, the GPU, the install
-  cuda_tests     the test suite's CUDA subset (YOLC_KD_TEST_DEVICE=cuda pytest -m cuda)            [CUDA only]
+  cuda_tests     the test suite's CUDA subset (YOLC_KD_TEST_DEVICE=cuda pytest -m cuda, the files that mark
+                 tests cuda)                                                                       [CUDA only]
   caches         the tiny teacher's cache made on the CPU, on the device, and twice with --deterministic on the
                  device: how far the maps differ (in quantisation steps) and how often the crops do; `verify
                  --recompute` of the CPU cache on the device
@@ -173,7 +174,8 @@ def stage_env(run: Run) -> Dict[str, Any]:
 
 
 def stage_cuda_tests(run: Run) -> Dict[str, Any]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    files = sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py") if "mark.cuda" in f.read_text())
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
     r = run.child(cmd, "cuda tests", run.left() - 5, env=dict(YOLC_KD_TEST_DEVICE="cuda"))
     return dict(passed=r["returncode"] == 0, **r)
 
