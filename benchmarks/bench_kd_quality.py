@@ -247,7 +247,7 @@ def main() -> None:
 
 
 def machine() -> str:
-    """'N-core <CPU model>' of this machine, for numbers that hold on one machine only."""
+    """'N-core <CPU model>, <vector unit>, torch <version>': numbers that hold on one machine kind only."""
     try:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
                      if line.startswith("model name"))
@@ -255,7 +255,10 @@ def machine() -> str:
         import platform
 
         model = platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core {model}"
+    import torch
+
+    # the vector unit decides the float rounding of CPU kernels: the same seed trains another student elsewhere
+    return f"{os.cpu_count()}-core {model}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
 
 
 def write_demo_reference(path: Path, rows: List[dict], teacher: dict, args) -> None:
