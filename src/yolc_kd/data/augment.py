@@ -40,6 +40,8 @@ from yolc_kd.errors import UserError
 
 from .augment_config import AUGMENT_VERSION, AugmentConfig, rescale_size
 from .photometric import apply_photometric, draw_photometric
+from .view import CropPaste, ViewTransform
+from .view_steps import fill_rgb, resize_bilinear
 
 __all__ = [
     "AUGMENT_VERSION",
@@ -47,6 +49,7 @@ __all__ = [
     "AugmentedSample",
     "TrainAugment",
     "TestTransform",
+    "ViewTransform",
     "collate_test",
     "make_rng",
     "resize_bilinear",
@@ -64,36 +67,6 @@ def make_rng(key) -> np.random.Generator:
     if len(k) != 3 or any(int(x) != x or int(x) < 0 for x in k):
         raise ValueError(f"key must be (dataset_seed, image_id, variant) of non-negative ints, got {key!r}")
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(x) for x in k])))
-
-
-def _linear_taps(src: int, dst: int):
-    """cv2 INTER_LINEAR source indices and weights along one axis."""
-    d = np.arange(dst, dtype=np.float64)
-    f = ((d + 0.5) * (src / dst) - 0.5).astype(np.float32)
-    i0f = np.floor(f)
-    frac = (f - i0f).astype(np.float32)
-    i0 = i0f.astype(np.int64)
-    low = i0 < 0
-    high = i0 >= src - 1
-    i0 = np.where(low, 0, np.where(high, src - 1, i0))
-    frac = np.where(low | high, np.float32(0.0), frac)
-    i1 = np.minimum(i0 + 1, src - 1)
-    return i0, i1, (np.float32(1.0) - frac).astype(np.float32), frac.astype(np.float32)
-
-
-def resize_bilinear(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-    """Deterministic float32 bilinear resize of (h, w, c) with cv2 INTER_LINEAR geometry."""
-    img = np.asarray(img, dtype=np.float32)
-    h, w = img.shape[:2]
-    if (h, w) == (out_h, out_w):
-        return img.copy()
-    if w != out_w:
-        i0, i1, a0, a1 = _linear_taps(w, out_w)
-        img = img[:, i0] * a0[None, :, None] + img[:, i1] * a1[None, :, None]
-    if h != out_h:
-        j0, j1, b0, b1 = _linear_taps(h, out_h)
-        img = img[j0] * b0[:, None, None] + img[j1] * b1[:, None, None]
-    return np.ascontiguousarray(img, dtype=np.float32)
 
 
 def _get_border(border: int, size: int) -> int:
@@ -121,18 +94,6 @@ def _paste_geometry(img_h: int, img_w: int, center_y: int, center_x: int, target
     return (x0, y0, x1, y1), dst, border
 
 
-def _fill_rgb(mean, to_rgb: bool) -> np.ndarray:
-    """RandomCenterCropPad's pad colour for our RGB arrays (mmdet pads BGR with mean[::-1] if to_rgb)."""
-    m = np.asarray(mean, dtype=np.float32)
-    return m if to_rgb else m[::-1].copy()
-
-
-def _box_centre_mask(boxes: np.ndarray, patch) -> np.ndarray:
-    centre = (boxes[:, :2] + boxes[:, 2:]) / np.float32(2)
-    return ((centre[:, 0] > patch[0]) & (centre[:, 1] > patch[1])
-            & (centre[:, 0] < patch[2]) & (centre[:, 1] < patch[3]))
-
-
 def _normalise(img: np.ndarray, mean, std, to_rgb: bool) -> np.ndarray:
     """mmcv.imnormalize on our RGB image: returns float32 (h, w, 3) in the network's channel order."""
     x = np.asarray(img, dtype=np.float32)
@@ -141,13 +102,6 @@ def _normalise(img: np.ndarray, mean, std, to_rgb: bool) -> np.ndarray:
     mean32 = np.asarray(mean, dtype=np.float32)
     stdinv32 = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
     return np.ascontiguousarray((x - mean32) * stdinv32, dtype=np.float32)
-
-
-def _to_chw_padded(norm: np.ndarray, out_h: int, out_w: int) -> torch.Tensor:
-    h, w = norm.shape[:2]
-    t = torch.zeros((3, out_h, out_w), dtype=torch.float32)
-    t[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))
-    return t
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -171,6 +125,7 @@ class AugmentedSample:
     params: dict = field(default_factory=dict)  # JSON-able record of every drawn value
     fingerprint: str = ""  # blake2b-16 hex of the padded uint8 image and its shapes
     meta: dict = field(default_factory=dict)  # mmdet-style img_metas
+    view: Optional[ViewTransform] = None  # the geometry: original image frame -> padded input frame
 
 
 def fingerprint_uint8(img_uint8: np.ndarray, pad_h: int, pad_w: int) -> str:
@@ -185,7 +140,12 @@ def fingerprint_uint8(img_uint8: np.ndarray, pad_h: int, pad_w: int) -> str:
 
 
 class TrainAugment:
-    """YOLC's train pipeline; ``aug(img, boxes, labels, key)`` -> :class:`AugmentedSample`."""
+    """YOLC's train pipeline; ``aug(img, boxes, labels, key)`` -> :class:`AugmentedSample`, whose ``view`` is the
+    sample's geometry (ViewTransform.from_params of its params), the one that moved its pixels and boxes.
+
+    Args:
+        cfg: the augmentation settings; default YOLC's train pipeline.
+    """
 
     def __init__(self, cfg: Optional[AugmentConfig] = None):
         self.cfg = cfg if cfg is not None else AugmentConfig()
@@ -204,7 +164,8 @@ class TrainAugment:
                 center_x = int(rng.integers(w_border, w - w_border))
                 center_y = int(rng.integers(h_border, h - h_border))
                 patch, dst, _ = _paste_geometry(h, w, center_y, center_x, new_h, new_w)
-                if len(boxes) > 0 and not _box_centre_mask(boxes, patch).any():
+                window = CropPaste((h, w), patch, dst[:2], (new_h, new_w), keep_centres=True)
+                if len(boxes) > 0 and not window.centres_inside(boxes).any():
                     continue
                 return dict(ratio=ratio, crop_hw=[new_h, new_w], center_xy=[center_x, center_y],
                             patch_xyxy=list(patch), paste_xyxy=list(dst), tries=tries, fallback=False)
@@ -234,58 +195,39 @@ class TrainAugment:
         crop = self._draw_crop(rng, h, w, boxes) if cfg.center_crop else None
         params["crop"] = crop
         flipped = bool(rng.random() < cfg.flip_ratio)
-
-        # 2. photometric (pixel-wise, so applying it to the used region only is identical)
-        # and random centre crop / pad
-        if crop is not None:
-            x0, y0, x1, y1 = crop["patch_xyxy"]
-            dx0, dy0, dx1, dy1 = crop["paste_xyxy"]
-            new_h, new_w = crop["crop_hw"]
-            region = img[y0:y1, x0:x1]
-            region = apply_photometric(region, photo) if photo is not None else region.astype(np.float32)
-            work = np.empty((new_h, new_w, 3), dtype=np.float32)
-            work[...] = _fill_rgb(cfg.crop_mean, cfg.crop_to_rgb)
-            work[dy0:dy1, dx0:dx1] = region
-            keep = _box_centre_mask(boxes, crop["patch_xyxy"])
-            b = boxes[keep].copy()
-            lab = labels[keep]
-            b[:, 0::2] += new_w // 2 - crop["center_xy"][0]
-            b[:, 1::2] += new_h // 2 - crop["center_xy"][1]
-            b[:, 0::2] = np.clip(b[:, 0::2], 0, new_w)
-            b[:, 1::2] = np.clip(b[:, 1::2], 0, new_h)
-            keep2 = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-            boxes, labels = b[keep2], lab[keep2]
-        else:
-            work = apply_photometric(img, photo) if photo is not None else img.astype(np.float32)
-            boxes = boxes.copy()
-
-        # 3. resize
-        ch, cw = work.shape[:2]
+        ch, cw = crop["crop_hw"] if crop is not None else (h, w)
         nw, nh = rescale_size(cw, ch, cfg.img_scale, cfg.keep_ratio)
-        work = resize_bilinear(work, nw, nh)
         w_scale, h_scale = nw / cw, nh / ch
-        scale_factor = np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)
-        boxes = boxes * scale_factor
-        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, nw)
-        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, nh)
         params["resize"] = {"size_wh": [nw, nh], "scale_factor": [float(w_scale), float(h_scale)]}
-
-        # 4. flip
-        if flipped:
-            work = work[:, ::-1]
-            fb = boxes.copy()
-            fb[:, 0] = nw - boxes[:, 2]
-            fb[:, 2] = nw - boxes[:, 0]
-            boxes = fb
         params["flipped"] = flipped
-
-        # 5. uint8, normalise, pad to the fixed input size
-        img_u8 = _to_uint8(work)
         H, W = self.input_h, self.input_w
         if nh > H or nw > W:  # cannot happen for a consistent config; guard anyway
             raise UserError(f"resized image {nw}x{nh} exceeds the input size {W}x{H}")
-        tensor = _to_chw_padded(_normalise(img_u8, cfg.mean, cfg.std, cfg.to_rgb), H, W)
         params["input_hw"] = [H, W]
+
+        # 2. the view's geometry, from the params alone (what the cache stores): [crop/paste,] resize, [flip,]
+        # pad; its steps move the pixels and the boxes below
+        view = ViewTransform.from_params(params, cfg)
+        *geometry, pad = view.steps
+
+        # 3. photometric (pixel-wise, so applying it to the crop window only is identical), then the geometry
+        if crop is not None:
+            first, geometry = geometry[0], geometry[1:]
+            region = first.cut(img)
+            region = apply_photometric(region, photo) if photo is not None else region.astype(np.float32)
+            work = first.paste(region)
+        else:
+            work = apply_photometric(img, photo) if photo is not None else img.astype(np.float32)
+        for step in geometry:
+            work = step.apply_image(work)
+        keep = view.box_keep(boxes)
+        boxes, labels = view.apply_boxes(boxes[keep]), labels[keep]
+
+        # 4. uint8, normalise, pad to the fixed input size (0 in normalised space)
+        img_u8 = _to_uint8(work)
+        norm = pad.apply_image(_normalise(img_u8, cfg.mean, cfg.std, cfg.to_rgb), fill=(0.0, 0.0, 0.0))
+        tensor = torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))
+        scale_factor = np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)
         meta = {
             "ori_shape": (h, w, 3),
             "img_shape": (nh, nw, 3),
@@ -306,6 +248,7 @@ class TrainAugment:
             params=params,
             fingerprint=fingerprint_uint8(img_u8, H, W),
             meta=meta,
+            view=view,
         )
 
 
@@ -313,7 +256,12 @@ class TrainAugment:
 
 
 class TestTransform:
-    """YOLC's test pipeline: no resize, centre pad (RandomCenterCropPad test mode), Normalize."""
+    """YOLC's test pipeline: no resize, centre pad (RandomCenterCropPad test mode), Normalize;
+    ``tt(img)`` -> (tensor, meta) with the pad as ``meta['view']``.
+
+    Args:
+        cfg: the augmentation settings (test_pad_*, mean/std); default YOLC's.
+    """
 
     __test__ = False  # not a pytest class
 
@@ -333,12 +281,12 @@ class TestTransform:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
         h, w = img.shape[:2]
         th, tw = self.target_hw(h, w)
-        (x0, y0, x1, y1), (dx0, dy0, dx1, dy1), border = _paste_geometry(h, w, h // 2, w // 2, th, tw)
-        fill = _fill_rgb(cfg.test_pad_mean, cfg.test_pad_to_rgb)
-        canvas = np.empty((th, tw, 3), dtype=np.float32)
-        canvas[...] = fill
-        canvas[dy0:dy1, dx0:dx1] = img[y0:y1, x0:x1]
-        norm = _normalise(canvas, cfg.mean, cfg.std, cfg.to_rgb)
+        src, (dx0, dy0, _, _), border = _paste_geometry(h, w, h // 2, w // 2, th, tw)
+        view = ViewTransform((CropPaste((h, w), src, (dx0, dy0), (th, tw),
+                                        fill_rgb(cfg.test_pad_mean, cfg.test_pad_to_rgb)),))
+        # the pad step itself (a float32 canvas holding the uint8 pixels), not apply_image's uint8 rounding:
+        # the pad colour need not be an integer
+        norm = _normalise(view.steps[0].apply_image(img), cfg.mean, cfg.std, cfg.to_rgb)
         tensor = torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))
         meta = {
             "ori_shape": (h, w, 3),
@@ -351,6 +299,7 @@ class TestTransform:
             "flip_direction": None,
             "border": border,
             "img_norm_cfg": _img_norm_cfg(cfg),
+            "view": view,  # image -> tensor frame; view.inverse() maps tensor coordinates back to the image
         }
         return tensor, meta
 

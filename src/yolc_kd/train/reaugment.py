@@ -1,62 +1,80 @@
 """Cheap re-augmentation of a cached view at training time: the horizontal mirror of the view, its boxes and
 the teacher's targets, so a cache of K views gives the student 2K distinct ones (distill_cfg.cache_flip).
 
-Exact geometry (the teacher's mirrored output stands in for its output on the mirrored view, as for any
-flip-trained CNN): the heatmap mirrors pixel for pixel; a box map cell x holds its box centre as an offset
-dx from the cell, and mirroring a view of width W (a multiple of the stride 4) sends cell x to W/4-1-x with
-offset 1-dx (decode: centre = (x + dx) * 4). A crop patch mirrors inside its resized width pw when pw is a
-multiple of 4; other patches are dropped from the mirrored sample (their cells would not line up)."""
+One transform moves everything: the flip of the view frame (data/view.py ViewTransform.hflip) applied to the
+image, the boxes, the heatmap, the coarse box maps (as decoded boxes, re-encoded in their new cells) and the crop
+boxes; each patch's refine maps move by the same flip seen from the patch (patch -> view -> mirrored view ->
+mirrored patch). The teacher's mirrored output stands in for its output on the mirrored view, as for any
+flip-trained CNN. Maps move exactly cell for cell: the view width must be a multiple of the stride 4, and a
+patch is dropped from the mirrored sample unless the mirrored patch (as crops.PatchPlan cuts it from the mirrored
+view) is exactly the old patch mirrored and its refine cells land on whole cells (a resized patch width that is
+not a multiple of 4 does not; nor does a crop box off the pixel grid whose rounded mirror is a pixel off)."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 
 from yolc_kd import crops
-from yolc_kd.cache.schema import BOX_Q_MAX, BOX_STEP
+from yolc_kd.cache.schema import BOX_STEP
+from yolc_kd.data.view import CropPaste, Resize, ViewTransform
 from yolc_kd.kd import KDTargets
 
 STRIDE = 4
 
 
-def _mirror_offset(x: torch.Tensor) -> torch.Tensor:
-    """dx -> 1 - dx on the x-offset channel (dim -3) of box maps, float or int16 fixed point."""
-    out = x.clone()
-    if x.dtype == torch.int16:  # q -> 1/step - q, exact in the fixed point
-        one = int(round(1.0 / BOX_STEP))
-        out[..., 0, :, :] = (one - x[..., 0, :, :].to(torch.int32)).clamp(-BOX_Q_MAX, BOX_Q_MAX).to(torch.int16)
-    else:
-        out[..., 0, :, :] = 1 - x[..., 0, :, :]
-    return out
+def _box_unit(x: torch.Tensor) -> float:
+    """Cells per stored unit of a box map: the cache's int16 fixed point, or 1 for float maps."""
+    return BOX_STEP if x.dtype == torch.int16 else 1.0
+
+
+def patch_view(box: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[int],
+               canvas_hw: Sequence[int]) -> ViewTransform:
+    """View frame -> the KD patch canvas of one crop box [x, y, w, h]: the crop as crops.PatchPlan cuts it
+    (rounded, clamped), resized to size_hw (the plan's size), zero-padded bottom/right to the canvas."""
+    x1, y1, x2, y2 = crops.crop_bounds(box, view_hw)
+    h, w = (int(v) for v in view_hw)
+    cut = CropPaste((h, w), (x1, y1, x2, y2), (0, 0), (y2 - y1, x2 - x1))
+    size = (int(size_hw[0]), int(size_hw[1]))
+    return ViewTransform((cut, Resize(cut.out_hw, size))).then(
+        CropPaste(size, (0, 0, size[1], size[0]), (0, 0), tuple(canvas_hw)))
 
 
 def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
     """KD targets of one view (batch 1, stored or float dtypes) for the horizontally mirrored view."""
-    _, width = int(view_hw[0]), int(view_hw[1])
-    if width % STRIDE:
-        raise ValueError(f"mirroring needs a view width divisible by {STRIDE}, got {width}")
-    coarse = _mirror_offset(t.coarse.flip(-1))
+    flip = ViewTransform.hflip(view_hw)
+    if not flip.moves_cells(STRIDE):
+        raise ValueError(f"mirroring needs a view width divisible by {STRIDE}, got {int(view_hw[1])}")
+    heatmap, _ = flip.apply_map(t.heatmap)
+    coarse, _ = flip.apply_box_map(t.coarse, STRIDE, unit=_box_unit(t.coarse))
     boxes, valid, refine = t.patch_boxes.clone(), t.patch_valid.clone(), t.refine.clone()
     plan = crops.kd_patch_plan(t.patch_boxes, t.patch_scales, t.patch_valid, view_hw)
-    for (b, k), (_, pw) in zip(t.patch_valid.nonzero().tolist(), plan.sizes()):
-        if pw % STRIDE:
+    canvas = (STRIDE * t.refine.shape[-2], STRIDE * t.refine.shape[-1])
+    for (b, k), size in zip(t.patch_valid.nonzero().tolist(), plan.sizes()):
+        new_box = flip.apply_crop_boxes(t.patch_boxes[b, k][None])[0]
+        old_patch = patch_view(t.patch_boxes[b, k].tolist(), size, view_hw, canvas)
+        new_patch = patch_view(new_box.tolist(), size, view_hw, canvas)
+        moved = old_patch.inverse().then(flip).then(new_patch)
+        whole = moved.content_rect() == (0, 0, size[1], size[0])  # the new patch is all old patch pixels
+        if not (whole and moved.moves_cells(STRIDE)):
             valid[b, k] = False
             refine[b, k] = 0
             continue
-        cells = pw // STRIDE
-        refine[b, k, :, :, :cells] = _mirror_offset(t.refine[b, k, :, :, :cells].flip(-1))
-        x, _, w, _ = t.patch_boxes[b, k].tolist()
-        boxes[b, k, 0] = width - x - w
-    return replace(t, heatmap=t.heatmap.flip(-1), coarse=coarse, patch_boxes=boxes, patch_valid=valid, refine=refine)
+        maps, _ = moved.apply_box_map(t.refine[b, k], STRIDE, unit=_box_unit(t.refine))
+        # the canvas below the patch is zero padding in both views, so those rows move with the patch's
+        # columns; the columns right of the patch (padding too) keep the teacher's values
+        _, columns = moved.valid_axes(STRIDE, t.refine.shape[-2:])
+        refine[b, k] = torch.where(columns.to(maps.device), maps, t.refine[b, k])
+        boxes[b, k] = new_box
+    return replace(t, heatmap=heatmap, coarse=coarse, patch_boxes=boxes, patch_valid=valid, refine=refine)
 
 
 def flip_sample(sample: Dict[str, Any]) -> Dict[str, Any]:
     """A training sample (TrainSamples item) mirrored: view, ground-truth boxes, meta flag, KD targets."""
-    img = sample["img"].flip(-1)
-    width = img.shape[-1]
-    boxes = sample["boxes"].clone()
-    boxes[:, 0], boxes[:, 2] = width - sample["boxes"][:, 2], width - sample["boxes"][:, 0]
+    flip = ViewTransform.hflip(tuple(sample["img"].shape[-2:]))
+    img, _ = flip.apply_map(sample["img"])
+    boxes = flip.apply_boxes(sample["boxes"])
     flipped = not bool(sample["meta"].get("flip", False))
     meta = dict(sample["meta"], flip=flipped, flip_direction="horizontal" if flipped else None, reaugmented="flip")
     out = dict(sample, img=img, boxes=boxes, meta=meta)
