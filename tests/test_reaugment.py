@@ -1,5 +1,6 @@
 """Re-augmentation of cached views: the mirrored targets are the mirror of the teacher's targets (exact
 geometry), patches that cannot be mirrored cell for cell are dropped, and the sampler walks 2K views."""
+import pytest
 import torch
 
 from conftest import plain_metas, tiny_model_cfg
@@ -69,6 +70,54 @@ def test_flip_sample_mirrors_view_boxes_and_targets():
     assert torch.equal(out["img"], img.flip(-1)) and out["meta"]["flip"] is True
     assert out["boxes"].tolist() == [[7., 2., 11., 6.]]
     assert torch.equal(flip_sample(out)["img"], img) and flip_sample(out)["boxes"].tolist() == [[1., 2., 5., 6.]]
+
+
+def test_mirrored_sample_box_drawn_in_image_lands_where_its_box_map_decodes():
+    """One flip moves everything: a ground-truth box drawn into the view, its heatmap peak and the coarse cells
+    encoding it (as the teacher predicts it around its centre) all land on the mirrored box."""
+    decode = build_detector(tiny_model_cfg()).bbox_head.decode_xywh_to_bbox
+    h, w = 32, 48
+    box = torch.tensor([[6., 9., 19., 25.]])
+    img = torch.zeros(3, h, w)
+    img[:, 9:25, 6:19] = 1.0
+    cx, cy, hw, hh = 12.5 / 4, 17.0 / 4, 6.5 / 4, 8.0 / 4
+    coarse = torch.zeros(1, 4, h // 4, w // 4)
+    for y in range(3, 6):
+        for x in range(2, 5):
+            coarse[0, :, y, x] = torch.tensor([cx - x, cy - y, hw, hh])
+    heat = torch.zeros(1, 3, h, w)
+    heat[0, 1, 17, 12] = 1.0
+    t = KDTargets(heatmap=heat, coarse=coarse, patch_boxes=torch.zeros(1, 1, 4), patch_scales=torch.zeros(1, 1),
+                  patch_valid=torch.zeros(1, 1, dtype=torch.bool), refine=torch.zeros(1, 1, 4, 4, 6))
+    out = flip_sample(dict(img=img, boxes=box, labels=torch.tensor([1]), meta=dict(flip=False), kd_targets=t))
+    mirrored = out["boxes"][0]
+    assert mirrored.tolist() == [w - 19., 9., w - 6., 25.]
+    ys, xs = out["img"][0].nonzero(as_tuple=True)
+    assert [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] == mirrored.tolist()
+    peak = out["kd_targets"].heatmap[0, 1].nonzero().tolist()
+    assert peak == [[17, w - 1 - 12]]  # pixel 12 covers [12, 13): its mirror covers [35, 36)
+    centre = (mirrored[:2] + mirrored[2:]) / 2
+    cell = int(centre[1] // 4) * (w // 4) + int(centre[0] // 4)
+    dcx, dcy, dhw, dhh = (decode(out["kd_targets"].coarse)[0, cell] * 4).tolist()
+    assert [dcx - dhw, dcy - dhh, dcx + dhw, dcy + dhh] == pytest.approx(mirrored.tolist(), abs=1e-5)
+
+
+def test_off_grid_patch_whose_rounded_mirror_is_a_pixel_off_is_dropped():
+    """A crop box off the pixel grid: the student cuts the mirrored patch at round(W - x - w), which is not the
+    mirror of the teacher's patch at round(x) (here 1 pixel apart), so its refine maps cannot move cell for cell
+    and the patch is dropped; the same patch with integer corners (what LSM gives) is mirrored."""
+    from yolc_kd import crops
+
+    h, w = 64, 96
+    off = torch.tensor([[[10.4, 4., 16.4, 16.]]])  # cut at [10, 26): its mirror [70, 86); round(69.2) = 69
+    x1, _, x2, _ = crops.crop_bounds(off[0, 0].tolist(), (h, w))
+    m1, _, m2, _ = crops.crop_bounds([w - 10.4 - 16.4, 4., 16.4, 16.], (h, w))
+    assert (x1, x2) == (10, 26) and (m1, m2) == (69, 85) != (w - x2, w - x1)
+    for boxes, kept in ((off, False), (off.round(), True)):
+        t = KDTargets(heatmap=torch.rand(1, 3, h, w), coarse=torch.randn(1, 4, h // 4, w // 4), patch_boxes=boxes,
+                      patch_scales=torch.tensor([[1.5]]), patch_valid=torch.tensor([[True]]),
+                      refine=torch.randn(1, 1, 4, 8, 8))
+        assert flip_targets(t, (h, w)).patch_valid.tolist() == [[kept]]
 
 
 def test_sampler_walks_k_views_then_their_mirrors():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from yolc_kd.errors import UserError
 
 from .augment_config import AUGMENT_VERSION, AugmentConfig
-from .view_steps import HW, Affine, CropPaste, HFlip, Rect, Resize, Step, fill_rgb, step_from_dict
+from .view_steps import HW, Affine, CropPaste, HFlip, Rect, Resize, Step, _clip_xyxy, fill_rgb, step_from_dict
 
 __all__ = ["ViewTransform", "CropPaste", "Resize", "HFlip", "VIEW_VERSION"]
 
@@ -276,8 +276,9 @@ class ViewTransform:
         dtype = arr.dtype
         b = arr.astype(np.float64)
         b = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
-        for step in self.steps:
-            b = step.apply_boxes(b)
+        b = _clip_xyxy(b, self.in_hw)
+        for step in self.steps:  # a region has no pixels outside a frame: clipped to every one (a flip too)
+            b = _clip_xyxy(step.apply_boxes(b), step.out_hw)
         return back(np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1).astype(dtype))
 
     # ------------------------------------------------------------------ dense maps
