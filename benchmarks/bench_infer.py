@@ -9,14 +9,24 @@ weighs on all rows alike; the time of a mode is the sum of its calls (the model 
 
     python benchmarks/bench_infer.py --val DIR [--config CFG --ckpt CKPT] [--student-config CFG
         --student-ckpt CKPT] [--threads N] [--out r.json]
+
+With --onnx-compare: PyTorch eager vs ONNX Runtime (the network exported by deploy.onnx_export, dynamic, or
+--onnx FILE) for the --config model, full image and fused (the config's crop settings), at each --onnx-threads
+count, all round robin per image: median and mean seconds per image, the speed-up, AP of each, and per image
+whether the ONNX detections equal PyTorch's (count, labels, boxes after sorting by score). --random-weights
+times a model without a checkpoint (seeded initialisation).
+
+    python benchmarks/bench_infer.py --onnx-compare --val DIR --config CFG (--ckpt CKPT | --random-weights)
+        [--onnx model.onnx] [--onnx-threads 1 2] [--out r.json]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -113,15 +123,166 @@ def run_all(modes: Dict[str, Callable], cfg, source, batch_size: int):
     return results, {name: s / len(items) for name, s in seconds.items()}
 
 
-def _load(config: str, ckpt: str):
+def _load(config: str, ckpt: Optional[str]):
+    """(model, config); ckpt None: seeded random weights (times only)."""
     from yolc_kd.checkpoint import load_checkpoint
     from yolc_kd.config import load_config
     from yolc_kd.models import build_detector
 
     cfg = load_config(config, with_defaults=True)
+    torch.manual_seed(0)
     model = build_detector(cfg["model"])
-    load_checkpoint(model, ckpt)
+    if ckpt is not None:
+        load_checkpoint(model, ckpt)
     return model.eval(), cfg
+
+
+# ----------------------------------------------------------------------------- PyTorch eager vs ONNX Runtime
+
+def _sorted_dets(dets: torch.Tensor, labels: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """Detections by descending score (ties: by box), as numpy."""
+    d, lab = dets.double().numpy(), labels.numpy()
+    order = np.lexsort((d[:, 3], d[:, 2], d[:, 1], d[:, 0], -d[:, 4]))
+    return d[order], lab[order]
+
+
+def compare_dets(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, float]:
+    """One image's detections of two runtimes: counts, the largest box and score differences after sorting by
+    score (on the common prefix when the counts differ), and whether the labels agree."""
+    (da, la), (db, lb) = _sorted_dets(*a), _sorted_dets(*b)
+    n = min(len(da), len(db))
+    box = float(np.abs(da[:n, :4] - db[:n, :4]).max()) if n else 0.0
+    score = float(np.abs(da[:n, 4] - db[:n, 4]).max()) if n else 0.0
+    return dict(n_pytorch=len(da), n_onnx=len(db), max_box_diff=box, max_score_diff=score,
+                labels_equal=bool(np.array_equal(la[:n], lb[:n])))
+
+
+class TimedNetwork:
+    """A network stand-in (YOLC.use_network) that adds up the seconds of its calls: where the time goes."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, img: torch.Tensor):
+        t = time.perf_counter()
+        out = self.fn(img)
+        self.seconds += time.perf_counter() - t
+        return out
+
+
+def onnx_compare(model, cfg, source, onnx_path: str, thread_counts: Sequence[int]) -> dict:
+    """PyTorch eager vs ONNX Runtime, full and fused, at each thread count; round robin per image. The network
+    calls of both are timed apart from the rest (decoding, LSM, patch packing, fusion: the same code)."""
+    from yolc_kd.data.augment import collate_test
+    from yolc_kd.deploy.onnx_runtime import OnnxNetwork
+    from yolc_kd.infer.predict import build_test_transform
+
+    transform = build_test_transform(cfg)
+    sessions = {t: OnnxNetwork(onnx_path, threads=t) for t in thread_counts}
+    modes = [(t, rt, fusion) for t in thread_counts for rt in ("pytorch", "onnx") for fusion in ("none", None)]
+    network_s: Dict[tuple, List[float]] = {m: [] for m in modes}
+
+    def call(mode, img, metas):
+        threads, runtime, fusion = mode
+        torch.set_num_threads(threads)
+        net = TimedNetwork(sessions[threads] if runtime == "onnx"
+                           else lambda x: model.bbox_head(model.extract_feat(x)))  # = YOLC.network's own path
+        model.use_network(net)
+        try:
+            with torch.inference_mode():
+                return model.simple_test(img, metas, rescale=False, fusion=fusion, return_extras=True)
+        finally:
+            model.use_network(None)
+            network_s[mode].append(net.seconds)
+
+    first = source.dataset.load_image(0)
+    img, metas = collate_test([transform(first)])
+    for mode in modes:  # warm-up: allocator, ORT's first run, thread pools
+        call(mode, img, metas)
+        network_s[mode].clear()
+    times: Dict[tuple, List[float]] = {m: [] for m in modes}
+    results: Dict[tuple, List[dict]] = {m: [] for m in modes}
+    per_image: Dict[tuple, List[dict]] = {m: [] for m in modes if m[1] == "onnx"}
+    for i, item in enumerate(source.items):
+        img, metas = collate_test([transform(source.dataset.load_image(i))])
+        outs = {}
+        for mode in modes:
+            t = time.perf_counter()
+            outs[mode] = call(mode, img, metas)
+            times[mode].append(time.perf_counter() - t)
+            (d, l), = outs[mode][0]
+            for row, lab in zip(d.numpy(), l.tolist()):
+                x1, y1, x2, y2, sc = [float(v) for v in row]
+                if x2 > x1 and y2 > y1:
+                    results[mode].append(dict(image_id=item.image_id, category_id=source.label_to_cat_id[lab],
+                                              bbox=[x1, y1, x2 - x1, y2 - y1], score=sc))
+        for mode in per_image:
+            ref = outs[(mode[0], "pytorch", mode[2])]
+            cmp = compare_dets(ref[0][0], outs[mode][0][0])
+            regions_ref, regions = ref[1]["regions"][0], outs[mode][1]["regions"][0]
+            cmp["same_regions"] = bool(np.array_equal(np.asarray(regions_ref), np.asarray(regions)))
+            cmp["image_id"] = item.image_id
+            per_image[mode].append(cmp)
+    return dict(times=times, network_s=network_s, results=results, per_image=per_image, modes=modes)
+
+
+def onnx_main(args) -> None:
+    import tempfile
+
+    from yolc_kd.deploy.onnx_export import check_sizes, export_onnx
+    from yolc_kd.infer.coco_eval import evaluate_coco
+    from yolc_kd.infer.predict import build_test_transform, coco_source
+
+    model, cfg = _load(args.config, None if args.random_weights else args.ckpt)
+    ann = Path(args.val) / "annotations.json"
+    source = coco_source(ann, args.val, cfg.get("classes"), cfg["model"]["bbox_head"]["num_classes"])
+    export_s = None
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = args.onnx
+        if onnx_path is None:
+            onnx_path = str(Path(tmp) / "model.onnx")
+            input_hw, check_hw = check_sizes(build_test_transform(cfg))
+            log(f"exporting {args.config} (dynamic) ...")
+            report = export_onnx(model, onnx_path, input_hw, dynamic=True, check_hw=check_hw)
+            export_s = round(report.seconds, 1)
+            log(f"exported in {export_s} s, check max |diff| {report.max_diff:.2g}")
+        log(f"{len(source.items)} images x {len(args.onnx_threads) * 4} modes (threads {args.onnx_threads})")
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        run = onnx_compare(model, cfg, source, onnx_path, args.onnx_threads)
+        timed_s = round(time.perf_counter() - t0, 1)
+        load_after = os.getloadavg()
+    rows = []
+    for mode in run["modes"]:
+        threads, runtime, fusion = mode
+        ts = np.asarray(run["times"][mode])
+        metrics = evaluate_coco(ann, run["results"][mode], max_dets=(1, 10, 100))
+        net = np.asarray(run["network_s"][mode])
+        row = dict(threads=threads, runtime=runtime, mode="full" if fusion == "none" else "fused",
+                   median_s=float(np.median(ts)), mean_s=float(ts.mean()), network_median_s=float(np.median(net)),
+                   rest_median_s=float(np.median(ts - net)), AP=metrics["AP"], AP50=metrics["AP50"])
+        if runtime == "onnx":
+            base = np.asarray(run["times"][(threads, "pytorch", fusion)])
+            row["speedup_median"] = float(np.median(base) / np.median(ts))
+            row["speedup_per_image_median"] = float(np.median(base / ts))
+            cmp = run["per_image"][mode]
+            row["images_same_count"] = sum(c["n_pytorch"] == c["n_onnx"] for c in cmp)
+            row["images_within_1e-3_px"] = sum(c["n_pytorch"] == c["n_onnx"] and c["labels_equal"]
+                                               and c["max_box_diff"] <= 1e-3 for c in cmp)
+            row["max_box_diff"] = max(c["max_box_diff"] for c in cmp)
+            row["max_score_diff"] = max(c["max_score_diff"] for c in cmp)
+            row["images_same_regions"] = sum(c["same_regions"] for c in cmp)
+            row["differing_images"] = [c for c in cmp if not (c["n_pytorch"] == c["n_onnx"] and c["labels_equal"]
+                                                              and c["max_box_diff"] <= 1e-3)]
+        rows.append(row)
+    import onnxruntime
+
+    out = dict(machine=platform.machine(), processor=platform.processor(), config=args.config,
+               ckpt=None if args.random_weights else args.ckpt, onnx=args.onnx, export_s=export_s,
+               torch=torch.__version__, onnxruntime=onnxruntime.__version__, images=len(source.items),
+               crop_cfg=dict(model.crop_cfg), timed_s=timed_s, loadavg_before=load_before, loadavg_after=load_after,
+               rows=rows)
+    emit(out, args.out)
 
 
 def main() -> None:
@@ -137,7 +298,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--onnx-compare", action="store_true", help="PyTorch eager vs ONNX Runtime rows instead")
+    parser.add_argument("--onnx", default=None, help="with --onnx-compare: an exported model (default: export one)")
+    parser.add_argument("--onnx-threads", type=int, nargs="+", default=[1, 2], help="thread counts (default 1 2)")
+    parser.add_argument("--random-weights", action="store_true", help="with --onnx-compare: no checkpoint")
     args = parser.parse_args()
+    if args.onnx_compare:
+        return onnx_main(args)
     if (args.student_config is None) != (args.student_ckpt is None):
         parser.error("--student-config and --student-ckpt go together")
     if args.threads:

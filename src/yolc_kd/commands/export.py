@@ -75,7 +75,7 @@ def _load(config: Path, ckpt: Path, trust: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from yolc_kd.deploy.onnx_export import check_requirements, describe, export_onnx
+    from yolc_kd.deploy.onnx_export import check_requirements, check_sizes, describe, export_onnx
     from yolc_kd.infer.predict import build_test_transform
 
     if not args.tolerance > 0:
@@ -83,11 +83,8 @@ def run(args: argparse.Namespace) -> int:
     check_requirements(args.opset, args.dcn, not args.no_check)  # before the model: a missing package first
     cfg, model = _load(args.config, args.ckpt, args.trust_checkpoint)
     dynamic = args.input_size is None
-    if dynamic:  # the config's test input for its nominal image size, then a second shape
-        transform = build_test_transform(cfg)
-        w, h = transform.cfg.img_scale
-        input_hw = transform.target_hw(h, w)
-        check_hw = transform.target_hw(max(1, round(h * 0.75)), round(w * 1.25))
+    if dynamic:
+        input_hw, check_hw = check_sizes(build_test_transform(cfg))
     else:
         input_hw, check_hw = args.input_size, None
     print(f"export: tracing {display_path(args.config)} at {input_hw[1]}x{input_hw[0]} "

@@ -25,6 +25,7 @@ import torch.nn as nn
 from torchvision.ops import DeformConv2d as TorchvisionDeformConv2d
 from torchvision.ops import deform_conv2d
 
+from yolc_kd.data.augment import TestTransform
 from yolc_kd.data.images import display_path
 from yolc_kd.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAMES, OnnxNetwork, has_kernel, require_module
 from yolc_kd.diskio import atomic_path
@@ -114,6 +115,13 @@ class ExportReport:
     @property
     def max_diff(self) -> float:
         return max((d for _, diffs in self.checks for d in diffs.values()), default=float("nan"))
+
+
+def check_sizes(transform: TestTransform) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(input_hw, check_hw) of a dynamic export: the test input of the config's nominal image size (its Resize
+    img_scale) and that of a second image shape (3/4 the height, 5/4 the width)."""
+    w, h = transform.cfg.img_scale
+    return transform.target_hw(h, w), transform.target_hw(max(1, round(h * 0.75)), round(w * 1.25))
 
 
 def _version(text: str) -> Tuple[int, ...]:
