@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cached_property
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from yolc_kd.errors import UserError
 
 from .augment_config import AUGMENT_VERSION, AugmentConfig
-from .view_steps import HW, Affine, CropPaste, HFlip, Rect, Resize, Step, _clip_xyxy, fill_rgb, step_from_dict
+from .view_steps import HW, Affine, CropPaste, HFlip, Rect, Resize, Step, clip_xyxy, fill_rgb, step_from_dict
 
 __all__ = ["ViewTransform", "CropPaste", "Resize", "HFlip", "VIEW_VERSION"]
 
@@ -66,6 +67,8 @@ def _nearest_cells(alpha: Fraction, beta: Fraction, n_out: int) -> torch.Tensor:
     c = beta + Fraction(1, 2)
     d = alpha.denominator * c.denominator // math.gcd(alpha.denominator, c.denominator)
     an, cn = alpha.numerator * (d // alpha.denominator), c.numerator * (d // c.denominator)
+    if max(abs(an) * n_out + abs(cn), d) < 2 ** 62:  # int64 holds every product: vectorised
+        return torch.div(torch.arange(n_out, dtype=torch.long) * an + cn, d, rounding_mode="floor")
     return torch.tensor([(an * i + cn) // d for i in range(n_out)], dtype=torch.long)
 
 
@@ -76,14 +79,52 @@ def _inside(lo: Fraction, hi: Fraction, stride: int, n: int) -> torch.Tensor:
     return (i >= first) & (i < stop)
 
 
-def _gather(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x[..., iy, :][..., ix] with out-of-range indices giving 0; and the in-range mask (n_y, n_x)."""
-    h, w = x.shape[-2:]
-    oky, okx = (iy >= 0) & (iy < h), (ix >= 0) & (ix < w)
-    iy, ix = iy.clamp(0, max(h - 1, 0)).to(x.device), ix.clamp(0, max(w - 1, 0)).to(x.device)
-    out = x.index_select(-2, iy).index_select(-1, ix)
-    ok = oky[:, None] & okx[None, :]
-    return torch.where(ok.to(x.device), out, torch.zeros((), dtype=x.dtype, device=x.device)), ok
+def _take(x: torch.Tensor, dim: int, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x indexed by idx along dim, out-of-range indices giving 0; and the in-range mask. A run of consecutive
+    indices (a crop, a pad, a flip: the exact moves) is a slice, flipped for a mirror, not a gather."""
+    n_in, n = x.shape[dim], len(idx)
+    ok = (idx >= 0) & (idx < n_in)
+    steps = idx[1:] - idx[:-1]
+    step = 1 if n < 2 else int(steps[0]) if bool((steps == steps[0]).all()) else 0
+    if step in (1, -1) and bool(ok.any()):
+        first, last = (int(v) for v in ok.nonzero()[[0, -1], 0])
+        lo, hi = sorted((int(idx[first]), int(idx[last])))
+        part = x.narrow(dim, lo, hi + 1 - lo)
+        part = part.flip(dim) if step == -1 else part
+        if first == 0 and last == n - 1:
+            return part, ok  # may be a view of x: _gather copies a result that still is
+        shape = list(x.shape)
+        shape[dim] = n
+        out = x.new_zeros(shape)
+        out.narrow(dim, first, last + 1 - first).copy_(part)
+        return out, ok
+    out = x.index_select(dim, idx.clamp(0, max(n_in - 1, 0)).to(x.device))
+    if bool(ok.all()):
+        return out, ok
+    shape = [1] * x.dim()
+    shape[dim] = n
+    return torch.where(ok.to(x.device).reshape(shape), out, torch.zeros((), dtype=x.dtype, device=x.device)), ok
+
+
+def _gather(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x[..., iy, :][..., ix] with out-of-range indices giving 0; and the in-range rows and columns."""
+    out, oky = _take(x, x.dim() - 2, iy)
+    out, okx = _take(out, x.dim() - 1, ix)
+    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        out = out.clone()  # never an alias of the input
+    return out, oky, okx
+
+
+def _outer_and(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """rows[:, None] & columns[None, :] for masks that are each one run of True (every mask here is: a rectangle
+    seen along an axis), set as one slice (a broadcast boolean AND is ~10x slower on the CPU)."""
+    out = torch.zeros(len(rows), len(columns), dtype=torch.bool)
+    if bool(rows.any()) and bool(columns.any()):
+        r, c = rows.nonzero()[:, 0], columns.nonzero()[:, 0]
+        if int(r[-1] - r[0]) + 1 != len(r) or int(c[-1] - c[0]) + 1 != len(c):
+            return rows[:, None] & columns[None, :]
+        out[int(r[0]):int(r[-1]) + 1, int(c[0]):int(c[-1]) + 1] = True
+    return out
 
 
 def _round_into(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -199,20 +240,28 @@ class ViewTransform:
         <-> paste, scale <-> 1/scale, flip <-> flip). Content a crop dropped does not come back (fill / invalid)."""
         return ViewTransform(tuple(s.inverse() for s in reversed(self.steps)))
 
-    def affine(self) -> Affine:
-        """((ax, bx), (ay, by)), exact: x_out = ax * x_in + bx, y_out = ay * y_in + by."""
+    @cached_property
+    def _affine(self) -> Affine:
         (ax, bx), (ay, by) = (Fraction(1), Fraction(0)), (Fraction(1), Fraction(0))
         for step in self.steps:
             (sx, tx), (sy, ty) = step.affine()
             ax, bx, ay, by = sx * ax, sx * bx + tx, sy * ay, sy * by + ty
         return (ax, bx), (ay, by)
 
-    def content_rect(self) -> Rect:
-        """(x0, y0, x1, y1), exact, in the output frame: where the input's pixels are (the rest is padding)."""
+    @cached_property
+    def _content_rect(self) -> Rect:
         rect: Rect = (Fraction(0), Fraction(0), Fraction(self.in_hw[1]), Fraction(self.in_hw[0]))
         for step in self.steps:
             rect = step.content(rect)
         return rect
+
+    def affine(self) -> Affine:
+        """((ax, bx), (ay, by)), exact: x_out = ax * x_in + bx, y_out = ay * y_in + by."""
+        return self._affine
+
+    def content_rect(self) -> Rect:
+        """(x0, y0, x1, y1), exact, in the output frame: where the input's pixels are (the rest is padding)."""
+        return self._content_rect
 
     def moves_cells(self, stride: int = 1, out_stride: Optional[int] = None) -> bool:
         """True when every destination cell of a map at out_stride is exactly one source cell at stride (a flip
@@ -226,9 +275,10 @@ class ViewTransform:
 
     # ------------------------------------------------------------------ images, boxes, points
     def apply_image(self, img: np.ndarray, fill: Optional[Sequence[float]] = None) -> np.ndarray:
-        """An (h, w, c) image through every step, as the pipeline computes it (float32; a uint8 image comes back
-        rounded and clipped to uint8 as TrainAugment rounds its view). fill: the last step's canvas colour
-        instead of its own (e.g. 0 for an already normalised image)."""
+        """An (h, w, c) image through every step with the pipeline's pixel code (cv2-geometry bilinear resize,
+        paste on a fill colour), computed in float32: a uint8 image comes back rounded and clipped to uint8 as
+        TrainAugment rounds its view, any other as float32. fill: the last step's canvas colour instead of its
+        own (e.g. 0 for an already normalised image)."""
         img = np.asarray(img)
         if img.ndim != 3 or tuple(img.shape[:2]) != self.in_hw:
             raise ValueError(f"expected an image of {self.in_hw[0]}x{self.in_hw[1]}xC, got {img.shape}")
@@ -276,9 +326,9 @@ class ViewTransform:
         dtype = arr.dtype
         b = arr.astype(np.float64)
         b = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
-        b = _clip_xyxy(b, self.in_hw)
+        b = clip_xyxy(b, self.in_hw)
         for step in self.steps:  # a region has no pixels outside a frame: clipped to every one (a flip too)
-            b = _clip_xyxy(step.apply_boxes(b), step.out_hw)
+            b = clip_xyxy(step.apply_boxes(b), step.out_hw)
         return back(np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1).astype(dtype))
 
     # ------------------------------------------------------------------ dense maps
@@ -287,7 +337,8 @@ class ViewTransform:
             return int(n_out[0]), int(n_out[1])
         return -(-self.out_hw[0] // out_stride), -(-self.out_hw[1] // out_stride)
 
-    def valid_axes(self, out_stride: int = 1, out_size: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def valid_axes(self, out_stride: int = 1,
+                   out_size: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(rows (h,), columns (w,)) bool over a map at out_stride of the output frame: the rows / columns of
         cells whose centre lies inside the input's content (content_rect)."""
         n_h, n_w = self._map_size(out_size, out_stride)
@@ -296,8 +347,11 @@ class ViewTransform:
 
     def valid_mask(self, out_stride: int = 1, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """(h, w) bool over a map at out_stride of the output frame: the cells whose centre shows the input."""
-        rows, columns = self.valid_axes(out_stride, out_size)
-        return rows[:, None] & columns[None, :]
+        return _outer_and(*self.valid_axes(out_stride, out_size))
+
+    def _valid(self, out_stride: int, n_out: HW, oky: torch.Tensor, okx: torch.Tensor, device) -> torch.Tensor:
+        rows, columns = self.valid_axes(out_stride, n_out)
+        return _outer_and(rows & oky, columns & okx).to(device)
 
     def _cells(self, stride: int, out_stride: int, n_out: HW):
         """Per axis (y, x): (alpha, beta, nearest source cell of every destination cell, exact)."""
@@ -309,7 +363,8 @@ class ViewTransform:
         return out
 
     def apply_map(self, x: torch.Tensor, stride: int = 1, out_stride: Optional[int] = None,
-                  out_size: Optional[Sequence[int]] = None, mode: str = "bilinear") -> Tuple[torch.Tensor, torch.Tensor]:
+                  out_size: Optional[Sequence[int]] = None,
+                  mode: str = "bilinear") -> Tuple[torch.Tensor, torch.Tensor]:
         """A dense map (..., h, w) at `stride` over the input frame -> ((..., H, W) at out_stride over the output
         frame, valid (H, W) bool). out_size defaults to ceil(output frame / out_stride). Cells that move onto cells
         (moves_cells) are copied exactly, any dtype; otherwise mode 'bilinear' (grid_sample, edges clamped) or
@@ -319,11 +374,11 @@ class ViewTransform:
         out_stride = stride if out_stride is None else out_stride
         n_out = self._map_size(out_size, out_stride)
         (alpha_y, beta_y, iy), (alpha_x, beta_x, ix) = self._cells(stride, out_stride, n_out)
-        valid = self.valid_mask(out_stride, n_out).to(x.device)
         exact = all(_exact_int(f) for f in (alpha_x, beta_x, alpha_y, beta_y))
         if exact or mode == "nearest":
-            out, ok = _gather(x, iy, ix)
-            return out, valid & ok.to(x.device)
+            out, oky, okx = _gather(x, iy, ix)
+            return out, self._valid(out_stride, n_out, oky, okx, x.device)
+        valid = self.valid_mask(out_stride, n_out).to(x.device)
         h, w = x.shape[-2:]
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
         # grid_sample's normalised coordinates (align_corners=False): -1 and 1 are the outer edges of the map
@@ -351,7 +406,7 @@ class ViewTransform:
         out_stride = stride if out_stride is None else out_stride
         n_out = self._map_size(out_size, out_stride)
         (_, _, iy), (_, _, ix) = self._cells(stride, out_stride, n_out)
-        src, ok = _gather(x, iy, ix)
+        src, oky, okx = _gather(x, iy, ix)
         (ax, bx), (ay, by) = self.affine()
         v = src.double() * unit
         dev = x.device
@@ -364,9 +419,10 @@ class ViewTransform:
         hw = v[..., 2, :, :] * (abs(float(ax)) * stride / out_stride)
         hh = v[..., 3, :, :] * (abs(float(ay)) * stride / out_stride)
         moved = torch.stack([cx, cy, hw, hh], dim=-3) / unit
-        okd = ok.to(dev)
-        moved = torch.where(okd, moved, torch.zeros((), dtype=moved.dtype, device=dev))
-        return _round_into(moved, x.dtype), self.valid_mask(out_stride, n_out).to(dev) & okd
+        if not bool(oky.all() and okx.all()):  # no source cell: 0, as apply_map
+            ok = (oky[:, None] & okx[None, :]).to(dev)
+            moved = torch.where(ok, moved, torch.zeros((), dtype=moved.dtype, device=dev))
+        return _round_into(moved, x.dtype), self._valid(out_stride, n_out, oky, okx, dev)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:

@@ -79,7 +79,7 @@ def _ints(value: Any, n: int, what: str) -> Tuple[int, ...]:
     return out
 
 
-def _clip_xyxy(boxes: np.ndarray, hw: HW) -> np.ndarray:
+def clip_xyxy(boxes: np.ndarray, hw: HW) -> np.ndarray:
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, hw[1])
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, hw[0])
     return boxes
@@ -164,7 +164,7 @@ class CropPaste:
         b = boxes.copy()
         b[:, 0::2] += ox
         b[:, 1::2] += oy
-        return _clip_xyxy(b, self.out_hw)
+        return clip_xyxy(b, self.out_hw)
 
     def apply_points(self, points: np.ndarray) -> np.ndarray:
         ox, oy = self.offset
@@ -227,7 +227,7 @@ class Resize:
 
     def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
         """xyxy boxes times the scale factor, clipped to the output (mmdet's Resize arithmetic)."""
-        return _clip_xyxy(boxes * self._factors(boxes.dtype), self.out_hw)
+        return clip_xyxy(boxes * self._factors(boxes.dtype), self.out_hw)
 
     def apply_points(self, points: np.ndarray) -> np.ndarray:
         return points * self._factors(points.dtype)[:2]
