@@ -193,6 +193,20 @@ def test_deform_conv_export_fixed_size(tmp_path):
         net(torch.randn(1, 32, 32, 40))
 
 
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 2, 2)])
+def test_weights_first_dcn_equals_torchvision(stride, padding, dilation):
+    from torchvision.ops import deform_conv2d
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 12, 20, generator=g)
+    weight, bias = torch.randn(4, 16, 3, 3, generator=g) * 0.2, torch.randn(4, generator=g)
+    ho, wo = ((n + 2 * padding - 2 * dilation - 1) // stride + 1 for n in (12, 20))
+    offset = torch.randn(2, 18, ho, wo, generator=g) * 3  # many points between pixels, some outside the map
+    expected = deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation)
+    got = onnx_export.deform_conv2d_weights_first(x, offset, weight, bias, stride, padding, dilation)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
 def test_dcn_path_restores_the_layers():
     model = _tiny_model()
     layer = model.bbox_head.xywh_refine

@@ -1,10 +1,10 @@
 """The YOLC network (backbone, neck, head: what `YOLC.forward_dummy` returns at inference) exported to ONNX with
 torch's dynamo exporter, then checked against PyTorch with onnxruntime before the file takes its name.
 
-The deformable refine convolution is written either as `grid_sample` + matmul (models/deform.py's sampled
-formulation: ONNX GridSample, runs on every runtime) or as torchvision's op (ONNX DeformConv, opset >= 19,
-translated by onnxscript >= 0.7.1; only runtimes with a DeformConv kernel run it). The choice is made here for
-every DeformConv2d of the model, whatever device it would pick at run time."""
+The deformable refine convolution is written either as `grid_sample` (models/deform.py's sampled formulation,
+the weights applied before the sampling: ONNX Conv + GridSample, runs on every runtime) or as torchvision's op
+(ONNX DeformConv, opset >= 19, translated by onnxscript >= 0.7.1; only runtimes with a DeformConv kernel run it).
+The choice is made here for every DeformConv2d of the model, whatever device it would pick at run time."""
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.ops import DeformConv2d as TorchvisionDeformConv2d
 from torchvision.ops import deform_conv2d
 
@@ -30,7 +31,6 @@ from yolc_kd.data.images import display_path
 from yolc_kd.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAMES, OnnxNetwork, has_kernel, require_module
 from yolc_kd.diskio import atomic_path
 from yolc_kd.errors import UserError
-from yolc_kd.models.deform import deform_conv2d_sampled
 
 PathLike = Union[str, "os.PathLike[str]"]
 DCN_MODES = ("grid_sample", "deform_conv")
@@ -63,6 +63,34 @@ class YOLCNetwork(nn.Module):
         return heat[0], coarse[0], refine[0]
 
 
+def deform_conv2d_weights_first(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                                bias: Optional[torch.Tensor] = None, stride: int = 1, padding: int = 1,
+                                dilation: int = 1) -> torch.Tensor:
+    """models/deform.py's sampled deformable conv (one group, one offset group, no mask) with the taps' weights
+    applied before the sampling: a 1x1 conv to kh*kw*Cout channels, then each tap's Cout channels bilinearly
+    sampled at its points and the taps summed. Sampling is linear (zero outside the image), so the values are the
+    same up to float rounding."""
+    # own formulation: onnxruntime's GridSample recomputes the sampling coordinates for every channel, so sampling
+    # Cout (4) channels per tap instead of Cin (16-64) makes the refine layer ~13x faster there (BENCHMARKS.md)
+    b, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = offset.shape[2:]
+    k = kh * kw
+    dt, dev = offset.dtype, offset.device
+    ky = (torch.arange(kh, dtype=dt, device=dev) * dilation).repeat_interleave(kw)
+    kx = (torch.arange(kw, dtype=dt, device=dev) * dilation).repeat(kh)
+    off = offset.view(b, k, 2, ho, wo)
+    rows = torch.arange(ho, dtype=dt, device=dev).view(1, 1, ho, 1) * stride - padding
+    cols = torch.arange(wo, dtype=dt, device=dev).view(1, 1, 1, wo) * stride - padding
+    ys = rows + ky.view(1, k, 1, 1) + off[:, :, 0]
+    xs = cols + kx.view(1, k, 1, 1) + off[:, :, 1]
+    grid = torch.stack([xs * (2.0 / (w - 1)) - 1, ys * (2.0 / (h - 1)) - 1], dim=-1).view(b * k, ho, wo, 2)
+    taps = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(k * cout, cin, 1, 1)).view(b * k, cout, h, w)
+    sampled = F.grid_sample(taps, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = sampled.view(b, k, cout, ho, wo).sum(1)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
 def _sampled_forward(self: TorchvisionDeformConv2d, input: torch.Tensor, offset: torch.Tensor,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     kh, kw = self.weight.shape[2:]
@@ -70,8 +98,8 @@ def _sampled_forward(self: TorchvisionDeformConv2d, input: torch.Tensor, offset:
             or len(set(self.stride)) != 1 or len(set(self.padding)) != 1 or len(set(self.dilation)) != 1):
         raise UserError("--dcn grid_sample writes deformable convolutions with one group, one offset group, no mask "
                         "and square stride/padding/dilation; this model has another: export with --dcn deform_conv")
-    return deform_conv2d_sampled(input, offset, self.weight, self.bias, self.stride[0], self.padding[0],
-                                 self.dilation[0])
+    return deform_conv2d_weights_first(input, offset, self.weight, self.bias, self.stride[0], self.padding[0],
+                                       self.dilation[0])
 
 
 def _torchvision_forward(self: TorchvisionDeformConv2d, input: torch.Tensor, offset: torch.Tensor,
