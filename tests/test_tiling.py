@@ -45,7 +45,8 @@ def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     """A normalised input with smooth structure (blobs), as a photo has, plus noise."""
     g = torch.Generator().manual_seed(seed)
     low = torch.randn(1, 3, h // 32, w // 32, generator=g)
-    return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear") + 0.3 * torch.randn(1, 3, h, w, generator=g)
+    noise = torch.randn(1, 3, h, w, generator=g)
+    return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear") + 0.3 * noise
 
 
 # ----------------------------------------------------------------------------- the plan

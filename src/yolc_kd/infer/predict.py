@@ -205,7 +205,8 @@ class Predictor:
                 return h, w
             scale *= 0.99  # the padding to a multiple of 32 took it over: a little smaller
 
-    def memory_estimate(self, sizes: Sequence[Tuple[int, int]], keep_heatmap: bool = False) -> Optional[Tuple[int, str]]:
+    def memory_estimate(self, sizes: Sequence[Tuple[int, int]],
+                        keep_heatmap: bool = False) -> Optional[Tuple[int, str]]:
         """Estimated peak bytes (and what they are made of) of one call on images of these (height, width);
         None for a model that gives no estimate. The crop model's pass runs before the model's: the larger counts."""
         padded = [self.transform.target_hw(*self.input_hw(h, w)) for h, w in sizes]

@@ -52,7 +52,15 @@ def _axis(n: int, parts: int, overlap: int) -> List[Tuple[int, int, int, int]]:
     return [(max(0, c0 - overlap), min(n, c1 + overlap), c0, c1) for c0, c1 in zip(cuts[:-1], cuts[1:])]
 
 
-def plan_tiles(height: int, width: int, max_pixels: int, overlap: int) -> List[Tuple[int, int, int, int, int, int, int, int]]:
+Span = Tuple[int, int, int, int, int, int, int, int]  # y0, y1, x0, x1 (window), cy0, cy1, cx0, cx1 (core)
+
+
+def _extent(spans: Sequence[Tuple[int, int, int, int]]) -> Tuple[int, int]:
+    """(largest, summed) window length of an axis's spans."""
+    return max(w1 - w0 for w0, w1, _, _ in spans), sum(w1 - w0 for w0, w1, _, _ in spans)
+
+
+def plan_tiles(height: int, width: int, max_pixels: int, overlap: int) -> List[Span]:
     """Tiles of one (height, width) input whose windows have at most max_pixels pixels each:
     [(y0, y1, x0, x1, cy0, cy1, cx0, cx1)], the grid with the fewest pixels computed in all (then the fewest tiles).
     One tile (the whole input) when it fits. A budget below the smallest tile is a UserError."""
@@ -63,9 +71,8 @@ def plan_tiles(height: int, width: int, max_pixels: int, overlap: int) -> List[T
         return [(0, height, 0, width, 0, height, 0, width)]
     rows = {n: _axis(height, n, overlap) for n in range(1, height // ALIGN + 1)}
     cols = {n: _axis(width, n, overlap) for n in range(1, width // ALIGN + 1)}
-    extent = lambda spans: (max(w1 - w0 for w0, w1, _, _ in spans), sum(w1 - w0 for w0, w1, _, _ in spans))  # noqa: E731
-    row_ext = {n: extent(s) for n, s in rows.items()}
-    col_ext = {n: extent(s) for n, s in cols.items()}
+    row_ext = {n: _extent(s) for n, s in rows.items()}
+    col_ext = {n: _extent(s) for n, s in cols.items()}
     best = None
     for ny, (hmax, hsum) in row_ext.items():
         for nx, (wmax, wsum) in col_ext.items():
