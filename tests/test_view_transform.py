@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model_cfg
 from yolc_kd.data.augment import AugmentConfig, TestTransform, TrainAugment
 from yolc_kd.data.photometric import apply_photometric
-from yolc_kd.data.view import CropPaste, HFlip, Resize, ViewTransform
+from yolc_kd.data.view import CropPaste, HFlip, Resize, ViewTransform, meta_view
 from yolc_kd.errors import UserError
 from yolc_kd.models import build_detector
 
@@ -177,6 +177,23 @@ def test_test_transform_view_maps_back_like_the_border():
     back, valid = view.inverse().apply_map(heat)  # whole pixels: the crop by the border, exact
     y0, x0 = int(border[0]), int(border[2])
     assert torch.equal(back, heat[:, y0:y0 + 301, x0:x0 + 499]) and bool(valid.all())
+
+
+def test_meta_view_without_a_view_is_the_border_pad():
+    """Inference reads a meta's view (models/detector.py, infer/predict.py); an mmdet-style meta without one
+    gives the pad its border describes, the same geometry as TestTransform's view."""
+    t, meta = TestTransform()(np.zeros((301, 499, 3), np.uint8))
+    plain = {k: v for k, v in meta.items() if k != "view"}
+    assert meta_view(meta) is meta["view"]
+    v = meta_view(plain, t.shape[-2:])
+    assert v.affine() == meta["view"].affine() and v.content_rect() == meta["view"].content_rect()
+    top, bottom, left, right = (int(b) for b in meta["border"])
+    assert v.valid_window(out_size=(400, 600)) == (top, bottom, left, right)  # a batch padded further
+    dets = torch.tensor([[20.5, 30.25, 41.0, 60.0]])
+    back = v.inverse().apply_points(dets.reshape(-1, 2)).reshape(-1, 4)
+    assert torch.equal(back, dets - torch.tensor([left, top, left, top], dtype=torch.float32))
+    no_shape = {k: v for k, v in plain.items() if k != "img_shape"}
+    assert meta_view(no_shape, t.shape[-2:]).in_hw == (t.shape[-2] - top, t.shape[-1] - left)
 
 
 # ---------------------------------------------------------------- maps: exactness, inverses, validity

@@ -29,7 +29,7 @@ from yolc_kd.errors import UserError
 from .augment_config import AUGMENT_VERSION, AugmentConfig
 from .view_steps import HW, Affine, CropPaste, HFlip, Rect, Resize, Step, clip_xyxy, fill_rgb, step_from_dict
 
-__all__ = ["ViewTransform", "CropPaste", "Resize", "HFlip", "VIEW_VERSION"]
+__all__ = ["ViewTransform", "CropPaste", "Resize", "HFlip", "VIEW_VERSION", "meta_view"]
 
 VIEW_VERSION = 1
 Boxes = Union[np.ndarray, torch.Tensor]
@@ -72,9 +72,15 @@ def _nearest_cells(alpha: Fraction, beta: Fraction, n_out: int) -> torch.Tensor:
     return torch.tensor([(an * i + cn) // d for i in range(n_out)], dtype=torch.long)
 
 
+def _span(lo: Fraction, hi: Fraction, stride: int, n: int) -> Tuple[int, int]:
+    """[first, stop): the cells (of n) of a map at `stride` whose centre lies in [lo, hi)."""
+    first = min(max(math.ceil(lo / stride - Fraction(1, 2)), 0), n)
+    return first, min(max(math.ceil(hi / stride - Fraction(1, 2)), first), n)
+
+
 def _inside(lo: Fraction, hi: Fraction, stride: int, n: int) -> torch.Tensor:
-    """Cells of a map at `stride` whose centre lies in [lo, hi)."""
-    first, stop = math.ceil(lo / stride - Fraction(1, 2)), math.ceil(hi / stride - Fraction(1, 2))
+    """Cells of a map at `stride` whose centre lies in [lo, hi), as a mask."""
+    first, stop = _span(lo, hi, stride, n)
     i = torch.arange(n)
     return (i >= first) & (i < stop)
 
@@ -134,6 +140,24 @@ def _round_into(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     top = torch.iinfo(dtype).max
     low = -top if torch.iinfo(dtype).min < 0 else 0
     return values.round().clamp(low, top).to(dtype)
+
+
+def meta_view(meta: Mapping[str, Any], tensor_hw: Optional[Sequence[int]] = None) -> "ViewTransform":
+    """The image -> network tensor view of an inference meta: meta['view'] (TestTransform puts it there) or, for an
+    mmdet-style meta without one, the pad its 'border' [top, bottom, left, right] and 'img_shape' describe
+    (img_shape defaults to tensor_hw less the border)."""
+    view = meta.get("view")
+    if view is not None:
+        return view
+    top, _, left, _ = (int(round(float(v))) for v in np.asarray(meta.get("border", np.zeros(4))).reshape(-1)[:4])
+    if "img_shape" in meta:
+        h, w = (int(v) for v in meta["img_shape"][:2])
+    elif tensor_hw is not None:
+        h, w = int(tensor_hw[0]) - top, int(tensor_hw[1]) - left
+    else:
+        raise ValueError("an inference meta needs 'view', 'img_shape' or the tensor size")
+    pad = meta.get("pad_shape", (top + h, left + w))
+    return ViewTransform.pad((h, w), (max(int(pad[0]), top + h), max(int(pad[1]), left + w)), (left, top))
 
 
 @dataclass(frozen=True)
@@ -313,11 +337,16 @@ class ViewTransform:
         return keep
 
     def apply_points(self, points: Boxes) -> Boxes:
-        """(N, 2) [x, y] points, not clipped."""
-        arr, back = _as_numpy(points, "points", 2)
+        """(N, 2) [x, y] points, not clipped; a float torch tensor stays on its device (no host round trip)."""
+        if isinstance(points, torch.Tensor) and points.is_floating_point():
+            if points.dim() != 2 or points.shape[1] != 2:
+                raise ValueError(f"points must be (N, 2), got {tuple(points.shape)}")
+            out = points
+        else:
+            out, back = _as_numpy(points, "points", 2)
         for step in self.steps:
-            arr = step.apply_points(arr)
-        return back(arr)
+            out = step.apply_points(out)
+        return out if isinstance(points, torch.Tensor) and points.is_floating_point() else back(out)
 
     def apply_crop_boxes(self, xywh: Boxes) -> Boxes:
         """(N, 4) crop regions [x, y, w, h] (LSM / crops.py) as the region covering the same pixels in the output,
@@ -344,6 +373,12 @@ class ViewTransform:
         n_h, n_w = self._map_size(out_size, out_stride)
         x0, y0, x1, y1 = self.content_rect()
         return _inside(y0, y1, out_stride, n_h), _inside(x0, x1, out_stride, n_w)
+
+    def valid_window(self, out_stride: int = 1, out_size: Optional[Sequence[int]] = None) -> Tuple[int, int, int, int]:
+        """(y0, y1, x0, x1): valid_mask as index ranges, rows [y0, y1) and columns [x0, x1) (for slicing)."""
+        n_h, n_w = self._map_size(out_size, out_stride)
+        x0, y0, x1, y1 = self.content_rect()
+        return (*_span(y0, y1, out_stride, n_h), *_span(x0, x1, out_stride, n_w))
 
     def valid_mask(self, out_stride: int = 1, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """(h, w) bool over a map at out_stride of the output frame: the cells whose centre shows the input."""

@@ -79,6 +79,13 @@ def _ints(value: Any, n: int, what: str) -> Tuple[int, ...]:
     return out
 
 
+def _const(like: Any, values: Sequence[float]) -> Any:
+    """values as an array of like's kind (numpy, or torch on like's device) and dtype, for exact elementwise ops."""
+    if isinstance(like, np.ndarray):
+        return np.asarray(values, dtype=like.dtype)
+    return like.new_tensor(values)
+
+
 def clip_xyxy(boxes: np.ndarray, hw: HW) -> np.ndarray:
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, hw[1])
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, hw[0])
@@ -166,9 +173,9 @@ class CropPaste:
         b[:, 1::2] += oy
         return clip_xyxy(b, self.out_hw)
 
-    def apply_points(self, points: np.ndarray) -> np.ndarray:
+    def apply_points(self, points: Any) -> Any:
         ox, oy = self.offset
-        return points + np.asarray([ox, oy], dtype=points.dtype)
+        return points + _const(points, [ox, oy])
 
     def centres_inside(self, boxes: np.ndarray) -> np.ndarray:
         """mmdet's crop rule: the box centre strictly inside the window (float32 centres, as mmdet)."""
@@ -229,8 +236,9 @@ class Resize:
         """xyxy boxes times the scale factor, clipped to the output (mmdet's Resize arithmetic)."""
         return clip_xyxy(boxes * self._factors(boxes.dtype), self.out_hw)
 
-    def apply_points(self, points: np.ndarray) -> np.ndarray:
-        return points * self._factors(points.dtype)[:2]
+    def apply_points(self, points: Any) -> Any:
+        sx, sy = self.out_hw[1] / self.in_hw[1], self.out_hw[0] / self.in_hw[0]
+        return points * _const(points, [sx, sy])
 
     def inverse(self) -> "Resize":
         return Resize(self.out_hw, self.in_hw)
@@ -278,10 +286,8 @@ class HFlip:
         b[:, 2] = w - boxes[:, 0]
         return b
 
-    def apply_points(self, points: np.ndarray) -> np.ndarray:
-        p = points.copy()
-        p[:, 0] = self.hw[1] - points[:, 0]
-        return p
+    def apply_points(self, points: Any) -> Any:
+        return points * _const(points, [-1, 1]) + _const(points, [self.hw[1], 0])
 
     def inverse(self) -> "HFlip":
         return self

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from yolc_kd import crops
 from yolc_kd.data.augment import AugmentConfig, TestTransform, collate_test
+from yolc_kd.data.view import meta_view
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.images import display_path, load_image_rgb, read_image_size
 from yolc_kd.data.loading import check_images
@@ -270,9 +271,9 @@ class Predictor:
             boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(d[:, 4])
             hm = None
-            if heat is not None:  # in the pixels the model saw (viz resizes it onto the image)
-                top, bottom, left, right = (int(round(float(v))) for v in np.asarray(meta["border"])[:4])
-                hm = heat[i, :, top:bottom, left:right].detach().float().cpu().numpy()
+            if heat is not None:  # in the pixels the model saw (viz resizes it onto the image): the pad undone
+                hm, _ = meta_view(meta, heat.shape[2:]).inverse().apply_map(heat[i].detach())
+                hm = hm.float().cpu().numpy()
             reg = np.zeros((0, 4), np.int64) if regions[i] is None else np.asarray(regions[i]).reshape(-1, 4)
             reg = reg[(reg[:, 2] >= 1) & (reg[:, 3] >= 1)]  # empty regions gave no patch
             scale = np.asarray(meta.get("scale_factor", np.ones(4)), np.float64).reshape(-1)[:4]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from yolc_kd import crops
+from yolc_kd.data.view import meta_view
 from yolc_kd.errors import ModelConfigError
 from yolc_kd.kd import KDTargets, kd_losses
 from yolc_kd.models.hrfpn import HRFPN
@@ -211,13 +212,13 @@ class YOLC(nn.Module):
     def _lsm_of_max(self, lsm_map: torch.Tensor, img_metas: List[Mapping]) -> List[np.ndarray]:
         """LSM on the (B,1,H,W) max over classes of the blurred heatmap (YOLC's get_bboxes blurs the heatmap list
         in place, so its LSM reads the blurred map); zeroed in place outside each image: no clusters in padding."""
+        hw = lsm_map.shape[2:]
         for i, meta in enumerate(img_metas):
-            top, _, left, _ = [int(v) for v in np.asarray(meta.get("border", np.zeros(4)))]
-            h, w = meta.get("img_shape", lsm_map.shape[2:])[:2]
-            lsm_map[i, :, :top] = 0
-            lsm_map[i, :, top + int(h):] = 0
-            lsm_map[i, :, :, :left] = 0
-            lsm_map[i, :, :, left + int(w):] = 0
+            y0, y1, x0, x1 = meta_view(meta, hw).valid_window(out_size=hw)  # the image's pixels in the tensor
+            lsm_map[i, :, :y0] = 0
+            lsm_map[i, :, y1:] = 0
+            lsm_map[i, :, :, :x0] = 0
+            lsm_map[i, :, :, x1:] = 0
         return self.bbox_head.LSM([lsm_map], img_metas)
 
     def memory_estimate(self, batch: int, height: int, width: int, max_pixels: Optional[int] = None,
@@ -252,8 +253,8 @@ class YOLC(nn.Module):
             # _remap_bboxes_to_full undoes the patch scale (the windows' boxes are in patch pixels)
             for (dets, labels), m, i in zip(self.bbox_head.bboxes_from_windows(ph, pr, windows), metas, plan.owners):
                 dets = self._remap_bboxes_to_full(dets, m)
-                border = np.asarray(img_metas[i].get("border", np.zeros(4)), np.float32)
-                dets[:, :4] -= dets.new_tensor(border[[2, 0, 2, 0]])  # tensor -> content frame
+                to_image = meta_view(img_metas[i], img.shape[2:]).inverse()  # tensor -> image frame, unclipped
+                dets[:, :4] = to_image.apply_points(dets[:, :4].reshape(-1, 2)).reshape(-1, 4)
                 per_img[i].append((dets, labels))
         iou = float(self.test_cfg.get("nms_cfg", {}).get("iou_threshold", 0.6))
         out = []
