@@ -10,14 +10,15 @@ weighs on all rows alike; the time of a mode is the sum of its calls (the model 
     python benchmarks/bench_infer.py --val DIR [--config CFG --ckpt CKPT] [--student-config CFG
         --student-ckpt CKPT] [--threads N] [--out r.json]
 
-With --onnx-compare: PyTorch eager vs ONNX Runtime (the network exported by deploy.onnx_export, dynamic, or
---onnx FILE) for the --config model, full image and fused (the config's crop settings), at each --onnx-threads
-count, all round robin per image: median and mean seconds per image, the speed-up, AP of each, and per image
-whether the ONNX detections equal PyTorch's (count, labels, boxes after sorting by score). --random-weights
-times a model without a checkpoint (seeded initialisation).
+With --onnx-compare: PyTorch eager vs ONNX Runtime (the network exported by deploy.onnx_export, dynamic, in each
+--onnx-dcn form, or --onnx FILE) for the --config model, full image and fused (the config's crop settings), at
+each --onnx-threads count, all round robin per image: median and mean seconds per image (the network's share
+apart), the speed-up, AP of each, and per image whether the ONNX detections equal PyTorch's (count, labels,
+boxes: after sorting by score, and matched regardless of the order that float-noise ties in the scores can swap).
+--random-weights times a model without a checkpoint (seeded initialisation).
 
     python benchmarks/bench_infer.py --onnx-compare --val DIR --config CFG (--ckpt CKPT | --random-weights)
-        [--onnx model.onnx] [--onnx-threads 1 2] [--out r.json]
+        [--onnx model.onnx | --onnx-dcn grid_sample deform_conv] [--onnx-threads 1 2] [--out r.json]
 """
 from __future__ import annotations
 
@@ -147,14 +148,35 @@ def _sorted_dets(dets: torch.Tensor, labels: torch.Tensor) -> Tuple[np.ndarray, 
 
 
 def compare_dets(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, float]:
-    """One image's detections of two runtimes: counts, the largest box and score differences after sorting by
-    score (on the common prefix when the counts differ), and whether the labels agree."""
+    """One image's detections of two runtimes. Sorted by score: whether the labels agree and the largest box
+    difference pair by pair. Since scores that differ by float noise can swap places (ties), also a matching that
+    ignores the order: each detection paired with the same-label detection of the other run whose box is closest
+    (greedy, closest pairs first); its largest box difference, the unmatched count and the lowest score among them
+    (a swap at the max_per_img / topk cut leaves detections of the lowest scores unmatched)."""
     (da, la), (db, lb) = _sorted_dets(*a), _sorted_dets(*b)
     n = min(len(da), len(db))
-    box = float(np.abs(da[:n, :4] - db[:n, :4]).max()) if n else 0.0
-    score = float(np.abs(da[:n, 4] - db[:n, 4]).max()) if n else 0.0
-    return dict(n_pytorch=len(da), n_onnx=len(db), max_box_diff=box, max_score_diff=score,
-                labels_equal=bool(np.array_equal(la[:n], lb[:n])))
+    out = dict(n_pytorch=len(da), n_onnx=len(db),
+               sorted_max_box_diff=float(np.abs(da[:n, :4] - db[:n, :4]).max()) if n else 0.0,
+               sorted_labels_equal=bool(np.array_equal(la[:n], lb[:n])),
+               max_score_diff=float(np.abs(da[:n, 4] - db[:n, 4]).max()) if n else 0.0)
+    dist = np.abs(da[:, None, :4] - db[None, :, :4]).max(-1)
+    dist[la[:, None] != lb[None, :]] = np.inf
+    flat = np.argsort(dist, axis=None)
+    used_a, used_b, matched = np.zeros(len(da), bool), np.zeros(len(db), bool), []
+    for idx in flat[np.isfinite(dist.reshape(-1)[flat])]:
+        i, j = divmod(int(idx), len(db))
+        if not used_a[i] and not used_b[j]:
+            used_a[i] = used_b[j] = True
+            matched.append(dist[i, j])
+    unmatched = np.concatenate([da[~used_a, 4], db[~used_b, 4]])
+    lowest = min(da[:, 4].min(initial=np.inf), db[:, 4].min(initial=np.inf))
+    out.update(matched_max_box_diff=float(max(matched, default=0.0)), unmatched=int(len(unmatched)),
+               unmatched_top_score=float(unmatched.max(initial=0.0)), lowest_score=float(lowest))
+    return out
+
+
+def _match_ok(c: dict, tol: float = 1e-3) -> bool:
+    return c["n_pytorch"] == c["n_onnx"] and c["unmatched"] == 0 and c["matched_max_box_diff"] <= tol
 
 
 class TimedNetwork:
@@ -170,22 +192,24 @@ class TimedNetwork:
         return out
 
 
-def onnx_compare(model, cfg, source, onnx_path: str, thread_counts: Sequence[int]) -> dict:
-    """PyTorch eager vs ONNX Runtime, full and fused, at each thread count; round robin per image. The network
-    calls of both are timed apart from the rest (decoding, LSM, patch packing, fusion: the same code)."""
+def onnx_compare(model, cfg, source, onnx_paths: Dict[str, str], thread_counts: Sequence[int]) -> dict:
+    """PyTorch eager vs ONNX Runtime (one runtime per exported file: {name: path}), full and fused, at each thread
+    count; round robin per image. The network calls of every runtime are timed apart from the rest (decoding, LSM,
+    patch packing, fusion: the same code)."""
     from yolc_kd.data.augment import collate_test
     from yolc_kd.deploy.onnx_runtime import OnnxNetwork
     from yolc_kd.infer.predict import build_test_transform
 
     transform = build_test_transform(cfg)
-    sessions = {t: OnnxNetwork(onnx_path, threads=t) for t in thread_counts}
-    modes = [(t, rt, fusion) for t in thread_counts for rt in ("pytorch", "onnx") for fusion in ("none", None)]
+    sessions = {(name, t): OnnxNetwork(path, threads=t) for name, path in onnx_paths.items() for t in thread_counts}
+    runtimes = ["pytorch", *onnx_paths]
+    modes = [(t, rt, fusion) for t in thread_counts for rt in runtimes for fusion in ("none", None)]
     network_s: Dict[tuple, List[float]] = {m: [] for m in modes}
 
     def call(mode, img, metas):
         threads, runtime, fusion = mode
         torch.set_num_threads(threads)
-        net = TimedNetwork(sessions[threads] if runtime == "onnx"
+        net = TimedNetwork(sessions[(runtime, threads)] if runtime != "pytorch"
                            else lambda x: model.bbox_head(model.extract_feat(x)))  # = YOLC.network's own path
         model.use_network(net)
         try:
@@ -202,7 +226,7 @@ def onnx_compare(model, cfg, source, onnx_path: str, thread_counts: Sequence[int
         network_s[mode].clear()
     times: Dict[tuple, List[float]] = {m: [] for m in modes}
     results: Dict[tuple, List[dict]] = {m: [] for m in modes}
-    per_image: Dict[tuple, List[dict]] = {m: [] for m in modes if m[1] == "onnx"}
+    per_image: Dict[tuple, List[dict]] = {m: [] for m in modes if m[1] != "pytorch"}
     for i, item in enumerate(source.items):
         img, metas = collate_test([transform(source.dataset.load_image(i))])
         outs = {}
@@ -229,6 +253,8 @@ def onnx_compare(model, cfg, source, onnx_path: str, thread_counts: Sequence[int
 def onnx_main(args) -> None:
     import tempfile
 
+    import onnxruntime
+
     from yolc_kd.deploy.onnx_export import check_sizes, export_onnx
     from yolc_kd.infer.coco_eval import evaluate_coco
     from yolc_kd.infer.predict import build_test_transform, coco_source
@@ -236,49 +262,55 @@ def onnx_main(args) -> None:
     model, cfg = _load(args.config, None if args.random_weights else args.ckpt)
     ann = Path(args.val) / "annotations.json"
     source = coco_source(ann, args.val, cfg.get("classes"), cfg["model"]["bbox_head"]["num_classes"])
-    export_s = None
+    exports: Dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = args.onnx
-        if onnx_path is None:
-            onnx_path = str(Path(tmp) / "model.onnx")
+        paths = {}
+        if args.onnx is not None:
+            paths["onnx"] = args.onnx
+        else:
             input_hw, check_hw = check_sizes(build_test_transform(cfg))
-            log(f"exporting {args.config} (dynamic) ...")
-            report = export_onnx(model, onnx_path, input_hw, dynamic=True, check_hw=check_hw)
-            export_s = round(report.seconds, 1)
-            log(f"exported in {export_s} s, check max |diff| {report.max_diff:.2g}")
-        log(f"{len(source.items)} images x {len(args.onnx_threads) * 4} modes (threads {args.onnx_threads})")
+            for dcn in args.onnx_dcn:
+                name = "onnx" if dcn == "grid_sample" else f"onnx-{dcn}"
+                paths[name] = str(Path(tmp) / f"{name}.onnx")
+                log(f"exporting {args.config} (dynamic, --dcn {dcn}) ...")
+                report = export_onnx(model, paths[name], input_hw, dynamic=True, check_hw=check_hw, dcn=dcn)
+                exports[name] = dict(dcn=dcn, seconds=round(report.seconds, 1), max_diff=report.max_diff,
+                                     mib=round(report.size_bytes / 2 ** 20, 1))
+                log(f"exported in {report.seconds:.0f} s, check max |diff| {report.max_diff:.2g}")
+        log(f"{len(source.items)} images x {len(args.onnx_threads) * 2 * (1 + len(paths))} modes "
+            f"(threads {args.onnx_threads})")
         load_before = os.getloadavg()
         t0 = time.perf_counter()
-        run = onnx_compare(model, cfg, source, onnx_path, args.onnx_threads)
+        run = onnx_compare(model, cfg, source, paths, args.onnx_threads)
         timed_s = round(time.perf_counter() - t0, 1)
         load_after = os.getloadavg()
     rows = []
     for mode in run["modes"]:
         threads, runtime, fusion = mode
-        ts = np.asarray(run["times"][mode])
+        ts, net = np.asarray(run["times"][mode]), np.asarray(run["network_s"][mode])
         metrics = evaluate_coco(ann, run["results"][mode], max_dets=(1, 10, 100))
-        net = np.asarray(run["network_s"][mode])
         row = dict(threads=threads, runtime=runtime, mode="full" if fusion == "none" else "fused",
                    median_s=float(np.median(ts)), mean_s=float(ts.mean()), network_median_s=float(np.median(net)),
                    rest_median_s=float(np.median(ts - net)), AP=metrics["AP"], AP50=metrics["AP50"])
-        if runtime == "onnx":
+        if runtime != "pytorch":
             base = np.asarray(run["times"][(threads, "pytorch", fusion)])
+            base_net = np.asarray(run["network_s"][(threads, "pytorch", fusion)])
             row["speedup_median"] = float(np.median(base) / np.median(ts))
-            row["speedup_per_image_median"] = float(np.median(base / ts))
+            row["network_speedup_median"] = float(np.median(base_net) / np.median(net))
             cmp = run["per_image"][mode]
             row["images_same_count"] = sum(c["n_pytorch"] == c["n_onnx"] for c in cmp)
-            row["images_within_1e-3_px"] = sum(c["n_pytorch"] == c["n_onnx"] and c["labels_equal"]
-                                               and c["max_box_diff"] <= 1e-3 for c in cmp)
-            row["max_box_diff"] = max(c["max_box_diff"] for c in cmp)
+            row["images_same_order_within_1e-3_px"] = sum(
+                c["n_pytorch"] == c["n_onnx"] and c["sorted_labels_equal"] and c["sorted_max_box_diff"] <= 1e-3
+                for c in cmp)
+            row["images_matched_within_1e-3_px"] = sum(_match_ok(c) for c in cmp)
+            row["matched_max_box_diff"] = max(c["matched_max_box_diff"] for c in cmp)
             row["max_score_diff"] = max(c["max_score_diff"] for c in cmp)
             row["images_same_regions"] = sum(c["same_regions"] for c in cmp)
-            row["differing_images"] = [c for c in cmp if not (c["n_pytorch"] == c["n_onnx"] and c["labels_equal"]
-                                                              and c["max_box_diff"] <= 1e-3)]
+            row["differing_images"] = [c for c in cmp if not (_match_ok(c) and c["sorted_labels_equal"]
+                                                              and c["sorted_max_box_diff"] <= 1e-3)]
         rows.append(row)
-    import onnxruntime
-
     out = dict(machine=platform.machine(), processor=platform.processor(), config=args.config,
-               ckpt=None if args.random_weights else args.ckpt, onnx=args.onnx, export_s=export_s,
+               ckpt=None if args.random_weights else args.ckpt, onnx=args.onnx, exports=exports,
                torch=torch.__version__, onnxruntime=onnxruntime.__version__, images=len(source.items),
                crop_cfg=dict(model.crop_cfg), timed_s=timed_s, loadavg_before=load_before, loadavg_after=load_after,
                rows=rows)
@@ -301,6 +333,8 @@ def main() -> None:
     parser.add_argument("--onnx-compare", action="store_true", help="PyTorch eager vs ONNX Runtime rows instead")
     parser.add_argument("--onnx", default=None, help="with --onnx-compare: an exported model (default: export one)")
     parser.add_argument("--onnx-threads", type=int, nargs="+", default=[1, 2], help="thread counts (default 1 2)")
+    parser.add_argument("--onnx-dcn", nargs="+", default=["grid_sample"], choices=("grid_sample", "deform_conv"),
+                        help="export forms to compare (runtimes 'onnx' and 'onnx-deform_conv'; default grid_sample)")
     parser.add_argument("--random-weights", action="store_true", help="with --onnx-compare: no checkpoint")
     args = parser.parse_args()
     if args.onnx_compare:
