@@ -9,7 +9,6 @@ import io
 import json
 import shutil
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
                       help="dynamic batch, height and width (the default); checked at the config's test input "
                            "size and a second batch and size")
     p.add_argument("--dcn", choices=DCN_MODES, default=DEFAULT_DCN,
-                   help="how the deformable refine conv is written: grid_sample (GridSample + MatMul, runs on every "
+                   help="how the deformable refine conv is written: grid_sample (Conv + GridSample, runs on every "
                         "runtime; default) or deform_conv (ONNX DeformConv, opset >= 19, for runtimes that have it)")
     p.add_argument("--no-check", action="store_true",
                    help="keep the file without comparing it to PyTorch (e.g. --dcn deform_conv where the installed "
@@ -70,7 +70,8 @@ def _load(config: Path, ckpt: Path, trust: bool):
     except UserError:
         raise
     except Exception as exc:  # torch's weights-only unpickler raises e.g. IndexError on garbage bytes
-        raise UserError(f"checkpoint {display_path(ckpt)} is not a readable torch file ({type(exc).__name__})") from None
+        raise UserError(f"checkpoint {display_path(ckpt)} is not a readable torch file "
+                        f"({type(exc).__name__})") from None
     return cfg, model
 
 

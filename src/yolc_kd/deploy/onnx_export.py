@@ -182,16 +182,18 @@ def check_requirements(opset: int, dcn: str, check: bool) -> None:
                         f"got {opset}")
     if dcn == "deform_conv":
         if opset < DEFORM_CONV_OPSET:
-            raise UserError(f"--dcn deform_conv needs --opset {DEFORM_CONV_OPSET} or later (ONNX DeformConv), got {opset}")
+            raise UserError(f"--dcn deform_conv needs --opset {DEFORM_CONV_OPSET} or later (ONNX DeformConv), "
+                            f"got {opset}")
         if _version(onnxscript.__version__) < DEFORM_CONV_ONNXSCRIPT:
             raise UserError(f"--dcn deform_conv needs onnxscript >= {'.'.join(map(str, DEFORM_CONV_ONNXSCRIPT))} "
-                            f"(installed {onnxscript.__version__}): pip install -U onnxscript, or use --dcn grid_sample")
+                            f"(installed {onnxscript.__version__}): pip install -U onnxscript, or use --dcn "
+                            "grid_sample")
     if check:
         ort = require_module("onnxruntime", "checking the exported model (--no-check skips it)")
         if dcn == "deform_conv" and not has_kernel("DeformConv", opset):
             raise UserError(f"onnxruntime {ort.__version__} has no CPU DeformConv kernel for opset {opset}, so the "
-                            "export cannot be checked here: use --dcn grid_sample (runs everywhere), or pass --no-check "
-                            "to keep the unchecked file for a runtime that has DeformConv")
+                            "export cannot be checked here: use --dcn grid_sample (runs everywhere), or pass "
+                            "--no-check to keep the unchecked file for a runtime that has DeformConv")
 
 
 def check_onnx(path: PathLike, network: nn.Module, shapes: Sequence[Tuple[int, int, int, int]],
