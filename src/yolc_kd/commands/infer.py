@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from yolc_kd.cli_args import add_device_arg, check_count
+from yolc_kd.cli_args import add_amp_args, add_device_arg, check_amp_args, check_count
 from yolc_kd.data.images import display_path
 from yolc_kd.errors import UserError
 
 
 def register(subparsers: Any) -> None:
     from yolc_kd.crops import DEFAULT_TILE_CFG
-    from yolc_kd.runtime import AMP_DTYPES
 
     p = subparsers.add_parser(
         "infer", help="detect objects in images with a YOLC checkpoint (COCO results json)",
@@ -49,9 +48,7 @@ def register(subparsers: Any) -> None:
                         "'downscale' (resized so its padded input fits the budget, boxes mapped back: faster, "
                         "but objects shrink with it)")
     add_device_arg(p)
-    p.add_argument("--amp", action="store_true", help="mixed precision (autocast) for the forwards")
-    p.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=None,
-                   help="dtype of --amp (default: float16 on CUDA, bfloat16 on CPU)")
+    add_amp_args(p, "the forwards")
     p.add_argument("--crop-config", type=Path, default=None,
                    help="config of a second model (e.g. the deployed teacher) whose LSM picks the crops")
     p.add_argument("--crop-ckpt", type=Path, default=None, help="checkpoint of the --crop-config model")
@@ -118,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     check_count("batch-size", args.batch_size)
     check_count("max-patches", args.max_patches, 0)
     check_count("max-pixels", args.max_pixels, 0)
-    if args.amp_dtype and not args.amp:
-        raise UserError("--amp-dtype needs --amp")
+    check_amp_args(args)
     if args.large_image == "downscale" and args.max_pixels == 0:
         raise UserError("--large-image downscale needs a pixel budget: --max-pixels N with N > 0")
     if (args.ckpt is None) == (args.onnx is None):

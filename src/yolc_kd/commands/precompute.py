@@ -8,14 +8,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from yolc_kd.cli_args import add_data_args, add_device_arg, check_count
+from yolc_kd.cli_args import add_amp_args, add_data_args, add_device_arg, check_amp_args, check_count
 from yolc_kd.errors import UserError
-from yolc_kd.runtime import DETERMINISTIC_HELP
 
 
 def register(subparsers: Any) -> None:
     from yolc_kd.cache.schema import DEFAULT_SHARD_SIZE
-    from yolc_kd.runtime import AMP_DTYPES
 
     p = subparsers.add_parser("precompute", help="cache the teacher's KD targets for offline distillation",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,12 +35,8 @@ def register(subparsers: Any) -> None:
                    help="CPU threads of the teacher (default 1): results depend on it, so keep it when resuming; "
                         "scale out with torchrun instead")
     add_device_arg(p)
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision (autocast) for the teacher; the manifest records the dtype, and the maps "
-                        "are float32 before the cache's rounding as without it")
-    p.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=None,
-                   help="dtype of --amp (default: float16 on CUDA, bfloat16 on CPU)")
-    p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
+    add_amp_args(p, "the teacher; the manifest records the dtype, and the maps are float32 before the cache's "
+                    "rounding as without it", deterministic=True)
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "shard_size", "threads", "train_iters"):
         check_count(name.replace("_", "-"), getattr(args, name))
     check_count("workers", args.workers, 0)
-    if args.amp_dtype and not args.amp:
-        raise UserError("--amp-dtype needs --amp")
+    check_amp_args(args)
     cfg = load_config(args.config, with_defaults=True)
     check_config_counts(cfg)
     ann, images = resolve_data(cfg, args.ann, args.images)

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from yolc_kd.cli_args import add_data_args, add_device_arg
-from yolc_kd.runtime import DETERMINISTIC_HELP
+from yolc_kd.cli_args import add_amp_args, add_data_args, add_device_arg
 
 
 def _defaults_text() -> str:
@@ -27,8 +26,6 @@ def _defaults_text() -> str:
 
 
 def register(subparsers: Any) -> None:
-    from yolc_kd.runtime import AMP_DTYPES
-
     p = subparsers.add_parser("train", help="train a YOLC model (supervised, or KD student with --cache/--online)",
                               description=__doc__, epilog=_defaults_text(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,12 +45,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--val-images", default=None, help="image root of the validation set")
     add_device_arg(p)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default data.workers_per_gpu)")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision (autocast) for the student's step and, with --online, the teacher; the "
-                        "heatmap sigmoid, the DCN offsets and deformable conv, and the losses stay float32")
-    p.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=None,
-                   help="dtype of --amp (default: float16 on CUDA, with loss scaling; bfloat16 on CPU)")
-    p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
+    add_amp_args(p, "the student's step and, with --online, the teacher; the heatmap sigmoid, the DCN offsets "
+                    "and deformable conv, and the losses stay float32", deterministic=True)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images and damaged cache samples with a counted warning")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need pickle code")
@@ -63,17 +56,14 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from yolc_kd.cli_args import check_count
+    from yolc_kd.cli_args import check_amp_args, check_count
     from yolc_kd.train.loop import TrainOptions
     from yolc_kd.train.recipe import KDSource, run_training
 
     for name in ("max_iters", "batch_size", "log_interval"):
         check_count(name.replace("_", "-"), getattr(args, name))
     check_count("workers", args.workers, 0)
-    if args.amp_dtype and not args.amp:
-        from yolc_kd.errors import UserError
-
-        raise UserError("--amp-dtype needs --amp")
+    check_amp_args(args)
     opts = TrainOptions(work_dir=Path(args.work_dir), max_iters=args.max_iters, resume=args.resume,
                         device=args.device, workers=args.workers, batch_size=args.batch_size, amp=args.amp,
                         amp_dtype=args.amp_dtype,
