@@ -93,7 +93,7 @@ def test_repeat_dataset_times_3_trains_mmdets_iterations(tmp_path, capsys):
 
     assert main(["train", "--config", cfg, "--work-dir", str(tmp_path / "w"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "12 iterations at batch 4" in out and "2 epoch(s) of 3 passes (RepeatDataset) = 6 passes per image" in out
+    assert "12 iteration(s) at batch 4" in out and "2 epoch(s) of 3 passes (RepeatDataset) = 6 passes per image" in out
     assert "trained to iteration 12 (6 passes per image, no KD" in out
     logged = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["iter"] == 12 and logged[-1]["epoch"] == 1

@@ -126,14 +126,15 @@ class Trainer:
         """What this run does, said once before the first step: the KD source, the schedule in iterations,
         epochs and passes per image, and where the learning rate steps."""
         epochs = self.total_iters / self.iters_per_epoch
-        line = (f"{self.opts.kd_mode}; {self.total_iters} iterations at batch {self.batch_size} x {self.world} "
+        line = (f"{self.opts.kd_mode}; {self.total_iters} iteration(s) at batch {self.batch_size} x {self.world} "
                 f"process(es), {self.iters_per_epoch} per epoch: {epochs:.4g} epoch(s)")
         if self.repeats > 1:
             line += f" of {self.repeats} passes (RepeatDataset)"
         line += f" = {epochs * self.repeats:.4g} passes per image"
-        if self.steps and check_lr_config(self.cfg.get("lr_config") or {}) == "step":
-            line += "; lr steps at iterations " + ", ".join(
-                f"{s} (pass {s * self.repeats / self.iters_per_epoch:.4g})" for s in self.steps)
+        steps = [s for s in self.steps if s < self.total_iters]  # the ones this run reaches
+        if steps and check_lr_config(self.cfg.get("lr_config") or {}) == "step":
+            line += "; lr steps at iteration(s) " + ", ".join(
+                f"{s} (pass {s * self.repeats / self.iters_per_epoch:.4g})" for s in steps)
         return line
 
     def _note_repeated_views(self) -> None:
