@@ -104,6 +104,9 @@ class OnnxNetwork:
         options.intra_op_num_threads = int(threads if threads is not None else torch.get_num_threads())
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: shape-inference warnings of a dynamic graph are noise here
+        # no busy-waiting between runs: the pipeline's own work (decoding, LSM, fusion) follows every run on the same
+        # cores, and spinning workers slowed fused inference at 2 threads on a shared 2-core CPU (BENCHMARKS.md)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options,
                                                 providers=onnx_providers(device))
