@@ -301,6 +301,8 @@ def test_infer_onnx_errors(exported, tmp_path, capsys):
     assert "--ckpt and --onnx" in _error_line(capsys, "infer")
     assert main(_infer_args(exported, tmp_path / "p.json")) == 1
     assert "--ckpt CKPT or --onnx" in _error_line(capsys, "infer")
+    assert main(_infer_args(exported, tmp_path / "p.json", "--onnx", exported.onnx, "--amp")) == 1
+    assert "--amp does not apply to --onnx" in _error_line(capsys, "infer")
     assert main(_infer_args(exported, tmp_path / "p.json", "--onnx", tmp_path / "none.onnx")) == 1
     assert "ONNX model not found" in _error_line(capsys, "infer")
     garbage = tmp_path / "garbage.onnx"

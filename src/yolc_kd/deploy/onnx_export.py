@@ -174,8 +174,8 @@ def check_requirements(opset: int, dcn: str, check: bool) -> None:
     without a DeformConv kernel."""
     if dcn not in DCN_MODES:
         raise UserError(f"--dcn must be one of {', '.join(DCN_MODES)}, got {dcn!r}")
-    onnx = require_module("onnx", "yolc-kd export")
-    onnxscript = require_module("onnxscript", "yolc-kd export")
+    onnx = require_module("onnx", "exporting to ONNX")
+    onnxscript = require_module("onnxscript", "exporting to ONNX")
     newest = int(onnx.defs.onnx_opset_version())
     if not MIN_OPSET <= opset <= newest:
         raise UserError(f"--opset must be between {MIN_OPSET} and {newest} (the installed onnx {onnx.__version__}), "
