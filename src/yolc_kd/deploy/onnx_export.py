@@ -31,6 +31,7 @@ from yolc_kd.data.images import display_path
 from yolc_kd.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAMES, OnnxNetwork, has_kernel, require_module
 from yolc_kd.diskio import atomic_path
 from yolc_kd.errors import UserError
+from yolc_kd.models.deform import sampling_grid
 
 PathLike = Union[str, "os.PathLike[str]"]
 DCN_MODES = ("grid_sample", "deform_conv")
@@ -76,15 +77,7 @@ def deform_conv2d_weights_first(x: torch.Tensor, offset: torch.Tensor, weight: t
     cout, _, kh, kw = weight.shape
     ho, wo = offset.shape[2:]
     k = kh * kw
-    dt, dev = offset.dtype, offset.device
-    ky = (torch.arange(kh, dtype=dt, device=dev) * dilation).repeat_interleave(kw)
-    kx = (torch.arange(kw, dtype=dt, device=dev) * dilation).repeat(kh)
-    off = offset.view(b, k, 2, ho, wo)
-    rows = torch.arange(ho, dtype=dt, device=dev).view(1, 1, ho, 1) * stride - padding
-    cols = torch.arange(wo, dtype=dt, device=dev).view(1, 1, 1, wo) * stride - padding
-    ys = rows + ky.view(1, k, 1, 1) + off[:, :, 0]
-    xs = cols + kx.view(1, k, 1, 1) + off[:, :, 1]
-    grid = torch.stack([xs * (2.0 / (w - 1)) - 1, ys * (2.0 / (h - 1)) - 1], dim=-1).view(b * k, ho, wo, 2)
+    grid = sampling_grid(offset, h, w, kh, kw, stride, padding, dilation).view(b * k, ho, wo, 2)
     taps = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(k * cout, cin, 1, 1)).view(b * k, cout, h, w)
     sampled = F.grid_sample(taps, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
     out = sampled.view(b, k, cout, ho, wo).sum(1)

@@ -12,13 +12,11 @@ from torchvision.ops import DeformConv2d as _TorchvisionDeformConv2d
 from torchvision.ops import deform_conv2d
 
 
-def deform_conv2d_sampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
-                          bias: Optional[torch.Tensor] = None, stride: int = 1, padding: int = 1,
-                          dilation: int = 1) -> torch.Tensor:
-    """Deformable conv (one group, one offset group, no mask); offset (B, 2*kh*kw, Ho, Wo) as (dy, dx) pairs."""
-    b, cin, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    ho, wo = offset.shape[2:]
+def sampling_grid(offset: torch.Tensor, h: int, w: int, kh: int, kw: int, stride: int = 1, padding: int = 1,
+                  dilation: int = 1) -> torch.Tensor:
+    """(B, kh*kw, Ho, Wo, 2) grid_sample coordinates (x, y in [-1, 1], align_corners=True) of every tap of a
+    deformable conv over an (h, w) input; offset (B, 2*kh*kw, Ho, Wo) as (dy, dx) pairs."""
+    b, _, ho, wo = offset.shape
     k = kh * kw
     dt, dev = offset.dtype, offset.device
     ky = (torch.arange(kh, dtype=dt, device=dev) * dilation).repeat_interleave(kw)
@@ -28,7 +26,18 @@ def deform_conv2d_sampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.T
     cols = torch.arange(wo, dtype=dt, device=dev).view(1, 1, 1, wo) * stride - padding
     ys = rows + ky.view(1, k, 1, 1) + off[:, :, 0]
     xs = cols + kx.view(1, k, 1, 1) + off[:, :, 1]
-    grid = torch.stack([xs * (2.0 / (w - 1)) - 1, ys * (2.0 / (h - 1)) - 1], dim=-1).view(b, k * ho, wo, 2)
+    return torch.stack([xs * (2.0 / (w - 1)) - 1, ys * (2.0 / (h - 1)) - 1], dim=-1)
+
+
+def deform_conv2d_sampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, stride: int = 1, padding: int = 1,
+                          dilation: int = 1) -> torch.Tensor:
+    """Deformable conv (one group, one offset group, no mask); offset (B, 2*kh*kw, Ho, Wo) as (dy, dx) pairs."""
+    b, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = offset.shape[2:]
+    k = kh * kw
+    grid = sampling_grid(offset, h, w, kh, kw, stride, padding, dilation).view(b, k * ho, wo, 2)
     sampled = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
     out = torch.matmul(weight.reshape(cout, cin * k), sampled.view(b, cin * k, ho * wo)).view(b, cout, ho, wo)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
