@@ -15,6 +15,9 @@ for every student of a seed) five students are trained for the same iterations:
   kd_hm8          (tuning) heatmap KD weight 8 written out (= the shipped default); online_hm8 the same online
   no_kd_fresh_noema, kd_default_noema   the first two without the config's weight average (custom_hooks
                   EMA; sessions 3-4 measured every row so): the trained weights are evaluated
+  kd_image        offline KD, shipped configuration, from the image-level cache (`precompute --kind image`:
+                  the teacher labels each whole image at 3 scales once; every pass draws a fresh view);
+                  kd_image_s1 / kd_image_s2 the same with 1 / 2 cached scales
 
 The cache holds `--variants auto` views (one per epoch: no view is seen twice). Each run is one process with
 one CPU thread (`--threads`: more, a run named NAME_tN, e.g. to see how far a change of the floating-point
@@ -38,7 +41,9 @@ from typing import Dict, List
 from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 
 STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default", "kd_w1", "kd_hm8",
-            "online_hm8", "no_kd_fresh_noema", "kd_default_noema")
+            "online_hm8", "no_kd_fresh_noema", "kd_default_noema", "kd_image", "kd_image_s1", "kd_image_s2")
+# the image-level caches (`precompute --kind image --scales S`) of the kd_image students
+IMAGE_CACHES = {"kd_image": "auto", "kd_image_s1": "1", "kd_image_s2": "2"}
 SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
                 "kd_weight_local_refine=1.0"
 NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
@@ -72,6 +77,8 @@ def _configs(work: Path, student: Path, batch: int) -> Dict[str, Path]:
 
 
 def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) -> List[str]:
+    if name in IMAGE_CACHES:
+        return ["--config", str(cfgs["default"]), "--cache", str(_image_cache(cache, name))]
     return {"no_kd_fresh": ["--config", str(cfgs["plain"])],
             "no_kd_cached": ["--config", str(cfgs["nokd"]), "--cache", str(cache)],
             "kd_seed": ["--config", str(cfgs["seed"]), "--cache", str(cache)],
@@ -82,6 +89,37 @@ def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) ->
             "online_default": ["--config", str(cfgs["default"]), "--online", "--teacher-ckpt", str(teacher)],
             "no_kd_fresh_noema": ["--config", str(cfgs["noema_plain"])],
             "kd_default_noema": ["--config", str(cfgs["noema"]), "--cache", str(cache)]}[name]
+
+
+def _image_cache(cache: Path, name: str) -> Path:
+    """The image-level cache of a kd_image student, beside the per-view cache."""
+    return cache.parent / f"soft_image_{IMAGE_CACHES[name]}"
+
+
+def _precompute_image(cfg: Path, teacher: Path, train: Path, out: Path, scales: str, threads: int) -> dict:
+    """Make (or find) an image-level cache: its wall time, bytes and teacher forwards per image."""
+    stamp = out.parent / f"{out.name}.json"
+    if stamp.exists():
+        return json.loads(stamp.read_text())
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "yolc_kd", "precompute", "--kind", "image", "--scales", scales,
+                    "--config", str(cfg), "--ckpt", str(teacher), "--ann", str(train / "annotations.json"),
+                    "--images", str(train), "--out", str(out), "--threads", str(threads), "--no-progress"],
+                   check=True, env=_env(threads))
+    info = _cache_info(out)
+    info["precompute_s"] = round(time.perf_counter() - t0, 1)
+    stamp.write_text(json.dumps(info))
+    return info
+
+
+def _cache_info(path: Path) -> dict:
+    """Kind, bytes, images and teacher full-image forwards per image of a finished cache."""
+    from yolc_kd.cache.reader import CacheReader
+
+    m = CacheReader(path).manifest
+    counts = m.get("counts", {})
+    return dict(kind=m.get("kind", "view"), bytes=int(counts.get("bytes", 0)), images=int(counts.get("images", 0)),
+                teacher_forwards_per_image=int(m["variants"]), scales=m.get("scales", []))
 
 
 def _val_dir(data: Path, n: int) -> Path:
@@ -203,6 +241,14 @@ def main() -> None:
                     "--out", str(cache), "--variants", "auto", "--train-iters", str(args.iters),
                     "--batch-size", "8", "--threads", str(args.threads), "--no-progress"], check=True)
     precompute_s = time.perf_counter() - t0
+    caches = {"view": dict(_cache_info(cache), precompute_s=round(precompute_s, 1))}
+    for name in args.students:
+        if name in IMAGE_CACHES:
+            caches[name] = _precompute_image(cfgs["default"], ASSET_TEACHER, train, _image_cache(cache, name),
+                                             IMAGE_CACHES[name], args.threads)
+    for name, info in caches.items():
+        log(f"cache {name}: {info['kind']}, {info['teacher_forwards_per_image']} teacher forwards per image, "
+            f"{info['bytes'] / 2 ** 20:.1f} MiB, precompute {info['precompute_s']} s")
     teachers = {}
     for n in args.val_images:
         teacher_json = work / "runs" / f"teacher{_suffix(n)}.json"
@@ -237,12 +283,18 @@ def main() -> None:
             same = [s for s in args.seeds if by.get(("online_default", s)) is not None
                     and by.get(("online_default", s)) == by.get(("kd_default", s))]
             lines.append(f"online_default and kd_default bit-identical weights: seeds {same} of {args.seeds}")
+        for img in [x for x in args.students if x in IMAGE_CACHES]:
+            for other in ("kd_default", "no_kd_fresh"):
+                pair = paired_difference(rows, img, other, sfx)
+                if pair:
+                    lines.append(f"{img} - {other} per seed, full/fused: "
+                                 + ", ".join(f"{a:+.4f}/{b:+.4f}" for a, b in zip(pair["full_AP"], pair["fused_AP"])))
         lines.append(f"teacher: full AP {teachers[n]['full_AP']:.4f}, fused AP {teachers[n]['fused_AP']:.4f}")
         print("\n".join(lines))
     if args.demo_reference:
         write_demo_reference(Path(args.demo_reference), rows, teachers[VAL_IMAGES], args)
     emit(dict(iters=args.iters, batch=args.batch, seeds=args.seeds, variants=_variants(cache), teacher=teachers,
-              rows=rows, summary=summaries, precompute_s=round(precompute_s, 1),
+              rows=rows, summary=summaries, precompute_s=round(precompute_s, 1), caches=caches,
               wall_s=round(time.perf_counter() - t_start, 1)), args.out)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
+from yolc_kd.data.view import CropPaste, Resize, ViewTransform
 from yolc_kd.diskio import atomic_write
 
 
@@ -91,6 +92,22 @@ def lsm_regions(heatmap: torch.Tensor, img_metas: Sequence[Mapping], lsm_cfg: Ma
         out.append(coord)
         binaries.append(binary)
     return (out, binaries) if with_binary else out
+
+
+def image_lsm_regions(heatmap: torch.Tensor, content_hw: Sequence[int], view_hw: Sequence[int],
+                      lsm_cfg: Mapping = None) -> np.ndarray:
+    """LSM over a whole image larger than a view: (1,C,H,W) heatmap whose image fills [:h, :w] (content_hw) ->
+    (K,4) int64 regions [x, y, w, h]. The grid keeps a view's cell size (view_hw / LSM's grid) and the share of
+    cells kept (topk_cells of the view's grid), so every part of the image is judged as a view there would be."""
+    cfg = {**LSM_DEFAULTS, **dict(lsm_cfg or {})}
+    h, w = int(content_hw[0]), int(content_hw[1])
+    gx, gy = (int(v) for v in cfg["grid"])
+    cell_w, cell_h = max(1, int(view_hw[1]) // gx), max(1, int(view_hw[0]) // gy)
+    nx, ny = max(1, round(w / cell_w)), max(1, round(h / cell_h))
+    topk = max(1, round(int(cfg["topk_cells"]) * nx * ny / (gx * gy)))
+    locmap = heatmap.detach()[:1, :, :h, :w].max(dim=1, keepdim=True)[0].float().cpu().numpy()
+    _, coords = find_clusters(locmap, grid=(nx, ny), topk_cells=topk, threshold=float(cfg["threshold"]))
+    return coords
 
 
 def save_cluster_png(binary: np.ndarray, coords: np.ndarray, path: Path) -> Path:
@@ -421,6 +438,18 @@ def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], vie
 def _resized_hw(h: int, w: int, scale: float) -> Tuple[int, int]:
     """(h, w) of a crop resized by scale (PatchPlan.sizes and the patch budget round alike)."""
     return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def patch_view(box: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[int],
+               canvas_hw: Sequence[int]) -> ViewTransform:
+    """View frame -> the KD patch canvas of one crop box [x, y, w, h]: the crop as crops.PatchPlan cuts it
+    (rounded, clamped), resized to size_hw (the plan's size), zero-padded bottom/right to the canvas."""
+    x1, y1, x2, y2 = crop_bounds(box, view_hw)
+    h, w = (int(v) for v in view_hw)
+    cut = CropPaste((h, w), (x1, y1, x2, y2), (0, 0), (y2 - y1, x2 - x1))
+    size = (int(size_hw[0]), int(size_hw[1]))
+    return ViewTransform((cut, Resize(cut.out_hw, size))).then(
+        CropPaste(size, (0, 0, size[1], size[0]), (0, 0), tuple(canvas_hw)))
 
 
 def kd_patch_plan(boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor, view_hw: Sequence[int]) -> PatchPlan:

@@ -14,7 +14,7 @@ from yolc_kd.cache.manifest import target_identity
 from yolc_kd.checkpoint import load_checkpoint
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
-from yolc_kd.models import YOLC, build_detector
+from yolc_kd.models import YOLC, build_detector, tiling
 
 
 def teacher_model_cfg(dcfg: Mapping, student_model_cfg: Mapping, config_dir: Optional[str] = None) -> dict:
@@ -72,6 +72,43 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping], 
     if patches.shape[0]:
         refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
     return KDTargets(heatmap=heat[0].float(), coarse=coarse[0].float(), patch_boxes=plan.boxes.to(img.device),
+                     patch_scales=plan.scales.to(img.device), patch_valid=plan.valid.to(img.device), refine=refine)
+
+
+@torch.no_grad()
+def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], view_hw: Sequence[int],
+                  dcfg: Mapping, max_regions: int) -> KDTargets:
+    """Soft labels of one whole image (image-level cache): img (1,3,H,W) is the (scaled) image in its top-left
+    [:h, :w] (content_hw), zero-padded to multiples of 32. Heatmap and coarse maps of the full-image pass (in
+    overlapping tiles above test_cfg.max_pixels, models/tiling.py), LSM over the whole image at a view's cell
+    size (crops.image_lsm_regions), the max_regions largest crops planned as a view's KD crops are (min_patch_size,
+    enlarge, upscale, the view's patch canvas), and the refine maps of every crop (one batched forward).
+    Float32 maps; the heatmap is zero outside the image."""
+    tiles = tiling.batch_tiles(1, img.shape[2], img.shape[3], teacher.tile_cfg["max_pixels"],
+                               teacher.tile_cfg["tile_overlap"])
+    if tiles is None:
+        heat, coarse, _ = teacher.bbox_head(teacher.extract_feat(img))
+        heat, coarse = heat[0].float(), coarse[0].float()
+    else:
+        def maps(window: torch.Tensor) -> Dict[str, torch.Tensor]:
+            h, c, _ = teacher.bbox_head(teacher.extract_feat(window))
+            return dict(heat=h[0].float(), coarse=c[0].float())
+        stitched = tiling.run_tiled(img, tiles, maps)
+        heat, coarse = stitched["heat"], stitched["coarse"]
+    h, w = int(content_hw[0]), int(content_hw[1])
+    heat[:, :, h:] = 0
+    heat[:, :, :, w:] = 0
+    coords = crops.image_lsm_regions(heat, (h, w), view_hw, teacher.bbox_head.lsm_cfg)
+    meta = dict(img_shape=(h, w, 3), border=np.zeros(4, np.float32))
+    plan = crops.plan_patches([coords], [meta], (h, w), int(max_regions), int(dcfg["min_patch_size"]),
+                              float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]),
+                              crops.patch_canvas(view_hw), mode="kd")
+    patches = plan.cut(img[:, :, :h, :w])
+    canvas = plan.canvas
+    refine = img.new_zeros((1, plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4), dtype=torch.float32)
+    if patches.shape[0]:
+        refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
+    return KDTargets(heatmap=heat, coarse=coarse, patch_boxes=plan.boxes.to(img.device),
                      patch_scales=plan.scales.to(img.device), patch_valid=plan.valid.to(img.device), refine=refine)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import zarr
@@ -106,15 +106,21 @@ class CacheReader:
     def read_sample(self, index: int, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
         """Every per-sample array (or `names`) at row `index`, fetched concurrently. Raises CacheError when
         the shard is not committed or a chunk fails its crc32c check (naming the array)."""
+        return self.read_parts(index, {name: () for name in (names or SAMPLE_ARRAYS)})
+
+    def read_parts(self, index: int, parts: Mapping[str, Tuple[Any, ...]]) -> Dict[str, np.ndarray]:
+        """Part of row `index` of several arrays, fetched concurrently: {name: selection after the row axis}
+        (e.g. a window of a map, `()` for the whole row); only the chunks a selection covers are read.
+        Raises CacheError as read_sample."""
         if not 0 <= index < self.layout.num_samples:
             raise IndexError(f"sample {index} outside 0..{self.layout.num_samples - 1}")
         j = index // self.layout.shard_size
         if not self.shard_done(j):
             raise CacheError(f"sample {index} of {self.path} is in shard {j}, which is not written yet "
                              f"(rerun yolc-kd precompute)")
-        names = list(names or SAMPLE_ARRAYS)
+        names = list(parts)
         arrays = self._open()
-        results = _gather([arrays[n] for n in names], index)
+        results = _gather([arrays[n] for n in names], [(index, *parts[n]) for n in names])
         out: Dict[str, np.ndarray] = {}
         for name, res in zip(names, results):
             if isinstance(res, BaseException):
@@ -123,20 +129,33 @@ class CacheReader:
             out[name] = np.asarray(res)
         return out
 
+    def read_selections(self, index: int, name: str, selections: List[Tuple[Any, ...]]) -> List[np.ndarray]:
+        """Several parts of row `index` of one array (e.g. some crop slots of refine), fetched concurrently."""
+        if not selections:
+            return []
+        self.read_parts(index, {})  # the row's shard must be committed
+        results = _gather([self._open()[name]] * len(selections), [(index, *sel) for sel in selections])
+        for res in results:
+            if isinstance(res, BaseException):
+                raise CacheError(f"{self.path}: array '{name}' is damaged at sample {index}: {type(res).__name__}: "
+                                 f"{str(res).splitlines()[0] if str(res) else ''}") from None
+        return [np.asarray(r) for r in results]
+
     def fingerprint(self, sample: Dict[str, np.ndarray]) -> str:
         return decode_fingerprint(sample["fingerprint"])
 
 
-def _gather(arrays: List[zarr.Array], index: int) -> List[Any]:
-    """Read row `index` of every array in one concurrent gather on zarr's event loop (exceptions returned)."""
+def _gather(arrays: List[zarr.Array], selections: List[Tuple[Any, ...]]) -> List[Any]:
+    """Read one selection of every array in one concurrent gather on zarr's event loop (exceptions returned)."""
     try:
         from zarr.core.sync import sync
         asyncs = [a._async_array for a in arrays]
     except (ImportError, AttributeError):  # another zarr 3 layout: read one by one
-        return [_safe(lambda a=a: a[index]) for a in arrays]
+        return [_safe(lambda a=a, sel=sel: a[sel]) for a, sel in zip(arrays, selections)]
 
     async def run() -> List[Any]:
-        return await asyncio.gather(*(a.getitem(index) for a in asyncs), return_exceptions=True)
+        return await asyncio.gather(*(a.getitem(sel) for a, sel in zip(asyncs, selections)),
+                                    return_exceptions=True)
 
     return sync(run())
 

@@ -37,17 +37,39 @@ IMAGE_IDS, SHARD_DONE = "image_ids", "shard_done"
 ALL_ARRAYS: Tuple[str, ...] = tuple(SAMPLE_ARRAYS) + (IMAGE_IDS, SHARD_DONE)
 
 
+# the two kinds of cache (data_schema.md): "view" holds the teacher's targets on each augmented view the student
+# will see (row = image x variant, exact: bit-identical to online KD); "image" holds the teacher's targets on each
+# whole training image at a few scales (row = image x scale), moved into every fresh view at training time
+CACHE_KINDS = ("view", "image")
+IMAGE_MAP_TILE = 256  # image kind: maps are chunked in 256x256-pixel tiles, so a view reads only what it covers
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Shapes of the cache: sample index = image_index * variants + variant, shard j = samples [jS, (j+1)S)."""
+    """Shapes of the cache: row (sample) index = image_index * variants + variant, shard j = rows [jS, (j+1)S).
+
+    Args:
+        num_images, variants: images, and rows per image (view kind: cached views; image kind: scales).
+        shard_size: rows per shard.
+        num_classes: heatmap channels.
+        input_hw: (H, W) of the heatmap: the network input (view kind) or the largest scaled image, padded to a
+            multiple of 32 (image kind: each row holds its image top-left, zeros beyond).
+        coarse_hw: (h, w) of the stride-4 coarse maps.
+        max_patches: crop slots per row (view kind: the view's KD crops; image kind: every crop LSM found).
+        refine_hw: (ph/4, pw/4) of the refine maps on the patch canvas.
+        kind: "view" or "image" (CACHE_KINDS).
+        scales: image kind: the image scale of each row of an image (variant v = scales[v]).
+    """
     num_images: int
     variants: int
     shard_size: int
     num_classes: int
-    input_hw: Tuple[int, int]       # (H, W) of the padded network input = heatmap resolution
-    coarse_hw: Tuple[int, int]      # (h, w) of the stride-4 coarse maps
-    max_patches: int                # K crop slots per sample
-    refine_hw: Tuple[int, int]      # (ph/4, pw/4) of the refine maps on the patch canvas
+    input_hw: Tuple[int, int]
+    coarse_hw: Tuple[int, int]
+    max_patches: int
+    refine_hw: Tuple[int, int]
+    kind: str = "view"
+    scales: Tuple[float, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -72,7 +94,30 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Layout":
-        return cls(**{k: tuple(v) if isinstance(v, list) else int(v) for k, v in d.items()})
+        def value(k: str, v: Any) -> Any:
+            if k == "kind":
+                return str(v)
+            if k == "scales":
+                return tuple(float(x) for x in v)
+            return tuple(int(x) for x in v) if isinstance(v, list) else int(v)
+        return cls(**{k: value(k, v) for k, v in d.items()})
+
+    def chunk_shape(self, name: str) -> Tuple[int, ...]:
+        """Inner chunk of a per-sample array: one row per map chunk (image kind: 256x256-pixel tiles of a row,
+        refine one crop a chunk), the whole shard for the small per-sample arrays (tens of bytes each; one chunk
+        keeps the shard index and codec overhead negligible)."""
+        shape = self.sample_shapes()[name]
+        if name not in MAP_ARRAYS:
+            return (self.shard_size, *shape)
+        if self.kind != "image":
+            return (1, *shape)
+        if name == "refine":
+            return (1, 1, *shape[1:])
+        tile = IMAGE_MAP_TILE * shape[1] // self.input_hw[0]  # the same pixels at the map's stride
+        return (1, shape[0], tile, tile)
+
+
+MAP_ARRAYS = ("heatmap", "coarse", "refine")  # big per-sample maps (Layout.chunk_shape)
 
 
 def sample_index(image_index: int, variant: int, variants: int) -> int:
@@ -80,15 +125,6 @@ def sample_index(image_index: int, variant: int, variants: int) -> int:
     if not 0 <= variant < variants:
         raise IndexError(f"variant {variant} outside 0..{variants - 1}")
     return image_index * variants + variant
-
-
-MAP_ARRAYS = ("heatmap", "coarse", "refine")  # big per-sample maps: one inner chunk per sample
-
-
-def chunk_samples(name: str, shard_size: int) -> int:
-    """Samples per inner chunk: 1 for the maps (a sample is read alone), the whole shard for the small
-    per-sample arrays (tens of bytes each; one chunk keeps the shard index and codec overhead negligible)."""
-    return 1 if name in MAP_ARRAYS else shard_size
 
 
 def compressors(name: str) -> List[Any]:

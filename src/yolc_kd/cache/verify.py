@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 
 from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, IMAGE_IDS, MANIFEST_KEY, MAP_ARRAYS, SAMPLE_ARRAYS,
-                                  SCHEMA_VERSION, SHARD_DONE, STATUS_SKIPPED, Layout, chunk_samples)
+                                  SCHEMA_VERSION, SHARD_DONE, STATUS_SKIPPED, Layout)
 from yolc_kd.cache.shards import chunk_files, index_problem, shard_key
 from yolc_kd.cache.verify_values import ValueChecks, _first_line, _short, format_ranges
 from yolc_kd.progress import progress_bar
@@ -171,8 +171,7 @@ class _Verifier(ValueChecks):
             return "uint8", (lay.num_shards,), None, (1,)
         shape = lay.sample_shapes()[name]
         dtype = _ZARR_DTYPES.get(SAMPLE_ARRAYS[name], SAMPLE_ARRAYS[name])
-        return dtype, (lay.num_samples, *shape), (lay.shard_size, *shape), (chunk_samples(name, lay.shard_size),
-                                                                             *shape)
+        return dtype, (lay.num_samples, *shape), (lay.shard_size, *shape), lay.chunk_shape(name)
 
     def _check_metadata(self) -> None:
         try:

@@ -16,7 +16,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from yolc_kd.cache.manifest import RESUME_FIELDS, diff_fields, read_manifest
 from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, IMAGE_IDS, MANIFEST_KEY, SAMPLE_ARRAYS, SHARD_DONE,
-                                  STATUS_OK, STATUS_SKIPPED, WRITE_CONFIG, Layout, chunk_samples, compressors)
+                                  STATUS_OK, STATUS_SKIPPED, WRITE_CONFIG, Layout, compressors)
 from yolc_kd.diskio import write_errors
 from yolc_kd.errors import UserError
 
@@ -170,7 +170,7 @@ def _create(path: Path, manifest: Dict[str, Any], image_ids: Sequence[int]) -> z
     n, s = lay.num_samples, lay.shard_size
     for name, shape in lay.sample_shapes().items():
         dtype = SAMPLE_ARRAYS[name]
-        group.create_array(name, shape=(n, *shape), chunks=(chunk_samples(name, s), *shape), shards=(s, *shape),
+        group.create_array(name, shape=(n, *shape), chunks=lay.chunk_shape(name), shards=(s, *shape),
                            dtype=str if dtype == "str" else dtype, compressors=compressors(name),
                            fill_value="" if dtype == "str" else 0, config=WRITE_CONFIG,
                            dimension_names=("sample",) + tuple(f"d{i}" for i in range(len(shape))))

@@ -1,5 +1,7 @@
-"""`yolc-kd precompute`: run the teacher ONCE over the K augmented views of every training image and
-store its soft labels (KD targets) in a Zarr v3 cache for `yolc-kd train --cache`. The config is the
+"""`yolc-kd precompute`: run the teacher once and store its soft labels (KD targets) in a Zarr v3 cache for
+`yolc-kd train --cache`. --kind view (the default): the teacher labels the K augmented views the student will see
+(exact: online KD's targets). --kind image: it labels every training image whole at a few scales, and training
+moves those labels into a fresh view every pass, so the teacher's cost does not grow with the schedule. The config is the
 STUDENT's: its distill_cfg names the teacher. Rerunning the same command resumes an interrupted run;
 under `torchrun --nproc_per_node N -m yolc_kd precompute ...` the shards are split across the ranks."""
 from __future__ import annotations
@@ -22,14 +24,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ckpt", default=None, help="teacher checkpoint (default: distill_cfg.teacher_ckpt)")
     add_data_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created, or resumed when it exists)")
+    p.add_argument("--kind", choices=("image", "view"), default="view",
+                   help="view (default): --variants augmented views per image, the teacher runs once per view; "
+                        "image: whole images at --scales, any schedule")
+    p.add_argument("--scales", default="auto", metavar="S",
+                   help="--kind image: image scales to label, 'auto' (default: 3 spread over the scales the "
+                        "augmentation gives its views), a count, or a list such as 0.9,1.2")
+    p.add_argument("--regions", type=int, default=None, metavar="R",
+                   help="--kind image: crop slots per image and scale (default: from the image and view sizes)")
     p.add_argument("--variants", default="auto", metavar="K",
-                   help="augmented views per image, or auto (default): as many as the training schedule needs so "
-                        "the student never sees a view twice (one per epoch; halved with distill_cfg.cache_flip=True)")
+                   help="--kind view: augmented views per image, or auto (default): as many as the training schedule "
+                        "needs so the student never sees a view twice (one per epoch; halved with "
+                        "distill_cfg.cache_flip=True)")
     p.add_argument("--train-iters", type=int, default=None, metavar="N",
                    help="with --variants auto: the student's `train --max-iters N` (default: the config's runner)")
     p.add_argument("--batch-size", type=int, default=None, help="teacher batch (default data.samples_per_gpu)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="S",
-                   help=f"samples per shard file (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--shard-size", type=int, default=None, metavar="S",
+                   help=f"rows per shard file (default: {DEFAULT_SHARD_SIZE} views, or one image's scales)")
     p.add_argument("--workers", type=int, default=None, help="image loading processes (default data.workers_per_gpu)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of the teacher (default 1): results depend on it, so keep it when resuming; "
@@ -58,6 +69,14 @@ def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
     return k
 
 
+def _scales(args: argparse.Namespace, cfg: dict, coco: Any) -> tuple:
+    from yolc_kd.data.augment import AugmentConfig
+    from yolc_kd.precompute.image_level import image_hws, parse_scales, view_scale_range
+
+    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
+    return parse_scales(args.scales, *view_scale_range(aug_cfg, image_hws(coco)))
+
+
 def _report_skipped(manifest: dict, out: str) -> None:
     """One counted warning line for the images the cache skipped; a UserError when it holds no usable view
     (training from it would fail on its first sample)."""
@@ -80,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from yolc_kd.precompute.run import PrecomputeOptions, precompute
     from yolc_kd.runtime import resolve_device
 
-    for name in ("batch_size", "shard_size", "threads", "train_iters"):
+    for name in ("batch_size", "shard_size", "threads", "train_iters", "regions"):
         check_count(name.replace("_", "-"), getattr(args, name))
     check_count("workers", args.workers, 0)
     check_amp_args(args)
@@ -88,8 +107,12 @@ def run(args: argparse.Namespace) -> int:
     check_config_counts(cfg)
     ann, images = resolve_data(cfg, args.ann, args.images)
     coco = load_dataset(cfg, ann, images)
+    image_kind = args.kind == "image"
+    if image_kind and str(args.variants).strip().lower() != "auto":
+        raise UserError("--variants is for --kind view (an image-level cache serves every view); use --scales")
     opts = PrecomputeOptions(
-        out=Path(args.out), ckpt=args.ckpt, variants=_variants(args, cfg, len(coco)),
+        out=Path(args.out), ckpt=args.ckpt, variants=1 if image_kind else _variants(args, cfg, len(coco)),
+        kind=args.kind, scales=_scales(args, cfg, coco) if image_kind else None, regions=args.regions,
         batch_size=args.batch_size if args.batch_size is not None else int(setting(cfg, "data", "samples_per_gpu")),
         device=str(resolve_device(args.device)), amp=args.amp, amp_dtype=args.amp_dtype, trust=args.trust_checkpoint,
         strict=args.strict,
@@ -101,10 +124,19 @@ def run(args: argparse.Namespace) -> int:
     if summary["rank"] == 0:
         counts = summary["manifest"].get("counts", {})
         _report_skipped(summary["manifest"], summary["out"])
-        per_sample = counts.get("bytes", 0) / max(1, counts.get("samples", 1))
-        print(f"cache {summary['out']}: {counts.get('samples_written', 0)} views of {counts.get('images', 0)} images "
-              f"({summary['manifest']['variants']} variants, {counts.get('shards', 0)} shards, "
-              f"{per_sample / 1024:.1f} KiB per view); this run wrote {summary['samples_written']} views"
+        m = summary["manifest"]
+        if m.get("kind", "view") == "image":
+            per_image = counts.get("bytes", 0) / max(1, counts.get("images", 1))
+            shape = (f"{counts.get('samples_written', 0)} image-scale rows of {counts.get('images', 0)} images "
+                     f"(scales {', '.join(f'{s:g}' for s in m.get('scales', []))}, {counts.get('shards', 0)} shards, "
+                     f"{per_image / 1024:.1f} KiB per image)")
+            unit = "rows"
+        else:
+            per_sample = counts.get("bytes", 0) / max(1, counts.get("samples", 1))
+            shape = (f"{counts.get('samples_written', 0)} views of {counts.get('images', 0)} images ({m['variants']} "
+                     f"variants, {counts.get('shards', 0)} shards, {per_sample / 1024:.1f} KiB per view)")
+            unit = "views"
+        print(f"cache {summary['out']}: {shape}; this run wrote {summary['samples_written']} {unit}"
               + (f", {summary['already_done']} shards were already done" if summary["already_done"] else "")
               + (f"; skipped {counts['images_skipped']} unreadable image(s), listed in the manifest"
                  if counts.get("images_skipped") else ""))

@@ -51,6 +51,8 @@ __all__ = [
     "TestTransform",
     "ViewTransform",
     "collate_test",
+    "fingerprint_image",
+    "normalise",
     "make_rng",
     "resize_bilinear",
     "rescale_size",
@@ -137,6 +139,20 @@ def fingerprint_uint8(img_uint8: np.ndarray, pad_h: int, pad_w: int) -> str:
     hsh.update(f"yolc_kd.augment.v{AUGMENT_VERSION}:{h}x{w}x3:{pad_h}x{pad_w}x3:".encode())
     hsh.update(padded.tobytes())
     return hsh.hexdigest()
+
+
+def fingerprint_image(img_uint8: np.ndarray) -> str:
+    """Hash of a whole (h, w, 3) uint8 image as loaded, and its shape: what an image-level cache row was made
+    from (the training view is drawn afresh, so the image itself is what must not change)."""
+    hsh = hashlib.blake2b(digest_size=16)
+    hsh.update(f"yolc_kd.image.v1:{img_uint8.shape[0]}x{img_uint8.shape[1]}x{img_uint8.shape[2]}:".encode())
+    hsh.update(np.ascontiguousarray(img_uint8).tobytes())
+    return hsh.hexdigest()
+
+
+def normalise(img_uint8: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+    """A uint8 RGB image as the network input is normalised (float32 (h, w, 3), cfg's mean, std and order)."""
+    return _normalise(img_uint8, cfg.mean, cfg.std, cfg.to_rgb)
 
 
 class TrainAugment:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from yolc_kd import __version__, crops
 from yolc_kd.cache.manifest import jsonable, sha256_file, target_identity
-from yolc_kd.cache.schema import (BOX_MAX_ERROR, DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED,
+from yolc_kd.cache.schema import (BOX_MAX_ERROR, CACHE_KINDS, DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED,
                                   Layout, encode_fingerprint, quantize_boxes, quantize_heatmap)
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
@@ -25,10 +25,12 @@ from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.loading import OneLineLoader, check_images
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
+from yolc_kd.precompute.image_level import (ImageRows, auto_regions, auto_scales, canvas_hw, image_hws,
+                                            view_scale_range)
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import amp_dtype, device_name, init_distributed, mixed_precision, numerics
-from yolc_kd.teacher import build_teacher, teacher_model_cfg, teacher_targets
+from yolc_kd.teacher import build_teacher, image_targets, teacher_model_cfg, teacher_targets
 from yolc_kd.train.target_codec import quantize_targets
 
 
@@ -36,14 +38,17 @@ from yolc_kd.train.target_codec import quantize_targets
 class PrecomputeOptions:
     out: Path
     ckpt: Optional[str] = None          # default: distill_cfg.teacher_ckpt
-    variants: int = 4
+    variants: int = 4                   # view kind: augmented views per image
     batch_size: int = 4
+    kind: str = "view"                  # "view" or "image" (cache/schema.py CACHE_KINDS)
+    scales: Optional[Tuple[float, ...]] = None  # image kind: cached scales (None: auto over the views' range)
+    regions: Optional[int] = None       # image kind: crop slots per row (None: image_level.auto_regions)
     device: str = "cpu"
     amp: bool = False
     amp_dtype: Optional[str] = None     # --amp-dtype (None: float16 on CUDA, bfloat16 on CPU)
     trust: bool = False
     strict: bool = False
-    shard_size: int = DEFAULT_SHARD_SIZE
+    shard_size: Optional[int] = None    # rows per shard (None: 16 views, or one image's scales)
     workers: int = 0
     threads: int = 1                    # CPU intra-op threads, pinned: float results depend on the count
     progress: bool = True
@@ -52,8 +57,10 @@ class PrecomputeOptions:
 
 
 def _check_options(opts: PrecomputeOptions, dcfg: Mapping) -> None:
-    for name in ("variants", "batch_size", "shard_size"):
-        if int(getattr(opts, name)) < 1:
+    if opts.kind not in CACHE_KINDS:
+        raise UserError(f"--kind must be one of {', '.join(CACHE_KINDS)}, got {opts.kind!r}")
+    for name in ("variants", "batch_size", "shard_size", "regions"):
+        if getattr(opts, name) is not None and int(getattr(opts, name)) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     if opts.threads < 1:
         raise UserError(f"--threads must be at least 1, got {opts.threads}")
@@ -73,9 +80,24 @@ def _layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptions, in
                 scale_factor=np.ones(4, np.float32), border=np.zeros(4, np.float32), flip=False)
     with torch.inference_mode():
         t = teacher_targets(teacher, torch.zeros(1, 3, h, w, device=opts.device), [meta], dcfg)
-    return Layout(num_images=len(coco), variants=int(opts.variants), shard_size=int(opts.shard_size),
+    return Layout(num_images=len(coco), variants=int(opts.variants), shard_size=int(opts.shard_size or DEFAULT_SHARD_SIZE),
                   num_classes=int(t.heatmap.shape[1]), input_hw=(h, w), coarse_hw=tuple(t.coarse.shape[2:]),
                   max_patches=int(t.patch_valid.shape[1]), refine_hw=tuple(t.refine.shape[3:]))
+
+
+def _image_layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptions, input_hw: Tuple[int, int],
+                  dcfg: Mapping, aug_cfg: AugmentConfig) -> Layout:
+    """Image kind: a row per (image, scale) on a canvas holding the largest scaled image; the map strides and the
+    refine canvas from a view's blank forward (_layout)."""
+    hws = image_hws(coco)
+    scales = tuple(opts.scales) if opts.scales else auto_scales(*view_scale_range(aug_cfg, hws))
+    view = _layout(teacher, coco, opts, input_hw, dcfg)
+    canvas = canvas_hw(hws, scales)
+    stride = input_hw[0] // view.coarse_hw[0]
+    regions = int(opts.regions or auto_regions(int(dcfg["max_patches_per_img"]), canvas, input_hw))
+    return replace(view, variants=len(scales), shard_size=int(opts.shard_size or len(scales)), input_hw=canvas,
+                   coarse_hw=(canvas[0] // stride, canvas[1] // stride), max_patches=regions, kind="image",
+                   scales=scales)
 
 
 def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, teacher_cfg: Mapping,
@@ -87,11 +109,13 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
     m["teacher"].update(ckpt_sha256=sha256_file(ckpt), ckpt_path=str(ckpt))
     dtype = amp_dtype(opts.device, opts.amp, opts.amp_dtype)
     m.update(jsonable(dict(
-        package_version=__version__, variants=layout.variants, shard_size=layout.shard_size,
+        package_version=__version__, kind=layout.kind, variants=layout.variants, shard_size=layout.shard_size,
+        scales=list(layout.scales),
         amp=str(dtype).removeprefix("torch.") if dtype is not None else False,  # --amp's dtype, or false
         annotations=dict(sha256=sha256_file(coco.ann_file), path=str(coco.ann_file), image_root=str(coco.img_root),
                          num_images=len(coco)),
-        layout=layout.to_dict(), index="image_index * variants + variant",
+        layout=layout.to_dict(), index="image_index * variants + variant" if layout.kind == "view" else
+        "image_index * len(scales) + scale index",
         quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
                           heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
                           maps="q = round(x / 2^-6) as int16, clipped to +-32767; x = q * 2^-6 grid cells",
@@ -167,7 +191,10 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
     aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
     w, h = aug_cfg.input_size
     canvas = crops.patch_canvas((h, w))
-    layout = _layout(teacher, coco, opts, (h, w), dcfg)
+    if opts.kind == "image":
+        layout = _image_layout(teacher, coco, opts, (h, w), dcfg, aug_cfg)
+    else:
+        layout = _layout(teacher, coco, opts, (h, w), dcfg)
     env = init_distributed(opts.device, backend="gloo", timeout=timedelta(hours=24))  # barriers only; ranks may finish far apart
     rank, world = env.rank, env.world
     manifest = build_manifest(cfg, coco, aug_cfg, teacher_model_cfg(dcfg, cfg["model"], opts.config_dir), teacher,
@@ -192,20 +219,34 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
 def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDetection, aug_cfg: AugmentConfig,
           image_ids: List[int], dcfg: Mapping, opts: PrecomputeOptions, seed: int, desc: str,
           reported: Set[int] = frozenset()) -> int:
-    """Label the given shards: views from a DataLoader, the teacher on the main thread, writes on a thread.
-    An unreadable image gets one warning, unless its id is in `reported` (already counted in one line).
-    Returns the number of views labelled (skipped ones are recorded, not counted)."""
+    """Label the given shards: rows from a DataLoader (augmented views, or whole images at the cached scales),
+    the teacher on the main thread, writes on a thread. An unreadable image gets one warning, unless its id is in
+    `reported` (already counted in one line). Returns the number of rows labelled (skipped ones are recorded,
+    not counted)."""
     layout = store.layout
-    jobs = plan_jobs(shards, layout.shard_range, int(opts.batch_size))
-    views = ViewJobs(coco, TrainAugment(aug_cfg), seed, layout.variants, image_ids, jobs)
-    loader = OneLineLoader(views, batch_size=None, shuffle=False, num_workers=int(opts.workers),
+    wanted = set(shards)
+    if layout.kind == "image":
+        images = sorted({r // layout.variants for j in shards for r in range(*layout.shard_range(j))})
+        jobs: Any = ImageRows(coco, aug_cfg, layout.scales, image_ids, images)
+        view_hw = (int(aug_cfg.input_size[1]), int(aug_cfg.input_size[0]))
+        label: Callable[[Mapping[str, Any]], Any] = lambda item: _label_images(teacher, item, view_hw, dcfg, opts,
+                                                                             layout.max_patches)
+        to_rows: Callable[..., List[Dict[str, Any]]] = lambda t, r: _image_rows(t, r, seed, layout)
+        total = len(images) * layout.variants
+    else:
+        plan = plan_jobs(shards, layout.shard_range, int(opts.batch_size))
+        jobs = ViewJobs(coco, TrainAugment(aug_cfg), seed, layout.variants, image_ids, plan)
+        label = lambda item: run_teacher(teacher, item, dcfg, opts.device, opts.amp, opts.amp_dtype)
+        to_rows = lambda t, r: _rows(t, r, seed)
+        total = sum(len(j) for j in plan)
+    loader = OneLineLoader(jobs, batch_size=None, shuffle=False, num_workers=int(opts.workers),
                            collate_fn=passthrough, pin_memory=str(opts.device).startswith("cuda"))
     writer = BackgroundWriter(store, max_pending=2)
     buffers: Dict[int, ShardBuffer] = {}
     warned = set(reported)
-    usable = 0  # views the teacher labelled (the skipped ones are recorded, not counted)
-    total = sum(len(j) for j in jobs)
-    bar = progress_bar(total=total, desc=desc, unit="view", disable=not opts.progress)
+    usable = 0  # rows the teacher labelled (the skipped ones are recorded, not counted)
+    bar = progress_bar(total=total, desc=desc, unit="view" if layout.kind == "view" else "row",
+                       disable=not opts.progress)
     # quantising a batch runs on a thread while the teacher labels the next one (numpy and torch release the GIL)
     quantizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yolc-kd-quantize")
     pending: Deque[Tuple[Future, List[Dict[str, Any]]]] = deque()
@@ -213,6 +254,8 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     def store_rows(fut: Future, records: List[Dict[str, Any]]) -> None:
         for rec, row in zip(records, fut.result()):
             j = rec["index"] // layout.shard_size
+            if j not in wanted:  # an image's row in a shard that is already done (image kind)
+                continue
             buf = buffers.get(j)
             if buf is None:
                 buf = buffers[j] = ShardBuffer(layout, j)
@@ -233,8 +276,8 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
                     if rec["image_id"] not in warned:
                         warned.add(rec["image_id"])
                         tqdm.write(f"warning: skipping image id {rec['image_id']}: {rec['reason']}")
-            targets = run_teacher(teacher, item, dcfg, opts.device, opts.amp, opts.amp_dtype)
-            pending.append((quantizer.submit(_rows, targets, records, seed), records))
+            targets = label(item)
+            pending.append((quantizer.submit(to_rows, targets, records), records))
             while len(pending) > 1 or (pending and pending[0][0].done()):
                 store_rows(*pending.popleft())
         while pending:
@@ -244,3 +287,40 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
         bar.close()
         writer.close()
     return usable
+
+
+def _label_images(teacher: nn.Module, item: Mapping[str, Any], view_hw: Tuple[int, int], dcfg: Mapping,
+                  opts: PrecomputeOptions, max_regions: int) -> List[KDTargets]:
+    """teacher.image_targets on every readable row of an image (one scale at a time: the sizes differ)."""
+    out = []
+    for img, content in zip(item["imgs"], item["content"]):
+        with torch.inference_mode(), mixed_precision(opts.device, opts.amp, opts.amp_dtype):
+            out.append(image_targets(teacher, img.to(opts.device, non_blocking=True), content, view_hw, dcfg,
+                                     max_regions))
+    return out
+
+
+def _fit(a: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    """a in the top-left corner of a zero array of `shape` (the row canvas of the image kind)."""
+    if tuple(a.shape) == tuple(shape):
+        return a
+    out = np.zeros(shape, a.dtype)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
+def _image_rows(targets: List[KDTargets], records: List[Dict[str, Any]], seed: int,
+                layout: Layout) -> List[Dict[str, Any]]:
+    """Cache rows of one image's records (image kind): each labelled row's maps placed on the row canvas."""
+    shapes = layout.sample_shapes()
+    rows, k = [], 0
+    for rec in records:
+        if rec["status"] != STATUS_OK:
+            rows += _rows(None, [rec], seed)
+            continue
+        row = _rows(targets[k], [rec], seed)[0]
+        k += 1
+        for name in ("heatmap", "coarse"):
+            row[name] = _fit(row[name], shapes[name])
+        rows.append(row)
+    return rows

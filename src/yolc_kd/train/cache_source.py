@@ -1,21 +1,23 @@
-"""The soft-label cache as the trainer's TargetSource: checks the cache against the training config once,
-then serves (fingerprint, KDTargets of batch 1) per (image id, variant). Picklable for DataLoader workers."""
+"""The soft-label cache as the trainer's TargetSource: checks the cache against the training config once, then
+serves per sample the stored KDTargets of the cached view (view kind) or, for an image-level cache, the targets
+moved into the sample's fresh view (train/image_source.py). Picklable for DataLoader workers."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping, Tuple, Union
 
 import numpy as np
 import torch
 
-from yolc_kd.cache.manifest import TRAIN_FIELDS, diff_fields, sha256_file
+from yolc_kd.cache.manifest import IMAGE_TRAIN_FIELDS, TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
 from yolc_kd.cache.schema import STATUS_OK
-from yolc_kd.data.augment import AugmentConfig
+from yolc_kd.data.augment import AugmentConfig, AugmentedSample
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.teacher import expected_target_identity
+from yolc_kd.train.image_source import ImageCacheSource
 from yolc_kd.train.target_codec import dequantize_targets
 
 _TARGET_ARRAYS = ["heatmap", "coarse", "patch_boxes", "patch_scales", "patch_valid", "refine", "fingerprint",
@@ -38,6 +40,16 @@ class CacheTargetSource:
         """The batch's stored targets (already on the device), as float32."""
         return dequantize_targets(batch["kd_targets"])
 
+    def sample_targets(self, image_id: int, variant: int, image: np.ndarray, sample: AugmentedSample) -> KDTargets:
+        """The stored targets of the view `sample` (batch 1), after checking that the replayed view is the one
+        the teacher saw."""
+        fingerprint, targets = self.read(image_id, variant)
+        if fingerprint != sample.fingerprint:
+            raise UserError(f"cache sample (image id {image_id}, variant {variant}) was made from a different view "
+                            f"(fingerprint {fingerprint} != replayed {sample.fingerprint}): the augmentation, image "
+                            f"file or package version changed")
+        return targets
+
     def read(self, image_id: int, variant: int) -> Tuple[str, KDTargets]:
         try:
             index = self.reader.index_of(image_id, variant)
@@ -57,14 +69,17 @@ class CacheTargetSource:
         return self.reader.fingerprint(s), t
 
 
-def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig, coco: CocoDetection) -> CacheTargetSource:
-    """Open a finished cache for training with cfg; one UserError lists every way the cache does not fit."""
+def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig,
+                      coco: CocoDetection) -> Union[CacheTargetSource, ImageCacheSource]:
+    """Open a finished cache (either kind) for training with cfg; one UserError lists every way it does not fit."""
     reader = CacheReader(path)
     m = reader.manifest
     if not reader.complete:
         raise UserError(f"cache {path} is incomplete (its precompute run did not finish): rerun the same "
                         f"`yolc-kd precompute` command to complete it")
-    problems = diff_fields(m, expected_target_identity(cfg, aug_cfg, coco.classes), TRAIN_FIELDS, now="config")
+    image_kind = reader.layout.kind == "image"
+    fields = IMAGE_TRAIN_FIELDS if image_kind else TRAIN_FIELDS
+    problems = diff_fields(m, expected_target_identity(cfg, aug_cfg, coco.classes), fields, now="config")
     ckpt = (cfg.get("distill_cfg") or {}).get("teacher_ckpt")
     if ckpt and Path(ckpt).is_file():  # the config names a teacher file: the cache must come from it
         cached_sha = (m.get("teacher") or {}).get("ckpt_sha256")
@@ -78,4 +93,7 @@ def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig, coco: Coc
     if problems:
         shown = "; ".join(problems[:10]) + (f"; +{len(problems) - 10} more" if len(problems) > 10 else "")
         raise UserError(f"cache {path} does not match the training config: {shown}")
+    if image_kind:
+        dcfg = cfg["distill_cfg"]
+        return ImageCacheSource(reader, int(dcfg["max_patches_per_img"]), int(dcfg["min_patch_size"]))
     return CacheTargetSource(reader)

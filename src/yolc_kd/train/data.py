@@ -1,14 +1,15 @@
 """Training samples: (image, variant) -> replayed YOLC augmentation (+ KD targets from a source)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from yolc_kd.data.augment import TrainAugment
+from yolc_kd.cache.image_view import ImageViewTargets
+from yolc_kd.data.augment import AugmentedSample, TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.loading import OneLineLoader, worker_error
 from yolc_kd.errors import UserError
@@ -17,9 +18,10 @@ from yolc_kd.train.reaugment import flip_sample
 
 
 class TargetSource(Protocol):
-    """Where the trainer's KD targets come from: the soft-label cache (train/cache_source.py) or a live
-    teacher (train/teacher_source.py). The trainer only calls to() and targets(); a source that stores
-    per-sample targets (reads_samples) also serves read() to the dataset in the DataLoader workers."""
+    """Where the trainer's KD targets come from: the soft-label cache of either kind (train/cache_source.py,
+    train/image_source.py) or a live teacher (train/teacher_source.py). The trainer only calls to() and
+    targets(); a source that stores per-sample targets (reads_samples) also serves sample_targets() to the
+    dataset in the DataLoader workers."""
     num_variants: Optional[int]
     reads_samples: bool
 
@@ -29,8 +31,10 @@ class TargetSource(Protocol):
     def targets(self, batch: Mapping[str, Any]) -> Any:
         """KDTargets of a batch already on the device (or a function of the student's heatmap giving them)."""
 
-    def read(self, image_id: int, variant: int) -> Tuple[str, KDTargets]:
-        """-> (fingerprint of the view the teacher saw, targets with batch size 1)."""
+    def sample_targets(self, image_id: int, variant: int, image: np.ndarray,
+                       sample: AugmentedSample) -> Union[KDTargets, ImageViewTargets]:
+        """The targets of one training sample (batch size 1), `sample` the view of `image` (as loaded) drawn with
+        key (seed, image_id, variant); a UserError when the cache was made from something else."""
 
 
 class TrainSamples(Dataset):
@@ -61,12 +65,11 @@ class TrainSamples(Dataset):
                        labels=torch.from_numpy(np.asarray(sample.labels, np.int64)), image_id=int(info["id"]),
                        variant=int(variant), fingerprint=sample.fingerprint)
             if self.source is not None and self.source.reads_samples:
-                fingerprint, targets = self.source.read(int(info["id"]), int(variant))
-                if fingerprint != sample.fingerprint:
-                    raise UserError(f"cache sample (image id {info['id']}, variant {variant}) was made from a "
-                                    f"different view (fingerprint {fingerprint} != replayed {sample.fingerprint}): "
-                                    f"the augmentation, image file or package version changed")
-                out["kd_targets"] = targets
+                got = self.source.sample_targets(int(info["id"]), int(variant), image, sample)
+                if isinstance(got, ImageViewTargets):  # the heatmap moves into the view on the device
+                    out["kd_targets"], out["kd_heatmap"] = got.targets, (got.heatmap_window, got.heatmap_move)
+                else:
+                    out["kd_targets"] = got
             return flip_sample(out) if mirrored else out
         except UserError as exc:
             if self.skip_bad:
@@ -88,6 +91,8 @@ def collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
                  keys=[(it["image_id"], it["variant"]) for it in items])
     if "kd_targets" in items[0]:
         batch["kd_targets"] = KDTargets.stack([it["kd_targets"] for it in items])
+    if "kd_heatmap" in items[0]:
+        batch["kd_heatmaps"] = [it["kd_heatmap"] for it in items]
     return batch
 
 

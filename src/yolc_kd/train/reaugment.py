@@ -18,7 +18,7 @@ import torch
 
 from yolc_kd import crops
 from yolc_kd.cache.schema import BOX_STEP
-from yolc_kd.data.view import CropPaste, Resize, ViewTransform
+from yolc_kd.data.view import ViewTransform
 from yolc_kd.kd import KDTargets
 
 STRIDE = 4
@@ -27,18 +27,6 @@ STRIDE = 4
 def _box_unit(x: torch.Tensor) -> float:
     """Cells per stored unit of a box map: the cache's int16 fixed point, or 1 for float maps."""
     return BOX_STEP if x.dtype == torch.int16 else 1.0
-
-
-def patch_view(box: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[int],
-               canvas_hw: Sequence[int]) -> ViewTransform:
-    """View frame -> the KD patch canvas of one crop box [x, y, w, h]: the crop as crops.PatchPlan cuts it
-    (rounded, clamped), resized to size_hw (the plan's size), zero-padded bottom/right to the canvas."""
-    x1, y1, x2, y2 = crops.crop_bounds(box, view_hw)
-    h, w = (int(v) for v in view_hw)
-    cut = CropPaste((h, w), (x1, y1, x2, y2), (0, 0), (y2 - y1, x2 - x1))
-    size = (int(size_hw[0]), int(size_hw[1]))
-    return ViewTransform((cut, Resize(cut.out_hw, size))).then(
-        CropPaste(size, (0, 0, size[1], size[0]), (0, 0), tuple(canvas_hw)))
 
 
 def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
@@ -53,8 +41,8 @@ def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
     canvas = (STRIDE * t.refine.shape[-2], STRIDE * t.refine.shape[-1])
     for (b, k), size in zip(t.patch_valid.nonzero().tolist(), plan.sizes()):
         new_box = flip.apply_crop_boxes(t.patch_boxes[b, k][None])[0]
-        old_patch = patch_view(t.patch_boxes[b, k].tolist(), size, view_hw, canvas)
-        new_patch = patch_view(new_box.tolist(), size, view_hw, canvas)
+        old_patch = crops.patch_view(t.patch_boxes[b, k].tolist(), size, view_hw, canvas)
+        new_patch = crops.patch_view(new_box.tolist(), size, view_hw, canvas)
         moved = old_patch.inverse().then(flip).then(new_patch)
         whole = moved.content_rect() == (0, 0, size[1], size[0])  # the new patch is all old patch pixels
         if not (whole and moved.moves_cells(STRIDE)):

@@ -1,0 +1,168 @@
+"""The image-level cache's targets moved into a training view: the teacher labelled each whole image once per
+cached scale (precompute/image_level.py); a fresh view of the image gets its KD targets from the nearest scale
+through the view's transform (data/view.py), as ReLabel cuts a random crop's label from a whole-image map.
+
+Frames: `image` (the image as loaded, (h, w)), `scaled` (the image resized to a cached scale, the row's frame),
+`view` (the training input). `row_to_view` = scaled -> image -> view; every map, box and crop moves by it:
+- the heatmap (bilinear, on the training device: ImageViewTargets.heatmap_move), valid where the view shows
+  the image;
+- the coarse box maps as decoded boxes (nearest cell, apply_box_map), valid likewise;
+- the cached crops that lie in the view (at least min_patch_size on each side there, the largest first, up to the
+  view's crop slots) as the view's KD crops: the student's patch is the crop's part in the view, resized so that
+  its pixels are the teacher's patch pixels; the teacher's refine maps move by teacher patch -> scaled -> view ->
+  student patch (a mirrored view mirrors them; nothing is dropped), valid where the student patch shows cells the
+  teacher's patch had.
+The teacher saw no photometric change: colour augmentation stays on the student's side."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from yolc_kd import crops
+from yolc_kd.cache.schema import BOX_STEP, Layout
+from yolc_kd.data.view import ViewTransform
+from yolc_kd.kd import KDTargets
+
+STRIDE = 4  # YOLC's box maps
+
+
+def view_scale(view: ViewTransform) -> float:
+    """The view's linear scale from the image (geometric mean of the two axes' factors)."""
+    (ax, _), (ay, _) = view.affine()
+    return math.sqrt(abs(float(ax)) * abs(float(ay)))
+
+
+def nearest_scale(view: ViewTransform, scales: Sequence[float]) -> int:
+    """Index of the cached scale nearest the view's (in log scale: a resampling factor up or down counts alike)."""
+    s = math.log(view_scale(view))
+    return min(range(len(scales)), key=lambda k: (abs(math.log(scales[k]) - s), k))
+
+
+def scaled_hw(hw: Sequence[int], scale: float) -> Tuple[int, int]:
+    """(h, w) of an image resized by scale (at least one pixel): the row's frame (image_level.scaled_hw)."""
+    return max(1, round(int(hw[0]) * scale)), max(1, round(int(hw[1]) * scale))
+
+
+def row_to_view(image_hw: Sequence[int], row_hw: Sequence[int], view: ViewTransform) -> ViewTransform:
+    """The row's (scaled image's) frame -> the view: undo the cached scale, then the view's own transform."""
+    return ViewTransform.resize(tuple(image_hw), tuple(row_hw)).inverse().then(view)
+
+
+def source_window(move: ViewTransform, row_hw: Sequence[int], stride: int = STRIDE) -> Tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the part of the row's frame that the view's output shows, one pixel wider for bilinear
+    sampling, its start on the box maps' grid (multiples of stride), clipped to the row's image."""
+    (ax, bx), (ay, by) = move.affine()
+    out_h, out_w = move.out_hw
+    h, w = int(row_hw[0]), int(row_hw[1])
+    xs = sorted(((0 - float(bx)) / float(ax), (out_w - float(bx)) / float(ax)))
+    ys = sorted(((0 - float(by)) / float(ay), (out_h - float(by)) / float(ay)))
+    x0 = max(0, math.floor(xs[0]) - 1) // stride * stride
+    y0 = max(0, math.floor(ys[0]) - 1) // stride * stride
+    x1, y1 = min(w, math.ceil(xs[1]) + 1), min(h, math.ceil(ys[1]) + 1)
+    if x1 <= x0 or y1 <= y0:  # the view shows none of the row (cannot happen for a crop of the image)
+        x0, y0 = 0, 0
+        x1, y1 = min(w, stride), min(h, stride)
+    return x0, y0, x1, y1
+
+
+@dataclass
+class ImageViewTargets:
+    """One view's KD targets from an image-level row, as the DataLoader worker hands them over.
+
+    Args:
+        targets: KDTargets of batch 1 in the cache's stored dtypes, except the heatmap (an empty (1,C,0,0)
+            placeholder: it is moved on the training device) and its mask; coarse, crops, refine and their masks
+            already in the view.
+        heatmap_window: (C, h, w) uint8, the part of the row's heatmap the view shows (source_window).
+        heatmap_move: the window's frame -> the view.
+    """
+    targets: KDTargets
+    heatmap_window: torch.Tensor
+    heatmap_move: ViewTransform
+
+
+def move_heatmaps(items: Sequence[Tuple[torch.Tensor, ViewTransform]], view_hw: Sequence[int],
+                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B,C,H,W) float32 probabilities and (B,1,H,W) bool masks: every (uint8 window, move) dequantised (q/255)
+    and resampled into its view (bilinear, ViewTransform.apply_map), zero where the view does not show the
+    image. On the device: the largest per-sample work of the image-level cache, a few ms there."""
+    heat, valid = [], []
+    for window, move in items:
+        p = window.to(device, non_blocking=True).float() / 255.0
+        h, v = move.apply_map(p, 1, out_size=tuple(view_hw))
+        heat.append(torch.where(v, h, torch.zeros((), device=h.device)))
+        valid.append(v)
+    return torch.stack(heat), torch.stack(valid)[:, None]
+
+
+def crops_in_view(row: Mapping[str, np.ndarray], move: ViewTransform, min_size: int,
+                  slots: int) -> List[Tuple[int, np.ndarray]]:
+    """[(row slot, crop box [x, y, w, h] in the view)] of the cached crops that show at least min_size pixels
+    on each side in the view, largest visible area first, at most `slots`."""
+    found = []
+    for k in np.flatnonzero(np.asarray(row["patch_valid"], bool)).tolist():
+        box = np.asarray(move.apply_crop_boxes(np.asarray(row["patch_boxes"][k], np.float64)[None])[0])
+        if box[2] >= min_size and box[3] >= min_size:
+            found.append((float(box[2] * box[3]), k, box))
+    found.sort(key=lambda t: (-t[0], t[1]))
+    return [(k, box) for _, k, box in found[:slots]]
+
+
+def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], layout: Layout,
+             image_hw: Sequence[int], view: ViewTransform, window: Tuple[int, int, int, int],
+             chosen: List[Tuple[int, np.ndarray]], slots: int) -> ImageViewTargets:
+    """The view's targets from one row: row holds patch_boxes / patch_scales / patch_valid and the heatmap and
+    coarse windows (source_window), refine the stored refine maps of the chosen row slots (crops_in_view)."""
+    scale = float(layout.scales[int(row["variant"])])
+    row_hw = scaled_hw(image_hw, scale)
+    move = row_to_view(image_hw, row_hw, view)
+    x0, y0, x1, y1 = window
+    to_view = ViewTransform.crop(row_hw, window).inverse().then(move)  # the window's frame -> the view
+    view_hw = view.out_hw
+    coarse_hw = (-(-view_hw[0] // STRIDE), -(-view_hw[1] // STRIDE))
+    coarse, coarse_valid = to_view.apply_box_map(torch.from_numpy(np.asarray(row["coarse"], np.int16)), STRIDE,
+                                                 out_size=coarse_hw, unit=BOX_STEP)
+    canvas = crops.patch_canvas(view_hw)
+    rh, rw = layout.refine_hw
+    boxes = torch.zeros(1, slots, 4)
+    scales = torch.zeros(1, slots)
+    valid = torch.zeros(1, slots, dtype=torch.bool)
+    moved = torch.zeros(1, slots, 4, rh, rw, dtype=torch.int16)
+    moved_valid = torch.zeros(1, slots, 1, rh, rw, dtype=torch.bool)
+    if chosen:
+        slot_idx = [k for k, _ in chosen]
+        t_boxes = torch.as_tensor(np.asarray(row["patch_boxes"], np.float32)[slot_idx])[None]
+        t_scales = torch.as_tensor(np.asarray(row["patch_scales"], np.float32)[slot_idx])[None]
+        teacher_plan = crops.PatchPlan(t_boxes, t_scales, torch.ones(1, len(chosen), dtype=torch.bool), canvas,
+                                       row_hw, "kd")
+        (ax, _), _ = move.affine()
+        for j, (k, box) in enumerate(chosen):
+            boxes[0, j] = torch.as_tensor(box, dtype=torch.float32)
+            # the student's patch pixels are the teacher's: teacher scale x (row pixels per view pixel)
+            scales[0, j] = float(t_scales[0, j]) / abs(float(ax))
+            valid[0, j] = True
+        student_plan = crops.PatchPlan(boxes, scales, valid, canvas, view_hw, "kd")
+        for j, ((k, _), t_size, s_size) in enumerate(zip(chosen, teacher_plan.sizes(), student_plan.sizes())):
+            teacher_patch = crops.patch_view(t_boxes[0, j].tolist(), t_size, row_hw, canvas)
+            student_patch = crops.patch_view(boxes[0, j].tolist(), s_size, view_hw, canvas)
+            patch_move = teacher_patch.inverse().then(move).then(student_patch)
+            maps, ok = patch_move.apply_box_map(torch.from_numpy(np.asarray(refine[k], np.int16)), STRIDE,
+                                                out_size=(rh, rw), unit=BOX_STEP)
+            moved[0, j] = torch.where(ok, maps, torch.zeros((), dtype=maps.dtype))
+            moved_valid[0, j, 0] = ok
+    heat = torch.from_numpy(np.ascontiguousarray(row["heatmap"], dtype=np.uint8))
+    targets = KDTargets(heatmap=torch.zeros(1, heat.shape[0], 0, 0, dtype=torch.uint8),
+                        coarse=torch.where(coarse_valid, coarse, torch.zeros((), dtype=coarse.dtype))[None],
+                        patch_boxes=boxes, patch_scales=scales, patch_valid=valid, refine=moved,
+                        coarse_valid=coarse_valid[None, None], refine_valid=moved_valid)
+    return ImageViewTargets(targets, heat, to_view)
+
+
+def row_params(text: str) -> Dict[str, Any]:
+    """An image-level row's aug_params JSON: kind, ori_hw, scale, scaled_hw."""
+    return json.loads(str(text))
