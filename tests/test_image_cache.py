@@ -1,0 +1,237 @@
+"""The image-level cache (`precompute --kind image`): rows equal the teacher on the scaled image, a view's targets
+land where the view puts the image (identity, mirror), training reads it through the CLI, and the masked KD losses
+ignore what a view does not show."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_setup, subprocess_env  # noqa: F401
+from yolc_kd.cache.image_view import move_heatmaps, source_window
+from yolc_kd.cache.reader import CacheReader
+from yolc_kd.cache.schema import BOX_STEP, dequantize_boxes, dequantize_heatmap, heatmap_tolerance
+from yolc_kd.cli import main
+from yolc_kd.config import load_config
+from yolc_kd.data.augment import AugmentConfig
+from yolc_kd.data.coco import CocoDetection
+from yolc_kd.data.view import CropPaste, HFlip, ViewTransform
+from yolc_kd.errors import UserError
+from yolc_kd.kd import KDTargets, heatmap_kd, kd_losses
+from yolc_kd.precompute.image_level import ImageRows, auto_scales, parse_scales, view_scale_range
+from yolc_kd.teacher import build_teacher, image_targets
+from yolc_kd.train.image_source import ImageCacheSource
+from yolc_kd.train.target_codec import dequantize_targets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("image_cache"))
+
+
+def _precompute(s, out, *extra):
+    return main(["precompute", "--config", str(s.config), "--ckpt", str(s.ckpt), "--out", str(out), "--kind", "image",
+                 "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def unit_cache(setup):
+    """An image-level cache at scale 1 only (the views of the setup's config are all at scale 1)."""
+    out = setup.root / "image_s1"
+    assert _precompute(setup, out, "--scales", "1.0") == 0
+    return out
+
+
+def _source(cache):
+    return ImageCacheSource(CacheReader(cache), max_patches=2, min_patch_size=16)
+
+
+def _identity_view(hw):
+    h, w = hw
+    return ViewTransform((CropPaste((h, w), (0, 0, w, h), (0, 0), (h, w)),))
+
+
+def test_auto_scales_cover_the_view_scales():
+    lo, hi = 1 / 1.2, 1 / 0.8
+    scales = auto_scales(lo, hi, 3)
+    worst = max(min(abs(np.log(v / s)) for s in scales) for v in np.linspace(lo, hi, 101))
+    assert len(scales) == 3 and worst <= np.log(hi / lo) / 6 + 1e-3
+    assert auto_scales(1.0, 1.0) == (1.0,)
+    assert parse_scales("0.9,1.1", lo, hi) == (0.9, 1.1) and len(parse_scales("2", lo, hi)) == 2
+    for bad in ("abc", "0", "-1,2", "12"):
+        with pytest.raises(UserError):
+            parse_scales(bad, lo, hi)
+    cfg = AugmentConfig(ratios=(0.8, 1.0, 1.25))
+    lo2, hi2 = view_scale_range(cfg, [(100, 100)])
+    assert lo2 == pytest.approx(0.8, abs=0.01) and hi2 == pytest.approx(1.25, abs=0.01)
+
+
+def test_rows_are_the_teacher_on_the_whole_scaled_image(setup, unit_cache):
+    reader = CacheReader(unit_cache)
+    lay = reader.layout
+    assert lay.kind == "image" and lay.scales == (1.0,) and reader.manifest["kind"] == "image"
+    cfg = load_config(setup.config, with_defaults=True)
+    coco = CocoDetection(setup.ann, setup.data)
+    teacher = build_teacher(cfg["distill_cfg"], cfg["model"], None, str(setup.ckpt))
+    aug = AugmentConfig.from_pipeline(cfg["train_pipeline"])
+    rows = ImageRows(coco, aug, lay.scales, [coco.image_info(i)["id"] for i in range(len(coco))], [0, 1])
+    for i in (0, 1):
+        item = rows[i]
+        with torch.no_grad():
+            t = image_targets(teacher, item["imgs"][0], item["content"][0], (96, 128), cfg["distill_cfg"],
+                              lay.max_patches)
+        row = reader.read_sample(i)
+        h, w = item["content"][0]
+        p = t.heatmap[0].numpy()
+        err = np.abs(dequantize_heatmap(row["heatmap"])[:, :h, :w] - p[:, :h, :w])
+        assert (err <= heatmap_tolerance(p[:, :h, :w])).all()
+        assert not row["heatmap"][:, h:].any() and not row["heatmap"][:, :, w:].any()
+        c = t.coarse[0].numpy()
+        np.testing.assert_allclose(dequantize_boxes(row["coarse"])[:, :c.shape[1], :c.shape[2]], c,
+                                   atol=BOX_STEP / 2 + 1e-6)
+        np.testing.assert_array_equal(row["patch_valid"], t.patch_valid[0].numpy())
+        np.testing.assert_array_equal(row["patch_boxes"], t.patch_boxes[0].numpy())
+
+
+def test_identity_view_gets_the_row_itself(setup, unit_cache):
+    src = _source(unit_cache)
+    coco = CocoDetection(setup.ann, setup.data)
+    for i in range(len(coco)):
+        image = coco.load_image(i)
+        hw = image.shape[:2]
+        got = src.sample_targets(coco.image_info(i)["id"], 0, image, SimpleNamespace(view=_identity_view(hw)))
+        row = src.reader.read_sample(i)
+        heat, valid = move_heatmaps([(got.heatmap_window, got.heatmap_move)], hw, torch.device("cpu"))
+        assert bool(valid.all())
+        torch.testing.assert_close(heat[0], torch.from_numpy(dequantize_heatmap(row["heatmap"])[:, :hw[0], :hw[1]]),
+                                   rtol=0, atol=1e-6)
+        t = got.targets
+        assert bool(t.coarse_valid.all())
+        torch.testing.assert_close(t.coarse[0], torch.from_numpy(row["coarse"][:, :hw[0] // 4, :hw[1] // 4]))
+        big = [k for k in np.flatnonzero(row["patch_valid"]) if min(row["patch_boxes"][k][2:]) >= 16]
+        big = sorted(big, key=lambda k: (-row["patch_boxes"][k][2] * row["patch_boxes"][k][3], k))[:2]
+        assert int(t.patch_valid.sum()) == len(big)
+        for j, k in enumerate(big):  # the student's patch is the teacher's: the refine maps move unchanged
+            torch.testing.assert_close(t.patch_boxes[0, j], torch.from_numpy(row["patch_boxes"][k]))
+            torch.testing.assert_close(t.patch_scales[0, j], torch.tensor(float(row["patch_scales"][k])))
+            ok = t.refine_valid[0, j, 0]
+            bw, bh = (int(round(float(v) * float(row["patch_scales"][k]))) for v in row["patch_boxes"][k][2:])
+            rows_ok, cols_ok = -(-min(bh, 4 * ok.shape[0]) // 4), -(-min(bw, 4 * ok.shape[1]) // 4)
+            assert bool(ok[:rows_ok - 1, :cols_ok - 1].all()) and not bool(ok[rows_ok:].any())  # the patch's cells
+            stored = torch.from_numpy(row["refine"][k])
+            torch.testing.assert_close(t.refine[0, j], torch.where(ok, stored, torch.zeros((), dtype=stored.dtype)))
+
+
+def test_mirrored_view_mirrors_heatmap_boxes_and_crops(setup, unit_cache):
+    src = _source(unit_cache)
+    coco = CocoDetection(setup.ann, setup.data)
+    image = coco.load_image(2)
+    h, w = image.shape[:2]
+    image_id = coco.image_info(2)["id"]
+    plain = src.sample_targets(image_id, 0, image, SimpleNamespace(view=_identity_view((h, w))))
+    mirror_view = _identity_view((h, w)).then(HFlip((h, w)))
+    mirrored = src.sample_targets(image_id, 0, image, SimpleNamespace(view=mirror_view))
+    cpu = torch.device("cpu")
+    heat_a, _ = move_heatmaps([(plain.heatmap_window, plain.heatmap_move)], (h, w), cpu)
+    heat_b, _ = move_heatmaps([(mirrored.heatmap_window, mirrored.heatmap_move)], (h, w), cpu)
+    torch.testing.assert_close(heat_b, heat_a.flip(-1))
+    a, b = dequantize_targets(plain.targets), dequantize_targets(mirrored.targets)
+
+    def centres(coarse):  # decoded box centres (x, y) in pixels and half sizes, per cell
+        _, _, gh, gw = coarse.shape
+        gy, gx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        return torch.stack([(gx + coarse[0, 0]) * 4, (gy + coarse[0, 1]) * 4, coarse[0, 2] * 4, coarse[0, 3] * 4])
+
+    ca, cb = centres(a.coarse), centres(b.coarse).flip(-1)
+    torch.testing.assert_close(cb[0], w - ca[0], atol=4 * BOX_STEP, rtol=0)
+    torch.testing.assert_close(cb[1:], ca[1:], atol=4 * BOX_STEP, rtol=0)
+    assert int(a.patch_valid.sum()) == int(b.patch_valid.sum()) > 0
+    for j in range(int(a.patch_valid.sum())):  # the same crops, mirrored; nothing dropped
+        x, y, bw, bh = a.patch_boxes[0, j].tolist()
+        torch.testing.assert_close(b.patch_boxes[0, j], torch.tensor([w - x - bw, y, bw, bh]))
+        assert bool(b.refine_valid[0, j].any())
+
+
+def test_source_window_covers_what_the_view_shows():
+    view = ViewTransform((CropPaste((300, 400), (50, 40, 250, 190), (10, 0), (160, 240)),))
+    x0, y0, x1, y1 = source_window(view, (300, 400))
+    assert x0 % 4 == 0 and y0 % 4 == 0 and x0 <= 50 - 10 - 1 and y0 <= 40 and x1 >= 250 - 10 and y1 >= 190
+    assert 0 <= x0 < x1 <= 400 and 0 <= y0 < y1 <= 300
+
+
+def test_train_from_image_cache_and_its_mistakes(setup, unit_cache, tmp_path, capsys):
+    coco_args = ["--ann", str(setup.ann), "--images", str(setup.data)]
+    assert main(["train", "--config", str(setup.config), *coco_args, "--cache", str(unit_cache), "--work-dir",
+                 str(tmp_path / "w"), "--max-iters", "2", "--no-progress"]) == 0
+    assert "offline KD from the cache" in capsys.readouterr().out
+    # another augmentation: the image-level cache still serves it (views are drawn at training time)
+    other = tmp_path / "other_aug.py"
+    other.write_text(setup.config.read_text().replace("ratios=(1.0,)", "ratios=(0.9, 1.1)"))
+    assert main(["train", "--config", str(other), *coco_args, "--cache", str(unit_cache), "--work-dir",
+                 str(tmp_path / "w2"), "--max-iters", "1", "--no-progress"]) == 0
+    # a changed image file: one line naming the image
+    data = tmp_path / "changed"
+    import shutil
+    shutil.copytree(setup.data, data)
+    coco = CocoDetection(setup.ann, setup.data)
+    first = data / coco.image_info(0)["file_name"]
+    from PIL import Image
+    img = np.asarray(Image.open(first)).copy()
+    img[0, 0] = 255 - img[0, 0]
+    Image.fromarray(img).save(first)
+    capsys.readouterr()
+    assert main(["train", "--config", str(setup.config), "--ann", str(data / "annotations.json"), "--images",
+                 str(data), "--cache", str(unit_cache), "--work-dir", str(tmp_path / "w3"), "--max-iters", "3",
+                 "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different image" in err[0] and "Traceback" not in err[0]
+
+
+def test_variants_with_image_kind_is_one_line(setup, tmp_path, capsys):
+    assert _precompute(setup, tmp_path / "c", "--variants", "3") != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--variants is for --kind view" in err[0]
+
+
+def test_masked_heatmap_kd_ignores_what_the_view_does_not_show():
+    torch.manual_seed(0)
+    p_t = torch.rand(2, 3, 16, 24)
+    p_s = torch.rand(2, 3, 16, 24, requires_grad=True)
+    mask = torch.zeros(2, 1, 16, 24, dtype=torch.bool)
+    mask[:, :, 2:12, 3:20] = True
+    for mode in ("soft_focal", "mse", "kl"):
+        full = heatmap_kd(p_s, p_t, mode)
+        torch.testing.assert_close(heatmap_kd(p_s, p_t, mode, mask=torch.ones_like(mask)), full)
+        masked = heatmap_kd(p_s, p_t, mode, mask=mask)
+        changed = torch.where(mask, p_s, torch.rand_like(p_s))
+        torch.testing.assert_close(heatmap_kd(changed, p_t, mode, mask=mask), masked)
+        grad, = torch.autograd.grad(masked, p_s)
+        assert float(grad.masked_select(~mask.expand_as(grad)).abs().max()) == 0.0
+
+
+def test_masked_box_kd_ignores_invalid_cells():
+    torch.manual_seed(1)
+    b, c, h, w, k = 1, 3, 32, 48, 2
+    decode = lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 4)  # noqa: E731
+    heat = torch.rand(b, c, h, w)
+    t = KDTargets(heatmap=heat, coarse=torch.randn(b, 4, h // 4, w // 4),
+                  patch_boxes=torch.tensor([[[0.0, 0.0, 24.0, 16.0], [0, 0, 0, 0]]]), patch_scales=torch.ones(b, k),
+                  patch_valid=torch.tensor([[True, False]]), refine=torch.randn(b, k, 4, 4, 6))
+    coarse_valid = torch.zeros(b, 1, h // 4, w // 4, dtype=torch.bool)
+    coarse_valid[..., :4, :6] = True
+    refine_valid = torch.zeros(b, k, 1, 4, 6, dtype=torch.bool)
+    refine_valid[0, 0, 0, :2] = True
+    masked = KDTargets(**{**t.__dict__, "coarse_valid": coarse_valid, "refine_valid": refine_valid})
+    coarse_s, refine_s = torch.randn(b, 4, h // 4, w // 4), torch.randn(1, 4, 4, 6)
+    for box_kd in ("weighted", "mse"):
+        dcfg = dict(box_kd=box_kd, hm_kd="mse")
+        base = kd_losses(heat, coarse_s, refine_s, masked, dcfg, decode)
+        noisy_c = torch.where(coarse_valid, coarse_s, torch.randn_like(coarse_s))
+        noisy_r = torch.where(refine_valid[0, 0], refine_s, torch.randn_like(refine_s))
+        again = kd_losses(heat, noisy_c, noisy_r, masked, dcfg, decode)
+        torch.testing.assert_close(again["loss_kd_global_coarse"], base["loss_kd_global_coarse"])
+        torch.testing.assert_close(again["loss_kd_local_refine"], base["loss_kd_local_refine"])
+        unmasked = kd_losses(heat, noisy_c, noisy_r, t, dcfg, decode)
+        assert float(unmasked["loss_kd_global_coarse"]) != float(base["loss_kd_global_coarse"])
