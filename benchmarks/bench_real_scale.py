@@ -288,7 +288,8 @@ def worker_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
     torch.manual_seed(int(cfg.get("seed", 0)))
     model = build_detector(cfg["model"])
-    kd = KDSource(cache=spec["cache"] if mode == "offline" else None, online=mode == "online")
+    cache = {"offline": spec["cache"], "offline_image": spec.get("image_cache")}.get(mode)
+    kd = KDSource(cache=cache, online=mode == "online")
     source = open_target_source(cfg, kd, aug_cfg, coco, trust=False)
     dataset = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg.get("seed", 0)), source)
     opts = TrainOptions(work_dir=Path(spec["work_dir"]), max_iters=1000, device=str(device), workers=0,
@@ -473,20 +474,24 @@ def _elapsed_s(text: str) -> Optional[float]:
     return int(h or 0) * 3600 + int(m) * 60 + int(s)
 
 
-def bench_precompute(config: Path, ckpt: Path, data: Path, cache: Path, views: int, args, tmp: Path) -> Dict[str, Any]:
+def bench_precompute(config: Path, ckpt: Path, data: Path, cache: Path, views: int, args, tmp: Path,
+                     image_kind: bool = False) -> Dict[str, Any]:
+    """`yolc-kd precompute` in its own process: per-view (--variants 1: `views` views) or image-level (`views`
+    images at the auto scales) timings, peak RSS and bytes."""
     shutil.rmtree(cache, ignore_errors=True)
+    kind = ["--kind", "image"] if image_kind else ["--variants", "1"]
     cmd = [sys.executable, "-m", "yolc_kd", "precompute", "--config", str(config), "--ckpt", str(ckpt),
-           "--ann", str(data / "annotations.json"), "--images", str(data), "--out", str(cache), "--variants", "1",
+           "--ann", str(data / "annotations.json"), "--images", str(data), "--out", str(cache), *kind,
            "--batch-size", str(args.batch), "--workers", str(args.precompute_workers), "--threads", str(args.threads),
            "--device", args.device]
     if args.amp:
         cmd.append("--amp")
-    env_log = tmp / "precompute.log"
+    env_log = tmp / ("precompute_image.log" if image_kind else "precompute.log")
     rc, rss_kib, wall = run_measured(cmd, env_log)
     text = env_log.read_text(errors="replace")
     if rc != 0:
         raise SystemExit("precompute failed:\n" + "\n".join(text.strip().splitlines()[-10:]))
-    per_view = re.findall(r"([\d.]+) KiB per view", text)
+    per_view = re.findall(r"([\d.]+) KiB per (?:view|image)", text)
     files = [p for p in cache.rglob("*") if p.is_file()]
     loop_s = _elapsed_s(text)
     return dict(views=views, batch=args.batch, variants=1, workers=args.precompute_workers, threads=args.threads,
@@ -501,6 +506,59 @@ def bench_precompute(config: Path, ckpt: Path, data: Path, cache: Path, views: i
                 last_line=text.strip().splitlines()[-1] if text.strip() else "")
 
 
+def bench_image_level(config: Path, ckpt: Path, args, tmp: Path) -> Dict[str, Any]:
+    """`precompute --kind image` on args.image_count synthetic images of a real VisDrone size (args.image_size,
+    VisDrone layouts): seconds and bytes per image, rows, scales and crop slots."""
+    w, h = (int(v) for v in args.image_size.split("x"))
+    data = tmp / f"data_{w}x{h}"
+    if not (data / "annotations.json").is_file():
+        layout = ["--layout-from", str(LAYOUTS)] if LAYOUTS.is_file() else []
+        subprocess.run([sys.executable, "-m", "yolc_kd", "synth", "--out", str(data), "--num-images",
+                        str(args.image_count), "--seed", "1", "--size", f"{w}x{h}", "--classes", "10", *layout],
+                       check=True, stdout=subprocess.DEVNULL)
+    res = bench_precompute(config, ckpt, data, tmp / f"image_cache_{w}x{h}", args.image_count, args, tmp,
+                           image_kind=True)
+    from yolc_kd.cache.reader import CacheReader
+
+    reader = CacheReader(tmp / f"image_cache_{w}x{h}")
+    valid = [int(reader.read_sample(r, ["num_valid_patches"])["num_valid_patches"])
+             for r in range(reader.layout.num_samples)]
+    res.update(image_wh=[w, h], scales=list(reader.layout.scales), crop_slots=reader.layout.max_patches,
+               crops_per_row=valid, sec_per_image_wall=res["wall_s"] / args.image_count,
+               sec_per_image_loop=(res["loop_s"] / args.image_count) if res.get("loop_s") else None,
+               bytes_per_image_all_files=res["cache_bytes_all_files"] / args.image_count,
+               note="random weights: LSM's crop count and the bytes are not a trained teacher's")
+    return res
+
+
+def kd_cost(results: Dict[str, Any], passes: int) -> Dict[str, Any]:
+    """Teacher + student compute per image for a schedule of `passes` passes, from the measured rates, relative
+    to supervised training: per-view cache (a teacher forward per pass), image-level cache (one precompute per
+    image), online KD."""
+    tr, b = results.get("train", {}), results["batch"]
+    per_pass = {m: tr[m]["sec_per_step_median"] / b for m in tr}
+    if "supervised" not in per_pass:
+        return {}
+    sup = passes * per_pass["supervised"]
+    out: Dict[str, Any] = dict(passes=passes, supervised_s_per_image=sup)
+    pre = results.get("precompute", {})
+    view_s = pre.get("sec_per_view_loop") or pre.get("sec_per_view_wall")
+    if view_s and "offline" in per_pass:
+        out["per_view_cache"] = dict(teacher_s=passes * view_s, student_s=passes * per_pass["offline"],
+                                     teacher_forwards=passes,
+                                     ratio=(passes * (view_s + per_pass["offline"])) / sup)
+    img = results.get("image_level", {})
+    image_s = img.get("sec_per_image_loop") or img.get("sec_per_image_wall")
+    student = per_pass.get("offline_image", per_pass.get("offline"))
+    if image_s and student:
+        out["image_cache"] = dict(teacher_s=image_s, student_s=passes * student, teacher_forwards=len(img["scales"]),
+                                  student_mode="offline_image" if "offline_image" in per_pass else "offline",
+                                  ratio=(image_s + passes * student) / sup)
+    if "online" in per_pass:
+        out["online"] = dict(ratio=passes * per_pass["online"] / sup, teacher_forwards=passes)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "SPEC", "OUT"), help=argparse.SUPPRESS)
@@ -513,7 +571,14 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES),
                         help="training modes to run (default all three); MODE+plain: the heatmap losses without "
                              "recomputation in backward (the memory before issue 13), e.g. offline+plain")
-    parser.add_argument("--parts", default="precompute,train,infer", help="what to run (default all)")
+    parser.add_argument("--parts", default="precompute,train,infer",
+                        help="what to run (default precompute,train,infer; 'image' adds the image-level cache's "
+                             "precompute at --image-size and, with mode offline_image, its training step)")
+    parser.add_argument("--image-size", default="1400x1050",
+                        help="image-level precompute: image size (default 1400x1050, VisDrone's most common)")
+    parser.add_argument("--image-count", type=int, default=2, help="image-level precompute: images (default 2)")
+    parser.add_argument("--passes", type=int, default=240,
+                        help="passes per image of the cost summary (default 240: YOLC's VisDrone recipe)")
     parser.add_argument("--no-breakdown", action="store_true", help="no profiled step per mode")
     parser.add_argument("--precompute-workers", type=int, default=1, help="precompute's image loaders (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -579,8 +644,18 @@ def main() -> None:
             results["precompute"] = bench_precompute(config, ckpt, data, cache, n_images, args, tmp)
             log(f"precompute: {results['precompute']['sec_per_view_wall']:.1f} s/view (wall), "
                 f"peak RSS {results['precompute']['peak_rss_mib']:.0f} MiB")
+        if "image" in parts:
+            log(f"image-level precompute: {args.image_count} images of {args.image_size}")
+            results["image_level"] = bench_image_level(config, ckpt, args, tmp)
+            log(f"image-level precompute: {results['image_level']['sec_per_image_wall']:.1f} s/image (wall)")
+        image_cache = tmp / "image_cache_steps"
+        if "offline_image" in modes and "train" in parts and not (image_cache / "zarr.json").exists():
+            log(f"image-level cache of the {n_images} step images")
+            results["image_cache_steps"] = bench_precompute(config, ckpt, data, image_cache, n_images, args, tmp,
+                                                            image_kind=True)
         base = dict(config=str(config), ann=str(data / "annotations.json"), images=str(data), cache=str(cache),
-                    device=args.device, amp=args.amp, threads=args.threads, batch=args.batch)
+                    image_cache=str(image_cache), device=args.device, amp=args.amp, threads=args.threads,
+                    batch=args.batch)
         if "train" in parts:
             results["train"] = {}
             for mode in modes:
@@ -611,6 +686,7 @@ def main() -> None:
             log("inference")
             results["infer"] = run_worker("infer", dict(base, teacher_config=str(TEACHER_CFG), ckpt=str(ckpt),
                                                         images_n=infer_n), tmp, "infer")
+        results["kd_cost"] = kd_cost(results, args.passes)
     finally:
         results["load_average_1min"] = load.stop()
         results["wall_s"] = time.perf_counter() - t_start

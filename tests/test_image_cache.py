@@ -165,7 +165,7 @@ def test_train_from_image_cache_and_its_mistakes(setup, unit_cache, tmp_path, ca
     coco_args = ["--ann", str(setup.ann), "--images", str(setup.data)]
     assert main(["train", "--config", str(setup.config), *coco_args, "--cache", str(unit_cache), "--work-dir",
                  str(tmp_path / "w"), "--max-iters", "2", "--no-progress"]) == 0
-    assert "offline KD from the cache" in capsys.readouterr().out
+    assert "offline KD from the image-level cache" in capsys.readouterr().out
     # another augmentation: the image-level cache still serves it (views are drawn at training time)
     other = tmp_path / "other_aug.py"
     other.write_text(setup.config.read_text().replace("ratios=(1.0,)", "ratios=(0.9, 1.1)"))

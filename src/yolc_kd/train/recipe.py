@@ -56,9 +56,14 @@ def kd_mode(dcfg: Mapping, kd: KDSource, where: str = "the config") -> str:
     return "none"
 
 
-def describe_kd(mode: str, dcfg: Mapping, kd: KDSource) -> str:
+def describe_kd(mode: str, dcfg: Mapping, kd: KDSource, source: Optional[TargetSource] = None) -> str:
     """The first words of the run's first log line: what the student learns from."""
     if mode == "offline":
+        layout = getattr(getattr(source, "reader", None), "layout", None)
+        if layout is not None and layout.kind == "image":
+            scales = ", ".join(f"{s:g}" for s in layout.scales)
+            return (f"offline KD from the image-level cache {kd.cache} (the teacher on every whole image at scale "
+                    f"{scales}; each pass a fresh view, its targets moved in from the nearest scale)")
         return f"offline KD from the cache {kd.cache}"
     if mode == "online":
         why = "--online" if kd.online else "distill_cfg.enable=True and no --cache"
@@ -100,7 +105,7 @@ def run_training(config: str, ann: Optional[str], images: Optional[str], opts: T
     torch.manual_seed(int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed))
     model = build_detector(cfg["model"])  # before any teacher: every student of a seed starts the same
     source = open_target_source(cfg, kd, aug_cfg, coco, opts.trust)
-    opts.kd_mode = describe_kd(kd_mode(cfg["distill_cfg"], kd), cfg["distill_cfg"], kd)
+    opts.kd_mode = describe_kd(kd_mode(cfg["distill_cfg"], kd), cfg["distill_cfg"], kd, source)
     dataset = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg.get("seed", 0)), source, skip_bad=skip_bad,
                            indices=[i for i in range(len(coco)) if i not in missing])
     if val_ann or val_images:
