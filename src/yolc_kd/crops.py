@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from yolc_kd.data.view import CropPaste, Resize, ViewTransform
+from yolc_kd.data.view import CropPaste, Resize, ViewTransform, meta_content
 from yolc_kd.diskio import atomic_write
 
 
@@ -86,9 +86,9 @@ def lsm_regions(heatmap: torch.Tensor, img_metas: Sequence[Mapping], lsm_cfg: Ma
     for i, meta in enumerate(img_metas):
         binary, coord = find_clusters(locmap[i:i + 1], grid=tuple(cfg["grid"]), topk_cells=int(cfg["topk_cells"]),
                                       threshold=float(cfg["threshold"]))
-        border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.int64)
-        coord[:, 0] -= border[2]
-        coord[:, 1] -= border[0]
+        x0, y0, _, _ = meta_content(meta, locmap.shape[2:])  # tensor -> image content frame
+        coord[:, 0] -= x0
+        coord[:, 1] -= y0
         out.append(coord)
         binaries.append(binary)
     return (out, binaries) if with_binary else out
@@ -411,9 +411,8 @@ def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], vie
         if mode == "kd":
             bounds, (ox, oy) = tuple(view_hw[:2]), (0, 0)
         else:
-            bounds = tuple(meta.get("img_shape", view_hw)[:2])
-            border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.float64)
-            ox, oy = int(border[2]), int(border[0])  # content -> tensor frame
+            ox, oy, h_img, w_img = meta_content(meta, view_hw)  # the image content inside the tensor
+            bounds = (h_img, w_img)
         regs = select_regions(c, bounds, max_patches, min_size, enlarge)
         left = None if budget is None else float(budget) * bounds[0] * bounds[1]  # patch pixels still allowed
         for k, (x, y, w, h) in enumerate(regs.tolist()):

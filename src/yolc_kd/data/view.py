@@ -29,7 +29,7 @@ from yolc_kd.errors import UserError
 from .augment_config import AUGMENT_VERSION, AugmentConfig
 from .view_steps import HW, Affine, CropPaste, HFlip, Rect, Resize, Step, clip_xyxy, fill_rgb, step_from_dict
 
-__all__ = ["ViewTransform", "CropPaste", "Resize", "HFlip", "VIEW_VERSION", "meta_view"]
+__all__ = ["ViewTransform", "CropPaste", "Resize", "HFlip", "VIEW_VERSION", "meta_view", "meta_content"]
 
 VIEW_VERSION = 1
 Boxes = Union[np.ndarray, torch.Tensor]
@@ -158,6 +158,13 @@ def meta_view(meta: Mapping[str, Any], tensor_hw: Optional[Sequence[int]] = None
         raise ValueError("an inference meta needs 'view', 'img_shape' or the tensor size")
     pad = meta.get("pad_shape", (top + h, left + w))
     return ViewTransform.pad((h, w), (max(int(pad[0]), top + h), max(int(pad[1]), left + w)), (left, top))
+
+
+def meta_content(meta: Mapping[str, Any], tensor_hw: Optional[Sequence[int]] = None) -> Tuple[int, int, int, int]:
+    """(x0, y0, h, w): where an inference meta's image lies in its network tensor (meta_view's content, whole
+    pixels for YOLC's test pad): tensor coordinates minus (x0, y0) are the image's."""
+    x0, y0, x1, y1 = meta_view(meta, tensor_hw).content_rect()
+    return math.floor(x0), math.floor(y0), math.ceil(y1) - math.floor(y0), math.ceil(x1) - math.floor(x0)
 
 
 @dataclass(frozen=True)

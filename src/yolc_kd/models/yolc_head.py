@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from yolc_kd import crops
+from yolc_kd.data.view import meta_content
 from yolc_kd.kd import recomputed_in_backward
 from yolc_kd.models.deform import DeformConv2d
 from yolc_kd.models.losses import build_loss
@@ -200,8 +201,9 @@ class YOLCHead(nn.Module):
         kernel = self.test_cfg["local_maximum_kernel"] if kernel is None else kernel
         dets, labels = self.decode_heatmap(heat, xywh, img_metas[0]["batch_input_shape"],
                                            k=self.test_cfg["topk"], kernel=kernel)
-        border = dets.new_tensor(np.array([m.get("border", np.zeros(4)) for m in img_metas], dtype=np.float32))
-        dets[..., :4] -= border[:, [2, 0, 2, 0]].unsqueeze(1)
+        hw = tuple(heat.shape[2:])
+        offset = dets.new_tensor(np.array([meta_content(m, hw)[:2] for m in img_metas], dtype=np.float32))
+        dets[..., :4] -= offset[:, [0, 1, 0, 1]].unsqueeze(1)  # tensor -> image content frame
         if rescale:
             scale = np.array([np.asarray(m.get("scale_factor", 1.0), dtype=np.float32) * np.ones(4, np.float32)
                               for m in img_metas])
@@ -267,8 +269,8 @@ class YOLCHead(nn.Module):
             viz_dir = self._viz_dir(viz_dir)
             for i, (meta, binary) in enumerate(zip(img_metas, binaries)):
                 name = Path(str(meta.get("filename", f"img{i}"))).stem
-                border = np.asarray(meta.get("border", np.zeros(4)), dtype=np.int64)
-                drawn = coords[i] + np.array([border[2], border[0], 0, 0])  # the binary map is in the tensor frame
+                x0, y0, _, _ = meta_content(meta, binary.shape)
+                drawn = coords[i] + np.array([x0, y0, 0, 0])  # the binary map is in the tensor frame
                 crops.save_cluster_png(binary, drawn, Path(viz_dir) / f"lsm_{name}.png")
         return coords
 
