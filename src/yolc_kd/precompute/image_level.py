@@ -76,16 +76,22 @@ def padded(n: int) -> int:
 def canvas_hw(image_hws: Sequence[Tuple[int, int]], scales: Sequence[float]) -> Tuple[int, int]:
     """The row canvas: the largest scaled image, padded to whole map tiles (cache/schema.py IMAGE_MAP_TILE, a
     multiple of the teacher's input multiple: zarr's shards hold whole chunks)."""
+    h, w = largest_scaled(image_hws, scales)
+    up = lambda n: -(-int(n) // IMAGE_MAP_TILE) * IMAGE_MAP_TILE  # noqa: E731
+    return up(h), up(w)
+
+
+def largest_scaled(image_hws: Sequence[Tuple[int, int]], scales: Sequence[float]) -> Tuple[int, int]:
+    """(h, w) of the largest image at the largest scale (before the canvas padding)."""
     s = max(scales)
     sizes = [scaled_hw(hw, s) for hw in image_hws] or [(1, 1)]
-    up = lambda n: -(-int(n) // IMAGE_MAP_TILE) * IMAGE_MAP_TILE  # noqa: E731
-    return up(max(h for h, _ in sizes)), up(max(w for _, w in sizes))
+    return max(h for h, _ in sizes), max(w for _, w in sizes)
 
 
-def auto_regions(max_patches: int, canvas: Sequence[int], view_hw: Sequence[int], cap: int = 32) -> int:
-    """Crop slots per row: twice a view's count per view-sized area of the largest row (LSM finds more clusters
-    in a larger image), at least 4 views' worth, at most cap."""
-    area = (int(canvas[0]) * int(canvas[1])) / max(1, int(view_hw[0]) * int(view_hw[1]))
+def auto_regions(max_patches: int, largest_hw: Sequence[int], view_hw: Sequence[int], cap: int = 32) -> int:
+    """Crop slots per row: twice a view's count per view-sized area of the largest scaled image (LSM finds more
+    clusters in a larger image), at least 4 views' worth, at most cap."""
+    area = (int(largest_hw[0]) * int(largest_hw[1])) / max(1, int(view_hw[0]) * int(view_hw[1]))
     return int(min(cap, max(4 * max_patches, math.ceil(2 * max_patches * area))))
 
 

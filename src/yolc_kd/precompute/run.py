@@ -26,7 +26,7 @@ from yolc_kd.data.loading import OneLineLoader, check_images
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.precompute.image_level import (ImageRows, auto_regions, auto_scales, canvas_hw, image_hws,
-                                            view_scale_range)
+                                            largest_scaled, view_scale_range)
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import amp_dtype, device_name, init_distributed, mixed_precision, numerics
@@ -94,7 +94,8 @@ def _image_layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptio
     view = _layout(teacher, coco, opts, input_hw, dcfg)
     canvas = canvas_hw(hws, scales)
     stride = input_hw[0] // view.coarse_hw[0]
-    regions = int(opts.regions or auto_regions(int(dcfg["max_patches_per_img"]), canvas, input_hw))
+    regions = int(opts.regions or auto_regions(int(dcfg["max_patches_per_img"]), largest_scaled(hws, scales),
+                                               input_hw))
     return replace(view, variants=len(scales), shard_size=int(opts.shard_size or len(scales)), input_hw=canvas,
                    coarse_hw=(canvas[0] // stride, canvas[1] // stride), max_patches=regions, kind="image",
                    scales=scales)
