@@ -129,15 +129,16 @@ class CacheReader:
             out[name] = np.asarray(res)
         return out
 
-    def read_selections(self, index: int, name: str, selections: List[Tuple[Any, ...]]) -> List[np.ndarray]:
-        """Several parts of row `index` of one array (e.g. some crop slots of refine), fetched concurrently."""
-        if not selections:
+    def read_requests(self, requests: List[Tuple[str, Tuple[Any, ...]]]) -> List[np.ndarray]:
+        """[(array name, full selection incl. the row axis)] -> their values, fetched in one concurrent gather
+        (the rows' shards must be committed: check with shard_done). Raises CacheError naming the array."""
+        if not requests:
             return []
-        self.read_parts(index, {})  # the row's shard must be committed
-        results = _gather([self._open()[name]] * len(selections), [(index, *sel) for sel in selections])
-        for res in results:
+        arrays = self._open()
+        results = _gather([arrays[name] for name, _ in requests], [sel for _, sel in requests])
+        for (name, sel), res in zip(requests, results):
             if isinstance(res, BaseException):
-                raise CacheError(f"{self.path}: array '{name}' is damaged at sample {index}: {type(res).__name__}: "
+                raise CacheError(f"{self.path}: array '{name}' is damaged at {sel[0]}: {type(res).__name__}: "
                                  f"{str(res).splitlines()[0] if str(res) else ''}") from None
         return [np.asarray(r) for r in results]
 

@@ -5,7 +5,7 @@ crops; the trainer moves the heatmap on the training device. Picklable for DataL
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,10 +36,26 @@ class ImageCacheSource:
         self.reader, self.layout = reader, reader.layout
         self.max_patches, self.min_patch_size = int(max_patches), int(min_patch_size)
         self.device = torch.device("cpu")
+        self._shards: Dict[int, Tuple[int, Dict[str, np.ndarray]]] = {}  # per process: shard -> (first row, arrays)
 
     def to(self, device: torch.device) -> "ImageCacheSource":
         self.device = torch.device(device)
         return self
+
+    def _small(self, index: int) -> Dict[str, Any]:
+        """The small arrays of row `index` (status, params, fingerprint, crops): read a whole shard's at once (one
+        chunk each) and kept, so later passes over the image read only its maps."""
+        j = index // self.layout.shard_size
+        shard = self._shards.get(j)
+        if shard is None:
+            if not self.reader.shard_done(j):
+                raise CacheError(f"row {index} of {self.reader.path} is in shard {j}, which is not written yet "
+                                 f"(rerun yolc-kd precompute)")
+            a, b = self.layout.shard_range(j)
+            values = self.reader.read_requests([(name, (slice(a, b),)) for name in _SMALL])
+            shard = self._shards[j] = (a, dict(zip(_SMALL, values)))
+        a, arrays = shard
+        return {name: arr[index - a] for name, arr in arrays.items()}
 
     def sample_targets(self, image_id: int, variant: int, image: np.ndarray,
                        sample: AugmentedSample) -> image_view.ImageViewTargets:
@@ -49,24 +65,25 @@ class ImageCacheSource:
             index = self.reader.index_of(image_id, v)
         except (KeyError, IndexError) as exc:
             raise CacheError(str(exc.args[0] if exc.args else exc)) from None
-        image_hw = tuple(image.shape[:2])
-        row_hw = image_view.scaled_hw(image_hw, self.layout.scales[v])
-        move = image_view.row_to_view(image_hw, row_hw, sample.view)
-        x0, y0, x1, y1 = window = image_view.source_window(move, row_hw)
-        s = image_view.STRIDE
-        parts = {name: () for name in _SMALL}
-        parts["heatmap"] = (slice(None), slice(y0, y1), slice(x0, x1))
-        parts["coarse"] = (slice(None), slice(y0 // s, -(-y1 // s)), slice(x0 // s, -(-x1 // s)))
-        row = self.reader.read_parts(index, parts)
+        row = self._small(index)
         if int(row["status"]) != STATUS_OK:
             raise CacheError(f"cache row (image id {image_id}, scale {self.layout.scales[v]:g}) was skipped at "
                              f"precompute: {str(row['aug_params'])}")
         if self.reader.fingerprint(row) != fingerprint_image(image):
             raise UserError(f"cache row (image id {image_id}) was made from a different image (fingerprint "
                             f"mismatch): the image file changed since precompute")
+        image_hw = tuple(image.shape[:2])
+        row_hw = image_view.scaled_hw(image_hw, self.layout.scales[v])
+        move = image_view.row_to_view(image_hw, row_hw, sample.view)
+        x0, y0, x1, y1 = window = image_view.source_window(move, row_hw)
         chosen = image_view.crops_in_view(row, move, self.min_patch_size, self.max_patches)
-        slots = [k for k, _ in chosen]
-        refine = dict(zip(slots, self.reader.read_selections(index, "refine", [(k,) for k in slots])))
+        s = image_view.STRIDE
+        maps = self.reader.read_requests(
+            [("heatmap", (index, slice(None), slice(y0, y1), slice(x0, x1))),
+             ("coarse", (index, slice(None), slice(y0 // s, -(-y1 // s)), slice(x0 // s, -(-x1 // s))))]
+            + [("refine", (index, k)) for k, _ in chosen])
+        row = dict(row, heatmap=maps[0], coarse=maps[1])
+        refine = {k: m for (k, _), m in zip(chosen, maps[2:])}
         return image_view.move_row(row, refine, self.layout, image_hw, sample.view, window, chosen,
                                    self.max_patches)
 
