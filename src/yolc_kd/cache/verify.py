@@ -1,11 +1,15 @@
 """Integrity check of a soft-label cache (data_schema.md), with zarr + numpy only (no torch, no models).
 
 `verify_cache(path, deep)` returns the faults it finds, one line each, every line naming the array (or the
-manifest) and the samples concerned; an empty list means the cache is sound. It checks
+manifest) and the samples (rows) concerned; an empty list means the cache is sound. `check_cache` also returns
+notes on what it could not check. Both kinds of cache (view: K augmented views per image; image: the whole
+image at K = len(scales) scales) are checked for
 
-* the manifest: present and parseable, a known schema version, its fields consistent with each other
-  (layout vs variants / shard size / classes / input size / crop slots / patch canvas) and, once complete,
-  its counts and its `skipped` list consistent with the `status` array;
+* the manifest: present and parseable, a known schema version and kind, its fields consistent with each other
+  (kind / scales / variants / shard size / classes / patch canvas vs the layout; view kind also input size
+  and crop slots = distill.max_patches_per_img; image kind: variants = len(scales), scales positive and
+  increasing, a row canvas of whole 256-pixel map tiles at one map stride) and, once complete, its counts and
+  its `skipped` list consistent with the `status` array;
 * the arrays' metadata: present, dtype, shape, shard and inner-chunk shapes, a crc32c in the inner-chunk and
   the shard-index codecs;
 * the files: one per committed shard and array (`shard_done` markers vs files), no empty files (zarr reads an
@@ -15,10 +19,15 @@ manifest) and the samples concerned; an empty list means the cache is sound. It 
   file); with deep=True every map chunk is read and decoded as well;
 * values: `status` in {1, 2} in committed shards, `image_id`/`variant`/`seed` agree with
   index = image_index * K + variant (every sample written exactly once, at its place), unique `image_ids`,
-  `aug_params` JSON whose key is (seed, image_id, variant), fingerprints set exactly for stored samples,
-  crop boxes integral and inside the view, scales in (0, upscale], `num_valid_patches == patch_valid.sum(1)`;
-  with deep=True also no NaN/inf in `coarse`/`refine`, zero maps for skipped samples and zero `refine` in
-  invalid slots.
+  fingerprints set exactly for stored samples, crop boxes integral and inside the row's image, scales in
+  (0, upscale], `num_valid_patches == patch_valid.sum(1)` <= crop slots; with deep=True also zero maps for
+  skipped samples and zero `refine` in invalid slots;
+* view kind: `aug_params` JSON whose key is (seed, image_id, variant); crop boxes inside the view;
+* image kind: `aug_params` an image row of its place (kind 'image', scale = layout.scales[variant],
+  scaled_hw = round(ori_hw * scale) inside the row canvas, ori_hw = the annotation file's height and width
+  when the verifier has that file), the rows of one image agreeing on ori_hw and fingerprint; crop boxes
+  inside the scaled image; with deep=True the heatmap zero outside the scaled image and the coarse maps zero
+  beyond the teacher's input (the scaled image padded to 32).
 
 A missing shard file of a committed shard is a fault in a cache whose manifest has `all_shard_files: true`
 (its writer stored all-zero shards too), and so is an inner map chunk absent from a committed shard's index.
@@ -35,25 +44,99 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 import zarr
 
-from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, IMAGE_IDS, MANIFEST_KEY, MAP_ARRAYS, SAMPLE_ARRAYS,
-                                  SCHEMA_VERSION, SHARD_DONE, STATUS_SKIPPED, Layout)
+from yolc_kd.cache.manifest import sha256_file
+from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, CACHE_KINDS, IMAGE_IDS, IMAGE_MAP_TILE, MANIFEST_KEY,
+                                  MAP_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SHARD_DONE, STATUS_OK, STATUS_SKIPPED,
+                                  Layout)
 from yolc_kd.cache.shards import chunk_files, index_problem, shard_key
-from yolc_kd.cache.verify_values import ValueChecks, _first_line, _short, format_ranges
+from yolc_kd.cache.verify_values import ValueChecks, _first_line, _short, format_ranges, padded
 from yolc_kd.progress import progress_bar
 
 _ZARR_DTYPES = {"str": "string"}           # SAMPLE_ARRAYS dtype -> zarr.json data_type
 _SMALL = tuple(n for n in SAMPLE_ARRAYS if n not in MAP_ARRAYS)
 
 
-def verify_cache(path: Any, deep: bool = False, progress: bool = False) -> List[str]:
-    """Faults of the cache at `path`, one line each (empty: sound). deep=True decodes every map chunk too."""
-    return _Verifier(Path(path), deep, progress).run()
+def verify_cache(path: Any, deep: bool = False, progress: bool = False, annotations: Any = None) -> List[str]:
+    """Faults of the cache at `path`, one line each (empty: sound). deep=True decodes every map chunk too.
+    annotations: a COCO file whose image sizes an image-kind cache's rows must match (check_cache)."""
+    return check_cache(path, deep, progress, annotations)[0]
+
+
+def check_cache(path: Any, deep: bool = False, progress: bool = False,
+                annotations: Any = None) -> Tuple[List[str], List[str]]:
+    """(faults, notes) of the cache at `path`: verify_cache's faults, and lines saying what was not checked.
+    An image-kind cache's rows are checked against the image sizes of `annotations` (a COCO file), or, when
+    None, of the manifest's annotation file if it is still the file the cache was made from (same sha256)."""
+    v = _Verifier(Path(path), deep, progress, annotations)
+    return v.run(), v.notes
+
+
+def annotation_sizes(path: Path) -> Dict[int, Tuple[int, int]]:
+    """image id -> (height, width) of every image of a COCO file that gives both (ids as integers, as the cache
+    keys them); ValueError or OSError when it is no COCO file."""
+    coco = json.loads(path.read_bytes().decode("utf-8"))
+    images = coco.get("images") if isinstance(coco, dict) else None
+    if not isinstance(images, list):
+        raise ValueError("no 'images' list")
+    out = {}
+    for im in images:
+        if not isinstance(im, dict) or not all(type(im.get(k)) is int for k in ("height", "width")):
+            continue
+        try:
+            out[int(im.get("id"))] = (im["height"], im["width"])
+        except (TypeError, ValueError):
+            continue  # no integer id: no cache row can name it
+    return out
+
+
+def _layout_checks(m: Mapping[str, Any], lay: Layout) -> List[Tuple[str, Any, Any]]:
+    """(field, manifest value, value the layout implies) of every manifest field the layout fixes. Image kind:
+    the layout's input_hw is the row canvas (not the view's input_size) and its max_patches the crop slots
+    precompute chose (--regions or image_level.auto_regions, not distill.max_patches_per_img)."""
+    checks = [
+        ("kind", m.get("kind", "view"), lay.kind),
+        ("scales", list(m.get("scales") or []), list(lay.scales)),
+        ("variants", m.get("variants"), lay.variants),
+        ("shard_size", m.get("shard_size"), lay.shard_size),
+        ("annotations.num_images", (m.get("annotations") or {}).get("num_images"), lay.num_images),
+        ("classes (count)", len(m.get("classes") or []), lay.num_classes),
+    ]
+    if lay.kind != "image":
+        checks += [("input_size", list(m.get("input_size") or []), [lay.input_hw[1], lay.input_hw[0]]),
+                   ("distill.max_patches_per_img", (m.get("distill") or {}).get("max_patches_per_img"),
+                    lay.max_patches)]
+    canvas = m.get("patch_canvas")
+    if isinstance(canvas, list) and len(canvas) == 2 and all(isinstance(c, int) for c in canvas):
+        checks.append(("patch_canvas / 4", [canvas[0] // 4, canvas[1] // 4], list(lay.refine_hw)))
+    return checks
+
+
+def _image_layout_problems(lay: Layout) -> List[str]:
+    """What is wrong with an image-kind layout on its own (none for the view kind): one row per scale, scales
+    positive and increasing, a canvas of whole map tiles with the same map stride on both axes."""
+    if lay.kind != "image":
+        return [] if not lay.scales else [f"layout.scales is {_short(list(lay.scales))} in a view-kind cache"]
+    out = []
+    if len(lay.scales) != lay.variants:
+        out.append(f"layout.variants is {lay.variants} but layout.scales has {len(lay.scales)} scale(s)")
+    if not all(s > 0 for s in lay.scales) or list(lay.scales) != sorted(set(lay.scales)):
+        out.append(f"layout.scales {_short(list(lay.scales))} are not positive and increasing")
+    h, w = lay.input_hw
+    if h % IMAGE_MAP_TILE or w % IMAGE_MAP_TILE or min(h, w) < 1:
+        out.append(f"layout.input_hw {[h, w]} is not whole {IMAGE_MAP_TILE}-pixel map tiles")
+    ch, cw = lay.coarse_hw
+    if min(ch, cw) < 1 or h % ch or w % cw or h // ch != w // cw:
+        out.append(f"layout.coarse_hw {[ch, cw]} is not input_hw {[h, w]} at one map stride")
+    return out
 
 
 class _Verifier(ValueChecks):
-    def __init__(self, path: Path, deep: bool, progress: bool):
+    def __init__(self, path: Path, deep: bool, progress: bool, annotations: Any = None):
         self.path, self.deep, self.progress = path, deep, progress
+        self.annotations = Path(annotations) if annotations is not None else None
         self.faults: List[str] = []
+        self.notes: List[str] = []                     # what was not checked, and why
+        self._deep_hw: Optional[np.ndarray] = None     # image kind, deep: content_hw of the rows
         self.manifest: Dict[str, Any] = {}
         self.layout: Optional[Layout] = None
         self.usable: Dict[str, zarr.Array] = {}        # arrays whose metadata is as the schema says
@@ -85,6 +168,8 @@ class _Verifier(ValueChecks):
     def run(self) -> List[str]:
         if not self._check_manifest():
             return self.faults
+        if self.layout.kind == "image":
+            self._load_annotation_sizes()
         self._check_metadata()
         self._check_files()
         self._read_small()
@@ -131,6 +216,8 @@ class _Verifier(ValueChecks):
             if min(lay.num_images, lay.variants, lay.shard_size, lay.num_classes, lay.max_patches) < 1 and \
                     lay.num_images != 0:
                 raise ValueError("non-positive sizes")
+            if lay.kind not in CACHE_KINDS:
+                raise ValueError(f"kind {lay.kind!r} is not one of {', '.join(CACHE_KINDS)}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.fault(f"manifest: field 'layout' is missing or malformed ({_first_line(exc)})")
             return False
@@ -138,20 +225,11 @@ class _Verifier(ValueChecks):
                     "annotations", "complete", "teacher", "augment"):
             if key not in m:
                 self.fault(f"manifest: field '{key}' is missing")
-        checks = [
-            ("variants", m.get("variants"), lay.variants),
-            ("shard_size", m.get("shard_size"), lay.shard_size),
-            ("annotations.num_images", (m.get("annotations") or {}).get("num_images"), lay.num_images),
-            ("classes (count)", len(m.get("classes") or []), lay.num_classes),
-            ("input_size", list(m.get("input_size") or []), [lay.input_hw[1], lay.input_hw[0]]),
-            ("distill.max_patches_per_img", (m.get("distill") or {}).get("max_patches_per_img"), lay.max_patches),
-        ]
-        canvas = m.get("patch_canvas")
-        if isinstance(canvas, list) and len(canvas) == 2 and all(isinstance(c, int) for c in canvas):
-            checks.append(("patch_canvas / 4", [canvas[0] // 4, canvas[1] // 4], list(lay.refine_hw)))
-        for name, got, want in checks:
+        for name, got, want in _layout_checks(m, lay):
             if got != want:
                 self.fault(f"manifest: {name} is {_short(got)} but layout implies {_short(want)}")
+        for problem in _image_layout_problems(lay):
+            self.fault(f"manifest: {problem}")
         flag = m.get(ALL_SHARD_FILES, False)
         if not isinstance(flag, bool):
             self.fault(f"manifest: {ALL_SHARD_FILES} is {_short(flag)}, expected true or false")
@@ -160,6 +238,25 @@ class _Verifier(ValueChecks):
             self.fault("manifest: complete is false (the precompute run did not finish: rerun the same "
                        "`yolc-kd precompute` command to complete it)")
         return True
+
+    def _load_annotation_sizes(self) -> None:
+        """annotation_hw from the given COCO file, else from the manifest's if it is unchanged; a note when
+        there is none (the rows' image sizes are then checked for consistency only)."""
+        ann_m = self.manifest.get("annotations") or {}
+        path = self.annotations
+        if path is None:
+            cand = Path(str(ann_m.get("path") or ""))
+            if ann_m.get("path") and cand.is_file() and sha256_file(cand) == ann_m.get("sha256"):
+                path = cand
+        if path is None:
+            self.notes.append("the image-kind rows' image sizes (aug_params ori_hw) were not checked against an "
+                              "annotation file: the manifest's is not here unchanged (pass --ann)")
+            return
+        try:
+            self.annotation_hw = annotation_sizes(path)
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            self.fault(f"annotations: {path} cannot be read as a COCO file ({_first_line(exc)}): the rows' image "
+                       f"sizes were not checked against it")
 
     # ------------------------------------------------------------------ metadata
     def _expected(self, name: str) -> Tuple[str, Tuple[int, ...], Optional[Tuple[int, ...]], Tuple[int, ...]]:
@@ -392,6 +489,28 @@ class _Verifier(ValueChecks):
             slots = (block.reshape(b - a, block.shape[1], -1) != 0).any(axis=2)
             rows = [a + r for r in np.flatnonzero((invalid & slots).any(axis=1))]
             self.sample_fault(name, rows, "non-zero refine maps in invalid patch slots (patch_valid false)")
+        if self.layout.kind == "image" and name in ("heatmap", "coarse") and status is not None:
+            self._check_outside_content(name, block, a, status)
+
+    def _check_outside_content(self, name: str, block: np.ndarray, a: int, status: np.ndarray) -> None:
+        """Image kind: a stored row's heatmap is zero outside its scaled image [:h, :w], its coarse maps beyond
+        the teacher's padded input (h, w rounded up to 32, at the map stride)."""
+        if self._deep_hw is None:  # the maps are read before the values are checked: parsed here, no faults
+            self._deep_hw = self.content_hw(self._parse_params()[0])
+        hw = self._deep_hw
+        stride = self.layout.input_hw[0] // self.layout.coarse_hw[0]
+        bad = []
+        for r in np.flatnonzero(status == STATUS_OK):
+            h, w = (int(x) for x in hw[a + r])
+            if h < 0:
+                continue  # its aug_params are faulty (reported): no known content
+            if name == "coarse":
+                h, w = padded(h) // stride, padded(w) // stride
+            if block[r][:, h:].any() or block[r][:, :h, w:].any():
+                bad.append(a + r)
+        what = "outside the row's scaled image (aug_params scaled_hw)" if name == "heatmap" else \
+            "beyond the teacher's input (scaled_hw padded to 32, at the map stride)"
+        self.sample_fault(name, bad, f"non-zero values {what}")
 
     def _status_rows(self, a: int, b: int) -> Optional[np.ndarray]:
         if "status" not in self.data or not self.ok_rows["status"][a:b].all():

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from yolc_kd.cache.schema import (IMAGE_IDS, STATUS_MISSING, STATUS_OK, STATUS_SKIPPED)
+from yolc_kd.cache.schema import IMAGE_IDS, STATUS_MISSING, STATUS_OK, STATUS_SKIPPED
 
 
 _MAX_RANGES = 6                            # sample ranges shown in one fault line
@@ -38,8 +38,53 @@ def _short(v: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+PAD_DIVISOR = 32  # an image-kind row's teacher input is its scaled image padded to multiples of this
+                  # (precompute/image_level.PAD_DIVISOR)
+
+
+def padded(n: int) -> int:
+    """n rounded up to a multiple of PAD_DIVISOR (a side of an image-kind row's teacher input)."""
+    return -(-int(n) // PAD_DIVISOR) * PAD_DIVISOR
+
+
+def scaled_hw(hw: Sequence[int], scale: float) -> Tuple[int, int]:
+    """(h, w) of an image resized by scale, as precompute/image_level.scaled_hw makes an image-kind row (at
+    least one pixel; Python's round)."""
+    return max(1, round(int(hw[0]) * scale)), max(1, round(int(hw[1]) * scale))
+
+
+def _two_positive_ints(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                       for x in v)
+
+
+def image_row_problem(params: Mapping[str, Any], scale: float, canvas_hw: Sequence[int],
+                      image_hw: Optional[Sequence[int]] = None) -> Optional[str]:
+    """Why a stored image-kind row's aug_params are not its image at `scale` (the layout's scale of its place)
+    on a row canvas of canvas_hw (None: they are). image_hw: the image's (height, width) in the annotation
+    file, when known. The reason is the same text for every row with that fault (one line names them all)."""
+    if params.get("kind") != "image":
+        return "not an image row (kind is not 'image')"
+    if not _two_positive_ints(params.get("ori_hw")) or not _two_positive_ints(params.get("scaled_hw")):
+        return "ori_hw or scaled_hw is not two positive integers"
+    s = params.get("scale")
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or s != scale:
+        return "scale is not the layout's scale of the row's variant (layout.scales[variant])"
+    if list(scaled_hw(params["ori_hw"], s)) != params["scaled_hw"]:
+        return "scaled_hw is not round(ori_hw * scale)"
+    if params["scaled_hw"][0] > canvas_hw[0] or params["scaled_hw"][1] > canvas_hw[1]:
+        return f"scaled image larger than the {canvas_hw[1]}x{canvas_hw[0]} row canvas (layout.input_hw)"
+    if image_hw is not None and list(image_hw) != params["ori_hw"]:
+        return "ori_hw differs from the image's height and width in the annotation file"
+    return None
+
+
 class ValueChecks:
-    """Methods of the verifier that check values; they use its fault helpers and the arrays it has read."""
+    """Methods of the verifier that check values; they use its fault helpers and the arrays it has read.
+    annotation_hw: image id -> (height, width) from the annotation file, when the verifier has one."""
+
+    annotation_hw: Optional[Dict[int, Tuple[int, int]]] = None
+    _params: Optional[Dict[int, Dict[str, Any]]] = None  # _stored_params, parsed once
 
     def _rows(self, *names: str) -> np.ndarray:
         """Sample rows in committed shards where all the given arrays decoded."""
@@ -78,8 +123,9 @@ class ValueChecks:
                               "wrong place or twice)")
         rows = self._rows("variant")
         if rows.any():
+            what = "scale index" if lay.kind == "image" else "variant"
             self.sample_fault("variant", np.flatnonzero(rows & (d["variant"] != index % k)),
-                              "variant disagrees with index % variants (sample written at the wrong place or twice)")
+                              f"{what} disagrees with index % variants (sample written at the wrong place or twice)")
         rows = self._rows("seed")
         if rows.any() and isinstance(m.get("seed"), int):
             self.sample_fault("seed", np.flatnonzero(rows & (d["seed"] != m["seed"])),
@@ -89,7 +135,6 @@ class ValueChecks:
 
     def _check_fingerprint_and_params(self) -> None:
         lay, d = self.layout, self.data
-        k, seed = lay.variants, self.manifest.get("seed")
         st = d.get("status")
         rows = self._rows("fingerprint", "status")
         if rows.any():
@@ -98,29 +143,102 @@ class ValueChecks:
                               "all-zero fingerprint for a stored sample")
             self.sample_fault("fingerprint", np.flatnonzero(rows & (st == STATUS_SKIPPED) & nonzero),
                               "fingerprint set for a skipped sample")
+        params = self._stored_params()
+        if lay.kind == "image":
+            self._check_image_params(params)
+        else:
+            self._check_view_keys(params)
+
+    def _stored_params(self) -> Dict[int, Dict[str, Any]]:
+        """aug_params of the stored rows (status 1) that are JSON objects, parsed once; faults for rows whose
+        text is no JSON object and for skipped rows without a reason."""
+        if self._params is None:
+            self._params, bad_json, bad_skip = self._parse_params()
+            self.sample_fault("aug_params", bad_json, "not a JSON object")
+            self.sample_fault("aug_params", bad_skip, "skipped sample without a 'skipped' reason")
+        return self._params
+
+    def _parse_params(self) -> Tuple[Dict[int, Dict[str, Any]], List[int], List[int]]:
+        """(stored row -> its aug_params object, rows whose text is no JSON object, skipped rows without a
+        'skipped' reason), over the committed rows where aug_params and status decoded."""
+        d = self.data
+        st = d.get("status")
         rows = self._rows("aug_params", "status")
-        bad_json, bad_skip, bad_key = [], [], []
-        ids = d.get(IMAGE_IDS) if IMAGE_IDS in d and self.ok_rows[IMAGE_IDS].all() else None
+        bad_json, bad_skip, out = [], [], {}
         for r in np.flatnonzero(rows & np.isin(st if st is not None else np.zeros(0), (STATUS_OK, STATUS_SKIPPED))):
             try:
                 params = json.loads(str(d["aug_params"][r]))
                 if not isinstance(params, dict):
                     raise ValueError
             except ValueError:
-                bad_json.append(r)
+                bad_json.append(int(r))
                 continue
-            if st[r] == STATUS_SKIPPED:
-                if "skipped" not in params:
-                    bad_skip.append(r)
-            elif ids is not None and params.get("key") != [seed, int(ids[r // k]), int(r % k)]:
-                bad_key.append(r)
-        self.sample_fault("aug_params", bad_json, "not a JSON object")
-        self.sample_fault("aug_params", bad_skip, "skipped sample without a 'skipped' reason")
-        self.sample_fault("aug_params", bad_key, "augmentation key is not (seed, image_id, variant) of the sample")
+            if st[r] == STATUS_OK:
+                out[int(r)] = params
+            elif "skipped" not in params:
+                bad_skip.append(int(r))
+        return out, bad_json, bad_skip
+
+    def _image_ids(self) -> Optional[np.ndarray]:
+        """image_ids when it decoded whole, else None."""
+        return self.data.get(IMAGE_IDS) if IMAGE_IDS in self.data and self.ok_rows[IMAGE_IDS].all() else None
+
+    def _check_view_keys(self, params: Mapping[int, Mapping[str, Any]]) -> None:
+        """View kind: every stored row's augmentation key is (seed, image_id, variant) of its place."""
+        k, seed, ids = self.layout.variants, self.manifest.get("seed"), self._image_ids()
+        if ids is None:
+            return
+        bad = [r for r, p in params.items() if p.get("key") != [seed, int(ids[r // k]), int(r % k)]]
+        self.sample_fault("aug_params", bad, "augmentation key is not (seed, image_id, variant) of the sample")
+
+    def _image_row_problems(self, params: Mapping[int, Mapping[str, Any]]) -> Dict[int, str]:
+        """Image kind: row -> why its aug_params (in params) are not its image at the layout's scale of its place
+        (image_row_problem; against the annotation file's image size when the verifier has it)."""
+        lay, ids, sizes = self.layout, self._image_ids(), self.annotation_hw
+        out = {}
+        for r, p in params.items():
+            known = sizes.get(int(ids[r // lay.variants])) if sizes is not None and ids is not None else None
+            problem = image_row_problem(p, lay.scales[r % lay.variants], lay.input_hw, known)
+            if problem:
+                out[r] = problem
+        return out
+
+    def _check_image_params(self, params: Mapping[int, Mapping[str, Any]]) -> None:
+        """Image kind: every stored row is its image at the layout's scale of its place, and the rows of one
+        image agree on the image's size and fingerprint."""
+        lay = self.layout
+        problems = self._image_row_problems(params)
+        for what in dict.fromkeys(problems.values()):
+            self.sample_fault("aug_params", [r for r, p in problems.items() if p == what], what)
+        by_image: Dict[int, List[int]] = {}
+        for r in params:
+            by_image.setdefault(r // lay.variants, []).append(r)
+        sound = [[r for r in rs if r not in problems] for rs in by_image.values()]
+        split = [rs for rs in sound if len({tuple(params[r]["ori_hw"]) for r in rs}) > 1]
+        self.sample_fault("aug_params", [r for rs in split for r in rs], "rows of one image disagree on ori_hw")
+        if "fingerprint" in self.data:
+            fp, ok = self.data["fingerprint"], self.ok_rows["fingerprint"]
+            split = [rs for rs in by_image.values() if ok[rs].all() and len({fp[r].tobytes() for r in rs}) > 1]
+            self.sample_fault("fingerprint", [r for rs in split for r in rs],
+                              "rows of one image have different fingerprints (each is the image's own)")
+
+    def content_hw(self, params: Mapping[int, Mapping[str, Any]]) -> np.ndarray:
+        """(num_samples, 2) (h, w) of the image each row's maps and crops lie on: the view (view kind); the row's
+        scaled image (image kind: from `params`, the stored rows' aug_params; -1 for rows not in params and
+        where they are no sound image row of the row's place)."""
+        lay = self.layout
+        out = np.tile(np.asarray(lay.input_hw, np.int64), (lay.num_samples, 1))
+        if lay.kind != "image":
+            return out
+        out[:] = -1
+        problems = self._image_row_problems(params)
+        for r, p in params.items():
+            if r not in problems:
+                out[r] = p["scaled_hw"]
+        return out
 
     def _check_patches(self) -> None:
         lay, d, m = self.layout, self.data, self.manifest
-        h, w = lay.input_hw
         st = d.get("status")
         rows = self._rows("patch_valid", "num_valid_patches")
         valid = d["patch_valid"].astype(bool) if "patch_valid" in d else None
@@ -136,18 +254,7 @@ class ValueChecks:
                               "valid patches for a skipped sample")
         rows = self._rows("patch_boxes", "patch_valid")
         if rows.any():
-            boxes = d["patch_boxes"].astype(np.float64)
-            finite = np.isfinite(boxes).all(axis=(1, 2))
-            self.sample_fault("patch_boxes", np.flatnonzero(rows & ~finite), "NaN or inf values")
-            with np.errstate(invalid="ignore"):
-                x, y, bw, bh = (boxes[..., i] for i in range(4))
-                inside = (x >= 0) & (y >= 0) & (bw >= 1) & (bh >= 1) & (x + bw <= w) & (y + bh <= h)
-                integral = (boxes == np.round(boxes)).all(axis=2)
-            outside = rows & finite & (valid & ~inside).any(axis=1)
-            self.sample_fault("patch_boxes", np.flatnonzero(outside),
-                              f"valid crop box outside the {w}x{h} view or empty")
-            self.sample_fault("patch_boxes", np.flatnonzero(rows & finite & (valid & ~integral).any(axis=1)),
-                              "valid crop box with non-integer coordinates")
+            self._check_boxes(rows, d["patch_boxes"].astype(np.float64), valid)
         rows = self._rows("patch_scales", "patch_valid")
         if rows.any():
             scales = d["patch_scales"].astype(np.float64)
@@ -160,6 +267,25 @@ class ValueChecks:
                     bad |= scales > float(upscale) * (1 + 1e-6)
             self.sample_fault("patch_scales", np.flatnonzero(rows & finite & (valid & bad).any(axis=1)),
                               f"valid patch scale outside (0, upscale={upscale}]")
+
+    def _check_boxes(self, rows: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> None:
+        """Valid crop boxes [x, y, w, h]: finite, integral, at least a pixel, inside the row's content_hw."""
+        hw = self.content_hw(self._stored_params())
+        known = (hw >= 0).all(axis=1)
+        h, w = hw[:, :1].astype(np.float64), hw[:, 1:].astype(np.float64)
+        finite = np.isfinite(boxes).all(axis=(1, 2))
+        self.sample_fault("patch_boxes", np.flatnonzero(rows & ~finite), "NaN or inf values")
+        with np.errstate(invalid="ignore"):
+            x, y, bw, bh = (boxes[..., i] for i in range(4))
+            inside = (x >= 0) & (y >= 0) & (bw >= 1) & (bh >= 1) & (x + bw <= w) & (y + bh <= h)
+            integral = (boxes == np.round(boxes)).all(axis=2)
+        outside = rows & finite & known & (valid & ~inside).any(axis=1)
+        lay = self.layout
+        where = f"the {lay.input_hw[1]}x{lay.input_hw[0]} view" if lay.kind != "image" else \
+            "its scaled image (aug_params scaled_hw)"
+        self.sample_fault("patch_boxes", np.flatnonzero(outside), f"valid crop box outside {where} or empty")
+        self.sample_fault("patch_boxes", np.flatnonzero(rows & finite & (valid & ~integral).any(axis=1)),
+                          "valid crop box with non-integer coordinates")
 
     # ------------------------------------------------------------------ counts
     def _check_counts(self) -> None:
