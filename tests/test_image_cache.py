@@ -171,6 +171,14 @@ def test_train_from_image_cache_and_its_mistakes(setup, unit_cache, tmp_path, ca
     other.write_text(setup.config.read_text().replace("ratios=(1.0,)", "ratios=(0.9, 1.1)"))
     assert main(["train", "--config", str(other), *coco_args, "--cache", str(unit_cache), "--work-dir",
                  str(tmp_path / "w2"), "--max-iters", "1", "--no-progress"]) == 0
+    # another normalisation: the teacher saw other inputs, one line naming the field
+    norm = tmp_path / "other_norm.py"
+    norm.write_text(setup.config.read_text().replace("std=[58.395, 57.12, 57.375]", "std=[50.0, 50.0, 50.0]"))
+    capsys.readouterr()
+    assert main(["train", "--config", str(norm), *coco_args, "--cache", str(unit_cache), "--work-dir",
+                 str(tmp_path / "w4"), "--max-iters", "1", "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "augment.std" in err[0]
     # a changed image file: one line naming the image
     data = tmp_path / "changed"
     import shutil

@@ -14,8 +14,10 @@ from yolc_kd.cache.schema import MANIFEST_KEY, SCHEMA_VERSION
 # fields that decide what the targets are: a training config must agree on all of them
 TRAIN_FIELDS = ("schema_version", "teacher.model", "augment", "input_size", "classes", "distill", "crop",
                 "patch_canvas", "seed")
-# an image-level cache serves any augmentation and sample order: the views are drawn at training time
-IMAGE_TRAIN_FIELDS = tuple(f for f in TRAIN_FIELDS if f not in ("augment", "seed"))
+# an image-level cache serves any view augmentation and sample order (the views are drawn at training time); the
+# teacher's input was normalised with the config's mean, std and channel order
+IMAGE_TRAIN_FIELDS = tuple(f for f in TRAIN_FIELDS if f not in ("augment", "seed")) + (
+    "augment.mean", "augment.std", "augment.to_rgb")
 # a rerun on an existing cache must also agree on how the cache was laid out and made
 RESUME_FIELDS = TRAIN_FIELDS + ("package_version", "teacher.ckpt_sha256", "kind", "variants", "scales", "shard_size",
                                 "annotations.sha256", "annotations.num_images", "amp", "layout")
