@@ -243,3 +243,27 @@ def test_masked_box_kd_ignores_invalid_cells():
         torch.testing.assert_close(again["loss_kd_local_refine"], base["loss_kd_local_refine"])
         unmasked = kd_losses(heat, noisy_c, noisy_r, t, dcfg, decode)
         assert float(unmasked["loss_kd_global_coarse"]) != float(base["loss_kd_global_coarse"])
+
+
+def test_a_cache_from_before_the_image_kind_still_resumes_trains_and_verifies(setup, tmp_path, capsys):
+    """A per-view cache whose manifest predates the `kind` field (and the layout's kind and scales) is a view
+    cache: a rerun of its precompute resumes it, verify passes, training reads it."""
+    import zarr
+
+    from yolc_kd.cache.schema import MANIFEST_KEY
+    out = tmp_path / "old"
+    args = ["precompute", "--config", str(setup.config), "--ckpt", str(setup.ckpt), "--out", str(out),
+            "--variants", "2", "--no-progress"]
+    assert main(args) == 0
+    group = zarr.open_group(str(out), mode="r+")
+    m = dict(group.attrs[MANIFEST_KEY])
+    for key in ("kind", "scales"):
+        m.pop(key)
+    m["layout"] = {k: v for k, v in m["layout"].items() if k not in ("kind", "scales")}
+    group.update_attributes({MANIFEST_KEY: m})
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "this run wrote 0 views" in capsys.readouterr().out
+    assert main(["verify", str(out)]) == 0
+    assert main(["train", "--config", str(setup.config), "--ann", str(setup.ann), "--images", str(setup.data),
+                 "--cache", str(out), "--work-dir", str(tmp_path / "w"), "--max-iters", "1", "--no-progress"]) == 0

@@ -104,5 +104,14 @@ def diff_fields(cached: Mapping, expected: Mapping, fields: Iterable[str], now: 
 
 
 def read_manifest(attrs: Mapping) -> Optional[Dict[str, Any]]:
+    """The manifest of a cache's root attributes, or None. A cache written before there were two kinds says
+    nothing of its kind: it is a per-view cache (kind "view", no scales), and reads as one written now."""
     m = attrs.get(MANIFEST_KEY)
-    return dict(m) if isinstance(m, Mapping) else None
+    if not isinstance(m, Mapping):
+        return None
+    m = dict(m)
+    m.setdefault("kind", "view")
+    m.setdefault("scales", [])
+    if isinstance(m.get("layout"), Mapping):
+        m["layout"] = {"kind": "view", "scales": [], **dict(m["layout"])}
+    return m
