@@ -12,12 +12,25 @@ precompute speed and memory, measured in ONE run (ratios are taken within the ru
              Goal >= 0.9x.
 4. memory:   peak RSS of `python -m yolc_kd precompute` (fresh subprocess each) at --rss-images counts
              (default 50 and 200 tiny images). Goal: within 10 % of each other.
+5. image_size: the image-level cache (precompute --kind image: rows = image x scale, the real config's auto
+             scales and auto crop slots R) of the first --image-images real layouts, teacher-like rows as
+             teacher.image_targets gives them (heatmap of the boxes on the scaled image, LSM over it, kd-mode
+             crop plan, refine maps of the valid crops), written with the project's writer. Bytes per image (all
+             scales) vs 240 x part 1's bytes per view (YOLC's 240 passes per image): goal <= 10 %; teacher
+             full-image forwards per image S: goal <= 3.
+6. image_read: samples/s of ImageCacheSource.sample_targets (the DataLoader worker's share) on TrainAugment
+             views (keys (seed, id, pass)) in a DataLoader with 0/1/2 workers, interleaved round by round with
+             part 2's per-view loaders; the heatmap move (move_heatmaps: the training process, on its device)
+             per sample on this CPU (1 thread) apart; a cProfile of the worker's call. Goal >= 100 samples/s
+             per worker.
 
     python benchmarks/bench_cache.py [--out results.json] [--samples 32] [--rss-images 50 200] ...
+    python benchmarks/bench_cache.py --image-level [--image-images 16] [--image-read-samples 96]
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -25,8 +38,9 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,6 +56,7 @@ TINY_STUDENT = REPO / "configs" / "tiny_student_synth.py"              # its tea
 TINY_TEACHER = REPO / "configs" / "tiny_teacher_synth.py"
 GOAL_BYTES_PER_SAMPLE = 300_000
 GOAL_THROUGHPUT_RATIO = 0.9
+PARTS = ("size", "read", "image_size", "image_read", "throughput", "rss")
 
 def machine() -> Dict[str, Any]:
     import numcodecs
@@ -216,19 +231,24 @@ def collate_targets(items):
     return KDTargets.stack(items)
 
 
-def bench_read(cache: Path, ctx: Dict[str, Any], args) -> Dict[str, Any]:
-    from yolc_kd.cache.schema import dequantize_heatmap
+def view_source(cache: Path, ctx: Dict[str, Any]):
+    """(the trainer's TargetSource over the per-view cache, how it was opened)."""
+    from yolc_kd.cache.reader import CacheReader
     from yolc_kd.data.coco import CocoDetection
     from yolc_kd.train.cache_source import CacheTargetSource, open_cache_source
-    from yolc_kd.cache.reader import CacheReader
 
     coco = CocoDetection(ctx["ann"], ctx["img_root"], classes=ctx["classes"])
     try:
-        source = open_cache_source(cache, ctx["cfg"], ctx["aug_cfg"], coco)
-        how = "open_cache_source(...).read"
+        return open_cache_source(cache, ctx["cfg"], ctx["aug_cfg"], coco), "open_cache_source(...).read"
     except Exception as exc:  # the benchmark's manifest does not match: still the trainer's TargetSource class
-        source = CacheTargetSource(CacheReader(cache))
-        how = f"CacheTargetSource(CacheReader).read (open_cache_source refused: {str(exc)[:200]})"
+        return (CacheTargetSource(CacheReader(cache)),
+                f"CacheTargetSource(CacheReader).read (open_cache_source refused: {str(exc)[:200]})")
+
+
+def bench_read(cache: Path, ctx: Dict[str, Any], args) -> Dict[str, Any]:
+    from yolc_kd.cache.schema import dequantize_heatmap
+
+    source, how = view_source(cache, ctx)
     reader = source.reader
     rng = np.random.default_rng(args.seed + 1)
     keys = [(int(reader.image_ids[i // reader.num_variants]), i % reader.num_variants)
@@ -398,6 +418,499 @@ def bench_throughput(tmp: Path, ckpt: Path, args) -> Dict[str, Any]:
                 precompute_by_workers=per_workers, goal_ratio=GOAL_THROUGHPUT_RATIO)
 
 
+# ============================================================================ 5-6. image-level cache
+# YOLC's VisDrone schedule: 240 passes over each of the 6,471 training images, each pass a fresh view
+YOLC_PASSES_PER_IMAGE = 240
+VISDRONE_TRAIN_IMAGES = 6471
+GOAL_IMAGE_BYTES_RATIO = 0.10            # image-level bytes per image <= 10 % of 240 per-view samples
+GOAL_MAX_SCALES = 3                      # teacher full-image forwards per image: S <= 3 and <= 240 / 50
+GOAL_SAMPLES_PER_S_PER_WORKER = 100.0
+
+
+def plain_images(layouts: Sequence[Dict[str, Any]]) -> Dict[int, np.ndarray]:
+    """Image id (1..n) -> a plain uint8 (h, w, 3) array of the layout's size: what the worker gets as `image`
+    (the rows' fingerprints are taken from these same arrays)."""
+    return {i + 1: np.full((lay["height"], lay["width"], 3), 96, np.uint8) for i, lay in enumerate(layouts)}
+
+
+def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
+    """The image-level cache (rows = image x scale) of the first --image-images real layouts, written with the
+    project's writer at the real config's auto scales and auto crop slots; teacher-like rows as
+    teacher.image_targets would give them (heatmap on the scaled image, LSM over it, kd-mode crop plan)."""
+    from yolc_kd import __version__, crops
+    from yolc_kd.cache.manifest import jsonable
+    from yolc_kd.cache.schema import (BOX_MAX_ERROR, HEATMAP_MAX_ERROR, SAMPLE_ARRAYS, STATUS_OK, Layout,
+                                      encode_fingerprint, quantize_boxes, quantize_heatmap)
+    from yolc_kd.cache.writer import CacheStore, ShardBuffer
+    from yolc_kd.data.augment import fingerprint_image
+    from yolc_kd.models.tiling import batch_tiles
+    from yolc_kd.precompute.image_level import (auto_regions, auto_scales, canvas_hw, padded, scaled_hw,
+                                                view_scale_range)
+    from yolc_kd.teacher import expected_target_identity
+
+    rng = np.random.default_rng(args.seed + 5)
+    cfg, aug_cfg, classes = real_setup()
+    dcfg, seed = cfg["distill_cfg"], int(cfg.get("seed", 0))
+    w, h = aug_cfg.input_size
+    c, k = len(classes), int(dcfg["max_patches_per_img"])
+    source, layouts = read_layouts(Path(args.layout_json), rng)
+    n_images = args.image_images
+    lays = [layouts[i % len(layouts)] for i in range(n_images)]
+    hws = [(int(lay["height"]), int(lay["width"])) for lay in lays]
+    lo, hi = view_scale_range(aug_cfg, hws)
+    scales = auto_scales(lo, hi)                       # precompute --scales auto
+    canvas = canvas_hw(hws, scales)
+    try:  # precompute --regions auto, as precompute/run.py _image_layout calls it
+        from yolc_kd.precompute.image_level import largest_scaled
+        regions = auto_regions(k, largest_scaled(hws, scales), (h, w))
+    except ImportError:  # older image_level: auto_regions of the canvas
+        regions = auto_regions(k, canvas, (h, w))
+    view_canvas = crops.patch_canvas((h, w))
+    stride = 4
+    layout = Layout(num_images=n_images, variants=len(scales), shard_size=len(scales), num_classes=c,
+                    input_hw=canvas, coarse_hw=(canvas[0] // stride, canvas[1] // stride), max_patches=regions,
+                    refine_hw=(view_canvas[0] // 4, view_canvas[1] // 4), kind="image", scales=scales)
+    images = plain_images(lays)
+    ann = tmp / "image_layout_coco.json"
+    info = [dict(id=i + 1, file_name=f"images/{i:06d}.jpg", width=hw[1], height=hw[0]) for i, hw in enumerate(hws)]
+    ann.write_text(json.dumps(dict(images=info, annotations=[],
+                                   categories=[dict(id=j + 1, name=n) for j, n in enumerate(classes)])))
+    manifest = expected_target_identity(cfg, aug_cfg, classes)
+    test_cfg = dict(manifest["teacher"]["model"].get("test_cfg") or {})
+    lsm_cfg = {**crops.LSM_DEFAULTS, **{a: b for a, b in dict(test_cfg.get("lsm") or {}).items()
+                                        if a in crops.LSM_DEFAULTS}}
+    tile_cfg = crops.tile_config(test_cfg)
+    enlarge, upscale = float(manifest["crop"]["enlarge"]), float(manifest["crop"]["upscale"])
+    manifest["teacher"].update(ckpt_sha256="0" * 64, ckpt_path="(synthetic targets, no teacher)")
+    manifest.update(jsonable(dict(   # as precompute/run.py build_manifest for --kind image
+        package_version=__version__, kind="image", variants=layout.variants, shard_size=layout.shard_size,
+        scales=list(scales), amp=False,
+        annotations=dict(sha256="0" * 64, path=str(ann), image_root=str(tmp), num_images=n_images),
+        layout=layout.to_dict(), index="image_index * len(scales) + scale index",
+        quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
+                          heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
+                          maps="q = round(x / 2^-6) as int16, clipped to +-32767; x = q * 2^-6 grid cells",
+                          maps_max_error=BOX_MAX_ERROR),
+        run=dict(device="synthetic", batch_size=1, world_size=1, cpu_threads=1), complete=False)))
+    out = tmp / "image_cache"
+    shutil.rmtree(out, ignore_errors=True)
+    store = CacheStore.prepare(out, manifest, [im["id"] for im in info])
+
+    per_row, gen_s, write_s = [], 0.0, 0.0
+    for i, lay in enumerate(lays):
+        fp = encode_fingerprint(fingerprint_image(images[i + 1]))
+        buf = ShardBuffer(layout, i)  # shard i = the rows of image i (shard_size = len(scales), as precompute)
+        t0 = time.perf_counter()
+        for v, s in enumerate(scales):
+            hs, ws = scaled_hw(hws[i], s)
+            boxes = np.asarray(lay["boxes"], np.float32).reshape(-1, 4) * np.float32(s)
+            heat, nobj = render_heatmap(boxes, np.asarray(lay["labels"]), c, (hs, ws), rng)
+            # teacher.image_targets: LSM over the whole scaled image at a view's cell size, the kd-mode plan
+            coords = crops.image_lsm_regions(torch.from_numpy(heat)[None], (hs, ws), (h, w), lsm_cfg)
+            meta = dict(img_shape=(hs, ws, 3), border=np.zeros(4, np.float32))
+            plan = crops.plan_patches([coords], [meta], (hs, ws), regions, int(dcfg["min_patch_size"]), enlarge,
+                                      upscale, view_canvas, mode="kd")
+            valid = plan.valid[0].numpy().astype(bool)
+            nv = int(valid.sum())
+            refine = np.zeros((regions, 4, *layout.refine_hw), np.float32)
+            if nv:
+                refine[valid] = smooth_maps(rng, nv, layout.refine_hw, args.map_noise)
+            q = np.zeros((c, *canvas), np.uint8)
+            q[:, :hs, :ws] = quantize_heatmap(heat)
+            ch, cw = padded(hs) // stride, padded(ws) // stride  # the teacher's coarse maps of its padded input
+            coarse = np.zeros((4, *layout.coarse_hw), np.float32)
+            coarse[:, :ch, :cw] = coarse_with_objects(rng, boxes, (ch, cw), stride, args.map_noise)
+            params = dict(kind="image", ori_hw=list(hws[i]), scale=s, scaled_hw=[hs, ws])
+            buf.put(i * len(scales) + v, dict(
+                heatmap=q, coarse=quantize_boxes(coarse), patch_boxes=plan.boxes[0].numpy().astype(np.float32),
+                patch_scales=plan.scales[0].numpy().astype(np.float32), patch_valid=valid, refine=quantize_boxes(refine),
+                num_valid_patches=nv, image_id=i + 1, variant=v, seed=seed, status=STATUS_OK, fingerprint=fp,
+                aug_params=json.dumps(params, sort_keys=True, separators=(",", ":"))))
+            tiles = batch_tiles(1, padded(hs), padded(ws), int(tile_cfg["max_pixels"]), int(tile_cfg["tile_overlap"]))
+            per_row.append(dict(image=i + 1, hw=list(hws[i]), scale=s, scaled_hw=[hs, ws], objects=nobj,
+                                lsm_regions=int(len(coords)), crops=nv, teacher_input_px=padded(hs) * padded(ws),
+                                teacher_tiles=1 if tiles is None else len(tiles),
+                                heatmap_nonzero_fraction=float((q[:, :hs, :ws] > 0).mean())))
+            del heat, q
+        gen_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.write_shard(i, buf.data)
+        write_s += time.perf_counter() - t0
+        del buf
+    final = store.finalize([dict(file_name=im["file_name"]) for im in info])
+
+    # bytes: shard i of every array is image i's rows, so each image's bytes are its shard files
+    per_image = np.zeros((n_images, len(SAMPLE_ARRAYS)))
+    for a, name in enumerate(SAMPLE_ARRAYS):
+        arr = store.arrays[name]
+        for i in range(n_images):
+            f = out / name / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+            per_image[i, a] = f.stat().st_size if f.is_file() else 0
+    arrays = {name: float(per_image[:, a].mean()) for a, name in enumerate(SAMPLE_ARRAYS)}
+    chunk_per_image = per_image.sum(axis=1)
+    folder = folder_bytes(out)
+    meta_per_image = (folder - chunk_per_image.sum()) / n_images
+    bytes_per_image = folder / n_images
+    by_size: Dict[str, List[float]] = {}
+    for i, hw in enumerate(hws):
+        by_size.setdefault(f"{hw[1]}x{hw[0]}", []).append(float(chunk_per_image[i] + meta_per_image))
+    # the same means weighted by the layout file's (all its images') size mix
+    mix: Dict[str, int] = {}
+    for lay in layouts:
+        mix[f"{lay['width']}x{lay['height']}"] = mix.get(f"{lay['width']}x{lay['height']}", 0) + 1
+    covered = {key: n for key, n in mix.items() if key in by_size}
+    weighted = (sum(n * float(np.mean(by_size[key])) for key, n in covered.items()) / sum(covered.values())
+                if covered else bytes_per_image)
+    crops_row = [r["crops"] for r in per_row]
+    res = dict(
+        layout_source=source, images=n_images, scales=list(scales), view_scale_range=[lo, hi], rows=layout.num_samples,
+        canvas_hw=list(canvas), coarse_hw=list(layout.coarse_hw), crop_slots_R=regions, refine_hw=list(layout.refine_hw),
+        image_sizes={key: len(v) for key, v in by_size.items()}, map_noise=args.map_noise,
+        lsm_cfg=jsonable(lsm_cfg), crop=dict(enlarge=enlarge, upscale=upscale, min_patch_size=int(dcfg["min_patch_size"])),
+        crops_per_row_mean=float(np.mean(crops_row)), crops_per_row_min=int(np.min(crops_row)),
+        crops_per_row_max=int(np.max(crops_row)),
+        crops_per_row_by_scale={f"{s:g}": float(np.mean([r["crops"] for r in per_row if r["scale"] == s]))
+                                for s in scales},
+        rows_at_R=int(sum(n >= regions for n in crops_row)),
+        objects_per_image_mean=float(np.mean([r["objects"] for r in per_row])),
+        heatmap_nonzero_fraction_mean=float(np.mean([r["heatmap_nonzero_fraction"] for r in per_row])),
+        bytes_per_image=bytes_per_image, chunk_bytes_per_image=float(chunk_per_image.mean()),
+        metadata_bytes_per_image=meta_per_image, bytes_per_image_by_array=arrays,
+        bytes_per_row=bytes_per_image / len(scales),
+        refine_bytes_per_crop=arrays["refine"] / max(1e-9, float(np.sum(crops_row)) / n_images),
+        bytes_per_image_by_size={key: float(np.mean(v)) for key, v in by_size.items()},
+        bytes_per_image_size_weighted=weighted, size_mix=mix,
+        manifest_counts_bytes_per_image=final["counts"]["bytes"] / n_images,
+        teacher_input_px_per_image=float(np.mean([sum(r["teacher_input_px"] for r in per_row if r["image"] == i + 1)
+                                                  for i in range(n_images)])),
+        teacher_forwards_incl_tiles_per_image=float(np.mean([sum(r["teacher_tiles"] for r in per_row
+                                                                 if r["image"] == i + 1) for i in range(n_images)])),
+        tile_cfg=jsonable(tile_cfg), rows_detail=per_row,
+        target_generation_s_per_image=gen_s / n_images, shard_write_s_per_image=write_s / n_images)
+    if per_view:
+        view_b = float(per_view["folder_bytes_per_sample_incl_metadata"])
+        per_view_image = YOLC_PASSES_PER_IMAGE * view_b
+        ratio = bytes_per_image / per_view_image
+        s_n = len(scales)
+        res["vs_per_view"] = dict(
+            per_view_bytes_per_sample=view_b, passes_per_image=YOLC_PASSES_PER_IMAGE,
+            per_view_bytes_per_image=per_view_image, image_level_bytes_per_image=bytes_per_image,
+            ratio=ratio, ratio_size_weighted=weighted / per_view_image, goal_ratio=GOAL_IMAGE_BYTES_RATIO,
+            goal_met=bool(ratio <= GOAL_IMAGE_BYTES_RATIO),
+            teacher_full_image_forwards_per_image=dict(per_view=YOLC_PASSES_PER_IMAGE, image_level=s_n),
+            teacher_forwards_incl_tiles_per_image=res["teacher_forwards_incl_tiles_per_image"],
+            teacher_input_px_per_image=dict(per_view=YOLC_PASSES_PER_IMAGE * w * h,
+                                            image_level=res["teacher_input_px_per_image"]),
+            goal_forwards_met=bool(s_n <= GOAL_MAX_SCALES and s_n <= YOLC_PASSES_PER_IMAGE / 50),
+            dataset_images=VISDRONE_TRAIN_IMAGES,
+            dataset_GB=dict(per_view=per_view_image * VISDRONE_TRAIN_IMAGES / 1e9,
+                            image_level=bytes_per_image * VISDRONE_TRAIN_IMAGES / 1e9,
+                            image_level_size_weighted=weighted * VISDRONE_TRAIN_IMAGES / 1e9))
+    return res, out, dict(cfg=cfg, aug_cfg=aug_cfg, ann=ann, img_root=tmp, classes=classes, images=images,
+                          layouts=lays)
+
+
+class ImageViewReads(Dataset):
+    """Item j -> ImageCacheSource.sample_targets of key j (image id, pass) on its TrainAugment view, as
+    train/data.py TrainSamples calls it in a worker: (targets, (heatmap window, move)). The views are drawn
+    beforehand (the augmentation is the trainer's cost with or without a cache) and kept without their pixels."""
+
+    def __init__(self, source, images: Mapping[int, np.ndarray], keys: Sequence[Tuple[int, int]], samples):
+        self.source, self.images, self.keys, self.samples = source, images, list(keys), list(samples)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, j: int):
+        image_id, p = self.keys[j]
+        got = self.source.sample_targets(image_id, p, self.images[image_id], self.samples[j])
+        return got.targets, (got.heatmap_window, got.heatmap_move)
+
+
+def collate_image_views(items):
+    """collate_train's KD part: the stored-dtype targets stacked, the heatmap windows as a list."""
+    from yolc_kd.kd import KDTargets
+
+    return KDTargets.stack([t for t, _ in items]), [hm for _, hm in items]
+
+
+def profile_top(prof, n: int = 10) -> Dict[str, List[Dict[str, Any]]]:
+    import pstats
+
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, name), (cc, nc, tt, ct, _) in st.stats.items():
+        short = "/".join(Path(file).parts[-3:]) if file not in ("~", "") else "builtin"
+        rows.append(dict(function=f"{short}:{line}({name})", ncalls=nc, tottime_s=tt, cumtime_s=ct))
+    return dict(by_tottime=sorted(rows, key=lambda r: -r["tottime_s"])[:n],
+                by_cumtime=sorted(rows, key=lambda r: -r["cumtime_s"])[:2 * n])
+
+
+class StackSampler:
+    """Where the time of every thread goes while it runs (cProfile sees only its own thread, and zarr decodes on
+    its event loop's threads): every `interval` s, the Python stack of each busy thread (one not parked in a
+    lock / queue / selector wait). Self = the innermost Python function (a C call that releases the GIL, such as
+    blosc or blake2b, counts for the Python function that made it), inclusive = anywhere on the stack."""
+    IDLE = {("threading.py", "wait"), ("selectors.py", "select"), ("thread.py", "_worker"), ("queue.py", "get")}
+    PACKAGES = ("yolc_kd", "zarr", "numcodecs")  # the inclusive list: these packages' functions only
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.interval, self.ticks, self.busy = interval, 0, 0
+        self.self_counts: Dict[str, int] = collections.Counter()
+        self.incl_counts: Dict[str, int] = collections.Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _label(code) -> str:
+        return f"{'/'.join(Path(code.co_filename).parts[-3:])}:{code.co_firstlineno}({code.co_name})"
+
+    def _run(self) -> None:
+        import sys
+        import threading
+
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            self.ticks += 1
+            for tid, frame in sys._current_frames().items():
+                if tid == me:
+                    continue
+                code = frame.f_code
+                if (Path(code.co_filename).name, code.co_name) in self.IDLE:
+                    continue
+                self.busy += 1
+                self.self_counts[self._label(code)] += 1
+                seen = set()
+                while frame is not None:
+                    label = self._label(frame.f_code)
+                    if label not in seen and any(k in frame.f_code.co_filename for k in self.PACKAGES):
+                        seen.add(label)
+                        self.incl_counts[label] += 1
+                    frame = frame.f_back
+
+    def __enter__(self) -> "StackSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def top(self, n: int = 10) -> Dict[str, Any]:
+        def rows(counts):
+            return [dict(function=f, busy_share=c / max(1, self.busy), ms_per_tick_share=c / max(1, self.ticks))
+                    for f, c in counts.most_common(n)]
+        return dict(interval_s=self.interval, ticks=self.ticks, busy_thread_samples=self.busy,
+                    by_self=rows(self.self_counts), by_inclusive=rows(self.incl_counts))
+
+
+def bench_image_read(cache: Path, ictx: Dict[str, Any], args, view_cache: Path = None,
+                     vctx: Dict[str, Any] = None) -> Dict[str, Any]:
+    """samples/s of ImageCacheSource.sample_targets in a DataLoader (0/1/2 workers), interleaved round by round
+    with the per-view cache's reads (part 2's loader) when that cache is there; the main-process heatmap move
+    (move_heatmaps, and the source's whole targets() with dequantisation) per sample on this CPU; a cProfile of
+    the worker's call in the main process."""
+    import cProfile
+    from yolc_kd.cache.image_view import move_heatmaps
+    from yolc_kd.data.augment import TrainAugment
+    from yolc_kd.data.coco import CocoDetection
+    from yolc_kd.train.cache_source import open_cache_source
+
+    cfg, aug_cfg = ictx["cfg"], ictx["aug_cfg"]
+    coco = CocoDetection(ictx["ann"], ictx["img_root"], classes=ictx["classes"])
+    source = open_cache_source(cache, cfg, aug_cfg, coco)  # the trainer's own opening (kind image)
+    images, lays, seed = ictx["images"], ictx["layouts"], int(cfg.get("seed", 0))
+    w, h = aug_cfg.input_size
+    rng = np.random.default_rng(args.seed + 6)
+    n = args.image_read_samples
+    keys = [(int(rng.integers(1, len(images) + 1)), int(rng.integers(0, YOLC_PASSES_PER_IMAGE))) for _ in range(n)]
+    augment = TrainAugment(aug_cfg)
+    samples, t_aug = [], []
+    for image_id, p in keys:  # fresh views, key (seed, id, pass) as the trainer draws them
+        lay = lays[image_id - 1]
+        t0 = time.perf_counter()
+        sample = augment(images[image_id], lay["boxes"], lay["labels"], (seed, image_id, p))
+        t_aug.append(time.perf_counter() - t0)
+        samples.append(replace(sample, img=None, img_uint8=None))
+    used = collections.Counter(image_view_scale(source, s) for s in samples)
+
+    # main process: the worker's call alone (warm), then a cProfile of it
+    ds = ImageViewReads(source, images, keys, samples)
+    for j in range(min(4, n)):
+        ds[j]
+    t_call = []
+    for j in range(n):
+        t0 = time.perf_counter()
+        ds[j]
+        t_call.append(time.perf_counter() - t0)
+    load_call = list(os.getloadavg())
+    split = image_read_split(source, ds, n)
+    prof = cProfile.Profile()
+    m = min(n, args.image_profile_samples)
+    t0 = time.perf_counter()
+    prof.enable()
+    for j in range(m):
+        ds[j]
+    prof.disable()
+    t_prof = (time.perf_counter() - t0) / m
+    profile = profile_top(prof)
+    t0 = time.perf_counter()
+    with StackSampler() as sampler:  # every thread (zarr's decode threads too)
+        for j in range(m):
+            ds[j]
+    t_sampled = (time.perf_counter() - t0) / m
+    sampled = sampler.top(15)
+
+    loaders: Dict[Tuple[str, int], DataLoader] = {}
+    for nw in args.read_workers:
+        loaders[("image", nw)] = DataLoader(ds, batch_size=args.read_batch, shuffle=False, num_workers=nw,
+                                            collate_fn=collate_image_views, persistent_workers=nw > 0)
+    view_keys = None
+    if view_cache is not None:
+        vsource, _ = view_source(view_cache, vctx)
+        r = vsource.reader
+        view_keys = [(int(r.image_ids[i // r.num_variants]), i % r.num_variants)
+                     for i in np.random.default_rng(args.seed + 1).permutation(r.num_samples)]
+        for nw in args.read_workers:
+            loaders[("view", nw)] = DataLoader(CacheReads(vsource, view_keys), batch_size=args.read_batch,
+                                               shuffle=False, num_workers=nw, collate_fn=collate_targets,
+                                               persistent_workers=nw > 0)
+    for loader in loaders.values():  # warm-up epoch: starts the workers and opens zarr in each
+        for _ in loader:
+            pass
+    epochs: Dict[Tuple[str, int], List[Dict[str, Any]]] = {key: [] for key in loaders}
+    batches = []
+    for r in range(args.read_rounds):  # interleaved epochs, order rotated each round
+        order = list(loaders)[r % len(loaders):] + list(loaders)[:r % len(loaders)]
+        for key in order:
+            got = 0
+            t0 = time.perf_counter()
+            for batch in loaders[key]:
+                got += len(batch[1]) if key[0] == "image" else batch.heatmap.shape[0]
+                if key == ("image", 0) and r == 0:
+                    batches.append(batch)
+            dt = time.perf_counter() - t0
+            epochs[key].append(dict(samples_per_s=got / dt, loadavg=list(os.getloadavg())))
+    for loader in loaders.values():
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    # the main process's share: the heatmap windows moved into the views (on the training device; here the CPU)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t_move, t_targets = [], []
+    cpu = torch.device("cpu")
+    for kd, heat in batches:
+        t0 = time.perf_counter()
+        move_heatmaps(heat, (h, w), cpu)
+        t_move.append((time.perf_counter() - t0) / len(heat))
+        t0 = time.perf_counter()
+        source.targets(dict(kd_targets=kd, kd_heatmaps=heat, img=torch.empty(len(heat), 3, h, w)))
+        t_targets.append((time.perf_counter() - t0) / len(heat))
+    load_move = list(os.getloadavg())
+    torch.set_num_threads(threads)
+
+    def summary(kind: str) -> Dict[str, Any]:
+        out = {}
+        for (k2, nw), eps in epochs.items():
+            if k2 != kind:
+                continue
+            sps = float(np.median([e["samples_per_s"] for e in eps]))
+            out[str(nw)] = dict(samples_per_s=sps, samples_per_s_per_worker=sps / max(1, nw),
+                                epochs=[e["samples_per_s"] for e in eps], loadavg=[e["loadavg"] for e in eps])
+        return out
+
+    image_sps = summary("image")
+    view_sps = summary("view") if view_keys else None
+    call_ms = 1e3 * float(np.median(t_call))
+    move_ms = 1e3 * float(np.median(t_move)) if t_move else None
+    per_worker_0 = image_sps.get("0", {}).get("samples_per_s")
+    res = dict(
+        source=type(source).__name__, samples_per_epoch=n, batch_size=args.read_batch, rounds=args.read_rounds,
+        passes_drawn_from=YOLC_PASSES_PER_IMAGE, view_scales_used={f"{s:g}": c for s, c in sorted(used.items())},
+        image_samples_per_s=image_sps, per_view_samples_per_s=view_sps,
+        per_view_samples_per_epoch=len(view_keys) if view_keys else None,
+        main_process=dict(sample_targets_ms_median=call_ms, sample_targets_ms_mean=1e3 * float(np.mean(t_call)),
+                          sample_targets_per_s=1e3 / call_ms, loadavg=load_call,
+                          train_augment_ms_per_view=1e3 * float(np.median(t_aug)),
+                          move_heatmaps_ms_per_sample_cpu_1thread=move_ms,
+                          source_targets_ms_per_sample_cpu_1thread=1e3 * float(np.median(t_targets)) if t_targets
+                          else None, move_loadavg=load_move,
+                          read_plus_move_per_s_if_moved_on_this_cpu=1e3 / (call_ms + move_ms) if move_ms else None),
+        main_process_split=split,
+        profile=dict(samples=m, ms_per_sample_under_profile=1e3 * t_prof, **profile),
+        sampled_all_threads=dict(samples=m, ms_per_sample_while_sampled=1e3 * t_sampled, **sampled),
+        goal_samples_per_s_per_worker=GOAL_SAMPLES_PER_S_PER_WORKER,
+        goal_met_worker_read=bool(per_worker_0 and per_worker_0 >= GOAL_SAMPLES_PER_S_PER_WORKER),
+        where_the_heatmap_moves="the training process, on the training device (ImageCacheSource.targets -> "
+                                "cache.image_view.move_heatmaps), not in the loader worker")
+    if view_sps:
+        res["image_vs_per_view_rate"] = {nw: image_sps[nw]["samples_per_s"] / view_sps[nw]["samples_per_s"]
+                                         for nw in image_sps if nw in view_sps}
+    return res
+
+
+def image_read_split(source, ds: "ImageViewReads", n: int) -> Dict[str, Any]:
+    """The worker's call (train/image_source.py sample_targets) taken apart step by step in the main process,
+    each step timed alone on the same views with the reader's public read_parts: the heatmap window, the coarse
+    window, the small arrays (uncached: sample_targets may keep a shard's), the image fingerprint, the choice of
+    crops, their refine maps (one read each; sample_targets may gather them with the maps) and the move of coarse
+    maps + crops (move_row). Each read is its own zarr round trip here, so the sum is above the call's time."""
+    from yolc_kd.cache import image_view
+    from yolc_kd.data.augment import fingerprint_image
+    small = ("status", "aug_params", "fingerprint", "variant", "patch_boxes", "patch_scales", "patch_valid")
+
+    reader, layout, st = source.reader, source.layout, image_view.STRIDE
+    steps: Dict[str, List[float]] = collections.defaultdict(list)
+    window_px, decoded = [], []
+    for j in range(n):
+        image_id, _ = ds.keys[j]
+        image, view = ds.images[image_id], ds.samples[j].view
+        v = image_view.nearest_scale(view, layout.scales)
+        index = reader.index_of(image_id, v)
+        image_hw = tuple(image.shape[:2])
+        row_hw = image_view.scaled_hw(image_hw, layout.scales[v])
+        move = image_view.row_to_view(image_hw, row_hw, view)
+        x0, y0, x1, y1 = window = image_view.source_window(move, row_hw)
+        parts = dict(heatmap=(slice(None), slice(y0, y1), slice(x0, x1)),
+                     coarse=(slice(None), slice(y0 // st, -(-y1 // st)), slice(x0 // st, -(-x1 // st))))
+        row = {}
+        for name, sel in [("heatmap", parts["heatmap"]), ("coarse", parts["coarse"]),
+                          ("small", {k: () for k in small})]:
+            t0 = time.perf_counter()
+            row.update(reader.read_parts(index, {name: sel}) if name != "small" else reader.read_parts(index, sel))
+            steps[f"read_{name}"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fingerprint_image(image)
+        steps["fingerprint_image"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        chosen = image_view.crops_in_view(row, move, source.min_patch_size, source.max_patches)
+        steps["crops_in_view"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        refine = {k: reader.read_parts(index, {"refine": (k,)})["refine"] for k, _ in chosen}
+        steps["read_refine_of_chosen_crops"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        image_view.move_row(row, refine, layout, image_hw, view, window, chosen, source.max_patches)
+        steps["move_row_coarse_and_crops"].append(time.perf_counter() - t0)
+        window_px.append((y1 - y0) * (x1 - x0))
+        decoded.append(row["heatmap"].nbytes + row["coarse"].nbytes + sum(r.nbytes for r in refine.values()))
+        steps["crops_moved"].append(len(chosen))
+    out = {f"{k}_ms": 1e3 * float(np.median(v)) for k, v in steps.items() if k != "crops_moved"}
+    out.update(crops_moved_mean=float(np.mean(steps["crops_moved"])),
+               heatmap_window_px_mean=float(np.mean(window_px)), decoded_bytes_per_sample_mean=float(np.mean(decoded)),
+               sum_of_steps_ms=sum(v for k, v in out.items() if k.endswith("_ms")), loadavg=list(os.getloadavg()))
+    return out
+
+
+def image_view_scale(source, sample) -> float:
+    from yolc_kd.cache.image_view import nearest_scale
+
+    return float(source.layout.scales[nearest_scale(sample.view, source.layout.scales)])
+
+
 # ============================================================================ main
 def size_arg(text: str) -> Tuple[int, int]:
     w, h = text.lower().split("x")
@@ -409,8 +922,10 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed at the end)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parts", nargs="+", default=["size", "read", "throughput", "rss"],
-                   choices=["size", "read", "throughput", "rss"])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    p.add_argument("--image-level", action="store_true",
+                   help="only the image-level parts and the per-view parts they compare with: "
+                        "--parts size read image_size image_read")
     g = p.add_argument_group("1-2: real layout cache")
     g.add_argument("--samples", type=int, default=32, help="samples written (images x variants)")
     g.add_argument("--variants", type=int, default=4)
@@ -421,6 +936,11 @@ def main() -> None:
     g.add_argument("--read-workers", type=int, nargs="+", default=[0, 1, 2])
     g.add_argument("--read-batch", type=int, default=4, help="DataLoader batch (w18 config: samples_per_gpu=4)")
     g.add_argument("--read-rounds", type=int, default=3)
+    g = p.add_argument_group("5-6: image-level cache (rows = image x scale) of the same real layouts")
+    g.add_argument("--image-images", type=int, default=16,
+                   help="images written (the first 16 of the VisDrone file hold each of its 6 sizes)")
+    g.add_argument("--image-read-samples", type=int, default=96, help="views read per loader epoch")
+    g.add_argument("--image-profile-samples", type=int, default=48, help="worker calls under cProfile")
     g = p.add_argument_group("3: precompute vs teacher-only (tiny teacher, 384x256)")
     g.add_argument("--tp-images", type=int, default=24,
                    help="images (x tp-variants views); startup (worker spawn, first batch) weighs less with more")
@@ -439,6 +959,8 @@ def main() -> None:
     g.add_argument("--rss-shard", type=int, default=16)
     g.add_argument("--rss-workers", type=int, default=1)
     args = p.parse_args()
+    if args.image_level:
+        args.parts = ["size", "read", "image_size", "image_read"]
 
     t_start = time.perf_counter()
     results: Dict[str, Any] = dict(benchmark="bench_cache", machine=machine(), args={
@@ -461,6 +983,14 @@ def main() -> None:
         if "read" in args.parts:
             results["read"] = timed("read", "DataLoader throughput over the trainer's cache source",
                                     lambda: bench_read(cache, ctx, args))
+        if "image_size" in args.parts or "image_read" in args.parts:
+            results["image_size"], icache, ictx = timed(
+                "image_size", "rendering and writing the image-level cache of the real layouts",
+                lambda: bench_image_size(tmp, args, results.get("size")))
+        if "image_read" in args.parts:
+            results["image_read"] = timed(
+                "image_read", "DataLoader throughput of ImageCacheSource.sample_targets (interleaved with per-view)",
+                lambda: bench_image_read(icache, ictx, args, cache, ctx))
         ckpt = None
         if "throughput" in args.parts or "rss" in args.parts:
             from yolc_kd.config import load_config
@@ -480,7 +1010,10 @@ def main() -> None:
         "bytes_per_sample_le_300KB": results.get("size", {}).get("goal_met"),
         "precompute_ge_0.9x_teacher": {w: v["goal_met"] for w, v in
                                        results.get("throughput", {}).get("precompute_by_workers", {}).items()} or None,
-        "rss_within_10pct": results.get("rss", {}).get("goal_met")}
+        "rss_within_10pct": results.get("rss", {}).get("goal_met"),
+        "image_bytes_le_10pct_of_240_views": results.get("image_size", {}).get("vs_per_view", {}).get("goal_met"),
+        "image_scales_le_3": results.get("image_size", {}).get("vs_per_view", {}).get("goal_forwards_met"),
+        "image_read_ge_100_per_s_per_worker": results.get("image_read", {}).get("goal_met_worker_read")}
     emit(results, args.out)
 
 
