@@ -107,11 +107,12 @@ def read_manifest(attrs: Mapping) -> Optional[Dict[str, Any]]:
     """The manifest of a cache's root attributes, or None. A cache written before there were two kinds says
     nothing of its kind: it is a per-view cache (kind "view", no scales), and reads as one written now."""
     m = attrs.get(MANIFEST_KEY)
-    if not isinstance(m, Mapping):
-        return None
-    m = dict(m)
-    m.setdefault("kind", "view")
-    m.setdefault("scales", [])
+    return with_kind(m) if isinstance(m, Mapping) else None
+
+
+def with_kind(manifest: Mapping) -> Dict[str, Any]:
+    """The manifest with its kind and scales said (a per-view cache's when absent), top level and layout."""
+    m = {"kind": "view", "scales": [], **dict(manifest)}
     if isinstance(m.get("layout"), Mapping):
         m["layout"] = {"kind": "view", "scales": [], **dict(m["layout"])}
     return m

@@ -127,10 +127,14 @@ def sample_index(image_index: int, variant: int, variants: int) -> int:
     return image_index * variants + variant
 
 
-def compressors(name: str) -> List[Any]:
+def compressors(name: str, kind: str = "view") -> List[Any]:
     """Bytes-to-bytes codecs of every (inner) chunk: compression, then a crc32c checksum.
-    Maps: blosc-zstd + bitshuffle, 13-40% smaller than plain zstd on uint8 heatmaps and box maps
-    (measured, data_schema.md); the small arrays: plain zstd."""
+    Maps of a per-view cache: blosc-zstd + bitshuffle, 13-40% smaller than plain zstd on uint8 heatmaps and box
+    maps (measured, data_schema.md). Maps of an image-level cache: blosc-lz4 + byte shuffle, which decodes about
+    7x (heatmap) and 3x (box maps) faster for about 1.6x the bytes: every training view reads its window of
+    them, and the cache is small whatever the schedule. The small arrays: plain zstd."""
+    if name in MAP_ARRAYS and kind == "image":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
     if name in MAP_ARRAYS:
         return [BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
     return [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]

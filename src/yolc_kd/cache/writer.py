@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from yolc_kd.cache.manifest import RESUME_FIELDS, diff_fields, read_manifest
+from yolc_kd.cache.manifest import RESUME_FIELDS, diff_fields, read_manifest, with_kind
 from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, IMAGE_IDS, MANIFEST_KEY, SAMPLE_ARRAYS, SHARD_DONE,
                                   STATUS_OK, STATUS_SKIPPED, WRITE_CONFIG, Layout, compressors)
 from yolc_kd.diskio import write_errors
@@ -157,7 +157,7 @@ class CacheStore:
 
 
 def _refuse_if_different(path: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
-    diffs = diff_fields(old, new, RESUME_FIELDS)
+    diffs = diff_fields(with_kind(old), with_kind(new), RESUME_FIELDS)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; +{len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise UserError(f"{path} was made with different settings: {shown} "
@@ -171,7 +171,7 @@ def _create(path: Path, manifest: Dict[str, Any], image_ids: Sequence[int]) -> z
     for name, shape in lay.sample_shapes().items():
         dtype = SAMPLE_ARRAYS[name]
         group.create_array(name, shape=(n, *shape), chunks=lay.chunk_shape(name), shards=(s, *shape),
-                           dtype=str if dtype == "str" else dtype, compressors=compressors(name),
+                           dtype=str if dtype == "str" else dtype, compressors=compressors(name, lay.kind),
                            fill_value="" if dtype == "str" else 0, config=WRITE_CONFIG,
                            dimension_names=("sample",) + tuple(f"d{i}" for i in range(len(shape))))
     ids = group.create_array(IMAGE_IDS, shape=(lay.num_images,), chunks=(max(1, lay.num_images),), dtype="int64",

@@ -5,7 +5,7 @@ crops; the trainer moves the heatmap on the training device. Picklable for DataL
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class ImageCacheSource:
         self.max_patches, self.min_patch_size = int(max_patches), int(min_patch_size)
         self.device = torch.device("cpu")
         self._shards: Dict[int, Tuple[int, Dict[str, np.ndarray]]] = {}  # per process: shard -> (first row, arrays)
+        self._same_image: Set[int] = set()  # per process: image positions whose file matched the cache's fingerprint
 
     def to(self, device: torch.device) -> "ImageCacheSource":
         self.device = torch.device(device)
@@ -69,9 +70,11 @@ class ImageCacheSource:
         if int(row["status"]) != STATUS_OK:
             raise CacheError(f"cache row (image id {image_id}, scale {self.layout.scales[v]:g}) was skipped at "
                              f"precompute: {str(row['aug_params'])}")
-        if self.reader.fingerprint(row) != fingerprint_image(image):
-            raise UserError(f"cache row (image id {image_id}) was made from a different image (fingerprint "
-                            f"mismatch): the image file changed since precompute")
+        if index // self.layout.variants not in self._same_image:  # hashed once per image and process
+            if self.reader.fingerprint(row) != fingerprint_image(image):
+                raise UserError(f"cache row (image id {image_id}) was made from a different image (fingerprint "
+                                f"mismatch): the image file changed since precompute")
+            self._same_image.add(index // self.layout.variants)
         image_hw = tuple(image.shape[:2])
         row_hw = image_view.scaled_hw(image_hw, self.layout.scales[v])
         move = image_view.row_to_view(image_hw, row_hw, sample.view)
