@@ -267,3 +267,20 @@ def test_a_cache_from_before_the_image_kind_still_resumes_trains_and_verifies(se
     assert main(["verify", str(out)]) == 0
     assert main(["train", "--config", str(setup.config), "--ann", str(setup.ann), "--images", str(setup.data),
                  "--cache", str(out), "--work-dir", str(tmp_path / "w"), "--max-iters", "1", "--no-progress"]) == 0
+
+
+def test_masked_kd_losses_with_no_crop_in_the_batch():
+    """A batch of image-level targets whose views keep no crop: the local term is a zero in the graph."""
+    b, c, h, w, k = 2, 3, 32, 48, 2
+    decode = lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 4)  # noqa: E731
+    heat_s = torch.rand(b, c, h, w, requires_grad=True)
+    t = KDTargets(heatmap=torch.rand(b, c, h, w), coarse=torch.randn(b, 4, h // 4, w // 4),
+                  patch_boxes=torch.zeros(b, k, 4), patch_scales=torch.zeros(b, k),
+                  patch_valid=torch.zeros(b, k, dtype=torch.bool), refine=torch.zeros(b, k, 4, 4, 6),
+                  heatmap_valid=torch.ones(b, 1, h, w, dtype=torch.bool),
+                  coarse_valid=torch.ones(b, 1, h // 4, w // 4, dtype=torch.bool),
+                  refine_valid=torch.zeros(b, k, 1, 4, 6, dtype=torch.bool))
+    for box_kd in ("weighted", "mse"):
+        out = kd_losses(heat_s, torch.randn(b, 4, h // 4, w // 4), torch.zeros(0, 4, 4, 6), t,
+                        dict(box_kd=box_kd), decode)
+        assert float(out["loss_kd_local_refine"]) == 0.0 and out["loss_kd_local_refine"].requires_grad

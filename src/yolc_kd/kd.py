@@ -194,7 +194,7 @@ def patch_cell_weights(targets: KDTargets, grid_hw: Tuple[int, int]) -> torch.Te
 
 def _cell_mask(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """(N,1,h,w) bool cell mask -> (N, h*w) float (the decoded boxes' cell order), or None."""
-    return None if valid is None else valid.reshape(valid.shape[0], -1).float()
+    return None if valid is None else valid.flatten(1).float()
 
 
 def box_distance(box_s: torch.Tensor, box_t: torch.Tensor, distance: str = "mse") -> torch.Tensor:
