@@ -79,6 +79,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="COCO folder (annotations.json + images)")
     p.add_argument("--cache", required=True, help="image-level cache of those images")
+    p.add_argument("--ann", default=None, help="annotation file (default DATA/annotations.json)")
+    p.add_argument("--heatmap-mode", default="bilinear", choices=("bilinear", "nearest"))
     p.add_argument("--views", type=int, default=60)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -86,7 +88,7 @@ def main() -> None:
     cfg = load_config(STUDENT, with_defaults=True)
     dcfg = cfg["distill_cfg"]
     data = Path(args.data)
-    coco = CocoDetection(data / "annotations.json", data)
+    coco = CocoDetection(args.ann or data / "annotations.json", data)
     aug = AugmentConfig.from_pipeline(cfg["train_pipeline"], cfg.get("test_pipeline"))
     with_photo = TrainAugment(aug)
     teacher = build_teacher(dcfg, cfg["model"], str(STUDENT.parent), str(TEACHER))
@@ -109,7 +111,8 @@ def main() -> None:
         t0 = time.perf_counter()
         got = source.sample_targets(int(info["id"]), 0, image, view)
         t1 = time.perf_counter()
-        heat, valid = move_heatmaps([(got.heatmap_window, got.heatmap_move)], view.img.shape[-2:], cpu)
+        heat, valid = move_heatmaps([(got.heatmap_window, got.heatmap_move)], view.img.shape[-2:], cpu,
+                                    args.heatmap_mode)
         move_s.append(time.perf_counter() - t1)
         read_s.append(t1 - t0)
         moved = dequantize_targets(got.targets)

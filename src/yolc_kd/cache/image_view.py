@@ -4,8 +4,11 @@ through the view's transform (data/view.py), as ReLabel cuts a random crop's lab
 
 Frames: `image` (the image as loaded, (h, w)), `scaled` (the image resized to a cached scale, the row's frame),
 `view` (the training input). `row_to_view` = scaled -> image -> view; every map, box and crop moves by it:
-- the heatmap (bilinear, on the training device: ImageViewTargets.heatmap_move), valid where the view shows
-  the image;
+- the heatmap (nearest pixel, on the training device: ImageViewTargets.heatmap_move), valid where the view
+  shows the image. Nearest, not bilinear: a bilinear move at a sub-pixel shift flattens the teacher's one-pixel
+  peaks into two-pixel plateaus below the peak threshold (60 % of the teacher's peaks kept within 2 px against
+  83 % nearest, benchmarks/bench_image_targets.py), and students distilled from the flattened maps did worse
+  than training without KD on two of four seeds (BENCHMARKS.md);
 - the coarse box maps as decoded boxes (nearest cell, apply_box_map), valid likewise;
 - the cached crops that lie in the view (at least min_patch_size on each side there, the largest first, up to the
   view's crop slots) as the view's KD crops: the student's patch is the crop's part in the view, resized so that
@@ -87,14 +90,14 @@ class ImageViewTargets:
 
 
 def move_heatmaps(items: Sequence[Tuple[torch.Tensor, ViewTransform]], view_hw: Sequence[int],
-                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+                  device: torch.device, mode: str = "nearest") -> Tuple[torch.Tensor, torch.Tensor]:
     """(B,C,H,W) float32 probabilities and (B,1,H,W) bool masks: every (uint8 window, move) dequantised (q/255)
-    and resampled into its view (bilinear, ViewTransform.apply_map), zero where the view does not show the
+    and resampled into its view (ViewTransform.apply_map, nearest by default), zero where the view does not show the
     image. On the device: the largest per-sample work of the image-level cache, a few ms there."""
     heat, valid = [], []
     for window, move in items:
         p = window.to(device, non_blocking=True).float() / 255.0
-        h, v = move.apply_map(p, 1, out_size=tuple(view_hw))
+        h, v = move.apply_map(p, 1, out_size=tuple(view_hw), mode=mode)
         heat.append(torch.where(v, h, torch.zeros((), device=h.device)))
         valid.append(v)
     return torch.stack(heat), torch.stack(valid)[:, None]
