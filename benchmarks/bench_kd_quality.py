@@ -18,6 +18,7 @@ for every student of a seed) five students are trained for the same iterations:
   kd_image        offline KD, shipped configuration, from the image-level cache (`precompute --kind image`:
                   the teacher labels each whole image at 3 scales once; every pass draws a fresh view);
                   kd_image_s1 / kd_image_s2 the same with 1 / 2 cached scales
+  kd_image_hm, kd_default_hm   (ablation) heatmap KD only (coarse and local KD weights 0), image-level / per-view
 
 The cache holds `--variants auto` views (one per epoch: no view is seen twice). Each run is one process with
 one CPU thread (`--threads`: more, a run named NAME_tN, e.g. to see how far a change of the floating-point
@@ -41,14 +42,15 @@ from typing import Dict, List
 from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 
 STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default", "kd_w1", "kd_hm8",
-            "online_hm8", "no_kd_fresh_noema", "kd_default_noema", "kd_image", "kd_image_s1", "kd_image_s2")
+            "online_hm8", "no_kd_fresh_noema", "kd_default_noema", "kd_image", "kd_image_s1", "kd_image_s2",
+            "kd_image_hm", "kd_default_hm")
 # the image-level caches (`precompute --kind image --scales S`) of the kd_image students
-IMAGE_CACHES = {"kd_image": "auto", "kd_image_s1": "1", "kd_image_s2": "2"}
+IMAGE_CACHES = {"kd_image": "auto", "kd_image_s1": "1", "kd_image_s2": "2", "kd_image_hm": "auto"}
 SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
                 "kd_weight_local_refine=1.0"
 NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
 VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0", w1="kd_weight_global_hm=1.0",
-                plain="enable=False")  # distill_cfg overrides
+                plain="enable=False", hm="kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0")  # distill_cfg overrides
 NO_EMA = "custom_hooks = []"  # the shipped config without its weight average (sessions 3-4 measured so)
 
 
@@ -78,12 +80,14 @@ def _configs(work: Path, student: Path, batch: int) -> Dict[str, Path]:
 
 def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) -> List[str]:
     if name in IMAGE_CACHES:
-        return ["--config", str(cfgs["default"]), "--cache", str(_image_cache(cache, name))]
+        cfg = cfgs["hm"] if name.endswith("_hm") else cfgs["default"]
+        return ["--config", str(cfg), "--cache", str(_image_cache(cache, name))]
     return {"no_kd_fresh": ["--config", str(cfgs["plain"])],
             "no_kd_cached": ["--config", str(cfgs["nokd"]), "--cache", str(cache)],
             "kd_seed": ["--config", str(cfgs["seed"]), "--cache", str(cache)],
             "kd_default": ["--config", str(cfgs["default"]), "--cache", str(cache)],
             "kd_hm8": ["--config", str(cfgs["hm8"]), "--cache", str(cache)],
+            "kd_default_hm": ["--config", str(cfgs["hm"]), "--cache", str(cache)],
             "kd_w1": ["--config", str(cfgs["w1"]), "--cache", str(cache)],
             "online_hm8": ["--config", str(cfgs["hm8"]), "--online", "--teacher-ckpt", str(teacher)],
             "online_default": ["--config", str(cfgs["default"]), "--online", "--teacher-ckpt", str(teacher)],
