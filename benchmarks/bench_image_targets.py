@@ -12,7 +12,8 @@ Reported: mean |heatmap difference|, recall of the teacher's heatmap peaks (>= 0
 box difference| in pixels on cells where the teacher is confident (max class probability >= 0.3), KD crops per
 view, and the worker-side seconds per sample of the image-level read and move. The per_view vs
 per_view_nophoto row is what the photometric distortion alone changes in the teacher's targets, the floor
-against which the image-level row is read.
+against which the image-level row is read. --shift-images N also measures the teacher's own sensitivity to
+where its input sits (the same image shifted by 1-32 px on its canvas).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,36 @@ def _compare(ref, other_heat: torch.Tensor, other_coarse: torch.Tensor, valid: t
                 teacher_peaks=int(pa.sum()))
 
 
+def shift_floor(teacher, coco, aug, images: int, shifts=(1, 2, 4, 8, 16, 32)) -> Dict[int, Dict[str, float]]:
+    """The teacher's own sensitivity to where its input sits: each image (normalised, no augmentation) placed at
+    (s, s) on a zero canvas 64 px larger than it, against the image at (0, 0); heatmap |diff| and peak recall over
+    the image's interior (16 px from its edges)."""
+    from yolc_kd.data.augment import normalise
+
+    def heat_at(x: torch.Tensor, s: int) -> torch.Tensor:
+        h, w = x.shape[1:]
+        canvas = torch.zeros(1, 3, -(-(h + 64) // 32) * 32, -(-(w + 64) // 32) * 32)
+        canvas[0, :, s:s + h, s:s + w] = x
+        with torch.no_grad():
+            heat, _, _ = teacher.bbox_head(teacher.extract_feat(canvas))
+        return heat[0][0, :, s:s + h, s:s + w]
+
+    out: Dict[int, List[Tuple[float, float]]] = {s: [] for s in shifts}
+    for i in range(min(images, len(coco))):
+        x = torch.from_numpy(normalise(coco.load_image(i), aug).transpose(2, 0, 1).copy())
+        base = heat_at(x, 0)
+        inner = torch.zeros(base.shape[1:], dtype=torch.bool)
+        inner[16:-16, 16:-16] = True
+        for s in shifts:
+            moved = heat_at(x, s)
+            pa, pb = _peaks(base[None])[0] & inner, _peaks(moved[None])[0]
+            near = F.max_pool2d(pb.float()[None], 5, 1, 2)[0] > 0
+            out[s].append((float((moved - base).abs()[:, inner].mean()),
+                           float((near & pa).sum()) / max(1, int(pa.sum()))))
+    return {s: dict(heat_mean_abs=statistics.mean(v[0] for v in vals),
+                    peak_recall=statistics.mean(v[1] for v in vals)) for s, vals in out.items()}
+
+
 def _without_colour(view, image, aug) -> torch.Tensor:
     """The view's network input with its geometry and no photometric distortion: the view transform on the
     plain image (rounded to uint8 as TrainAugment rounds), normalised, zero-padded as the training input."""
@@ -80,7 +111,9 @@ def main() -> None:
     p.add_argument("--data", required=True, help="COCO folder (annotations.json + images)")
     p.add_argument("--cache", required=True, help="image-level cache of those images")
     p.add_argument("--ann", default=None, help="annotation file (default DATA/annotations.json)")
-    p.add_argument("--heatmap-mode", default="bilinear", choices=("bilinear", "nearest"))
+    p.add_argument("--heatmap-mode", default="nearest", choices=("bilinear", "nearest"))
+    p.add_argument("--shift-images", type=int, default=12,
+                   help="images for the teacher's own shift sensitivity (0: skip)")
     p.add_argument("--views", type=int, default=60)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -134,7 +167,12 @@ def main() -> None:
     log(f"KD crops per view: teacher on the view {summary['crops_per_view']['per_view']:.2f}, image-level "
         f"{summary['crops_per_view']['image_level']:.2f}; worker {1e3 * summary['worker_s_per_sample']:.1f} ms, "
         f"heatmap move {1e3 * summary['heatmap_move_s_per_sample']:.1f} ms per sample")
-    emit(dict(views=args.views, cache=str(args.cache), summary=summary), args.out)
+    if args.shift_images:
+        summary["teacher_shift_floor"] = floor = shift_floor(teacher, coco, aug, args.shift_images)
+        for shift, v in floor.items():
+            log(f"teacher input shifted by {shift:>2} px: heatmap |diff| {v['heat_mean_abs']:.4f}, peak recall "
+                f"{v['peak_recall']:.2f}")
+    emit(dict(views=args.views, cache=str(args.cache), heatmap_mode=args.heatmap_mode, summary=summary), args.out)
 
 
 if __name__ == "__main__":
