@@ -90,10 +90,14 @@ def _without_colour(view, image, aug) -> torch.Tensor:
 
     from yolc_kd.data.augment import normalise
 
-    *geometry, pad = view.view.steps
     from yolc_kd.data.view import ViewTransform
-    img_u8 = ViewTransform(tuple(geometry)).apply_image(image)
-    norm = pad.apply_image(normalise(img_u8, aug), fill=(0.0, 0.0, 0.0))
+
+    if "aligned" in view.params:  # an aligned view is input-sized: its steps end at the network input
+        norm = normalise(view.view.apply_image(image), aug)
+    else:  # TrainAugment's view: the geometry, then the input padding in normalised space (0)
+        *geometry, pad = view.view.steps
+        img_u8 = ViewTransform(tuple(geometry)).apply_image(image)
+        norm = pad.apply_image(normalise(img_u8, aug), fill=(0.0, 0.0, 0.0))
     return torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))
 
 
@@ -112,6 +116,8 @@ def main() -> None:
     p.add_argument("--cache", required=True, help="image-level cache of those images")
     p.add_argument("--ann", default=None, help="annotation file (default DATA/annotations.json)")
     p.add_argument("--heatmap-mode", default="nearest", choices=("bilinear", "nearest"))
+    p.add_argument("--views-kind", default="aligned", choices=("aligned", "free"),
+                   help="the student's views: aligned with the cached rows (distill_cfg.image_views default) or free")
     p.add_argument("--shift-images", type=int, default=12,
                    help="images for the teacher's own shift sensitivity (0: skip)")
     p.add_argument("--views", type=int, default=60)
@@ -123,9 +129,12 @@ def main() -> None:
     data = Path(args.data)
     coco = CocoDetection(args.ann or data / "annotations.json", data)
     aug = AugmentConfig.from_pipeline(cfg["train_pipeline"], cfg.get("test_pipeline"))
-    with_photo = TrainAugment(aug)
+    from yolc_kd.data.aligned_views import AlignedViews
+
+    reader = CacheReader(args.cache)
+    with_photo = AlignedViews(aug, reader.layout.scales) if args.views_kind == "aligned" else TrainAugment(aug)
     teacher = build_teacher(dcfg, cfg["model"], str(STUDENT.parent), str(TEACHER))
-    source = ImageCacheSource(CacheReader(args.cache), int(dcfg["max_patches_per_img"]), int(dcfg["min_patch_size"]))
+    source = ImageCacheSource(reader, int(dcfg["max_patches_per_img"]), int(dcfg["min_patch_size"]))
     decode = teacher.bbox_head.decode_xywh_to_bbox
     rows: Dict[str, List[Dict[str, float]]] = {"image_level": [], "per_view_nophoto": []}
     crops = {"per_view": [], "image_level": []}
@@ -172,7 +181,8 @@ def main() -> None:
         for shift, v in floor.items():
             log(f"teacher input shifted by {shift:>2} px: heatmap |diff| {v['heat_mean_abs']:.4f}, peak recall "
                 f"{v['peak_recall']:.2f}")
-    emit(dict(views=args.views, cache=str(args.cache), heatmap_mode=args.heatmap_mode, summary=summary), args.out)
+    emit(dict(views=args.views, views_kind=args.views_kind, cache=str(args.cache), heatmap_mode=args.heatmap_mode,
+              summary=summary), args.out)
 
 
 if __name__ == "__main__":

@@ -284,3 +284,54 @@ def test_masked_kd_losses_with_no_crop_in_the_batch():
         out = kd_losses(heat_s, torch.randn(b, 4, h // 4, w // 4), torch.zeros(0, 4, 4, 6), t,
                         dict(box_kd=box_kd), decode)
         assert float(out["loss_kd_local_refine"]) == 0.0 and out["loss_kd_local_refine"].requires_grad
+
+
+def test_aligned_views_take_the_row_cell_for_cell(setup, unit_cache):
+    """An aligned view (distill_cfg.image_views='aligned') is a window of the image at a cached scale on the
+    teacher's grid: the row moves into it exactly (no resampling), heatmap and coarse maps are the row's window."""
+    from yolc_kd.cache.image_view import row_to_view, scaled_hw
+    from yolc_kd.data.aligned_views import AlignedViews
+
+    cfg = load_config(setup.config, with_defaults=True)
+    aug = AugmentConfig.from_pipeline(cfg["train_pipeline"])
+    views = AlignedViews(aug, (1.0,))
+    src = _source(unit_cache)
+    coco = CocoDetection(setup.ann, setup.data)
+    flips = set()
+    for i in range(len(coco)):
+        image = coco.load_image(i)
+        boxes, labels = coco.annotations(i)
+        image_id = coco.image_info(i)["id"]
+        for p in range(3):
+            s = views(image, boxes, labels, (3, image_id, p))
+            again = views(image, boxes, labels, (3, image_id, p))
+            assert torch.equal(s.img, again.img) and s.view == again.view  # a key gives one view
+            move = row_to_view(image.shape[:2], scaled_hw(image.shape[:2], 1.0), s.view)
+            assert move.moves_cells(4) and move.moves_cells(1)
+            x0, y0 = s.params["aligned"]["window_xy"]
+            assert x0 % 8 == 0 and y0 % 8 == 0 and tuple(s.img.shape[-2:]) == (96, 128)
+            flips.add(bool(s.params["flipped"]))
+            got = src.sample_targets(image_id, 0, image, s)
+            heat, valid = move_heatmaps([(got.heatmap_window, got.heatmap_move)], (96, 128), torch.device("cpu"))
+            row = dequantize_heatmap(src.reader.read_sample(i)["heatmap"])
+            window, ok = move.apply_map(torch.from_numpy(row), 1, out_size=(96, 128))
+            torch.testing.assert_close(heat[0], torch.where(ok, window, torch.zeros(())), rtol=0, atol=1e-6)
+            assert torch.equal(valid[0, 0], ok)
+            if len(s.boxes):
+                assert (s.boxes[:, 2] <= 128).all() and (s.boxes[:, 3] <= 96).all()
+    assert flips == {False, True}
+
+
+def test_image_views_setting_picks_the_views(setup, unit_cache, tmp_path):
+    from yolc_kd.config import validate_distill_cfg
+    from yolc_kd.data.aligned_views import AlignedViews
+    from yolc_kd.data.augment import TrainAugment
+    from yolc_kd.train.recipe import train_augment
+
+    aug = AugmentConfig()
+    src = _source(unit_cache)
+    assert isinstance(train_augment(aug, src, {}), AlignedViews)
+    free = train_augment(aug, src, dict(image_views="free"))
+    assert type(free) is TrainAugment and type(train_augment(aug, None, {})) is TrainAugment
+    with pytest.raises(UserError, match="image_views"):
+        validate_distill_cfg(dict(image_views="snapped"))

@@ -37,6 +37,7 @@ DEFAULTS: Dict[str, Any] = dict(
 REQUIRED = ("model",)
 
 ONLINE_TARGETS = ("cached", "float")  # distill_cfg.online_targets
+IMAGE_VIEWS = ("aligned", "free")     # distill_cfg.image_views
 DISTILL_DEFAULTS: Dict[str, Any] = dict(
     enable=True, teacher_ckpt=None, teacher_config=None,
     kd_weight_global_hm=1.0, kd_weight_global_coarse=1.0, kd_weight_local_refine=1.0,
@@ -51,13 +52,17 @@ DISTILL_DEFAULTS: Dict[str, Any] = dict(
     # online KD's targets: "cached" passes the live teacher's maps through the cache's quantisation, so online
     # and offline KD train on the same numbers (data_schema.md); "float" uses them unrounded
     online_targets="cached",
+    # training from an image-level cache: "aligned" views are windows of the image at the cached scales on the
+    # teacher's 8-px grid, so the cached targets move cell for cell (data/aligned_views.py); "free" views are
+    # drawn as without a cache and the targets are resampled into them
+    image_views="aligned",
 )
 _DISTILL_TYPES = dict(
     enable=bool, teacher_ckpt=(str, type(None)), teacher_config=(str, dict, type(None)),
     kd_weight_global_hm=(int, float), kd_weight_global_coarse=(int, float), kd_weight_local_refine=(int, float),
     use_teacher_crop=bool, max_patches_per_img=int, min_patch_size=int, lsm_visualize=bool,
     hm_kd=str, hm_kd_temperature=(int, float), hm_kd_beta=(int, float), hm_kd_peak_thr=(int, float),
-    box_kd=str, box_kd_distance=str, cache_flip=bool, online_targets=str,
+    box_kd=str, box_kd_distance=str, cache_flip=bool, online_targets=str, image_views=str,
 )
 
 
@@ -154,7 +159,7 @@ def validate_distill_cfg(dcfg: Optional[Mapping], where: Union[str, Path] = "con
     if not 1 <= out["max_patches_per_img"] <= 16:
         raise UserError(f"config {where}: 'distill_cfg.max_patches_per_img' must be in 1..16")
     choices_of = dict(hm_kd=("soft_focal", "mse", "kl"), box_kd=("weighted", "mse"), box_kd_distance=("mse", "gwd_l1"),
-                      online_targets=ONLINE_TARGETS)
+                      online_targets=ONLINE_TARGETS, image_views=IMAGE_VIEWS)
     for key, choices in choices_of.items():
         if out[key] not in choices:
             raise UserError(f"config {where}: 'distill_cfg.{key}' must be one of {', '.join(map(repr, choices))}, "

@@ -62,8 +62,10 @@ def describe_kd(mode: str, dcfg: Mapping, kd: KDSource, source: Optional[TargetS
         layout = getattr(getattr(source, "reader", None), "layout", None)
         if layout is not None and layout.kind == "image":
             scales = ", ".join(f"{s:g}" for s in layout.scales)
+            views = ("views on the cached scales and the teacher's grid" if dcfg.get("image_views", "aligned") ==
+                     "aligned" else "views drawn freely, targets resampled from the nearest scale")
             return (f"offline KD from the image-level cache {kd.cache} (the teacher on every whole image at scale "
-                    f"{scales}; each pass a fresh view, its targets moved in from the nearest scale)")
+                    f"{scales}; a fresh view each pass: {views})")
         return f"offline KD from the cache {kd.cache}"
     if mode == "online":
         why = "--online" if kd.online else "distill_cfg.enable=True and no --cache"
@@ -87,6 +89,17 @@ def open_target_source(cfg: Mapping, kd: KDSource, aug_cfg: AugmentConfig, coco,
     return None
 
 
+def train_augment(aug_cfg: AugmentConfig, source: Optional[TargetSource], dcfg: Mapping) -> TrainAugment:
+    """The views the student trains on: the pipeline's, or with an image-level cache and
+    distill_cfg.image_views='aligned' (the default) windows on the cached scales and the teacher's grid."""
+    layout = getattr(getattr(source, "reader", None), "layout", None)
+    if layout is not None and layout.kind == "image" and dcfg.get("image_views", "aligned") == "aligned":
+        from yolc_kd.data.aligned_views import AlignedViews
+
+        return AlignedViews(aug_cfg, layout.scales)
+    return TrainAugment(aug_cfg)
+
+
 def run_training(config: str, ann: Optional[str], images: Optional[str], opts: TrainOptions,
                  kd: KDSource = KDSource(), skip_bad: bool = False, val_ann: Optional[str] = None,
                  val_images: Optional[str] = None) -> Dict[str, Any]:
@@ -106,7 +119,8 @@ def run_training(config: str, ann: Optional[str], images: Optional[str], opts: T
     model = build_detector(cfg["model"])  # before any teacher: every student of a seed starts the same
     source = open_target_source(cfg, kd, aug_cfg, coco, opts.trust)
     opts.kd_mode = describe_kd(kd_mode(cfg["distill_cfg"], kd), cfg["distill_cfg"], kd, source)
-    dataset = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg.get("seed", 0)), source, skip_bad=skip_bad,
+    dataset = TrainSamples(coco, train_augment(aug_cfg, source, cfg["distill_cfg"]), int(cfg.get("seed", 0)), source,
+                           skip_bad=skip_bad,
                            indices=[i for i in range(len(coco)) if i not in missing])
     if val_ann or val_images:
         opts.eval_fn = make_eval_fn(cfg, val_ann, val_images, device)
