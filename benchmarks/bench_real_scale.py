@@ -265,13 +265,13 @@ def worker_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     from yolc_kd.config import load_config
-    from yolc_kd.data.augment import AugmentConfig, TrainAugment
+    from yolc_kd.data.augment import AugmentConfig
     from yolc_kd.data.loading import load_dataset
     from yolc_kd.models import build_detector
     from yolc_kd.runtime import resolve_device
     from yolc_kd.train.data import TrainSamples
     from yolc_kd.train.loop import Trainer, TrainOptions, _to_device
-    from yolc_kd.train.recipe import KDSource, open_target_source
+    from yolc_kd.train.recipe import KDSource, open_target_source, train_augment
 
     _threads(spec["threads"])
     mode, _, variant = spec["mode"].partition("+")
@@ -291,7 +291,7 @@ def worker_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     cache = {"offline": spec["cache"], "offline_image": spec.get("image_cache")}.get(mode)
     kd = KDSource(cache=cache, online=mode == "online")
     source = open_target_source(cfg, kd, aug_cfg, coco, trust=False)
-    dataset = TrainSamples(coco, TrainAugment(aug_cfg), int(cfg.get("seed", 0)), source)
+    dataset = TrainSamples(coco, train_augment(aug_cfg, source, cfg["distill_cfg"]), int(cfg.get("seed", 0)), source)
     opts = TrainOptions(work_dir=Path(spec["work_dir"]), max_iters=1000, device=str(device), workers=0,
                         batch_size=spec["batch"], amp=spec["amp"], progress=False)
     trainer = Trainer(cfg, model, dataset, opts, source)
