@@ -52,10 +52,11 @@ DISTILL_DEFAULTS: Dict[str, Any] = dict(
     # online KD's targets: "cached" passes the live teacher's maps through the cache's quantisation, so online
     # and offline KD train on the same numbers (data_schema.md); "float" uses them unrounded
     online_targets="cached",
-    # training from an image-level cache: "aligned" views are windows of the image at the cached scales on the
-    # teacher's 8-px grid, so the cached targets move cell for cell (data/aligned_views.py); "free" views are
-    # drawn as without a cache and the targets are resampled into them
-    image_views="aligned",
+    # training from an image-level cache: "free" views are drawn as without a cache and the cached targets are
+    # resampled into them; "aligned" views are windows of the image at the cached scales on the teacher's 8-px
+    # grid, so the targets move cell for cell (data/aligned_views.py). Free is the default: on five seeds its
+    # students were as good (0.1770 vs 0.1735 mean AP, BENCHMARKS.md) with the pipeline's full scale range
+    image_views="free",
 )
 _DISTILL_TYPES = dict(
     enable=bool, teacher_ckpt=(str, type(None)), teacher_config=(str, dict, type(None)),

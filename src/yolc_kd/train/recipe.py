@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from yolc_kd.config import load_config
+from yolc_kd.config import DISTILL_DEFAULTS, load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.loading import check_config_counts, check_images, load_dataset, resolve_data
@@ -62,8 +62,9 @@ def describe_kd(mode: str, dcfg: Mapping, kd: KDSource, source: Optional[TargetS
         layout = getattr(getattr(source, "reader", None), "layout", None)
         if layout is not None and layout.kind == "image":
             scales = ", ".join(f"{s:g}" for s in layout.scales)
-            views = ("views on the cached scales and the teacher's grid" if dcfg.get("image_views", "aligned") ==
-                     "aligned" else "views drawn freely, targets resampled from the nearest scale")
+            views = ("views on the cached scales and the teacher's grid" if dcfg.get(
+                "image_views", DISTILL_DEFAULTS["image_views"]) == "aligned" else
+                "drawn as without a cache, targets moved in from the nearest scale")
             return (f"offline KD from the image-level cache {kd.cache} (the teacher on every whole image at scale "
                     f"{scales}; a fresh view each pass: {views})")
         return f"offline KD from the cache {kd.cache}"
@@ -91,9 +92,10 @@ def open_target_source(cfg: Mapping, kd: KDSource, aug_cfg: AugmentConfig, coco,
 
 def train_augment(aug_cfg: AugmentConfig, source: Optional[TargetSource], dcfg: Mapping) -> TrainAugment:
     """The views the student trains on: the pipeline's, or with an image-level cache and
-    distill_cfg.image_views='aligned' (the default) windows on the cached scales and the teacher's grid."""
+    distill_cfg.image_views='aligned' windows on the cached scales and the teacher's grid."""
     layout = getattr(getattr(source, "reader", None), "layout", None)
-    if layout is not None and layout.kind == "image" and dcfg.get("image_views", "aligned") == "aligned":
+    if layout is not None and layout.kind == "image" and dcfg.get("image_views", DISTILL_DEFAULTS["image_views"]) \
+            == "aligned":
         from yolc_kd.data.aligned_views import AlignedViews
 
         return AlignedViews(aug_cfg, layout.scales)
