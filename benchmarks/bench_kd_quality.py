@@ -19,6 +19,7 @@ for every student of a seed) five students are trained for the same iterations:
                   the teacher labels each whole image at 3 scales once; every pass draws a fresh view);
                   kd_image_s1 / kd_image_s2 the same with 1 / 2 cached scales
   kd_image_hm, kd_default_hm   (ablation) heatmap KD only (coarse and local KD weights 0), image-level / per-view
+  kd_image_w1     (ablation) image-level with heatmap KD weight 1 instead of 8
 
 The cache holds `--variants auto` views (one per epoch: no view is seen twice). Each run is one process with
 one CPU thread (`--threads`: more, a run named NAME_tN, e.g. to see how far a change of the floating-point
@@ -43,9 +44,10 @@ from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 
 STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default", "kd_w1", "kd_hm8",
             "online_hm8", "no_kd_fresh_noema", "kd_default_noema", "kd_image", "kd_image_s1", "kd_image_s2",
-            "kd_image_hm", "kd_default_hm")
+            "kd_image_hm", "kd_default_hm", "kd_image_w1")
 # the image-level caches (`precompute --kind image --scales S`) of the kd_image students
-IMAGE_CACHES = {"kd_image": "auto", "kd_image_s1": "1", "kd_image_s2": "2", "kd_image_hm": "auto"}
+IMAGE_CACHES = {"kd_image": "auto", "kd_image_s1": "1", "kd_image_s2": "2", "kd_image_hm": "auto",
+                "kd_image_w1": "auto"}
 SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
                 "kd_weight_local_refine=1.0"
 NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
@@ -80,7 +82,7 @@ def _configs(work: Path, student: Path, batch: int) -> Dict[str, Path]:
 
 def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) -> List[str]:
     if name in IMAGE_CACHES:
-        cfg = cfgs["hm"] if name.endswith("_hm") else cfgs["default"]
+        cfg = cfgs["hm"] if name.endswith("_hm") else cfgs["w1"] if name.endswith("_w1") else cfgs["default"]
         return ["--config", str(cfg), "--cache", str(_image_cache(cache, name))]
     return {"no_kd_fresh": ["--config", str(cfgs["plain"])],
             "no_kd_cached": ["--config", str(cfgs["nokd"]), "--cache", str(cache)],
