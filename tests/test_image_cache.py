@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_setup, subprocess_env  # noqa: F401
+from conftest import make_setup
 from yolc_kd.cache.image_view import move_heatmaps, source_window
 from yolc_kd.cache.reader import CacheReader
 from yolc_kd.cache.schema import BOX_STEP, dequantize_boxes, dequantize_heatmap, heatmap_tolerance

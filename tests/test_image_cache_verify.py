@@ -16,11 +16,9 @@ import zarr
 
 from conftest import assert_same_arrays, cli_args, make_setup, subprocess_env
 from yolc_kd.cache.reader import CacheReader
-from yolc_kd.cache.schema import WRITE_CONFIG
+from yolc_kd.cache.schema import WRITE_CONFIG, padded, scaled_hw
 from yolc_kd.cache.verify import check_cache, verify_cache
-from yolc_kd.cache.verify_values import padded, scaled_hw
 from yolc_kd.cli import main
-from yolc_kd.precompute import image_level
 
 SCALES = (0.75, 1.0, 1.5)  # 3 rows per image; 1.5 x 128x96 fills a 256x256 row canvas partly
 
@@ -98,11 +96,11 @@ def test_image_verify_needs_no_torch(made):
 
 
 def test_row_sizes_as_precompute_makes_them():
-    """verify's torch-free copies of image_level.scaled_hw and padded give the same sizes."""
-    for h, w in [(1, 1), (96, 128), (229, 343), (1080, 1920), (7, 3)]:
-        for s in (0.05, 0.333, 0.5, 0.75, 0.893, 1.0, 1.0218, 1.1693, 1.5, 2.5):
-            assert scaled_hw((h, w), s) == image_level.scaled_hw((h, w), s)
-        assert padded(h) == image_level.padded(h) and padded(w) == image_level.padded(w)
+    """The one row-size rule (cache/schema.py) that precompute, training and verify share: Python's round of
+    each side times the scale, at least one pixel; the teacher's input padded to multiples of 32."""
+    assert scaled_hw((96, 128), 1.1693) == (112, 150) and scaled_hw((7, 3), 0.05) == (1, 1)
+    assert scaled_hw((1080, 1920), 0.893) == (964, 1715) and scaled_hw((229, 343), 0.5) == (114, 172)
+    assert [padded(n) for n in (1, 32, 33, 964, 1715)] == [32, 32, 64, 992, 1728]
 
 
 @pytest.mark.parametrize("rel, deep, where", [

@@ -18,16 +18,15 @@ Frames: `image` (the image as loaded, (h, w)), `scaled` (the image resized to a 
 The teacher saw no photometric change: colour augmentation stays on the student's side."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from yolc_kd import crops
-from yolc_kd.cache.schema import BOX_STEP, Layout
+from yolc_kd.cache.schema import BOX_STEP, Layout, scaled_hw
 from yolc_kd.data.view import ViewTransform
 from yolc_kd.kd import KDTargets
 
@@ -44,11 +43,6 @@ def nearest_scale(view: ViewTransform, scales: Sequence[float]) -> int:
     """Index of the cached scale nearest the view's (in log scale: a resampling factor up or down counts alike)."""
     s = math.log(view_scale(view))
     return min(range(len(scales)), key=lambda k: (abs(math.log(scales[k]) - s), k))
-
-
-def scaled_hw(hw: Sequence[int], scale: float) -> Tuple[int, int]:
-    """(h, w) of an image resized by scale (at least one pixel): the row's frame (image_level.scaled_hw)."""
-    return max(1, round(int(hw[0]) * scale)), max(1, round(int(hw[1]) * scale))
 
 
 def row_to_view(image_hw: Sequence[int], row_hw: Sequence[int], view: ViewTransform) -> ViewTransform:
@@ -168,8 +162,3 @@ def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], la
                         patch_boxes=boxes, patch_scales=scales, patch_valid=valid, refine=moved,
                         coarse_valid=coarse_valid[None, None], refine_valid=moved_valid)
     return ImageViewTargets(targets, heat, to_view)
-
-
-def row_params(text: str) -> Dict[str, Any]:
-    """An image-level row's aug_params JSON: kind, ori_hw, scale, scaled_hw."""
-    return json.loads(str(text))

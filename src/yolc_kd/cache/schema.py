@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
@@ -118,6 +118,17 @@ class Layout:
 
 
 MAP_ARRAYS = ("heatmap", "coarse", "refine")  # big per-sample maps (Layout.chunk_shape)
+PAD_DIVISOR = 32  # an image-kind row's teacher input: its scaled image padded to multiples of this
+
+
+def scaled_hw(hw: Sequence[int], scale: float) -> Tuple[int, int]:
+    """(h, w) of an image resized by scale (at least one pixel, Python's round): an image-kind row's frame."""
+    return max(1, round(int(hw[0]) * scale)), max(1, round(int(hw[1]) * scale))
+
+
+def padded(n: int) -> int:
+    """n rounded up to a multiple of PAD_DIVISOR (a side of an image-kind row's teacher input)."""
+    return -(-int(n) // PAD_DIVISOR) * PAD_DIVISOR
 
 
 def sample_index(image_index: int, variant: int, variants: int) -> int:

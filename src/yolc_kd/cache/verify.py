@@ -47,9 +47,9 @@ import zarr
 from yolc_kd.cache.manifest import sha256_file
 from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, CACHE_KINDS, IMAGE_IDS, IMAGE_MAP_TILE, MANIFEST_KEY,
                                   MAP_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SHARD_DONE, STATUS_OK, STATUS_SKIPPED,
-                                  Layout)
+                                  Layout, padded)
 from yolc_kd.cache.shards import chunk_files, index_problem, shard_key
-from yolc_kd.cache.verify_values import ValueChecks, _first_line, _short, format_ranges, padded
+from yolc_kd.cache.verify_values import ValueChecks, _first_line, _short, format_ranges
 from yolc_kd.progress import progress_bar
 
 _ZARR_DTYPES = {"str": "string"}           # SAMPLE_ARRAYS dtype -> zarr.json data_type

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from yolc_kd.cache.schema import IMAGE_IDS, STATUS_MISSING, STATUS_OK, STATUS_SKIPPED
+from yolc_kd.cache.schema import IMAGE_IDS, STATUS_MISSING, STATUS_OK, STATUS_SKIPPED, scaled_hw
 
 
 _MAX_RANGES = 6                            # sample ranges shown in one fault line
@@ -36,21 +36,6 @@ def _first_line(exc: BaseException) -> str:
 def _short(v: Any, width: int = 60) -> str:
     text = repr(v)
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-PAD_DIVISOR = 32  # an image-kind row's teacher input is its scaled image padded to multiples of this
-                  # (precompute/image_level.PAD_DIVISOR)
-
-
-def padded(n: int) -> int:
-    """n rounded up to a multiple of PAD_DIVISOR (a side of an image-kind row's teacher input)."""
-    return -(-int(n) // PAD_DIVISOR) * PAD_DIVISOR
-
-
-def scaled_hw(hw: Sequence[int], scale: float) -> Tuple[int, int]:
-    """(h, w) of an image resized by scale, as precompute/image_level.scaled_hw makes an image-kind row (at
-    least one pixel; Python's round)."""
-    return max(1, round(int(hw[0]) * scale)), max(1, round(int(hw[1]) * scale))
 
 
 def _two_positive_ints(v: Any) -> bool:

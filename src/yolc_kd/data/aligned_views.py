@@ -47,11 +47,7 @@ class AlignedViews(TrainAugment):
 
     def __call__(self, img: np.ndarray, boxes, labels, key) -> AugmentedSample:
         cfg = self.cfg
-        img = np.asarray(img)
-        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 1 or img.shape[1] < 1:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        img, boxes, labels = self.checked(img, boxes, labels)
         rng = make_rng(key)
         h, w = img.shape[:2]
         photo = draw_photometric(rng, cfg.brightness_delta, cfg.contrast_range, cfg.saturation_range,

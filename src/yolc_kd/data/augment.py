@@ -188,8 +188,9 @@ class TrainAugment:
         return dict(ratio=ratio, crop_hw=[new_h, new_w], center_xy=[center_x, center_y],
                     patch_xyxy=list(patch), paste_xyxy=list(dst), tries=tries, fallback=True)
 
-    def __call__(self, img: np.ndarray, boxes, labels, key) -> AugmentedSample:
-        cfg = self.cfg
+    @staticmethod
+    def checked(img, boxes, labels) -> tuple:
+        """(uint8 (H, W, 3) image, float32 (M, 4) boxes, int64 (M,) labels), or a ValueError saying what is wrong."""
         img = np.asarray(img)
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 1 or img.shape[1] < 1:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
@@ -197,6 +198,11 @@ class TrainAugment:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(labels) != len(boxes):
             raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+        return img, boxes, labels
+
+    def __call__(self, img: np.ndarray, boxes, labels, key) -> AugmentedSample:
+        cfg = self.cfg
+        img, boxes, labels = self.checked(img, boxes, labels)
         rng = make_rng(key)
         h, w = img.shape[:2]
         params: dict[str, Any] = {"augment_version": AUGMENT_VERSION, "key": [int(k) for k in key],

@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from yolc_kd.cache.schema import IMAGE_MAP_TILE, STATUS_OK, STATUS_SKIPPED
+from yolc_kd.cache.schema import IMAGE_MAP_TILE, STATUS_OK, STATUS_SKIPPED, padded, scaled_hw
 from yolc_kd.data.augment import AugmentConfig, fingerprint_image, normalise, rescale_size
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.view import ViewTransform
 from yolc_kd.errors import UserError
 
 DEFAULT_NUM_SCALES = 3
-PAD_DIVISOR = 32  # the teacher's input sides are multiples of its coarsest stride, as YOLC's test padding
 
 
 def view_scale_range(cfg: AugmentConfig, image_hws: Sequence[Tuple[int, int]]) -> Tuple[float, float]:
@@ -62,15 +61,6 @@ def parse_scales(text: str, lo: float, hi: float) -> Tuple[float, ...]:
     if not values or values[0] <= 0 or values[-1] > 8:
         raise UserError(f"--scales must be between 0 and 8, got {text!r}")
     return tuple(values)
-
-
-def scaled_hw(hw: Sequence[int], scale: float) -> Tuple[int, int]:
-    """(h, w) of an image resized by scale (at least one pixel)."""
-    return max(1, round(int(hw[0]) * scale)), max(1, round(int(hw[1]) * scale))
-
-
-def padded(n: int) -> int:
-    return -(-int(n) // PAD_DIVISOR) * PAD_DIVISOR
 
 
 def canvas_hw(image_hws: Sequence[Tuple[int, int]], scales: Sequence[float]) -> Tuple[int, int]:

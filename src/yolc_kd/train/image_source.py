@@ -12,7 +12,7 @@ import torch
 
 from yolc_kd.cache import image_view
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import STATUS_OK
+from yolc_kd.cache.schema import STATUS_OK, scaled_hw
 from yolc_kd.data.augment import AugmentedSample, fingerprint_image
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
@@ -76,7 +76,7 @@ class ImageCacheSource:
                                 f"mismatch): the image file changed since precompute")
             self._same_image.add(index // self.layout.variants)
         image_hw = tuple(image.shape[:2])
-        row_hw = image_view.scaled_hw(image_hw, self.layout.scales[v])
+        row_hw = scaled_hw(image_hw, self.layout.scales[v])
         move = image_view.row_to_view(image_hw, row_hw, sample.view)
         x0, y0, x1, y1 = window = image_view.source_window(move, row_hw)
         chosen = image_view.crops_in_view(row, move, self.min_patch_size, self.max_patches)
