@@ -1,5 +1,10 @@
 import json
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,3 +215,18 @@ def subprocess_env() -> dict:
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     return env
+
+
+def kill_9_inside_precompute(args: list, out: Path) -> None:
+    """Run `python -m yolc_kd *args` (a precompute writing the cache `out`) and kill -9 it somewhere after its
+    first shard is committed; fails if it finished first."""
+    proc = subprocess.Popen([sys.executable, "-m", "yolc_kd", *args], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    first = out / "shard_done" / "c"
+    deadline = time.time() + 120
+    while not (first.is_dir() and any(first.iterdir())) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.0, 0.05))  # somewhere inside the next shards
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {proc.stderr.read().decode()[-500:]}"

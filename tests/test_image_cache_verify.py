@@ -3,18 +3,15 @@
 images that changed since precompute are each reported naming the array and the rows; kill -9 during
 `precompute --kind image` and a rerun give the arrays of an uninterrupted run."""
 import json
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import zarr
 
-from conftest import assert_same_arrays, cli_args, make_setup, subprocess_env
+from conftest import assert_same_arrays, cli_args, kill_9_inside_precompute, make_setup, subprocess_env
 from yolc_kd.cache.reader import CacheReader
 from yolc_kd.cache.schema import WRITE_CONFIG, padded, scaled_hw
 from yolc_kd.cache.verify import check_cache, verify_cache
@@ -239,16 +236,7 @@ def test_kill_9_then_rerun_is_bit_identical(made, tmp_path, capsys):
     """Shards of 2 rows (an image's 3 rows span two shards): the rerun fills the rest of a half-done image."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
     assert main(image_args(made, ref)) == 0
-    cmd = [sys.executable, "-m", "yolc_kd", *image_args(made, out)]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = out / "shard_done" / "c"
-    deadline = time.time() + 120
-    while not (first.is_dir() and any(first.iterdir())) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(random.uniform(0.0, 0.05))  # somewhere inside the next shards
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {proc.stderr.read().decode()[-500:]}"
+    kill_9_inside_precompute(image_args(made, out), out)
     partial = CacheReader(out)
     done = [j for j in range(partial.layout.num_shards) if partial.shard_done(j)]
     print(f"killed with shards {done} of {partial.layout.num_shards} committed", file=sys.__stderr__)

@@ -1,17 +1,15 @@
 """`yolc-kd precompute`: cached targets equal a live teacher, resume after kill -9 is bit-identical,
 mismatched reruns are refused, torchrun shards equal a single process, unreadable images are recorded."""
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SEED, VARIANTS, assert_same_arrays, cli_args, make_setup, save_random_teacher, subprocess_env
+from conftest import (SEED, VARIANTS, assert_same_arrays, cli_args, kill_9_inside_precompute, make_setup,
+                      save_random_teacher, subprocess_env)
 from yolc_kd.cache.reader import CacheReader
 from yolc_kd.cache.schema import (STATUS_OK, STATUS_SKIPPED, dequantize_heatmap, box_tolerance, dequantize_boxes,
                                   heatmap_tolerance)
@@ -84,21 +82,13 @@ def _compare_with_live_teacher(setup, ref_cache):
 
 def test_kill_9_then_rerun_is_bit_identical(setup, ref_cache, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "yolc_kd", *cli_args(setup, out)]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = out / "shard_done" / "c"
-    deadline = time.time() + 120
-    while not (first.is_dir() and any(first.iterdir())) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(random.uniform(0.0, 0.05))  # somewhere inside the next shards
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {proc.stderr.read().decode()[-500:]}"
+    kill_9_inside_precompute(cli_args(setup, out), out)
     partial = CacheReader(out)
     done = [j for j in range(partial.layout.num_shards) if partial.shard_done(j)]
     print(f"killed with shards {done} of {partial.layout.num_shards} committed")
     assert not partial.complete and 0 < len(done) < partial.layout.num_shards
-    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "yolc_kd", *cli_args(setup, out)], env=subprocess_env(),
+                         capture_output=True)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     assert CacheReader(out).complete and not list(out.rglob("*.partial"))
     assert_same_arrays(out, ref_cache)
