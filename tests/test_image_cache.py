@@ -335,3 +335,29 @@ def test_image_views_setting_picks_the_views(setup, unit_cache, tmp_path):
     assert type(train_augment(aug, None, dict(image_views="aligned"))) is TrainAugment  # no image-level cache
     with pytest.raises(UserError, match="image_views"):
         validate_distill_cfg(dict(image_views="snapped"))
+
+
+def test_map_windows_equal_zarr_and_a_damaged_shard_is_one_line(setup, unit_cache, tmp_path, capsys):
+    import shutil
+
+    import zarr
+
+    reader = CacheReader(unit_cache)
+    group = zarr.open_group(str(unit_cache), mode="r")
+    requests = [("heatmap", (1, slice(None), slice(8, 200), slice(40, 300))), ("coarse", (0, slice(1, 3))),
+                ("refine", (1, 0)), ("patch_valid", (slice(0, 2),))]
+    for (name, sel), got in zip(requests, reader.read_requests(requests)):
+        assert np.array_equal(got, group[name][sel]), name  # maps past zarr (shard_windows), the rest through it
+    damaged = tmp_path / "damaged"
+    shutil.copytree(unit_cache, damaged)
+    for shard in (damaged / "heatmap" / "c").rglob("*"):
+        if shard.is_file():
+            raw = bytearray(shard.read_bytes())
+            raw[len(raw) // 3] ^= 0xFF
+            shard.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["train", "--config", str(setup.config), "--ann", str(setup.ann), "--images", str(setup.data),
+                 "--cache", str(damaged), "--work-dir", str(tmp_path / "w"), "--max-iters", "1",
+                 "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "array 'heatmap' is damaged" in err[0] and "Traceback" not in err[0]

@@ -11,8 +11,9 @@ import numpy as np
 import zarr
 
 from yolc_kd.cache.manifest import read_manifest
-from yolc_kd.cache.schema import (IMAGE_IDS, SAMPLE_ARRAYS, SCHEMA_VERSION, SHARD_DONE, Layout, decode_fingerprint,
-                                  sample_index)
+from yolc_kd.cache.schema import (IMAGE_IDS, MAP_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SHARD_DONE, Layout,
+                                  decode_fingerprint, sample_index)
+from yolc_kd.cache.shard_windows import ShardWindows
 from yolc_kd.errors import UserError
 
 
@@ -44,6 +45,7 @@ class CacheReader:
         self.manifest = open_manifest(self.path)
         self.layout = Layout.from_dict(self.manifest["layout"])
         self._arrays: Optional[Dict[str, zarr.Array]] = None
+        self._windows: Dict[str, Optional[ShardWindows]] = {}  # map arrays read past zarr (shard_windows.py)
         self._pid: Optional[int] = None
         self._done: set = set()
         try:
@@ -54,13 +56,14 @@ class CacheReader:
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state["_arrays"], state["_pid"] = None, None
+        state["_arrays"], state["_pid"], state["_windows"] = None, None, {}
         return state
 
     def _open(self) -> Dict[str, zarr.Array]:
         if self._arrays is None or self._pid != os.getpid():
             group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
             self._arrays = {name: group[name] for name in (*SAMPLE_ARRAYS, IMAGE_IDS, SHARD_DONE)}
+            self._windows = {name: ShardWindows.open(self._arrays[name]) for name in MAP_ARRAYS}
             self._pid = os.getpid()
         return self._arrays
 
@@ -130,12 +133,22 @@ class CacheReader:
         return out
 
     def read_requests(self, requests: List[Tuple[str, Tuple[Any, ...]]]) -> List[np.ndarray]:
-        """[(array name, full selection incl. the row axis)] -> their values, fetched in one concurrent gather
-        (the rows' shards must be committed: check with shard_done). Raises CacheError naming the array."""
+        """[(array name, full selection incl. the row axis)] -> their values: the map arrays straight from their
+        shard files (ShardWindows), the others in one concurrent zarr gather (the rows' shards must be committed:
+        check with shard_done). Raises CacheError naming the array."""
         if not requests:
             return []
         arrays = self._open()
-        results = _gather([arrays[name] for name, _ in requests], [sel for _, sel in requests])
+        direct = [self._windows.get(name) for name, _ in requests]
+        via_zarr = [k for k, w in enumerate(direct) if w is None]
+        results: List[Any] = [None] * len(requests)
+        if via_zarr:
+            for k, res in zip(via_zarr, _gather([arrays[requests[k][0]] for k in via_zarr],
+                                                [requests[k][1] for k in via_zarr])):
+                results[k] = res
+        for k, windows in enumerate(direct):
+            if windows is not None:
+                results[k] = _safe(lambda w=windows, sel=requests[k][1]: w.read(sel))
         for (name, sel), res in zip(requests, results):
             if isinstance(res, BaseException):
                 raise CacheError(f"{self.path}: array '{name}' is damaged at {sel[0]}: {type(res).__name__}: "

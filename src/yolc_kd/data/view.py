@@ -450,21 +450,20 @@ class ViewTransform:
         (_, _, iy), (_, _, ix) = self._cells(stride, out_stride, n_out)
         src, oky, okx = _gather(x, iy, ix)
         (ax, bx), (ay, by) = self.affine()
-        v = src.double() * unit
         dev = x.device
-        sx_cell = ix.to(dev, torch.float64)[None, :]  # source cell indices under every destination cell
-        sy_cell = iy.to(dev, torch.float64)[:, None]
-        dx_cell = torch.arange(n_out[1], device=dev, dtype=torch.float64)[None, :]
-        dy_cell = torch.arange(n_out[0], device=dev, dtype=torch.float64)[:, None]
-        cx = (float(ax) * ((sx_cell + v[..., 0, :, :]) * stride) + float(bx)) / out_stride - dx_cell
-        cy = (float(ay) * ((sy_cell + v[..., 1, :, :]) * stride) + float(by)) / out_stride - dy_cell
-        hw = v[..., 2, :, :] * (abs(float(ax)) * stride / out_stride)
-        hh = v[..., 3, :, :] * (abs(float(ay)) * stride / out_stride)
-        moved = torch.stack([cx, cy, hw, hh], dim=-3) / unit
-        if not bool(oky.all() and okx.all()):  # no source cell: 0, as apply_map
-            ok = (oky[:, None] & okx[None, :]).to(dev)
-            moved = torch.where(ok, moved, torch.zeros((), dtype=moved.dtype, device=dev))
-        return _round_into(moved, x.dtype), self._valid(out_stride, n_out, oky, okx, dev)
+        # per axis, in units: moved = k * stored + offset(destination cell), with k the axis' scale in cells and
+        # offset the source cell's position moved into the destination cell's frame (one multiply-add per value)
+        moved = src.to(torch.float64)
+        for ch, a, b, cells, n in ((0, ax, bx, ix, n_out[1]), (1, ay, by, iy, n_out[0])):
+            k = float(a) * stride / out_stride
+            offset = ((float(a) * stride * cells.to(dev, torch.float64) + float(b)) / out_stride
+                      - torch.arange(n, device=dev, dtype=torch.float64)) / unit
+            moved[..., ch, :, :].mul_(k).add_(offset[None, :] if ch == 0 else offset[:, None])
+            moved[..., ch + 2, :, :].mul_(abs(k))
+        out = _round_into(moved, x.dtype)
+        out[..., ~oky.to(dev), :] = 0  # no source cell: 0, as apply_map
+        out[..., ~okx.to(dev)] = 0
+        return out, self._valid(out_stride, n_out, oky, okx, dev)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:
