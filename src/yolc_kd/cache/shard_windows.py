@@ -106,7 +106,7 @@ class ShardWindows:
     def read(self, selection: Sequence[Any]) -> np.ndarray:
         """The array's values at selection, as numpy's basic indexing of the whole array would give them."""
         ranges, dropped = self._ranges(selection)
-        out = np.full([b - a for a, b in ranges], self.fill, dtype=self.dtype.newbyteorder("="))
+        out = np.empty([b - a for a, b in ranges], dtype=self.dtype.newbyteorder("="))  # every part is written
         if out.size:
             shard_axes = [range(a // s, -(-b // s)) for (a, b), s in zip(ranges, self.shard)]
             for shard_pos in itertools.product(*shard_axes):
@@ -117,8 +117,9 @@ class ShardWindows:
         path = self.folder / self.key_of(shard_pos)
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # a shard never written reads as the fill value, as in zarr
+        except FileNotFoundError:  # a shard never written reads as the fill value, as in zarr
+            self._place(self.fill, [p * s for p, s in zip(shard_pos, self.shard)], ranges, out, self.shard)
+            return
         try:
             size = os.fstat(fd).st_size
             origin = [p * s for p, s in zip(shard_pos, self.shard)]
@@ -135,22 +136,28 @@ class ShardWindows:
                 axes.append(range((lo - o) // c, -(-(hi - o) // c)) if hi > lo else range(0))
             for pos in itertools.product(*axes):
                 offset, nbytes = index[pos]
-                if offset == _EMPTY and nbytes == _EMPTY:
+                start = [o + p * c for o, p, c in zip(origin, pos, self.inner)]
+                if offset == _EMPTY and nbytes == _EMPTY:  # an inner chunk never written: the fill value
+                    self._place(self.fill, start, ranges, out, self.inner)
                     continue
                 if int(offset) + int(nbytes) > size - index_bytes:
                     raise DamagedShard(f"{path}: inner chunk {pos} lies outside the file")
                 body = _checked(os.pread(fd, int(nbytes), int(offset)), f"{path} inner chunk {pos}")
                 chunk = np.frombuffer(_BLOSC.decode(body), dtype=self.dtype).reshape(self.inner)
-                self._place(chunk, [o + p * c for o, p, c in zip(origin, pos, self.inner)], ranges, out)
+                self._place(chunk, start, ranges, out, self.inner)
         finally:
             os.close(fd)
 
     @staticmethod
-    def _place(chunk: np.ndarray, start: List[int], ranges: List[Tuple[int, int]], out: np.ndarray) -> None:
-        """Copy the part of chunk (its first element at array position start) inside ranges into out."""
+    def _place(chunk: Any, start: List[int], ranges: List[Tuple[int, int]], out: np.ndarray,
+               shape: Sequence[int]) -> None:
+        """Copy the part inside ranges of a block of `shape` whose first element is at array position start
+        (chunk: its values, or one value for all) into out."""
         src, dst = [], []
-        for s0, n, (a, b) in zip(start, chunk.shape, ranges):
+        for s0, n, (a, b) in zip(start, shape, ranges):
             lo, hi = max(a, s0), min(b, s0 + n)
+            if hi <= lo:
+                return
             src.append(slice(lo - s0, hi - s0))
             dst.append(slice(lo - a, hi - a))
-        out[tuple(dst)] = chunk[tuple(src)]
+        out[tuple(dst)] = chunk[tuple(src)] if isinstance(chunk, np.ndarray) else chunk
