@@ -18,6 +18,7 @@ where its input sits (the same image shifted by 1-32 px on its canvas).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = REPO / "src" / "yolc_kd" / "configs" / "tiny_student_synth.py"
 TEACHER = REPO / "src" / "yolc_kd" / "assets" / "tiny_teacher_synth.pth"
+
+
+EDGE_PX = 32  # "near the edge": within this many pixels of the border of the image's part of the view
 
 
 def _peaks(p: torch.Tensor, thr: float = 0.3) -> torch.Tensor:
@@ -120,6 +124,7 @@ def main() -> None:
                    help="the student's views: aligned with the cached rows (distill_cfg.image_views default) or free")
     p.add_argument("--shift-images", type=int, default=12,
                    help="images for the teacher's own shift sensitivity (0: skip)")
+    p.add_argument("--no-flip", action="store_true", help="views never mirrored (the pipeline's flip ratio 0)")
     p.add_argument("--views", type=int, default=60)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -129,6 +134,8 @@ def main() -> None:
     data = Path(args.data)
     coco = CocoDetection(args.ann or data / "annotations.json", data)
     aug = AugmentConfig.from_pipeline(cfg["train_pipeline"], cfg.get("test_pipeline"))
+    if args.no_flip:
+        aug = dataclasses.replace(aug, flip_ratio=0.0)
     from yolc_kd.data.aligned_views import AlignedViews
 
     reader = CacheReader(args.cache)
@@ -159,6 +166,13 @@ def main() -> None:
         read_s.append(t1 - t0)
         moved = dequantize_targets(got.targets)
         rows["image_level"].append(_compare(ref, heat, moved.coarse, valid, moved.coarse_valid, decode))
+        # where the mismatch is: near the edge of what the view shows of the image (the whole-image teacher saw
+        # context there that the view cuts off) or inside; in mirrored views or not
+        inner = -F.max_pool2d(-valid.float(), 2 * EDGE_PX + 1, 1, EDGE_PX) > 0
+        part = "mirrored" if view.params.get("flipped") else "unmirrored"
+        for name, mask in ((f"image_level_inner_{part}", inner), (f"image_level_edge_{part}", valid & ~inner)):
+            if mask.any():
+                rows.setdefault(name, []).append(_compare(ref, heat, moved.coarse, mask, moved.coarse_valid, decode))
         everywhere = torch.ones_like(valid)
         rows["per_view_nophoto"].append(_compare(ref, ref_plain.heatmap, ref_plain.coarse, everywhere,
                                                  torch.ones_like(moved.coarse_valid), decode))
@@ -169,9 +183,9 @@ def main() -> None:
     summary["crops_per_view"] = {k: statistics.mean(v) for k, v in crops.items()}
     summary["worker_s_per_sample"] = statistics.median(read_s)
     summary["heatmap_move_s_per_sample"] = statistics.median(move_s)
-    for name in ("per_view_nophoto", "image_level"):
+    for name in [n for n in summary if n.startswith(("per_view_nophoto", "image_level"))]:
         s = summary[name]
-        log(f"{name:<17} vs the teacher on the view: heatmap |diff| {s['heat_mean_abs']:.4f}, peak recall "
+        log(f"{name:<32} vs the teacher on the view: heatmap |diff| {s['heat_mean_abs']:.4f}, peak recall "
             f"{s['peak_recall']:.2f}, coarse |diff| {s['coarse_median_abs_px']:.2f} px")
     log(f"KD crops per view: teacher on the view {summary['crops_per_view']['per_view']:.2f}, image-level "
         f"{summary['crops_per_view']['image_level']:.2f}; worker {1e3 * summary['worker_s_per_sample']:.1f} ms, "

@@ -20,9 +20,10 @@ for every student of a seed) five students are trained for the same iterations:
                   kd_image_s1 / kd_image_s2 the same with 1 / 2 cached scales
   kd_image_hm, kd_default_hm   (ablation) heatmap KD only (coarse and local KD weights 0), image-level / per-view
   kd_image_w1     (ablation) image-level with heatmap KD weight 1 instead of 8
-  no_kd_nophoto, kd_default_nophoto, kd_image_nophoto   (ablation) no_kd_fresh, kd_default and kd_image with the
-                  training pipeline's PhotoMetricDistortion removed (the per-view cache made again without it, in
-                  soft_nophoto): what the image-level teacher's missing colour change costs
+  no_kd_P, kd_default_P, kd_image_P, kd_aligned_P   (ablation) no_kd_fresh, kd_default, kd_image and kd_image
+                  with image_views='aligned', with steps removed from the training pipeline (P = nophoto: its
+                  PhotoMetricDistortion; still: also its RandomFlip; the per-view cache made again, in soft_P):
+                  what the image-level teacher's missing colour change and mirroring cost
 
 The cache holds `--variants auto` views (one per epoch: no view is seen twice). Each run is one process with
 one CPU thread (`--threads`: more, a run named NAME_tN, e.g. to see how far a change of the floating-point
@@ -47,16 +48,18 @@ from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 
 STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default", "kd_w1", "kd_hm8",
             "online_hm8", "no_kd_fresh_noema", "kd_default_noema", "kd_image", "kd_image_s1", "kd_image_s2",
-            "kd_image_hm", "kd_default_hm", "kd_image_w1", "no_kd_nophoto", "kd_default_nophoto",
-            "kd_image_nophoto")
+            "kd_image_hm", "kd_default_hm", "kd_image_w1") + tuple(
+                f"{s}_{p}" for p in ("nophoto", "still") for s in ("no_kd", "kd_default", "kd_image", "kd_aligned"))
 # the image-level caches (`precompute --kind image --scales S`) of the kd_image students
 IMAGE_CACHES = {"kd_image": "auto", "kd_image_s1": "1", "kd_image_s2": "2", "kd_image_hm": "auto",
-                "kd_image_w1": "auto", "kd_image_nophoto": "auto"}
+                "kd_image_w1": "auto", **{f"kd_{v}_{p}": "auto" for v in ("image", "aligned")
+                                          for p in ("nophoto", "still")}}
 SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
                 "kd_weight_local_refine=1.0"
 NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
 VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0", w1="kd_weight_global_hm=1.0",
                 plain="enable=False", hm="kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0")  # distill_cfg overrides
+PIPELINE_VARIANTS = dict(nophoto=("PhotoMetricDistortion",), still=("PhotoMetricDistortion", "RandomFlip"))
 NO_EMA = "custom_hooks = []"  # the shipped config without its weight average (sessions 3-4 measured so)
 
 
@@ -83,23 +86,29 @@ def _configs(work: Path, student: Path, batch: int) -> Dict[str, Path]:
     cfgs["noema_plain"].write_text(f"_base_ = {str(cfgs['noema'])!r}\ndistill_cfg = dict(enable=False)\n")
     from yolc_kd.config import load_config
 
-    pipeline = [step for step in load_config(student)["train_pipeline"] if step["type"] != "PhotoMetricDistortion"]
-    cfgs["nophoto"] = work / "student_nophoto.py"
-    cfgs["nophoto"].write_text(f"_base_ = {str(base)!r}\ntrain_pipeline = {pipeline!r}\n")
-    cfgs["nophoto_plain"] = work / "student_nophoto_plain.py"
-    cfgs["nophoto_plain"].write_text(f"_base_ = {str(cfgs['nophoto'])!r}\ndistill_cfg = dict(enable=False)\n")
+    for name, removed in PIPELINE_VARIANTS.items():
+        pipeline = [step for step in load_config(student)["train_pipeline"] if step["type"] not in removed]
+        cfgs[name] = work / f"student_{name}.py"
+        cfgs[name].write_text(f"_base_ = {str(base)!r}\ntrain_pipeline = {pipeline!r}\n")
+        cfgs[f"{name}_plain"] = work / f"student_{name}_plain.py"
+        cfgs[f"{name}_plain"].write_text(f"_base_ = {str(cfgs[name])!r}\ndistill_cfg = dict(enable=False)\n")
+        cfgs[f"{name}_aligned"] = work / f"student_{name}_aligned.py"
+        cfgs[f"{name}_aligned"].write_text(f"_base_ = {str(cfgs[name])!r}\ndistill_cfg = dict(image_views='aligned')\n")
     return cfgs
 
 
 def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) -> List[str]:
     if name in IMAGE_CACHES:
         suffix = name.rsplit("_", 1)[-1]
-        cfg = cfgs[suffix] if suffix in ("hm", "w1", "nophoto") else cfgs["default"]
+        cfg = cfgs[suffix] if suffix in ("hm", "w1") else cfgs["default"]
+        if suffix in PIPELINE_VARIANTS:
+            cfg = cfgs[f"{suffix}_aligned"] if name.startswith("kd_aligned") else cfgs[suffix]
         return ["--config", str(cfg), "--cache", str(_image_cache(cache, name))]
     return {"no_kd_fresh": ["--config", str(cfgs["plain"])],
             "no_kd_cached": ["--config", str(cfgs["nokd"]), "--cache", str(cache)],
-            "no_kd_nophoto": ["--config", str(cfgs["nophoto_plain"])],
-            "kd_default_nophoto": ["--config", str(cfgs["nophoto"]), "--cache", str(cache.parent / "soft_nophoto")],
+            **{f"no_kd_{p}": ["--config", str(cfgs[f"{p}_plain"])] for p in PIPELINE_VARIANTS},
+            **{f"kd_default_{p}": ["--config", str(cfgs[p]), "--cache", str(cache.parent / f"soft_{p}")]
+               for p in PIPELINE_VARIANTS},
             "kd_seed": ["--config", str(cfgs["seed"]), "--cache", str(cache)],
             "kd_default": ["--config", str(cfgs["default"]), "--cache", str(cache)],
             "kd_hm8": ["--config", str(cfgs["hm8"]), "--cache", str(cache)],
@@ -261,10 +270,10 @@ def main() -> None:
                     "--out", str(cache), "--variants", "auto", "--train-iters", str(args.iters),
                     "--batch-size", "8", "--threads", str(args.threads), "--no-progress"], check=True)
     precompute_s = time.perf_counter() - t0
-    if "kd_default_nophoto" in args.students:  # the per-view cache of views without the colour change
-        subprocess.run([sys.executable, "-m", "yolc_kd", "precompute", "--config", str(cfgs["nophoto"]), "--ckpt",
+    for p in [p for p in PIPELINE_VARIANTS if f"kd_default_{p}" in args.students]:  # their own per-view caches
+        subprocess.run([sys.executable, "-m", "yolc_kd", "precompute", "--config", str(cfgs[p]), "--ckpt",
                         str(ASSET_TEACHER), "--ann", str(train / "annotations.json"), "--images", str(train),
-                        "--out", str(cache.parent / "soft_nophoto"), "--variants", "auto", "--train-iters",
+                        "--out", str(cache.parent / f"soft_{p}"), "--variants", "auto", "--train-iters",
                         str(args.iters), "--batch-size", "8", "--threads", str(args.threads), "--no-progress"],
                        check=True)
     caches = {"view": dict(_cache_info(cache), precompute_s=round(precompute_s, 1))}
