@@ -125,11 +125,12 @@ def crops_in_view(row: Mapping[str, np.ndarray], move: ViewTransform, min_size: 
                   slots: int) -> List[Tuple[int, np.ndarray]]:
     """[(row slot, crop box [x, y, w, h] in the view)] of the cached crops that show at least min_size pixels
     on each side in the view, largest visible area first, at most `slots`."""
-    found = []
-    for k in np.flatnonzero(np.asarray(row["patch_valid"], bool)).tolist():
-        box = np.asarray(move.apply_crop_boxes(np.asarray(row["patch_boxes"][k], np.float64)[None])[0])
-        if box[2] >= min_size and box[3] >= min_size:
-            found.append((float(box[2] * box[3]), k, box))
+    cached = np.flatnonzero(np.asarray(row["patch_valid"], bool))
+    if len(cached) == 0:
+        return []
+    boxes = np.asarray(move.apply_crop_boxes(np.asarray(row["patch_boxes"], np.float64)[cached]))
+    found = [(float(box[2] * box[3]), int(k), box) for k, box in zip(cached, boxes)
+             if box[2] >= min_size and box[3] >= min_size]
     found.sort(key=lambda t: (-t[0], t[1]))
     return [(k, box) for _, k, box in found[:slots]]
 
