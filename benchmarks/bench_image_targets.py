@@ -125,6 +125,7 @@ def main() -> None:
     p.add_argument("--shift-images", type=int, default=12,
                    help="images for the teacher's own shift sensitivity (0: skip)")
     p.add_argument("--no-flip", action="store_true", help="views never mirrored (the pipeline's flip ratio 0)")
+    p.add_argument("--all-flipped", action="store_true", help="every view mirrored (the pipeline's flip ratio 1)")
     p.add_argument("--views", type=int, default=60)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -134,8 +135,8 @@ def main() -> None:
     data = Path(args.data)
     coco = CocoDetection(args.ann or data / "annotations.json", data)
     aug = AugmentConfig.from_pipeline(cfg["train_pipeline"], cfg.get("test_pipeline"))
-    if args.no_flip:
-        aug = dataclasses.replace(aug, flip_ratio=0.0)
+    if args.no_flip or args.all_flipped:
+        aug = dataclasses.replace(aug, flip_ratio=1.0 if args.all_flipped else 0.0)
     from yolc_kd.data.aligned_views import AlignedViews
 
     reader = CacheReader(args.cache)

@@ -361,3 +361,21 @@ def test_map_windows_equal_zarr_and_a_damaged_shard_is_one_line(setup, unit_cach
                  "--no-progress"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "array 'heatmap' is damaged" in err[0] and "Traceback" not in err[0]
+
+
+def test_zero_outside_a_rectangle_and_any_mask():
+    from yolc_kd.cache.image_view import _zero_outside
+
+    x = torch.rand(3, 6, 7) + 0.1
+    for valid in (torch.zeros(6, 7, dtype=torch.bool), torch.ones(6, 7, dtype=torch.bool)):
+        y = x.clone()
+        _zero_outside(y, valid)
+        assert torch.equal(y, x * valid)
+    rect = torch.zeros(6, 7, dtype=torch.bool)
+    rect[1:4, 2:6] = True
+    ring = torch.ones(6, 7, dtype=torch.bool)
+    ring[2:4, 2:4] = False  # not a rectangle: the masked fill
+    for valid in (rect, ring):
+        y = x.clone()
+        _zero_outside(y, valid)
+        assert torch.equal(y, x * valid)

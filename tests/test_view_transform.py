@@ -304,3 +304,18 @@ def test_bad_steps_and_json_are_one_line():
         ViewTransform.from_dict({"steps": [{"type": "resize", "in_hw": [1, 1]}]})
     with pytest.raises(ValueError, match=r"\(N, 4\)"):
         ViewTransform.hflip((4, 4)).apply_boxes(np.zeros((2, 3)))
+
+
+def test_take_gathers_and_zeroes_out_of_range_indices_on_every_path():
+    from yolc_kd.data.view import _take
+
+    x = torch.arange(2 * 5 * 6, dtype=torch.uint8).reshape(2, 5, 6)
+    for dim in (1, 2, -1):
+        n = x.shape[dim]
+        for idx in ([-2, -1, 0, 1, 2], [n - 2, n - 1, n, n + 1], [3, 0, 4, 1, -1, 2], [0, 0, 1, 1, 2, 2],
+                    [n, n + 1], [2, 1, 0, -1]):
+            idx_t = torch.tensor(idx)
+            got, ok = _take(x, dim, idx_t)
+            want = torch.stack([x.select(dim, i) if 0 <= i < n else torch.zeros_like(x.select(dim, 0))
+                                for i in idx], dim=dim % x.dim())
+            assert torch.equal(got, want) and torch.equal(ok, (idx_t >= 0) & (idx_t < n)), (dim, idx)
