@@ -1,6 +1,7 @@
 """The image-level cache (`precompute --kind image`): rows equal the teacher on the scaled image, a view's targets
 land where the view puts the image (identity, mirror), training reads it through the CLI, and the masked KD losses
 ignore what a view does not show."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,7 @@ from yolc_kd.cache.reader import CacheReader
 from yolc_kd.cache.schema import BOX_STEP, dequantize_boxes, dequantize_heatmap, heatmap_tolerance
 from yolc_kd.cli import main
 from yolc_kd.config import load_config
-from yolc_kd.data.augment import AugmentConfig
+from yolc_kd.data.augment import AugmentConfig, normalise
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.view import CropPaste, HFlip, ViewTransform
 from yolc_kd.errors import UserError
@@ -34,6 +35,14 @@ def setup(tmp_path_factory):
 def _precompute(s, out, *extra):
     return main(["precompute", "--config", str(s.config), "--ckpt", str(s.ckpt), "--out", str(out), "--kind", "image",
                  "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def mirrored_cache(setup):
+    """An image-level cache at scale 1 with the mirrored images (precompute --mirror): rows plain, mirrored."""
+    out = setup.root / "image_s1_mirrored"
+    assert _precompute(setup, out, "--scales", "1.0", "--mirror") == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +85,7 @@ def test_rows_are_the_teacher_on_the_whole_scaled_image(setup, unit_cache):
     coco = CocoDetection(setup.ann, setup.data)
     teacher = build_teacher(cfg["distill_cfg"], cfg["model"], None, str(setup.ckpt))
     aug = AugmentConfig.from_pipeline(cfg["train_pipeline"])
-    rows = ImageRows(coco, aug, lay.scales, [coco.image_info(i)["id"] for i in range(len(coco))], [0, 1])
+    rows = ImageRows(coco, aug, lay.image_rows(), [coco.image_info(i)["id"] for i in range(len(coco))], [0, 1])
     for i in (0, 1):
         item = rows[i]
         with torch.no_grad():
@@ -289,7 +298,7 @@ def test_masked_kd_losses_with_no_crop_in_the_batch():
 def test_aligned_views_take_the_row_cell_for_cell(setup, unit_cache):
     """An aligned view (distill_cfg.image_views='aligned') is a window of the image at a cached scale on the
     teacher's grid: the row moves into it exactly (no resampling), heatmap and coarse maps are the row's window."""
-    from yolc_kd.cache.image_view import row_to_view, scaled_hw
+    from yolc_kd.cache.image_view import row_to_view
     from yolc_kd.data.aligned_views import AlignedViews
 
     cfg = load_config(setup.config, with_defaults=True)
@@ -306,7 +315,7 @@ def test_aligned_views_take_the_row_cell_for_cell(setup, unit_cache):
             s = views(image, boxes, labels, (3, image_id, p))
             again = views(image, boxes, labels, (3, image_id, p))
             assert torch.equal(s.img, again.img) and s.view == again.view  # a key gives one view
-            move = row_to_view(image.shape[:2], scaled_hw(image.shape[:2], 1.0), s.view)
+            move = row_to_view(image.shape[:2], 1.0, False, s.view)
             assert move.moves_cells(4) and move.moves_cells(1)
             x0, y0 = s.params["aligned"]["window_xy"]
             assert x0 % 8 == 0 and y0 % 8 == 0 and tuple(s.img.shape[-2:]) == (96, 128)
@@ -379,3 +388,53 @@ def test_zero_outside_a_rectangle_and_any_mask():
         y = x.clone()
         _zero_outside(y, valid)
         assert torch.equal(y, x * valid)
+
+
+def test_mirrored_rows_are_the_teacher_on_the_mirrored_image_and_serve_mirrored_views(setup, mirrored_cache):
+    """precompute --mirror: row 2i+1 is the teacher on image i mirrored; an aligned mirrored view is on the mirrored
+    row's grid, takes that row cell for cell (no mirroring left in the move) and gets its heatmap window."""
+    from yolc_kd.cache.image_view import row_to_view, view_mirrored
+    from yolc_kd.data.aligned_views import AlignedViews
+
+    reader = CacheReader(mirrored_cache)
+    lay = reader.layout
+    assert lay.mirrored and lay.variants == 2 and lay.image_rows() == ((1.0, False), (1.0, True))
+    assert reader.manifest["mirrored"] is True
+    cfg = load_config(setup.config, with_defaults=True)
+    coco = CocoDetection(setup.ann, setup.data)
+    teacher = build_teacher(cfg["distill_cfg"], cfg["model"], None, str(setup.ckpt))
+    aug = AugmentConfig.from_pipeline(cfg["train_pipeline"])
+    image = coco.load_image(0)
+    h, w = image.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(normalise(image[:, ::-1], aug).transpose(2, 0, 1)))
+    canvas = torch.zeros(1, 3, -(-h // 32) * 32, -(-w // 32) * 32)
+    canvas[0, :, :h, :w] = x
+    with torch.no_grad():
+        t = image_targets(teacher, canvas, (h, w), (96, 128), cfg["distill_cfg"], lay.max_patches)
+    row = reader.read_sample(1)  # image 0, mirrored
+    assert json.loads(str(row["aug_params"]))["mirrored"] is True
+    p = t.heatmap[0].numpy()[:, :h, :w]
+    assert (np.abs(dequantize_heatmap(row["heatmap"])[:, :h, :w] - p) <= heatmap_tolerance(p)).all()
+    views = AlignedViews(aug, lay.scales, mirrored_rows=True)
+    src = _source(mirrored_cache)
+    boxes, labels = coco.annotations(0)
+    mirrored_seen = 0
+    for k in range(8):
+        s = views(image, boxes, labels, (5, int(coco.image_info(0)["id"]), k))
+        flipped = view_mirrored(s.view)
+        move = row_to_view((h, w), 1.0, flipped, s.view)
+        assert move.moves_cells(4) and move.moves_cells(1) and not view_mirrored(move)
+        got = src.sample_targets(int(coco.image_info(0)["id"]), k, image, s)
+        heat, valid = move_heatmaps([(got.heatmap_window, got.heatmap_move)], (96, 128), torch.device("cpu"))
+        stored = dequantize_heatmap(reader.read_sample(int(flipped))["heatmap"])
+        window, ok = move.apply_map(torch.from_numpy(stored), 1, out_size=(96, 128))
+        torch.testing.assert_close(heat[0], torch.where(ok, window, torch.zeros(())), rtol=0, atol=1e-6)
+        mirrored_seen += flipped
+    assert 0 < mirrored_seen < 8
+
+
+def test_mirror_is_for_the_image_kind(setup, tmp_path, capsys):
+    assert main(["precompute", "--config", str(setup.config), "--ckpt", str(setup.ckpt), "--out",
+                 str(tmp_path / "v"), "--mirror", "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mirror is for --kind image" in err[0]

@@ -143,7 +143,7 @@ def _too_big(p):  # larger than the 256x256 row canvas
 
 @pytest.mark.parametrize("rows, edit, where, what", [
     ([4], _scale_up, "sample 4 (shard 1)", "scale is not the layout's scale of the row's variant "
-                                           "(layout.scales[variant])"),
+                                           "(layout.scales[variant // mirrors])"),
     ([5], _one_more_row, "sample 5 (shard 1)", "scaled_hw is not round(ori_hw * scale)"),
     ([7], _view_row, "sample 7 (shard 2)", "not an image row (kind is not 'image')"),
     ([3, 4, 5], _other_size, "samples 3..5 (shard 1)", "ori_hw differs from the image's height and width in the "
@@ -246,3 +246,22 @@ def test_kill_9_then_rerun_is_bit_identical(made, tmp_path, capsys):
     assert_same_arrays(out, ref)
     rc, lines, _ = verify(capsys, out, "--deep", *recompute_args(made, 2))
     assert rc == 0 and not faults(lines), lines
+
+
+def test_mirrored_image_cache_passes_and_a_swapped_mirror_is_named(made, tmp_path, capsys):
+    """precompute --mirror: quick, --deep and --recompute on every row pass; a row whose aug_params lose their
+    mirror flag is named."""
+    out = tmp_path / "mirrored"
+    assert main(image_args(made, out, default_shards=True) + ["--mirror"]) == 0
+    lay = CacheReader(out).layout
+    assert lay.mirrored and lay.variants == 6 and lay.shard_size == 6
+    rc, lines, err = verify(capsys, out, "--deep", *recompute_args(made, 24))
+    assert rc == 0 and len(lines) == 1 and "teacher recomputed on 24 sample(s)" in lines[0], lines + [err]
+    params = zarr.open_group(str(out), mode="r+")["aug_params"]
+    p = json.loads(str(params[1]))
+    assert p["mirrored"] is True
+    del p["mirrored"]
+    params[1] = json.dumps(p, sort_keys=True, separators=(",", ":"))
+    rc, lines, _ = verify(capsys, out)
+    bad = faults(lines)
+    assert rc != 0 and any("sample 1 " in line and "mirrored is not the layout's" in line for line in bad), lines

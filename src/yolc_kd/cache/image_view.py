@@ -2,8 +2,9 @@
 cached scale (precompute/image_level.py); a fresh view of the image gets its KD targets from the nearest scale
 through the view's transform (data/view.py), as ReLabel cuts a random crop's label from a whole-image map.
 
-Frames: `image` (the image as loaded, (h, w)), `scaled` (the image resized to a cached scale, the row's frame),
-`view` (the training input). `row_to_view` = scaled -> image -> view; every map, box and crop moves by it:
+Frames: `image` (the image as loaded, (h, w)), `row` (the image resized to a cached scale, mirrored in a mirrored
+row: row_frame), `view` (the training input). `row_to_view` = row -> image -> view; every map, box and crop moves
+by it (a mirrored view takes a mirrored row where the cache has them, and the two mirrors cancel):
 - the heatmap (nearest pixel, on the training device: ImageViewTargets.heatmap_move), valid where the view
   shows the image. Nearest, not bilinear: a bilinear move at a sub-pixel shift flattens the teacher's one-pixel
   peaks into two-pixel plateaus below the peak threshold (60 % of the teacher's peaks kept within 2 px against
@@ -28,6 +29,7 @@ import torch
 from yolc_kd import crops
 from yolc_kd.cache.schema import BOX_STEP, Layout, scaled_hw
 from yolc_kd.data.view import ViewTransform
+from yolc_kd.data.view_steps import HFlip, Resize
 from yolc_kd.kd import KDTargets
 
 STRIDE = 4  # YOLC's box maps
@@ -45,9 +47,23 @@ def nearest_scale(view: ViewTransform, scales: Sequence[float]) -> int:
     return min(range(len(scales)), key=lambda k: (abs(math.log(scales[k]) - s), k))
 
 
-def row_to_view(image_hw: Sequence[int], row_hw: Sequence[int], view: ViewTransform) -> ViewTransform:
-    """The row's (scaled image's) frame -> the view: undo the cached scale, then the view's own transform."""
-    return ViewTransform.resize(tuple(image_hw), tuple(row_hw)).inverse().then(view)
+def row_frame(image_hw: Sequence[int], scale: float, mirrored: bool = False) -> ViewTransform:
+    """The image -> a row's frame: the image resized by the row's scale (scaled_hw), then mirrored for a mirrored
+    row. What the teacher saw (precompute/image_level.py ImageRows applies it to the image)."""
+    image_hw, hw = tuple(int(v) for v in image_hw), scaled_hw(image_hw, scale)
+    steps = ([Resize(image_hw, hw)] if hw != image_hw or not mirrored else []) + ([HFlip(hw)] if mirrored else [])
+    return ViewTransform(tuple(steps))
+
+
+def row_to_view(image_hw: Sequence[int], scale: float, mirrored: bool, view: ViewTransform) -> ViewTransform:
+    """The row's frame -> the view: undo the row's scale (and mirror), then the view's own transform."""
+    return row_frame(image_hw, scale, mirrored).inverse().then(view)
+
+
+def view_mirrored(view: ViewTransform) -> bool:
+    """Whether a view shows its image mirrored (its x axis reversed)."""
+    (ax, _), _ = view.affine()
+    return ax < 0
 
 
 def source_window(move: ViewTransform, row_hw: Sequence[int], stride: int = STRIDE) -> Tuple[int, int, int, int]:
@@ -140,9 +156,9 @@ def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], la
              chosen: List[Tuple[int, np.ndarray]], slots: int) -> ImageViewTargets:
     """The view's targets from one row: row holds patch_boxes / patch_scales / patch_valid and the heatmap and
     coarse windows (source_window), refine the stored refine maps of the chosen row slots (crops_in_view)."""
-    scale = float(layout.scales[int(row["variant"])])
-    row_hw = scaled_hw(image_hw, scale)
-    move = row_to_view(image_hw, row_hw, view)
+    variant = int(row["variant"])
+    row_hw = scaled_hw(image_hw, layout.row_scale(variant))
+    move = row_to_view(image_hw, layout.row_scale(variant), layout.row_mirrored(variant), view)
     x0, y0, x1, y1 = window
     to_view = ViewTransform.crop(row_hw, window).inverse().then(move)  # the window's frame -> the view
     view_hw = view.out_hw

@@ -58,7 +58,9 @@ class Layout:
         max_patches: crop slots per row (view kind: the view's KD crops; image kind: every crop LSM found).
         refine_hw: (ph/4, pw/4) of the refine maps on the patch canvas.
         kind: "view" or "image" (CACHE_KINDS).
-        scales: image kind: the image scale of each row of an image (variant v = scales[v]).
+        scales: image kind: the image scales of the rows of an image.
+        mirrored: image kind: every scale also as the mirrored image (a mirrored view takes its targets from it:
+            the teacher is not mirror-symmetric). Variant v is scales[v // mirrors], mirrored when v is odd.
     """
     num_images: int
     variants: int
@@ -70,6 +72,29 @@ class Layout:
     refine_hw: Tuple[int, int]
     kind: str = "view"
     scales: Tuple[float, ...] = ()
+    mirrored: bool = False
+
+    @property
+    def mirrors(self) -> int:
+        """Rows per image and scale (image kind): 2 with mirrored rows, else 1."""
+        return 2 if self.mirrored else 1
+
+    def row_scale(self, variant: int) -> float:
+        """Image kind: the image scale of an image's row `variant`."""
+        return float(self.scales[int(variant) // self.mirrors])
+
+    def row_mirrored(self, variant: int) -> bool:
+        """Image kind: whether an image's row `variant` holds the mirrored image."""
+        return self.mirrored and int(variant) % 2 == 1
+
+    def row_variant(self, scale_index: int, mirrored: bool) -> int:
+        """Image kind: the row of an image at scales[scale_index], mirrored if asked and the cache has those
+        (otherwise the plain one)."""
+        return int(scale_index) * self.mirrors + int(bool(mirrored) and self.mirrored)
+
+    def image_rows(self) -> Tuple[Tuple[float, bool], ...]:
+        """Image kind: (scale, mirrored) of each row of an image, in variant order."""
+        return tuple((self.row_scale(v), self.row_mirrored(v)) for v in range(self.variants))
 
     @property
     def num_samples(self) -> int:
@@ -97,6 +122,8 @@ class Layout:
         def value(k: str, v: Any) -> Any:
             if k == "kind":
                 return str(v)
+            if k == "mirrored":
+                return bool(v)
             if k == "scales":
                 return tuple(float(x) for x in v)
             return tuple(int(x) for x in v) if isinstance(v, list) else int(v)

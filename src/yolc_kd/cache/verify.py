@@ -23,8 +23,8 @@ image at K = len(scales) scales) are checked for
   (0, upscale], `num_valid_patches == patch_valid.sum(1)` <= crop slots; with deep=True also zero maps for
   skipped samples and zero `refine` in invalid slots;
 * view kind: `aug_params` JSON whose key is (seed, image_id, variant); crop boxes inside the view;
-* image kind: `aug_params` an image row of its place (kind 'image', scale = layout.scales[variant],
-  scaled_hw = round(ori_hw * scale) inside the row canvas, ori_hw = the annotation file's height and width
+* image kind: `aug_params` an image row of its place (kind 'image', scale = layout.scales[variant // mirrors],
+  mirrored for odd variants of a mirrored layout, scaled_hw = round(ori_hw * scale) inside the row canvas, ori_hw = the annotation file's height and width
   when the verifier has that file), the rows of one image agreeing on ori_hw and fingerprint; crop boxes
   inside the scaled image; with deep=True the heatmap zero outside the scaled image and the coarse maps zero
   beyond the teacher's input (the scaled image padded to 32).
@@ -96,6 +96,7 @@ def _layout_checks(m: Mapping[str, Any], lay: Layout) -> List[Tuple[str, Any, An
     checks = [
         ("kind", m.get("kind", "view"), lay.kind),
         ("scales", list(m.get("scales") or []), list(lay.scales)),
+        ("mirrored", bool(m.get("mirrored", False)), lay.mirrored),
         ("variants", m.get("variants"), lay.variants),
         ("shard_size", m.get("shard_size"), lay.shard_size),
         ("annotations.num_images", (m.get("annotations") or {}).get("num_images"), lay.num_images),
@@ -115,10 +116,12 @@ def _image_layout_problems(lay: Layout) -> List[str]:
     """What is wrong with an image-kind layout on its own (none for the view kind): one row per scale, scales
     positive and increasing, a canvas of whole map tiles with the same map stride on both axes."""
     if lay.kind != "image":
-        return [] if not lay.scales else [f"layout.scales is {_short(list(lay.scales))} in a view-kind cache"]
+        return ([] if not lay.scales else [f"layout.scales is {_short(list(lay.scales))} in a view-kind cache"]) + \
+            (["layout.mirrored is true in a view-kind cache"] if lay.mirrored else [])
     out = []
-    if len(lay.scales) != lay.variants:
-        out.append(f"layout.variants is {lay.variants} but layout.scales has {len(lay.scales)} scale(s)")
+    if len(lay.scales) * lay.mirrors != lay.variants:
+        out.append(f"layout.variants is {lay.variants} but layout.scales has {len(lay.scales)} scale(s)"
+                   + (" with their mirrors" if lay.mirrored else ""))
     if not all(s > 0 for s in lay.scales) or list(lay.scales) != sorted(set(lay.scales)):
         out.append(f"layout.scales {_short(list(lay.scales))} are not positive and increasing")
     h, w = lay.input_hw

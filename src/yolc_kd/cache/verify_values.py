@@ -44,9 +44,9 @@ def _two_positive_ints(v: Any) -> bool:
 
 
 def image_row_problem(params: Mapping[str, Any], scale: float, canvas_hw: Sequence[int],
-                      image_hw: Optional[Sequence[int]] = None) -> Optional[str]:
-    """Why a stored image-kind row's aug_params are not its image at `scale` (the layout's scale of its place)
-    on a row canvas of canvas_hw (None: they are). image_hw: the image's (height, width) in the annotation
+                      image_hw: Optional[Sequence[int]] = None, mirrored: bool = False) -> Optional[str]:
+    """Why a stored image-kind row's aug_params are not its image at `scale` (the layout's scale of its place),
+    mirrored or not as its place says, on a row canvas of canvas_hw (None: they are). image_hw: the image's (height, width) in the annotation
     file, when known. The reason is the same text for every row with that fault (one line names them all)."""
     if params.get("kind") != "image":
         return "not an image row (kind is not 'image')"
@@ -54,7 +54,9 @@ def image_row_problem(params: Mapping[str, Any], scale: float, canvas_hw: Sequen
         return "ori_hw or scaled_hw is not two positive integers"
     s = params.get("scale")
     if isinstance(s, bool) or not isinstance(s, (int, float)) or s != scale:
-        return "scale is not the layout's scale of the row's variant (layout.scales[variant])"
+        return "scale is not the layout's scale of the row's variant (layout.scales[variant // mirrors])"
+    if params.get("mirrored", False) is not bool(mirrored):
+        return "mirrored is not the layout's for the row's variant (odd variants are mirrored)"
     if list(scaled_hw(params["ori_hw"], s)) != params["scaled_hw"]:
         return "scaled_hw is not round(ori_hw * scale)"
     if params["scaled_hw"][0] > canvas_hw[0] or params["scaled_hw"][1] > canvas_hw[1]:
@@ -183,7 +185,8 @@ class ValueChecks:
         out = {}
         for r, p in params.items():
             known = sizes.get(int(ids[r // lay.variants])) if sizes is not None and ids is not None else None
-            problem = image_row_problem(p, lay.scales[r % lay.variants], lay.input_hw, known)
+            v = r % lay.variants
+            problem = image_row_problem(p, lay.row_scale(v), lay.input_hw, known, lay.row_mirrored(v))
             if problem:
                 out[r] = problem
         return out

@@ -30,6 +30,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--scales", default="auto", metavar="S",
                    help="--kind image: image scales to label, 'auto' (default: 3 spread over the scales the "
                         "augmentation gives its views), a count, or a list such as 0.9,1.2")
+    p.add_argument("--mirror", action="store_true",
+                   help="--kind image: also label the mirrored image at every scale, so mirrored training views get "
+                        "the teacher's own targets (it is not mirror-symmetric); twice the teacher forwards")
     p.add_argument("--regions", type=int, default=None, metavar="R",
                    help="--kind image: crop slots per image and scale (default: from the image and view sizes)")
     p.add_argument("--variants", default="auto", metavar="K",
@@ -110,9 +113,12 @@ def run(args: argparse.Namespace) -> int:
     image_kind = args.kind == "image"
     if image_kind and str(args.variants).strip().lower() != "auto":
         raise UserError("--variants is for --kind view (an image-level cache serves every view); use --scales")
+    if args.mirror and not image_kind:
+        raise UserError("--mirror is for --kind image (a per-view cache holds each view as the student sees it)")
     opts = PrecomputeOptions(
         out=Path(args.out), ckpt=args.ckpt, variants=1 if image_kind else _variants(args, cfg, len(coco)),
         kind=args.kind, scales=_scales(args, cfg, coco) if image_kind else None, regions=args.regions,
+        mirror=bool(args.mirror),
         batch_size=args.batch_size if args.batch_size is not None else int(setting(cfg, "data", "samples_per_gpu")),
         device=str(resolve_device(args.device)), amp=args.amp, amp_dtype=args.amp_dtype, trust=args.trust_checkpoint,
         strict=args.strict,

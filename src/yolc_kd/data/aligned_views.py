@@ -35,12 +35,17 @@ class AlignedViews(TrainAugment):
         cfg: the augmentation settings.
         scales: the image-level cache's scales (Layout.scales).
         grid: the window origin's step in scaled-image pixels.
+        mirrored_rows: the cache also holds the mirrored images (Layout.mirrored): a mirrored view's window is
+            then on the grid of the mirrored row (its origin = the scaled width minus the input width, modulo
+            grid), so that row moves into it cell for cell too.
     """
 
-    def __init__(self, cfg: Optional[AugmentConfig], scales: Sequence[float], grid: int = DEFAULT_GRID):
+    def __init__(self, cfg: Optional[AugmentConfig], scales: Sequence[float], grid: int = DEFAULT_GRID,
+                 mirrored_rows: bool = False):
         super().__init__(cfg)
         self.scales = tuple(float(s) for s in scales)
         self.grid = int(grid)
+        self.mirrored_rows = bool(mirrored_rows)
 
     def _nearest(self, scale: float) -> float:
         return min(self.scales, key=lambda s: (abs(math.log(s) - math.log(scale)), s))
@@ -60,11 +65,14 @@ class AlignedViews(TrainAugment):
         sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
         H, W = self.input_h, self.input_w
         cx, cy = crop["center_xy"] if crop is not None else (w / 2, h / 2)
-        x0 = self.grid * math.floor((cx * sw / w - W / 2) / self.grid + 0.5)  # window origin in the scaled image
+        # window origin in the scaled image: on the row's grid (a mirrored row's grid runs from the right edge)
+        phase = (sw - W) % self.grid if flipped and self.mirrored_rows else 0
+        x0 = self.grid * math.floor((cx * sw / w - W / 2 - phase) / self.grid + 0.5) + phase
         y0 = self.grid * math.floor((cy * sh / h - H / 2) / self.grid + 0.5)
         src = (max(0, x0), max(0, y0), min(sw, x0 + W), min(sh, y0 + H))
         if src[2] <= src[0] or src[3] <= src[1]:  # the window misses the image: centre it instead
-            x0, y0 = (sw - W) // 2 // self.grid * self.grid, (sh - H) // 2 // self.grid * self.grid
+            x0 = ((sw - W) // 2 - phase) // self.grid * self.grid + phase
+            y0 = (sh - H) // 2 // self.grid * self.grid
             src = (max(0, x0), max(0, y0), min(sw, x0 + W), min(sh, y0 + H))
         window = CropPaste((sh, sw), src, (src[0] - x0, src[1] - y0), (H, W), fill_rgb(cfg.crop_mean, cfg.crop_to_rgb),
                            keep_centres=True)

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from yolc_kd.cache.image_view import row_frame
 from yolc_kd.cache.schema import IMAGE_MAP_TILE, STATUS_OK, STATUS_SKIPPED, padded, scaled_hw
 from yolc_kd.data.augment import AugmentConfig, fingerprint_image, normalise, rescale_size
 from yolc_kd.data.coco import CocoDetection
-from yolc_kd.data.view import ViewTransform
 from yolc_kd.errors import UserError
 
 DEFAULT_NUM_SCALES = 3
@@ -86,22 +86,23 @@ def auto_regions(max_patches: int, largest_hw: Sequence[int], view_hw: Sequence[
 
 
 class ImageRows(Dataset):
-    """Item k -> the rows of image k: dict(records, imgs, content) with a record per scale (index, image_id,
-    variant = scale index, status, params and fingerprint or reason), the teacher's input (1,3,H,W) of every
-    readable row (normalised as the training input, zero-padded bottom/right to multiples of 32) and the scaled
-    image's (h, w) in it. Never raises for a bad image.
+    """Item k -> the rows of image k: dict(records, imgs, content) with a record per row (index, image_id,
+    variant, status, params and fingerprint or reason), the teacher's input (1,3,H,W) of every readable row (the
+    image in the row's frame, cache/image_view.py row_frame, normalised as the training input, zero-padded
+    bottom/right to multiples of 32) and the row image's (h, w) in it. Never raises for a bad image.
 
     Args:
         coco: the training images.
         cfg: the augmentation settings (mean, std, channel order of the network input).
-        scales: the cached scales.
+        rows: (scale, mirrored) of each row of an image (Layout.image_rows).
         image_ids: the integer id of every image.
         images: the image indices to label (the shards' rows).
     """
 
-    def __init__(self, coco: CocoDetection, cfg: AugmentConfig, scales: Sequence[float], image_ids: Sequence[int],
-                 images: Sequence[int]):
-        self.coco, self.cfg, self.scales = coco, cfg, tuple(float(s) for s in scales)
+    def __init__(self, coco: CocoDetection, cfg: AugmentConfig, rows: Sequence[Tuple[float, bool]],
+                 image_ids: Sequence[int], images: Sequence[int]):
+        self.coco, self.cfg = coco, cfg
+        self.rows = tuple((float(s), bool(m)) for s, m in rows)
         self.image_ids, self.images = list(image_ids), list(images)
 
     def __len__(self) -> int:
@@ -109,7 +110,7 @@ class ImageRows(Dataset):
 
     def __getitem__(self, k: int) -> Dict[str, Any]:
         i = self.images[k]
-        n = len(self.scales)
+        n = len(self.rows)
         records = [dict(index=i * n + v, image_id=self.image_ids[i], variant=v) for v in range(n)]
         try:
             img = self.coco.load_image(i)
@@ -120,15 +121,17 @@ class ImageRows(Dataset):
             return dict(records=records, imgs=[], content=[])
         fingerprint = fingerprint_image(img)
         imgs, content = [], []
-        for rec, s in zip(records, self.scales):
+        for rec, (s, mirrored) in zip(records, self.rows):
             hw = scaled_hw(img.shape[:2], s)
-            scaled = ViewTransform.resize(img.shape[:2], hw).apply_image(img) if hw != img.shape[:2] else img
-            x = normalise(scaled, self.cfg)
+            frame = row_frame(img.shape[:2], s, mirrored)
+            x = normalise(frame.apply_image(img) if hw != img.shape[:2] or mirrored else img, self.cfg)
             canvas = np.zeros((padded(hw[0]), padded(hw[1]), 3), np.float32)
             canvas[:hw[0], :hw[1]] = x
             imgs.append(torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1)))[None])
             content.append(hw)
             params = dict(kind="image", ori_hw=list(img.shape[:2]), scale=s, scaled_hw=list(hw))
+            if mirrored:
+                params["mirrored"] = True
             rec.update(status=STATUS_OK, fingerprint=fingerprint,
                        params=json.dumps(params, sort_keys=True, separators=(",", ":")))
         return dict(records=records, imgs=imgs, content=content)

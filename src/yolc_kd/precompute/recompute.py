@@ -209,7 +209,7 @@ def _image_batches(coco: CocoDetection, aug_cfg: AugmentConfig, reader: CacheRea
     makes them (ImageRows, then _label_images: one scale at a time, so the other scales do not matter)."""
     lay = reader.layout
     images = sorted({r // lay.variants for r in chosen})
-    rows = ImageRows(coco, aug_cfg, lay.scales, reader.image_ids.tolist(), images)
+    rows = ImageRows(coco, aug_cfg, lay.image_rows(), reader.image_ids.tolist(), images)
     view_hw = (int(aug_cfg.input_size[1]), int(aug_cfg.input_size[0]))
     shapes = lay.sample_shapes()
     wanted = set(chosen)

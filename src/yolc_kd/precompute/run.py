@@ -43,6 +43,7 @@ class PrecomputeOptions:
     kind: str = "view"                  # "view" or "image" (cache/schema.py CACHE_KINDS)
     scales: Optional[Tuple[float, ...]] = None  # image kind: cached scales (None: auto over the views' range)
     regions: Optional[int] = None       # image kind: crop slots per row (None: image_level.auto_regions)
+    mirror: bool = False                # image kind: every scale also as the mirrored image
     device: str = "cpu"
     amp: bool = False
     amp_dtype: Optional[str] = None     # --amp-dtype (None: float16 on CUDA, bfloat16 on CPU)
@@ -96,9 +97,10 @@ def _image_layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptio
     stride = input_hw[0] // view.coarse_hw[0]
     regions = int(opts.regions or auto_regions(int(dcfg["max_patches_per_img"]), largest_scaled(hws, scales),
                                                input_hw))
-    return replace(view, variants=len(scales), shard_size=int(opts.shard_size or len(scales)), input_hw=canvas,
+    rows = len(scales) * (2 if opts.mirror else 1)
+    return replace(view, variants=rows, shard_size=int(opts.shard_size or rows), input_hw=canvas,
                    coarse_hw=(canvas[0] // stride, canvas[1] // stride), max_patches=regions, kind="image",
-                   scales=scales)
+                   scales=scales, mirrored=bool(opts.mirror))
 
 
 def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, teacher_cfg: Mapping,
@@ -111,12 +113,13 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
     dtype = amp_dtype(opts.device, opts.amp, opts.amp_dtype)
     m.update(jsonable(dict(
         package_version=__version__, kind=layout.kind, variants=layout.variants, shard_size=layout.shard_size,
-        scales=list(layout.scales),
+        scales=list(layout.scales), **({"mirrored": True} if layout.mirrored else {}),
         amp=str(dtype).removeprefix("torch.") if dtype is not None else False,  # --amp's dtype, or false
         annotations=dict(sha256=sha256_file(coco.ann_file), path=str(coco.ann_file), image_root=str(coco.img_root),
                          num_images=len(coco)),
         layout=layout.to_dict(), index="image_index * variants + variant" if layout.kind == "view" else
-        "image_index * len(scales) + scale index",
+        ("image_index * 2 len(scales) + 2 scale index + mirrored" if layout.mirrored else
+         "image_index * len(scales) + scale index"),
         quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
                           heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
                           maps="q = round(x / 2^-6) as int16, clipped to +-32767; x = q * 2^-6 grid cells",
@@ -228,7 +231,7 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     wanted = set(shards)
     if layout.kind == "image":
         images = sorted({r // layout.variants for j in shards for r in range(*layout.shard_range(j))})
-        jobs: Any = ImageRows(coco, aug_cfg, layout.scales, image_ids, images)
+        jobs: Any = ImageRows(coco, aug_cfg, layout.image_rows(), image_ids, images)
         view_hw = (int(aug_cfg.input_size[1]), int(aug_cfg.input_size[0]))
         label: Callable[[Mapping[str, Any]], Any] = lambda item: _label_images(teacher, item, view_hw, dcfg, opts,
                                                                              layout.max_patches)

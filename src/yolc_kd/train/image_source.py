@@ -61,14 +61,15 @@ class ImageCacheSource:
     def sample_targets(self, image_id: int, variant: int, image: np.ndarray,
                        sample: AugmentedSample) -> image_view.ImageViewTargets:
         """The targets of one view (sample.view) of the image `image` (as loaded), read and moved in the worker."""
-        v = image_view.nearest_scale(sample.view, self.layout.scales)
+        v = self.layout.row_variant(image_view.nearest_scale(sample.view, self.layout.scales),
+                                    image_view.view_mirrored(sample.view))
         try:
             index = self.reader.index_of(image_id, v)
         except (KeyError, IndexError) as exc:
             raise CacheError(str(exc.args[0] if exc.args else exc)) from None
         row = self._small(index)
         if int(row["status"]) != STATUS_OK:
-            raise CacheError(f"cache row (image id {image_id}, scale {self.layout.scales[v]:g}) was skipped at "
+            raise CacheError(f"cache row (image id {image_id}, scale {self.layout.row_scale(v):g}) was skipped at "
                              f"precompute: {str(row['aug_params'])}")
         if index // self.layout.variants not in self._same_image:  # hashed once per image and process
             if self.reader.fingerprint(row) != fingerprint_image(image):
@@ -76,8 +77,8 @@ class ImageCacheSource:
                                 f"mismatch): the image file changed since precompute")
             self._same_image.add(index // self.layout.variants)
         image_hw = tuple(image.shape[:2])
-        row_hw = scaled_hw(image_hw, self.layout.scales[v])
-        move = image_view.row_to_view(image_hw, row_hw, sample.view)
+        row_hw = scaled_hw(image_hw, self.layout.row_scale(v))
+        move = image_view.row_to_view(image_hw, self.layout.row_scale(v), self.layout.row_mirrored(v), sample.view)
         x0, y0, x1, y1 = window = image_view.source_window(move, row_hw)
         chosen = image_view.crops_in_view(row, move, self.min_patch_size, self.max_patches)
         s = image_view.STRIDE

@@ -61,7 +61,7 @@ def describe_kd(mode: str, dcfg: Mapping, kd: KDSource, source: Optional[TargetS
     if mode == "offline":
         layout = getattr(getattr(source, "reader", None), "layout", None)
         if layout is not None and layout.kind == "image":
-            scales = ", ".join(f"{s:g}" for s in layout.scales)
+            scales = ", ".join(f"{s:g}" for s in layout.scales) + (" and mirrored" if layout.mirrored else "")
             views = ("views on the cached scales and the teacher's grid" if dcfg.get(
                 "image_views", DISTILL_DEFAULTS["image_views"]) == "aligned" else
                 "drawn as without a cache, targets moved in from the nearest scale")
@@ -98,7 +98,7 @@ def train_augment(aug_cfg: AugmentConfig, source: Optional[TargetSource], dcfg: 
             == "aligned":
         from yolc_kd.data.aligned_views import AlignedViews
 
-        return AlignedViews(aug_cfg, layout.scales)
+        return AlignedViews(aug_cfg, layout.scales, mirrored_rows=layout.mirrored)
     return TrainAugment(aug_cfg)
 
 
