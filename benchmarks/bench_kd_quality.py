@@ -20,6 +20,8 @@ for every student of a seed) five students are trained for the same iterations:
                   kd_image_s1 / kd_image_s2 the same with 1 / 2 cached scales
   kd_image_hm, kd_default_hm   (ablation) heatmap KD only (coarse and local KD weights 0), image-level / per-view
   kd_image_w1     (ablation) image-level with heatmap KD weight 1 instead of 8
+  kd_image_mS, kd_aligned_mS   image-level with S scales and their mirrored images (precompute --mirror: 2S
+                  teacher forwards per image), free / aligned views (distill_cfg.image_views)
   no_kd_P, kd_default_P, kd_image_P, kd_aligned_P   (ablation) no_kd_fresh, kd_default, kd_image and kd_image
                   with image_views='aligned', with steps removed from the training pipeline (P = nophoto: its
                   PhotoMetricDistortion; still: also its RandomFlip; the per-view cache made again, in soft_P):
@@ -49,16 +51,19 @@ from _common import emit, log  # benchmarks/ is on sys.path when a script runs
 STUDENTS = ("no_kd_fresh", "kd_default", "no_kd_cached", "kd_seed", "online_default", "kd_w1", "kd_hm8",
             "online_hm8", "no_kd_fresh_noema", "kd_default_noema", "kd_image", "kd_image_s1", "kd_image_s2",
             "kd_image_hm", "kd_default_hm", "kd_image_w1") + tuple(
-                f"{s}_{p}" for p in ("nophoto", "still") for s in ("no_kd", "kd_default", "kd_image", "kd_aligned"))
-# the image-level caches (`precompute --kind image --scales S`) of the kd_image students
+                f"{s}_{p}" for p in ("nophoto", "still") for s in ("no_kd", "kd_default", "kd_image", "kd_aligned")) + (
+                "kd_image_m1", "kd_aligned_m1", "kd_image_m3", "kd_aligned_m3")
+# the image-level caches (`precompute --kind image --scales S`, S + "m": also --mirror) of the kd_image students
 IMAGE_CACHES = {"kd_image": "auto", "kd_image_s1": "1", "kd_image_s2": "2", "kd_image_hm": "auto",
                 "kd_image_w1": "auto", **{f"kd_{v}_{p}": "auto" for v in ("image", "aligned")
-                                          for p in ("nophoto", "still")}}
+                                          for p in ("nophoto", "still")},
+                "kd_image_m1": "1m", "kd_aligned_m1": "1m", "kd_image_m3": "3m", "kd_aligned_m3": "3m"}
 SEED_FORMULAS = "hm_kd='mse', box_kd='mse', kd_weight_global_hm=1e6, kd_weight_global_coarse=1.0, " \
                 "kd_weight_local_refine=1.0"
 NO_KD = "kd_weight_global_hm=0.0, kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0"
 VARIANTS = dict(seed=SEED_FORMULAS, nokd=NO_KD, hm8="kd_weight_global_hm=8.0", w1="kd_weight_global_hm=1.0",
-                plain="enable=False", hm="kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0")  # distill_cfg overrides
+                plain="enable=False", hm="kd_weight_global_coarse=0.0, kd_weight_local_refine=0.0",
+                aligned="image_views='aligned'")  # distill_cfg overrides
 PIPELINE_VARIANTS = dict(nophoto=("PhotoMetricDistortion",), still=("PhotoMetricDistortion", "RandomFlip"))
 NO_EMA = "custom_hooks = []"  # the shipped config without its weight average (sessions 3-4 measured so)
 
@@ -103,6 +108,8 @@ def _train_args(name: str, cfgs: Dict[str, Path], cache: Path, teacher: Path) ->
         cfg = cfgs[suffix] if suffix in ("hm", "w1") else cfgs["default"]
         if suffix in PIPELINE_VARIANTS:
             cfg = cfgs[f"{suffix}_aligned"] if name.startswith("kd_aligned") else cfgs[suffix]
+        elif name.startswith("kd_aligned"):
+            cfg = cfgs["aligned"]
         return ["--config", str(cfg), "--cache", str(_image_cache(cache, name))]
     return {"no_kd_fresh": ["--config", str(cfgs["plain"])],
             "no_kd_cached": ["--config", str(cfgs["nokd"]), "--cache", str(cache)],
@@ -131,7 +138,9 @@ def _precompute_image(cfg: Path, teacher: Path, train: Path, out: Path, scales: 
     if stamp.exists():
         return json.loads(stamp.read_text())
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "yolc_kd", "precompute", "--kind", "image", "--scales", scales,
+    mirror = ["--mirror"] if scales.endswith("m") else []
+    subprocess.run([sys.executable, "-m", "yolc_kd", "precompute", "--kind", "image", "--scales", scales.rstrip("m"),
+                    *mirror,
                     "--config", str(cfg), "--ckpt", str(teacher), "--ann", str(train / "annotations.json"),
                     "--images", str(train), "--out", str(out), "--threads", str(threads), "--no-progress"],
                    check=True, env=_env(threads))
