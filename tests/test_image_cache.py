@@ -255,27 +255,30 @@ def test_masked_box_kd_ignores_invalid_cells():
 
 
 def test_a_cache_from_before_the_image_kind_still_resumes_trains_and_verifies(setup, tmp_path, capsys):
-    """A per-view cache whose manifest predates the `kind` field (and the layout's kind and scales) is a view
-    cache: a rerun of its precompute resumes it, verify passes, training reads it."""
+    """A per-view cache whose manifest predates the `kind` field (and every later field: the layout's kind,
+    scales and mirrored) is a view cache, and an image-level cache from before `mirrored` has plain rows: a rerun
+    of its precompute resumes it, verify passes, training reads it."""
     import zarr
 
+    from yolc_kd.cache.manifest import LATER_FIELDS
     from yolc_kd.cache.schema import MANIFEST_KEY
-    out = tmp_path / "old"
-    args = ["precompute", "--config", str(setup.config), "--ckpt", str(setup.ckpt), "--out", str(out),
-            "--variants", "2", "--no-progress"]
-    assert main(args) == 0
-    group = zarr.open_group(str(out), mode="r+")
-    m = dict(group.attrs[MANIFEST_KEY])
-    for key in ("kind", "scales"):
-        m.pop(key)
-    m["layout"] = {k: v for k, v in m["layout"].items() if k not in ("kind", "scales")}
-    group.update_attributes({MANIFEST_KEY: m})
-    capsys.readouterr()
-    assert main(args) == 0
-    assert "this run wrote 0 views" in capsys.readouterr().out
-    assert main(["verify", str(out)]) == 0
-    assert main(["train", "--config", str(setup.config), "--ann", str(setup.ann), "--images", str(setup.data),
-                 "--cache", str(out), "--work-dir", str(tmp_path / "w"), "--max-iters", "1", "--no-progress"]) == 0
+    base = ["--config", str(setup.config), "--ckpt", str(setup.ckpt), "--no-progress"]
+    for name, extra, dropped in (("old", ["--variants", "2"], tuple(LATER_FIELDS)),
+                                 ("old_image", ["--kind", "image", "--scales", "1.0"], ("mirrored",))):
+        out = tmp_path / name
+        args = ["precompute", *base, "--out", str(out), *extra]
+        assert main(args) == 0
+        group = zarr.open_group(str(out), mode="r+")
+        m = {k: v for k, v in dict(group.attrs[MANIFEST_KEY]).items() if k not in dropped}
+        m["layout"] = {k: v for k, v in m["layout"].items() if k not in dropped}
+        group.update_attributes({MANIFEST_KEY: m})
+        capsys.readouterr()
+        assert main(args) == 0, name
+        assert "this run wrote 0 " in capsys.readouterr().out, name
+        assert main(["verify", str(out)]) == 0, name
+        assert main(["train", "--config", str(setup.config), "--ann", str(setup.ann), "--images", str(setup.data),
+                     "--cache", str(out), "--work-dir", str(tmp_path / f"w_{name}"), "--max-iters", "1",
+                     "--no-progress"]) == 0, name
 
 
 def test_masked_kd_losses_with_no_crop_in_the_batch():

@@ -110,9 +110,13 @@ def read_manifest(attrs: Mapping) -> Optional[Dict[str, Any]]:
     return with_kind(m) if isinstance(m, Mapping) else None
 
 
+LATER_FIELDS = {"kind": "view", "scales": [], "mirrored": False}  # their value in a manifest written before them
+
+
 def with_kind(manifest: Mapping) -> Dict[str, Any]:
-    """The manifest with its kind and scales said (a per-view cache's when absent), top level and layout."""
-    m = {"kind": "view", "scales": [], **dict(manifest)}
+    """The manifest with the fields added since the first format said (LATER_FIELDS: a per-view cache's values
+    when absent), top level and layout."""
+    m = {**LATER_FIELDS, **dict(manifest)}
     if isinstance(m.get("layout"), Mapping):
-        m["layout"] = {"kind": "view", "scales": [], **dict(m["layout"])}
+        m["layout"] = {**LATER_FIELDS, **dict(m["layout"])}
     return m
