@@ -140,7 +140,8 @@ def main() -> None:
     from yolc_kd.data.aligned_views import AlignedViews
 
     reader = CacheReader(args.cache)
-    with_photo = AlignedViews(aug, reader.layout.scales) if args.views_kind == "aligned" else TrainAugment(aug)
+    with_photo = AlignedViews(aug, reader.layout.scales, mirrored_rows=reader.layout.mirrored) \
+        if args.views_kind == "aligned" else TrainAugment(aug)
     teacher = build_teacher(dcfg, cfg["model"], str(STUDENT.parent), str(TEACHER))
     source = ImageCacheSource(reader, int(dcfg["max_patches_per_img"]), int(dcfg["min_patch_size"]))
     decode = teacher.bbox_head.decode_xywh_to_bbox
