@@ -41,15 +41,15 @@ def _precompute(s, out, *extra):
 def mirrored_cache(setup):
     """An image-level cache at scale 1 with the mirrored images (precompute --mirror): rows plain, mirrored."""
     out = setup.root / "image_s1_mirrored"
-    assert _precompute(setup, out, "--scales", "1.0", "--mirror") == 0
+    assert _precompute(setup, out, "--scales", "1.0", "--mirror", "on") == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def unit_cache(setup):
-    """An image-level cache at scale 1 only (the views of the setup's config are all at scale 1)."""
+    """An image-level cache at scale 1 only (the views of the setup's config are all at scale 1), plain rows."""
     out = setup.root / "image_s1"
-    assert _precompute(setup, out, "--scales", "1.0") == 0
+    assert _precompute(setup, out, "--scales", "1.0", "--mirror", "off") == 0
     return out
 
 
@@ -264,7 +264,7 @@ def test_a_cache_from_before_the_image_kind_still_resumes_trains_and_verifies(se
     from yolc_kd.cache.schema import MANIFEST_KEY
     base = ["--config", str(setup.config), "--ckpt", str(setup.ckpt), "--no-progress"]
     for name, extra, dropped in (("old", ["--variants", "2"], tuple(LATER_FIELDS)),
-                                 ("old_image", ["--kind", "image", "--scales", "1.0"], ("mirrored",))):
+                                 ("old_image", ["--kind", "image", "--scales", "1.0", "--mirror", "off"], ("mirrored",))):
         out = tmp_path / name
         args = ["precompute", *base, "--out", str(out), *extra]
         assert main(args) == 0
@@ -273,6 +273,7 @@ def test_a_cache_from_before_the_image_kind_still_resumes_trains_and_verifies(se
         m["layout"] = {k: v for k, v in m["layout"].items() if k not in dropped}
         group.update_attributes({MANIFEST_KEY: m})
         capsys.readouterr()
+        args = [a for a in args if a not in ("--mirror", "off")]  # the rerun with the defaults resumes it
         assert main(args) == 0, name
         assert "this run wrote 0 " in capsys.readouterr().out, name
         assert main(["verify", str(out)]) == 0, name
@@ -438,6 +439,23 @@ def test_mirrored_rows_are_the_teacher_on_the_mirrored_image_and_serve_mirrored_
 
 def test_mirror_is_for_the_image_kind(setup, tmp_path, capsys):
     assert main(["precompute", "--config", str(setup.config), "--ckpt", str(setup.ckpt), "--out",
-                 str(tmp_path / "v"), "--mirror", "--no-progress"]) != 0
+                 str(tmp_path / "v"), "--mirror", "on", "--no-progress"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--mirror is for --kind image" in err[0]
+
+
+def test_auto_rows_fit_three_teacher_forwards(setup, tmp_path):
+    """--scales auto --mirror auto: a flipping augmentation gets mirrored rows at one scale (2 forwards per image),
+    one that never flips plain rows (the setup's views are all at scale 1: one scale)."""
+    assert parse_scales("auto", 0.8, 1.25) == auto_scales(0.8, 1.25, 3)
+    assert parse_scales("auto", 0.8, 1.25, mirrored=True) == auto_scales(0.8, 1.25, 1)
+    assert _precompute(setup, tmp_path / "flips") == 0
+    lay = CacheReader(tmp_path / "flips").layout
+    assert lay.mirrored and lay.scales == (1.0,) and lay.variants == 2
+    still = tmp_path / "still.py"
+    still.write_text(setup.config.read_text().replace("flip_ratio=0.5", "flip_ratio=0.0"))
+    assert "flip_ratio=0.0" in still.read_text()
+    assert main(["precompute", "--config", str(still), "--ckpt", str(setup.ckpt), "--out", str(tmp_path / "still"),
+                 "--kind", "image", "--no-progress"]) == 0
+    lay = CacheReader(tmp_path / "still").layout
+    assert not lay.mirrored and lay.variants == 1

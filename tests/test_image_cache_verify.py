@@ -21,9 +21,9 @@ SCALES = (0.75, 1.0, 1.5)  # 3 rows per image; 1.5 x 128x96 fills a 256x256 row 
 
 
 def image_args(s, out, default_shards=False):
-    """precompute --kind image at SCALES (no --variants), with conftest's shards of 2 rows or the default shard
-    size (one image's rows a shard)."""
-    args = cli_args(s, out, "--kind", "image", "--scales", ",".join(map(str, SCALES)))
+    """precompute --kind image at SCALES, plain rows (no --variants), with conftest's shards of 2 rows or the
+    default shard size (one image's rows a shard)."""
+    args = cli_args(s, out, "--kind", "image", "--scales", ",".join(map(str, SCALES)), "--mirror", "off")
     drop = ["--variants"] + (["--shard-size"] if default_shards else [])
     return [a for k, a in enumerate(args) if a not in drop and (k == 0 or args[k - 1] not in drop)]
 
@@ -252,7 +252,7 @@ def test_mirrored_image_cache_passes_and_a_swapped_mirror_is_named(made, tmp_pat
     """precompute --mirror: quick, --deep and --recompute on every row pass; a row whose aug_params lose their
     mirror flag is named."""
     out = tmp_path / "mirrored"
-    assert main(image_args(made, out, default_shards=True) + ["--mirror"]) == 0
+    assert main(image_args(made, out, default_shards=True) + ["--mirror", "on"]) == 0
     lay = CacheReader(out).layout
     assert lay.mirrored and lay.variants == 6 and lay.shard_size == 6
     rc, lines, err = verify(capsys, out, "--deep", *recompute_args(made, 24))

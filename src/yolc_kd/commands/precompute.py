@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Tuple
 
 from yolc_kd.cli_args import add_amp_args, add_data_args, add_device_arg, check_amp_args, check_count
 from yolc_kd.errors import UserError
@@ -28,11 +28,13 @@ def register(subparsers: Any) -> None:
                    help="view (default): --variants augmented views per image, the teacher runs once per view; "
                         "image: whole images at --scales, any schedule")
     p.add_argument("--scales", default="auto", metavar="S",
-                   help="--kind image: image scales to label, 'auto' (default: 3 spread over the scales the "
-                        "augmentation gives its views), a count, or a list such as 0.9,1.2")
-    p.add_argument("--mirror", action="store_true",
+                   help="--kind image: image scales to label, 'auto' (default: as many as 3 teacher forwards per image "
+                        "allow, spread over the scales the augmentation gives its views: 1 with --mirror, else 3), a "
+                        "count, or a list such as 0.9,1.2")
+    p.add_argument("--mirror", choices=("auto", "on", "off"), default="auto",
                    help="--kind image: also label the mirrored image at every scale, so mirrored training views get "
-                        "the teacher's own targets (it is not mirror-symmetric); twice the teacher forwards")
+                        "the teacher's own targets (it is not mirror-symmetric); twice the teacher forwards. auto "
+                        "(default): on when the augmentation flips")
     p.add_argument("--regions", type=int, default=None, metavar="R",
                    help="--kind image: crop slots per image and scale (default: from the image and view sizes)")
     p.add_argument("--variants", default="auto", metavar="K",
@@ -72,12 +74,20 @@ def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
     return k
 
 
-def _scales(args: argparse.Namespace, cfg: dict, coco: Any) -> tuple:
+def _image_rows(args: argparse.Namespace, cfg: dict, coco: Any) -> Tuple[tuple, bool]:
+    """--kind image: (scales, mirrored) from --scales and --mirror (auto: as the image-level cache at --out
+    has it, so a rerun resumes it; else on when the augmentation flips)."""
+    from yolc_kd.cache.writer import open_existing
     from yolc_kd.data.augment import AugmentConfig
     from yolc_kd.precompute.image_level import image_hws, parse_scales, view_scale_range
 
     aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
-    return parse_scales(args.scales, *view_scale_range(aug_cfg, image_hws(coco)))
+    existing = open_existing(Path(args.out)) if args.mirror == "auto" else None
+    if existing is not None and existing[1].get("kind") == "image":
+        mirror = bool(existing[1].get("mirrored", False))
+    else:
+        mirror = args.mirror == "on" or (args.mirror == "auto" and aug_cfg.flip_ratio > 0)
+    return parse_scales(args.scales, *view_scale_range(aug_cfg, image_hws(coco)), mirrored=mirror), mirror
 
 
 def _report_skipped(manifest: dict, out: str) -> None:
@@ -113,12 +123,12 @@ def run(args: argparse.Namespace) -> int:
     image_kind = args.kind == "image"
     if image_kind and str(args.variants).strip().lower() != "auto":
         raise UserError("--variants is for --kind view (an image-level cache serves every view); use --scales")
-    if args.mirror and not image_kind:
+    if args.mirror != "auto" and not image_kind:
         raise UserError("--mirror is for --kind image (a per-view cache holds each view as the student sees it)")
+    scales, mirror = _image_rows(args, cfg, coco) if image_kind else (None, False)
     opts = PrecomputeOptions(
         out=Path(args.out), ckpt=args.ckpt, variants=1 if image_kind else _variants(args, cfg, len(coco)),
-        kind=args.kind, scales=_scales(args, cfg, coco) if image_kind else None, regions=args.regions,
-        mirror=bool(args.mirror),
+        kind=args.kind, scales=scales, regions=args.regions, mirror=mirror,
         batch_size=args.batch_size if args.batch_size is not None else int(setting(cfg, "data", "samples_per_gpu")),
         device=str(resolve_device(args.device)), amp=args.amp, amp_dtype=args.amp_dtype, trust=args.trust_checkpoint,
         strict=args.strict,

@@ -17,7 +17,7 @@ from yolc_kd.data.augment import AugmentConfig, fingerprint_image, normalise, re
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 
-DEFAULT_NUM_SCALES = 3
+MAX_FORWARDS = 3  # --scales auto: teacher forwards per image (rows of an image: scales, twice with mirrored rows)
 
 
 def view_scale_range(cfg: AugmentConfig, image_hws: Sequence[Tuple[int, int]]) -> Tuple[float, float]:
@@ -36,7 +36,7 @@ def view_scale_range(cfg: AugmentConfig, image_hws: Sequence[Tuple[int, int]]) -
     return min(scales), max(scales)
 
 
-def auto_scales(lo: float, hi: float, n: int = DEFAULT_NUM_SCALES) -> Tuple[float, ...]:
+def auto_scales(lo: float, hi: float, n: int = MAX_FORWARDS) -> Tuple[float, ...]:
     """n scales spread geometrically over [lo, hi], each in the middle of its share: every view scale is within
     a factor (hi/lo)^(1/2n) of a cached one. One scale when lo == hi."""
     if hi <= lo * (1 + 1e-9):
@@ -44,11 +44,12 @@ def auto_scales(lo: float, hi: float, n: int = DEFAULT_NUM_SCALES) -> Tuple[floa
     return tuple(round(lo * (hi / lo) ** ((2 * k + 1) / (2 * n)), 4) for k in range(n))
 
 
-def parse_scales(text: str, lo: float, hi: float) -> Tuple[float, ...]:
-    """--scales: 'auto' (DEFAULT_NUM_SCALES), a count, or comma-separated scales; sorted, each > 0."""
+def parse_scales(text: str, lo: float, hi: float, mirrored: bool = False) -> Tuple[float, ...]:
+    """--scales: 'auto' (as many as MAX_FORWARDS rows per image allow: 3, or 1 with mirrored rows), a count, or
+    comma-separated scales; sorted, each > 0."""
     text = str(text).strip().lower()
     if text == "auto":
-        return auto_scales(lo, hi)
+        return auto_scales(lo, hi, max(1, MAX_FORWARDS // (2 if mirrored else 1)))
     try:
         if "," not in text and "." not in text:
             n = int(text)
