@@ -343,8 +343,8 @@ def test_image_views_setting_picks_the_views(setup, unit_cache, tmp_path):
 
     aug = AugmentConfig()
     src = _source(unit_cache)
-    assert isinstance(train_augment(aug, src, dict(image_views="aligned")), AlignedViews)
-    assert type(train_augment(aug, src, {})) is TrainAugment  # the default: free views
+    assert isinstance(train_augment(aug, src, {}), AlignedViews)  # the default: aligned views
+    assert type(train_augment(aug, src, dict(image_views="free"))) is TrainAugment
     assert type(train_augment(aug, None, dict(image_views="aligned"))) is TrainAugment  # no image-level cache
     with pytest.raises(UserError, match="image_views"):
         validate_distill_cfg(dict(image_views="snapped"))

@@ -52,11 +52,12 @@ DISTILL_DEFAULTS: Dict[str, Any] = dict(
     # online KD's targets: "cached" passes the live teacher's maps through the cache's quantisation, so online
     # and offline KD train on the same numbers (data_schema.md); "float" uses them unrounded
     online_targets="cached",
-    # training from an image-level cache: "free" views are drawn as without a cache and the cached targets are
-    # resampled into them; "aligned" views are windows of the image at the cached scales on the teacher's 8-px
-    # grid, so the targets move cell for cell (data/aligned_views.py). Free is the default: on five seeds its
-    # students were as good (0.1770 vs 0.1735 mean AP, BENCHMARKS.md) with the pipeline's full scale range
-    image_views="free",
+    # training from an image-level cache: "aligned" views are windows of the image at the cached scales on the
+    # teacher's 8-px grid (mirrored views on the mirrored row's), so the targets move cell for cell
+    # (data/aligned_views.py); "free" views are drawn as without a cache and the targets resampled into them.
+    # Aligned is the default: the teacher's output changes under sub-grid shifts and mirroring, and only exact
+    # targets gave students as good as the per-view cache's (BENCHMARKS.md, "Image-level cache")
+    image_views="aligned",
 )
 _DISTILL_TYPES = dict(
     enable=bool, teacher_ckpt=(str, type(None)), teacher_config=(str, dict, type(None)),
