@@ -855,10 +855,10 @@ def bench_image_read(cache: Path, ictx: Dict[str, Any], args, view_cache: Path =
 
 def image_read_split(source, ds: "ImageViewReads", n: int) -> Dict[str, Any]:
     """The worker's call (train/image_source.py sample_targets) taken apart step by step in the main process,
-    each step timed alone on the same views with the reader's public read_parts: the heatmap window, the coarse
-    window, the small arrays (uncached: sample_targets may keep a shard's), the image fingerprint, the choice of
-    crops, their refine maps (one read each; sample_targets may gather them with the maps) and the move of coarse
-    maps + crops (move_row). Each read is its own zarr round trip here, so the sum is above the call's time."""
+    each step timed alone on the same views: the heatmap window, the coarse window and the chosen crops' refine maps
+    (read_requests, as the worker reads them), the small arrays (read_parts, uncached: sample_targets keeps a
+    shard's), the image fingerprint (sample_targets hashes each image once per worker), the choice of crops and
+    the move of coarse maps + crops (move_row). The sum is above the call's time."""
     from yolc_kd.cache import image_view
     from yolc_kd.data.augment import fingerprint_image
     small = ("status", "aug_params", "fingerprint", "variant", "patch_boxes", "patch_scales", "patch_valid")
@@ -869,11 +869,11 @@ def image_read_split(source, ds: "ImageViewReads", n: int) -> Dict[str, Any]:
     for j in range(n):
         image_id, _ = ds.keys[j]
         image, view = ds.images[image_id], ds.samples[j].view
-        v = image_view.nearest_scale(view, layout.scales)
+        v = layout.row_variant(image_view.nearest_scale(view, layout.scales), image_view.view_mirrored(view))
         index = reader.index_of(image_id, v)
         image_hw = tuple(image.shape[:2])
-        row_hw = image_view.scaled_hw(image_hw, layout.scales[v])
-        move = image_view.row_to_view(image_hw, row_hw, view)
+        row_hw = image_view.scaled_hw(image_hw, layout.row_scale(v))
+        move = image_view.row_to_view(image_hw, layout.row_scale(v), layout.row_mirrored(v), view)
         x0, y0, x1, y1 = window = image_view.source_window(move, row_hw)
         parts = dict(heatmap=(slice(None), slice(y0, y1), slice(x0, x1)),
                      coarse=(slice(None), slice(y0 // st, -(-y1 // st)), slice(x0 // st, -(-x1 // st))))
@@ -881,7 +881,10 @@ def image_read_split(source, ds: "ImageViewReads", n: int) -> Dict[str, Any]:
         for name, sel in [("heatmap", parts["heatmap"]), ("coarse", parts["coarse"]),
                           ("small", {k: () for k in small})]:
             t0 = time.perf_counter()
-            row.update(reader.read_parts(index, {name: sel}) if name != "small" else reader.read_parts(index, sel))
+            if name == "small":
+                row.update(reader.read_parts(index, sel))
+            else:  # the worker's read: read_requests (map windows straight from the shard files)
+                row[name] = reader.read_requests([(name, (index, *sel))])[0]
             steps[f"read_{name}"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         fingerprint_image(image)
@@ -890,7 +893,7 @@ def image_read_split(source, ds: "ImageViewReads", n: int) -> Dict[str, Any]:
         chosen = image_view.crops_in_view(row, move, source.min_patch_size, source.max_patches)
         steps["crops_in_view"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        refine = {k: reader.read_parts(index, {"refine": (k,)})["refine"] for k, _ in chosen}
+        refine = dict(zip([k for k, _ in chosen], reader.read_requests([("refine", (index, k)) for k, _ in chosen])))
         steps["read_refine_of_chosen_crops"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         image_view.move_row(row, refine, layout, image_hw, view, window, chosen, source.max_patches)
