@@ -4,8 +4,8 @@ Why not zarr's own read: its asynchronous codec pipeline costs about 1 ms per in
 2-core machine, ten times the chunk's blosc decode (BENCHMARKS.md, "Image-level cache: bytes and loader rate"), and
 one training view of the image-level cache touches 30-50 inner chunks. This module implements the read side of the
 zarr v3 sharding codec for exactly the layout the writer makes (sharding_indexed; inner codecs bytes, blosc,
-crc32c; index bytes little-endian + crc32c at the end of the shard) on a local store: one open per shard file, the
-index and the needed inner chunks read with pread, each chunk's crc32c checked (google_crc32c, as zarr checks it)
+crc32c; index bytes + crc32c at the end of the shard, read as verify reads it: cache/shards.py IndexLayout) on a
+local store: one open per shard file, the index and the needed inner chunks read with pread, each chunk's crc32c checked (google_crc32c, as zarr checks it)
 and decoded by numcodecs' Blosc (zarr's own codec library). An array in any other layout is not eligible
 (`ShardWindows.open` returns None) and is read through zarr."""
 from __future__ import annotations
@@ -20,7 +20,8 @@ import google_crc32c
 import numpy as np
 from numcodecs import Blosc
 
-_EMPTY = np.uint64(2 ** 64 - 1)  # an index entry (offset, nbytes) of an inner chunk never written
+from yolc_kd.cache.shards import EMPTY, IndexLayout
+
 _BLOSC = Blosc()  # decoding reads the typesize and shuffle from each chunk's own header
 
 
@@ -50,6 +51,7 @@ class ShardWindows:
         inner: the inner chunk shape.
         dtype: the stored dtype with its byte order.
         fill: the fill value of chunks never written.
+        index: the shard index's layout (cache/shards.py, which verify uses too).
     """
     folder: Path
     key_of: Any
@@ -58,6 +60,7 @@ class ShardWindows:
     inner: Tuple[int, ...]
     dtype: np.dtype
     fill: Any
+    index: IndexLayout
 
     @classmethod
     def open(cls, array: Any) -> Optional["ShardWindows"]:
@@ -80,7 +83,7 @@ class ShardWindows:
         dtype = np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
         return cls(Path(root) / array.path, array.metadata.encode_chunk_key, tuple(array.shape),
                    tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), tuple(conf["chunk_shape"]), dtype,
-                   array.fill_value)
+                   array.fill_value, IndexLayout.of(array))
 
     def _ranges(self, selection: Sequence[Any]) -> Tuple[List[Tuple[int, int]], List[bool]]:
         """Per axis (start, stop) and whether the axis is dropped (an int index)."""
@@ -124,12 +127,12 @@ class ShardWindows:
             size = os.fstat(fd).st_size
             origin = [p * s for p, s in zip(shard_pos, self.shard)]
             grid = [-(-min(s, n - o) // c) for s, n, o, c in zip(self.shard, self.shape, origin, self.inner)]
-            grid_full = [s // c for s, c in zip(self.shard, self.inner)]
-            index_bytes = int(np.prod(grid_full)) * 16 + 4
+            index_bytes = self.index.nbytes
             if size < index_bytes:
                 raise DamagedShard(f"{path}: {size} bytes, shorter than its index")
-            index = np.frombuffer(_checked(os.pread(fd, index_bytes, size - index_bytes), f"{path} index"),
-                                  dtype="<u8").reshape(*grid_full, 2)
+            index = self.index.table(os.pread(fd, index_bytes, size - index_bytes))
+            if index is None:
+                raise DamagedShard(f"{path} index: checksum mismatch")
             axes = []
             for (a, b), o, c, g in zip(ranges, origin, self.inner, grid):
                 lo, hi = max(a, o), min(b, o + c * g)
@@ -137,7 +140,7 @@ class ShardWindows:
             for pos in itertools.product(*axes):
                 offset, nbytes = index[pos]
                 start = [o + p * c for o, p, c in zip(origin, pos, self.inner)]
-                if offset == _EMPTY and nbytes == _EMPTY:  # an inner chunk never written: the fill value
+                if offset == EMPTY and nbytes == EMPTY:  # an inner chunk never written: the fill value
                     self._place(self.fill, start, ranges, out, self.inner)
                     continue
                 if int(offset) + int(nbytes) > size - index_bytes:

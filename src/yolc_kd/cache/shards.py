@@ -7,6 +7,7 @@ the `bytes` + `crc32c` index codecs that verify requires."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -15,7 +16,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ShardingCodec
 
-_EMPTY = 2 ** 64 - 1                       # offset and length of an absent inner chunk
+EMPTY = 2 ** 64 - 1                        # offset and length of an absent inner chunk
 _CRC_BYTES = 4
 
 
@@ -38,18 +39,44 @@ def _sharding(arr: zarr.Array) -> ShardingCodec:
     return codec
 
 
+@dataclass(frozen=True)
+class IndexLayout:
+    """Where a shard's index is and how it reads (from the array's metadata).
+
+    Args:
+        per_shard: inner chunks per shard along each axis.
+        nbytes: the index's size (16 bytes per inner chunk + the crc32c).
+        at_start: the index precedes the chunks (else it ends the file).
+        dtype: the offsets' and lengths' numpy dtype (uint64 of the index codec's byte order).
+    """
+    per_shard: Tuple[int, ...]
+    nbytes: int
+    at_start: bool
+    dtype: str
+
+    @classmethod
+    def of(cls, arr: zarr.Array) -> "IndexLayout":
+        codec = _sharding(arr)
+        per_shard = tuple(s // c for s, c in zip(arr.metadata.chunk_grid.chunk_shape, codec.chunk_shape))
+        endian = getattr(codec.index_codecs[0], "endian", None)
+        return cls(per_shard, 16 * math.prod(per_shard) + _CRC_BYTES, codec.index_location.value == "start",
+                   ">u8" if endian is not None and endian.value == "big" else "<u8")
+
+    def table(self, raw: bytes) -> Optional[np.ndarray]:
+        """The (*per_shard, 2) offsets and lengths of an index's bytes, or None when its crc32c fails."""
+        payload, stored = raw[:-_CRC_BYTES], raw[-_CRC_BYTES:]
+        if np.uint32(google_crc32c.value(payload)).tobytes() != stored:
+            return None
+        return np.frombuffer(payload, dtype=self.dtype).reshape(*self.per_shard, 2)
+
+
 def index_problem(arr: zarr.Array, path: Path, rows: int, exact: bool) -> Optional[str]:
     """Why the shard index of shard file `path` of `arr` is damaged (None when it is sound). `rows`: samples
     the shard holds; exact=True: every inner chunk inside the array must be present (a cache whose writer
     stored all-fill chunks too, data_schema.md)."""
     codec = _sharding(arr)
-    shard_shape = arr.metadata.chunk_grid.chunk_shape
-    per_shard = tuple(s // c for s, c in zip(shard_shape, codec.chunk_shape))
-    n_chunks = math.prod(per_shard)
-    index_bytes = 16 * n_chunks + _CRC_BYTES
-    at_start = codec.index_location.value == "start"
-    endian = getattr(codec.index_codecs[0], "endian", None)
-    dtype = ">u8" if endian is not None and endian.value == "big" else "<u8"
+    lay = IndexLayout.of(arr)
+    n_chunks, index_bytes, at_start = math.prod(lay.per_shard), lay.nbytes, lay.at_start
     size = path.stat().st_size
     if size < index_bytes:
         return f"file is {size} bytes, shorter than its shard index ({index_bytes} bytes): truncated"
@@ -57,19 +84,18 @@ def index_problem(arr: zarr.Array, path: Path, rows: int, exact: bool) -> Option
         if not at_start:
             fh.seek(size - index_bytes)
         raw = fh.read(index_bytes)
-    payload, stored = raw[:-_CRC_BYTES], raw[-_CRC_BYTES:]
-    if np.uint32(google_crc32c.value(payload)).tobytes() != stored:
+    table = lay.table(raw)
+    if table is None:
         return "shard index fails its crc32c check"
-    table = np.frombuffer(payload, dtype=dtype).reshape(*per_shard, 2)
     data_start, data_end = (index_bytes, size) if at_start else (0, size - index_bytes)
     for k, (off, nbytes) in enumerate(table.reshape(n_chunks, 2).tolist()):
-        if off == _EMPTY and nbytes == _EMPTY:
+        if off == EMPTY and nbytes == EMPTY:
             continue
         if off < data_start or off + nbytes > data_end or nbytes < _CRC_BYTES:
             return f"shard index entry {k} points outside the file (offset {off}, {nbytes} bytes): truncated?"
     if exact:
         inside = table[:math.ceil(rows / codec.chunk_shape[0])]  # inner chunks along the sample axis in the array
-        absent = np.flatnonzero((inside[..., 0] == _EMPTY).reshape(inside.shape[0], -1).any(axis=1))
+        absent = np.flatnonzero((inside[..., 0] == EMPTY).reshape(inside.shape[0], -1).any(axis=1))
         if absent.size:
             at = ", ".join(str(int(k) * codec.chunk_shape[0]) for k in absent[:3]) + (", ..." * (absent.size > 3))
             return f"shard index has no inner chunk at sample offset(s) {at} of the shard (zarr would read zeros)"
