@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         if m.get("kind", "view") == "image":
             per_image = counts.get("bytes", 0) / max(1, counts.get("images", 1))
             shape = (f"{counts.get('samples_written', 0)} image-scale rows of {counts.get('images', 0)} images "
-                     f"(scales {', '.join(f'{s:g}' for s in m.get('scales', []))}, {counts.get('shards', 0)} shards, "
+                     f"(scales {', '.join(f'{s:g}' for s in m.get('scales', []))}"
+                     f"{' and their mirrors' if m.get('mirrored') else ''}, {counts.get('shards', 0)} shards, "
                      f"{per_image / 1024:.1f} KiB per image)")
             unit = "rows"
         else:
