@@ -5,8 +5,8 @@ Why not zarr's own read: its asynchronous codec pipeline costs about 1 ms per in
 one training view of the image-level cache touches 30-50 inner chunks. This module implements the read side of the
 zarr v3 sharding codec for exactly the layout the writer makes (sharding_indexed; inner codecs bytes, blosc,
 crc32c; index bytes + crc32c at the end of the shard, read as verify reads it: cache/shards.py IndexLayout) on a
-local store: one open per shard file, the index and the needed inner chunks read with pread, each chunk's crc32c checked (google_crc32c, as zarr checks it)
-and decoded by numcodecs' Blosc (zarr's own codec library). An array in any other layout is not eligible
+local store: one open per shard file, the index and the needed inner chunks read with pread, each chunk's crc32c
+checked (google_crc32c, as zarr checks it) and decoded by numcodecs' Blosc (zarr's own codec library). An array in any other layout is not eligible
 (`ShardWindows.open` returns None) and is read through zarr."""
 from __future__ import annotations
 

@@ -24,9 +24,9 @@ image at K = len(scales) scales) are checked for
   skipped samples and zero `refine` in invalid slots;
 * view kind: `aug_params` JSON whose key is (seed, image_id, variant); crop boxes inside the view;
 * image kind: `aug_params` an image row of its place (kind 'image', scale = layout.scales[variant // mirrors],
-  mirrored for odd variants of a mirrored layout, scaled_hw = round(ori_hw * scale) inside the row canvas, ori_hw = the annotation file's height and width
-  when the verifier has that file), the rows of one image agreeing on ori_hw and fingerprint; crop boxes
-  inside the scaled image; with deep=True the heatmap zero outside the scaled image and the coarse maps zero
+  mirrored for odd variants of a mirrored layout, scaled_hw = round(ori_hw * scale) inside the row canvas,
+  ori_hw = the annotation file's height and width when the verifier has that file), the rows of one image
+  agreeing on ori_hw and fingerprint; crop boxes inside the scaled image; with deep=True the heatmap zero outside the scaled image and the coarse maps zero
   beyond the teacher's input (the scaled image padded to 32).
 
 A missing shard file of a committed shard is a fault in a cache whose manifest has `all_shard_files: true`

@@ -46,8 +46,9 @@ def _two_positive_ints(v: Any) -> bool:
 def image_row_problem(params: Mapping[str, Any], scale: float, canvas_hw: Sequence[int],
                       image_hw: Optional[Sequence[int]] = None, mirrored: bool = False) -> Optional[str]:
     """Why a stored image-kind row's aug_params are not its image at `scale` (the layout's scale of its place),
-    mirrored or not as its place says, on a row canvas of canvas_hw (None: they are). image_hw: the image's (height, width) in the annotation
-    file, when known. The reason is the same text for every row with that fault (one line names them all)."""
+    mirrored or not as its place says, on a row canvas of canvas_hw (None: they are). image_hw: the image's
+    (height, width) in the annotation file, when known. The reason is the same text for every row with that
+    fault (one line names them all)."""
     if params.get("kind") != "image":
         return "not an image row (kind is not 'image')"
     if not _two_positive_ints(params.get("ori_hw")) or not _two_positive_ints(params.get("scaled_hw")):

@@ -62,7 +62,7 @@ class AlignedViews(TrainAugment):
         ch, cw = crop["crop_hw"] if crop is not None else (h, w)
         nw, _ = rescale_size(cw, ch, cfg.img_scale, cfg.keep_ratio)
         scale = self._nearest(nw / cw)
-        sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+        sh, sw = max(1, round(h * scale)), max(1, round(w * scale))  # = cache.schema.scaled_hw (data: no cache import)
         H, W = self.input_h, self.input_w
         cx, cy = crop["center_xy"] if crop is not None else (w / 2, h / 2)
         # window origin in the scaled image: on the row's grid (a mirrored row's grid runs from the right edge)

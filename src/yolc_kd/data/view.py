@@ -105,7 +105,8 @@ def _take(x: torch.Tensor, dim: int, idx: torch.Tensor) -> Tuple[torch.Tensor, t
         out.narrow(dim, first, last + 1 - first).copy_(part)
         return out, ok
     safe = idx.clamp(0, max(n_in - 1, 0))
-    if x.device.type == "cpu" and not x.requires_grad:  # numpy's take: 6x torch's index_select on the last dim
+    if x.device.type == "cpu" and not x.requires_grad and x.dtype != torch.bfloat16:  # numpy's take: 6x torch's
+        # index_select on the last dim (bfloat16 has no numpy dtype)
         out = torch.from_numpy(np.take(x.numpy(), safe.numpy(), axis=dim))
     else:
         out = x.index_select(dim, safe.to(x.device))

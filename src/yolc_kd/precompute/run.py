@@ -118,7 +118,7 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
         annotations=dict(sha256=sha256_file(coco.ann_file), path=str(coco.ann_file), image_root=str(coco.img_root),
                          num_images=len(coco)),
         layout=layout.to_dict(), index="image_index * variants + variant" if layout.kind == "view" else
-        ("image_index * 2 len(scales) + 2 scale index + mirrored" if layout.mirrored else
+        ("image_index * 2 * len(scales) + 2 * scale index + mirrored" if layout.mirrored else
          "image_index * len(scales) + scale index"),
         quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
                           heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
