@@ -69,6 +69,9 @@ NO_EMA = "custom_hooks = []"  # the shipped config without its weight average (s
 
 
 VAL_IMAGES = 40  # the demo's held-out set
+# the demo's KD student per cache kind (yolc-kd demo --kind): precompute's default image-level cache (one scale and its
+# mirror, aligned views: the shipped config's defaults) or the per-view cache
+DEMO_KD = {"image": "kd_aligned_m1", "view": "kd_default"}
 
 
 def _env(threads: int = 1) -> dict:
@@ -256,8 +259,11 @@ def main() -> None:
     p.add_argument("--students", nargs="+", default=list(STUDENTS[:5]), choices=STUDENTS)
     p.add_argument("--demo-reference", default=None, metavar="JSON",
                    help="also write the demo's seed reference (src/yolc_kd/assets/demo_seeds.json): per seed AP of "
-                        "no_kd_fresh and kd_default on the 40 held-out images, for `yolc-kd demo` to print beside "
-                        "its own run (run with the demo's --iters and --batch)")
+                        "no_kd_fresh and the demo's KD student (--demo-kind) on the 40 held-out images, for "
+                        "`yolc-kd demo` to print beside its own run (run with the demo's --iters and --batch)")
+    p.add_argument("--demo-kind", choices=tuple(DEMO_KD), default="image",
+                   help="the demo's cache kind the reference is for (default image, the demo's default): KD student "
+                        + ", ".join(f"{k}: {v}" for k, v in DEMO_KD.items()))
     p.add_argument("--order", choices=("student", "seed"), default="student",
                    help="run order: all seeds of a student first (default), or all students of a seed first")
     args = p.parse_args()
@@ -358,15 +364,18 @@ def machine() -> str:
 
 
 def write_demo_reference(path: Path, rows: List[dict], teacher: dict, args) -> None:
-    """The demo's students over seeds (no_kd_fresh, kd_default on the demo's held-out set) as the demo reads it."""
+    """The demo's students over seeds (no_kd_fresh and DEMO_KD[args.demo_kind] on the demo's held-out set) as
+    the demo reads it."""
     by = {(r["student"], r["seed"]): r for r in rows}
-    seeds = [s for s in args.seeds if ("no_kd_fresh", s) in by and ("kd_default", s) in by]
+    kd = DEMO_KD[args.demo_kind]
+    seeds = [s for s in args.seeds if ("no_kd_fresh", s) in by and (kd, s) in by]
     if not seeds:
-        raise SystemExit("--demo-reference needs the students no_kd_fresh and kd_default")
-    ref = dict(iters=args.iters, batch=args.batch, seeds=seeds, threads_per_run=args.threads, machine=machine(),
+        raise SystemExit(f"--demo-reference needs the students no_kd_fresh and {kd}")
+    ref = dict(iters=args.iters, batch=args.batch, cache_kind=args.demo_kind, kd_student=kd, seeds=seeds,
+               threads_per_run=args.threads, machine=machine(),
                teacher={k: teacher[k] for k in ("full_AP", "fused_AP")},
                **{key: {k: [round(by[(name, s)][k], 4) for s in seeds] for k in ("full_AP", "fused_AP")}
-                  for key, name in (("no_kd", "no_kd_fresh"), ("kd", "kd_default"))})
+                  for key, name in (("no_kd", "no_kd_fresh"), ("kd", kd))})
     path.write_text(json.dumps(ref, indent=1) + "\n")
     log(f"demo reference written to {path}")
 

@@ -13,10 +13,11 @@ def test_kd_gain_line_reports_gain_and_gap_share():
 
 
 def test_bad_demo_counts_are_one_line(tmp_path, capsys):
-    for bad in (["--iters", "0"], ["--batch-size", "-1"]):
+    for bad, msg in ((["--iters", "0"], "must be at least 1"), (["--batch-size", "-1"], "must be at least 1"),
+                     (["--kind", "image", "--variants", "3"], "--variants is for --kind view")):
         assert main(["demo", "--out", str(tmp_path / "d"), *bad]) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "must be at least 1" in err[0], err
+        assert len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "d").exists()
     (tmp_path / "file").write_text("x")  # --out below a file: cannot be created
     assert main(["demo", "--out", str(tmp_path / "file" / "d"), "--iters", "2"]) == 1
@@ -77,3 +78,4 @@ def test_the_shipped_seed_reference_is_for_the_demos_defaults():
     assert ref is not None and len(ref["seeds"]) >= 5 and ref["machine"]
     assert len(gains(ref, "full")) == len(ref["seeds"]) == len(gains(ref, "fused"))
     assert seed_reference(DEMO_ITERS + 1, DEMO_BATCH) is None
+    assert seed_reference(DEMO_ITERS, DEMO_BATCH, "view") is None  # the shipped one is for the image-level cache

@@ -437,11 +437,35 @@ def test_mirrored_rows_are_the_teacher_on_the_mirrored_image_and_serve_mirrored_
     assert 0 < mirrored_seen < 8
 
 
-def test_mirror_is_for_the_image_kind(setup, tmp_path, capsys):
-    assert main(["precompute", "--config", str(setup.config), "--ckpt", str(setup.ckpt), "--out",
-                 str(tmp_path / "v"), "--mirror", "on", "--no-progress"]) != 0
+def test_image_flags_are_for_the_image_kind(setup, tmp_path, capsys):
+    base = ["precompute", "--config", str(setup.config), "--ckpt", str(setup.ckpt), "--out", str(tmp_path / "v"),
+            "--no-progress"]
+    for extra, msg in ((["--kind", "view", "--mirror", "on"], "--mirror is for --kind image"),
+                       (["--variants", "2", "--scales", "1.0"], "--scales is for --kind image"),
+                       (["--variants", "2", "--regions", "3"], "--regions is for --kind image"),
+                       (["--kind", "image", "--train-iters", "9"], "--train-iters sizes --variants auto")):
+        assert main(base + extra) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (extra, err)
+    assert not (tmp_path / "v").exists()
+
+
+def test_default_kind_is_image_unless_variants_or_a_view_cache(setup, tmp_path, capsys):
+    """--kind auto: image-level for a new cache, per-view with --variants (or --train-iters), and a rerun without
+    flags resumes whatever kind is at --out."""
+    base = ["precompute", "--config", str(setup.config), "--ckpt", str(setup.ckpt), "--no-progress", "--out"]
+    assert main(base + [str(tmp_path / "img")]) == 0
+    assert CacheReader(tmp_path / "img").manifest["kind"] == "image"
+    assert main(base + [str(tmp_path / "view"), "--variants", "1"]) == 0
+    assert CacheReader(tmp_path / "view").manifest["kind"] == "view"
+    capsys.readouterr()
+    assert main(base + [str(tmp_path / "view"), "--variants", "1"]) == 0  # resumed: nothing left to write
+    assert "this run wrote 0 views" in capsys.readouterr().out
+    assert main(base + [str(tmp_path / "view")]) != 0  # taken as the per-view cache it is: --variants auto differs
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--mirror is for --kind image" in err[0]
+    assert len(err) == 1 and "variants (cache 1, now" in err[0] and "kind (cache" not in err[0], err
+    assert main(base + [str(tmp_path / "img"), "--scales", "1.0"]) == 0  # the image cache resumed
+    assert "this run wrote 0 rows" in capsys.readouterr().out
 
 
 def test_auto_rows_fit_three_teacher_forwards(setup, tmp_path):

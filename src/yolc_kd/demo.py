@@ -123,13 +123,15 @@ def evaluate_checkpoint(name: str, config: Path, ckpt: Path, val: Path, out: Pat
     return row
 
 
-# per student; the cache holds the views these need (precompute --variants auto). 400 steps of 2 images: the KD gain
-# shows (at 200 x 4 it did not) and the demo takes 5-6 min on 2 cores (BENCHMARKS.md)
-DEMO_ITERS, DEMO_BATCH = 400, 2
+# per student: 400 steps of 2 images (the KD gain shows; at 200 x 4 it did not; BENCHMARKS.md). The cache is
+# precompute's default kind: the whole images and their mirrors, moved into every fresh view
+DEMO_ITERS, DEMO_BATCH, DEMO_KIND = 400, 2, "image"
 
 
-def run_demo(out_dir: Path, iters: int = DEMO_ITERS, variants: str = "auto",
+def run_demo(out_dir: Path, iters: int = DEMO_ITERS, kind: str = DEMO_KIND, variants: str = "auto",
              batch: int = DEMO_BATCH) -> Dict[str, Dict[str, float]]:
+    """The demo in out_dir. kind: the cache's, 'image' (teacher on the whole images) or 'view' (`variants`
+    augmented views per image, auto: as many as `iters` need)."""
     from yolc_kd.data.synth import make_synthetic_dataset
     from yolc_kd.infer.viz import plot_loss_curves
 
@@ -156,12 +158,13 @@ def run_demo(out_dir: Path, iters: int = DEMO_ITERS, variants: str = "auto",
     student = student_b
     plain = out_dir / f"student_batch{batch}_nokd.py"  # the same student with the seed's KD switch off
     write_text(plain, f"_base_ = {str(student_b)!r}\ndistill_cfg = dict(enable=False)\n")
-    run_step(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache),
-              "--variants", str(variants), "--train-iters", str(iters), "--batch-size", "8", "--threads", "2"])
+    rows = ["--kind", "image"] if kind == "image" else ["--variants", str(variants), "--train-iters", str(iters)]
+    run_step(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache / kind),
+              *rows, "--batch-size", "8", "--threads", "2"])
     runs = {"student (no KD)": out_dir / "student_plain", "student (KD from cache)": out_dir / "student_kd"}
     run_parallel({work: ["train", "--config", str(student if work.name == "student_kd" else plain), *data,
                          "--work-dir", str(work), "--max-iters", str(iters), "--log-interval", "5",
-                         *(["--cache", str(cache)] if work.name == "student_kd" else [])]
+                         *(["--cache", str(cache / kind)] if work.name == "student_kd" else [])]
                   for work in runs.values() if not (work / f"iter_{iters}.pth").exists()}, iters)
     print("\nevaluating on the held-out synthetic images (full-image only and fused crop-refine)", flush=True)
     table = {"teacher": evaluate_checkpoint("teacher", teacher_cfg, ASSET_TEACHER, val, out_dir)}
@@ -173,25 +176,27 @@ def run_demo(out_dir: Path, iters: int = DEMO_ITERS, variants: str = "auto",
     write_json(out_dir / "results.json", table, indent=2)
     print(format_table(table))
     print(kd_gain_line(table))
-    print(seed_spread_line(seed_reference(iters, batch)))
+    print(seed_spread_line(seed_reference(iters, batch, kind)))
     print(f"\npictures: {out_dir / 'viz'} (detections + crop regions), {out_dir / 'loss_curves.png'}; "
           f"total {time.perf_counter() - start:.0f} s")
     return table
 
 
 # assets/demo_seeds.json: the demo's students over several seeds on a named machine, written by
-# `benchmarks/bench_kd_quality.py --demo-reference` (per seed AP of no_kd_fresh and kd_default, the teacher's AP)
+# `benchmarks/bench_kd_quality.py --demo-reference` (per seed AP of the no-KD and the KD student of the demo's
+# settings, the teacher's AP)
 SEED_REFERENCE = "demo_seeds.json"
 
 
-def seed_reference(iters: int, batch: int) -> Optional[dict]:
+def seed_reference(iters: int, batch: int, kind: str = DEMO_KIND) -> Optional[dict]:
     """The shipped benchmark over seeds for these demo settings, or None (other settings, or not shipped)."""
     path = resources.files(yolc_kd) / "assets" / SEED_REFERENCE
     try:
         ref = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return ref if ref.get("iters") == iters and ref.get("batch") == batch else None
+    same = ref.get("iters") == iters and ref.get("batch") == batch and ref.get("cache_kind", "view") == kind
+    return ref if same else None
 
 
 def gains(ref: dict, kind: str) -> List[float]:

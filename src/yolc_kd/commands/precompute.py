@@ -1,9 +1,10 @@
 """`yolc-kd precompute`: run the teacher once and store its soft labels (KD targets) in a Zarr v3 cache for
-`yolc-kd train --cache`. --kind view (the default): the teacher labels the K augmented views the student will see
-(exact: online KD's targets). --kind image: it labels every training image whole at a few scales, and training
-moves those labels into a fresh view every pass, so the teacher's cost does not grow with the schedule. The config is the
-STUDENT's: its distill_cfg names the teacher. Rerunning the same command resumes an interrupted run;
-under `torchrun --nproc_per_node N -m yolc_kd precompute ...` the shards are split across the ranks."""
+`yolc-kd train --cache`. --kind image (the default): the teacher labels every training image whole at one or a few
+scales (and their mirrors), and training moves those labels into a fresh view every pass, so the teacher's cost does
+not grow with the schedule. --kind view (the default when --variants is given): it labels the K augmented views the
+student will see (exact: online KD's targets). The config is the STUDENT's: its distill_cfg names the teacher.
+Rerunning the same command resumes an interrupted run (of the kind already at --out); under
+`torchrun --nproc_per_node N -m yolc_kd precompute ...` the shards are split across the ranks."""
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ckpt", default=None, help="teacher checkpoint (default: distill_cfg.teacher_ckpt)")
     add_data_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created, or resumed when it exists)")
-    p.add_argument("--kind", choices=("image", "view"), default="view",
-                   help="view (default): --variants augmented views per image, the teacher runs once per view; "
-                        "image: whole images at --scales, any schedule")
-    p.add_argument("--scales", default="auto", metavar="S",
+    p.add_argument("--kind", choices=("auto", "image", "view"), default="auto",
+                   help="image: whole images at --scales, any schedule, 2-3 teacher forwards per image; view: "
+                        "--variants augmented views per image, the teacher runs once per view (exact online-KD "
+                        "targets). auto (default): the kind of the cache already at --out, else view when --variants "
+                        "is given, else image")
+    p.add_argument("--scales", default=None, metavar="S",
                    help="--kind image: image scales to label, 'auto' (default: as many as 3 teacher forwards per image "
                         "allow, spread over the scales the augmentation gives its views: 1 with --mirror, else 3), a "
                         "count, or a list such as 0.9,1.2")
@@ -37,8 +40,8 @@ def register(subparsers: Any) -> None:
                         "(default): on when the augmentation flips")
     p.add_argument("--regions", type=int, default=None, metavar="R",
                    help="--kind image: crop slots per image and scale (default: from the image and view sizes)")
-    p.add_argument("--variants", default="auto", metavar="K",
-                   help="--kind view: augmented views per image, or auto (default): as many as the training schedule "
+    p.add_argument("--variants", default=None, metavar="K",
+                   help="--kind view: augmented views per image, or auto (the default): as many as the training schedule "
                         "needs so the student never sees a view twice (one per epoch; halved with "
                         "distill_cfg.cache_flip=True)")
     p.add_argument("--train-iters", type=int, default=None, metavar="N",
@@ -63,7 +66,7 @@ def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
     from yolc_kd.config import DISTILL_DEFAULTS, setting
     from yolc_kd.train.schedule import views_needed
 
-    if str(args.variants).strip().lower() == "auto":
+    if args.variants is None or str(args.variants).strip().lower() == "auto":
         return views_needed(cfg, num_images, int(setting(cfg, "data", "samples_per_gpu")), args.train_iters,
                             flip=bool(cfg["distill_cfg"].get("cache_flip", DISTILL_DEFAULTS["cache_flip"])))
     try:
@@ -72,6 +75,19 @@ def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
         raise UserError(f"--variants must be a count or auto, got {args.variants!r}") from None
     check_count("variants", k)
     return k
+
+
+def _kind(args: argparse.Namespace) -> str:
+    """--kind auto: the kind of the finished cache at --out (a rerun resumes it), else view when --variants is
+    given, else image."""
+    from yolc_kd.cache.writer import open_existing
+
+    if args.kind != "auto":
+        return args.kind
+    existing = open_existing(Path(args.out))
+    if existing is not None:
+        return str(existing[1].get("kind", "view"))
+    return "view" if args.variants is not None or args.train_iters is not None else "image"
 
 
 def _image_rows(args: argparse.Namespace, cfg: dict, coco: Any) -> Tuple[tuple, bool]:
@@ -87,7 +103,7 @@ def _image_rows(args: argparse.Namespace, cfg: dict, coco: Any) -> Tuple[tuple, 
         mirror = bool(existing[1].get("mirrored", False))
     else:
         mirror = args.mirror == "on" or (args.mirror == "auto" and aug_cfg.flip_ratio > 0)
-    return parse_scales(args.scales, *view_scale_range(aug_cfg, image_hws(coco)), mirrored=mirror), mirror
+    return parse_scales(args.scales or "auto", *view_scale_range(aug_cfg, image_hws(coco)), mirrored=mirror), mirror
 
 
 def _report_skipped(manifest: dict, out: str) -> None:
@@ -120,15 +136,20 @@ def run(args: argparse.Namespace) -> int:
     check_config_counts(cfg)
     ann, images = resolve_data(cfg, args.ann, args.images)
     coco = load_dataset(cfg, ann, images)
-    image_kind = args.kind == "image"
-    if image_kind and str(args.variants).strip().lower() != "auto":
+    kind = _kind(args)
+    image_kind = kind == "image"
+    if image_kind and args.variants is not None:
         raise UserError("--variants is for --kind view (an image-level cache serves every view); use --scales")
-    if args.mirror != "auto" and not image_kind:
-        raise UserError("--mirror is for --kind image (a per-view cache holds each view as the student sees it)")
+    if image_kind and args.train_iters is not None:
+        raise UserError("--train-iters sizes --variants auto of --kind view; an image-level cache serves any schedule")
+    for flag, given in (("--mirror", args.mirror != "auto"), ("--scales", args.scales is not None),
+                        ("--regions", args.regions is not None)):
+        if given and not image_kind:
+            raise UserError(f"{flag} is for --kind image (a per-view cache holds each view as the student sees it)")
     scales, mirror = _image_rows(args, cfg, coco) if image_kind else (None, False)
     opts = PrecomputeOptions(
         out=Path(args.out), ckpt=args.ckpt, variants=1 if image_kind else _variants(args, cfg, len(coco)),
-        kind=args.kind, scales=scales, regions=args.regions, mirror=mirror,
+        kind=kind, scales=scales, regions=args.regions, mirror=mirror,
         batch_size=args.batch_size if args.batch_size is not None else int(setting(cfg, "data", "samples_per_gpu")),
         device=str(resolve_device(args.device)), amp=args.amp, amp_dtype=args.amp_dtype, trust=args.trust_checkpoint,
         strict=args.strict,
