@@ -196,6 +196,36 @@ def test_meta_view_without_a_view_is_the_border_pad():
     assert meta_view(no_shape, t.shape[-2:]).in_hw == (t.shape[-2] - top, t.shape[-1] - left)
 
 
+def test_detections_and_regions_leave_the_tensor_through_the_inverse_view():
+    """meta_to_image is the one way from the tensor to the image: an mmdet-style meta's border and scale_factor
+    (mmdet's meaning: boxes minus the border, divided by the scale factor), a predict-style view with a resize, and
+    apply_xyxy's inverse round trip through a flip; inverted network boxes stay inverted (YOLC keeps them)."""
+    from yolc_kd.data.view import meta_rescale, meta_to_image
+
+    meta = dict(img_shape=(40, 60, 3), pad_shape=(48, 76, 3), border=np.array([4, 4, 8, 8], np.float32),
+                scale_factor=np.full(4, 0.5, np.float32))
+    dets = torch.tensor([[20.5, 30.25, 41.0, 44.0, 0.9], [50.0, 10.0, 12.0, 8.0, 0.1]])  # the second inverted
+    offset = torch.tensor([8.0, 4.0, 8.0, 4.0])
+    content = meta_to_image(meta, (48, 76), rescale=False).apply_xyxy(dets)
+    torch.testing.assert_close(content[:, :4], dets[:, :4] - offset, rtol=0, atol=0)
+    torch.testing.assert_close(meta_to_image(meta, (48, 76)).apply_xyxy(dets)[:, :4], (dets[:, :4] - offset) / 0.5)
+    torch.testing.assert_close(meta_rescale(meta, (48, 76)).apply_xyxy(content), meta_to_image(meta, (48, 76))
+                               .apply_xyxy(dets))
+    assert torch.equal(content[:, 4], dets[:, 4])
+    assert meta_rescale(dict(meta, scale_factor=np.ones(4, np.float32)), (48, 76)) is None
+    view = ViewTransform.resize((80, 120), (40, 60)).then(HFlip((40, 60))).then(
+        CropPaste((40, 60), (0, 0, 60, 40), (8, 4), (48, 76)))
+    shown = view.apply_xyxy(dets[:1])
+    assert shown[0, 0] < shown[0, 2]  # the flip swapped x0 and x1 back into order
+    torch.testing.assert_close(view.inverse().apply_xyxy(shown), dets[:1])
+    _, test_meta = TestTransform()(np.zeros((30, 50, 3), np.uint8))
+    downscaled = dict(test_meta, view=ViewTransform.resize((60, 100), (30, 50)).then(test_meta["view"]))
+    hw = test_meta["view"].out_hw
+    reg = meta_rescale(downscaled, hw).apply_crop_boxes(np.array([[4.0, 6.0, 10.0, 8.0]]))
+    np.testing.assert_allclose(reg, [[8.0, 12.0, 20.0, 16.0]])
+    assert meta_to_image(downscaled, hw, rescale=False).in_hw == hw and meta_to_image(downscaled, hw).out_hw == (60, 100)
+
+
 # ---------------------------------------------------------------- maps: exactness, inverses, validity
 
 

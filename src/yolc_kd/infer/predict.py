@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from yolc_kd import crops
 from yolc_kd.data.augment import AugmentConfig, TestTransform, collate_test
-from yolc_kd.data.view import meta_view
+from yolc_kd.data.view import ViewTransform, meta_rescale, meta_to_image
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.images import display_path, load_image_rgb, read_image_size
 from yolc_kd.data.loading import check_images
@@ -242,7 +242,8 @@ class Predictor:
             return self.transform(img)
         tensor, meta = self.transform(np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR)))
         meta["ori_shape"] = (h, w, 3)
-        meta["scale_factor"] = np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)
+        meta["scale_factor"] = np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)  # mmdet's field
+        meta["view"] = ViewTransform.resize((h, w), (nh, nw)).then(meta["view"])
         return tensor, meta
 
     def __call__(self, images: Sequence[np.ndarray], keep_heatmap: bool = False) -> List[ImagePrediction]:
@@ -258,6 +259,7 @@ class Predictor:
             results, extras = self.model.simple_test(batch, metas, rescale=True, fusion=self.fusion,
                                                      max_patches=self.max_patches, return_extras=True,
                                                      crop_coords=coords, keep_heatmap=keep_heatmap, **kw)
+        batch_hw = tuple(batch.shape[2:])
         del batch
         heat = extras.get("heatmap") if keep_heatmap else None
         regions = extras.get("regions") or [None] * len(images)
@@ -272,13 +274,13 @@ class Predictor:
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(d[:, 4])
             hm = None
             if heat is not None:  # in the pixels the model saw (viz resizes it onto the image): the pad undone
-                hm, _ = meta_view(meta, heat.shape[2:]).inverse().apply_map(heat[i].detach())
+                hm, _ = meta_to_image(meta, heat.shape[2:], rescale=False).apply_map(heat[i].detach())
                 hm = hm.float().cpu().numpy()
             reg = np.zeros((0, 4), np.int64) if regions[i] is None else np.asarray(regions[i]).reshape(-1, 4)
             reg = reg[(reg[:, 2] >= 1) & (reg[:, 3] >= 1)]  # empty regions gave no patch
-            scale = np.asarray(meta.get("scale_factor", np.ones(4)), np.float64).reshape(-1)[:4]
-            if not np.all(scale == 1):  # a downscaled image: regions in its own pixels
-                reg = np.round(reg / scale).astype(np.int64)
+            back = meta_rescale(meta, batch_hw)
+            if back is not None:  # a downscaled image: regions in its own pixels
+                reg = np.round(back.apply_crop_boxes(reg.astype(np.float64))).astype(np.int64)
             out.append(ImagePrediction(boxes[keep], d[keep, 4], lab[keep], hm, reg))
         return out
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from yolc_kd import crops
-from yolc_kd.data.view import meta_view
+from yolc_kd.data.view import meta_rescale, meta_to_image, meta_view
 from yolc_kd.errors import ModelConfigError
 from yolc_kd.kd import KDTargets, kd_losses
 from yolc_kd.models.hrfpn import HRFPN
@@ -166,8 +166,9 @@ class YOLC(nn.Module):
             h, w = meta.get("img_shape", img.shape[2:])[:2]
             dets[:, 0:4:2] = dets[:, 0:4:2].clamp(0, w)  # yolc-kd clips to the image (YOLC does not)
             dets[:, 1:4:2] = dets[:, 1:4:2].clamp(0, h)
-            if rescale:
-                dets[:, :4] /= dets.new_tensor(np.asarray(meta.get("scale_factor", 1.0), np.float32) * np.ones(4, np.float32))
+            back = meta_rescale(meta, img.shape[2:]) if rescale else None
+            if back is not None:  # the image as the network took it -> the image itself
+                dets = back.apply_xyxy(dets)
             out.append((dets, labels))
         if return_extras:
             return out, dict(heatmap=heat, regions=regions)
@@ -253,8 +254,7 @@ class YOLC(nn.Module):
             # _remap_bboxes_to_full undoes the patch scale (the windows' boxes are in patch pixels)
             for (dets, labels), m, i in zip(self.bbox_head.bboxes_from_windows(ph, pr, windows), metas, plan.owners):
                 dets = self._remap_bboxes_to_full(dets, m)
-                to_image = meta_view(img_metas[i], img.shape[2:]).inverse()  # tensor -> image frame, unclipped
-                dets[:, :4] = to_image.apply_points(dets[:, :4].reshape(-1, 2)).reshape(-1, 4)
+                dets = meta_to_image(img_metas[i], img.shape[2:], rescale=False).apply_xyxy(dets)
                 per_img[i].append((dets, labels))
         iou = float(self.test_cfg.get("nms_cfg", {}).get("iou_threshold", 0.6))
         out = []

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from yolc_kd import crops
-from yolc_kd.data.view import meta_content
+from yolc_kd.data.view import meta_content, meta_to_image
 from yolc_kd.kd import recomputed_in_backward
 from yolc_kd.models.deform import DeformConv2d
 from yolc_kd.models.losses import build_loss
@@ -202,15 +202,11 @@ class YOLCHead(nn.Module):
         dets, labels = self.decode_heatmap(heat, xywh, img_metas[0]["batch_input_shape"],
                                            k=self.test_cfg["topk"], kernel=kernel)
         hw = tuple(heat.shape[2:])
-        offset = dets.new_tensor(np.array([meta_content(m, hw)[:2] for m in img_metas], dtype=np.float32))
-        dets[..., :4] -= offset[:, [0, 1, 0, 1]].unsqueeze(1)  # tensor -> image content frame
-        if rescale:
-            scale = np.array([np.asarray(m.get("scale_factor", 1.0), dtype=np.float32) * np.ones(4, np.float32)
-                              for m in img_metas])
-            dets[..., :4] /= dets.new_tensor(scale).unsqueeze(1)
+        # tensor -> image frame (rescale=False: the image as the network took it), boxes not clipped
+        per_image = [(meta_to_image(m, hw, rescale).apply_xyxy(d), l) for d, l, m in zip(dets, labels, img_metas)]
         if not with_nms:
-            return list(zip(dets, labels))
-        return [self.bboxes_nms(d, l) for d, l in zip(dets, labels)]
+            return per_image
+        return [self.bboxes_nms(d, l) for d, l in per_image]
 
     def bboxes_from_windows(self, heat: torch.Tensor, xywh: torch.Tensor,
                             windows: Sequence[Tuple[int, int, int, int, int]]) -> List[Dets]:
