@@ -51,7 +51,7 @@ class BestCheckpointHook(HookBase):
     'bbox_mAP' is AP@[.5:.95] over all areas at 500 detections per image (`yolc-kd eval`'s largest maxDets);
     'bbox_mAP_50' / '_75' / '_s' are AP50 / AP75 / AP_small. best.pth holds those weights as `state_dict`, the
     checkpoint meta and mmdet's `hook_msgs = {best_score, best_ckpt}`; no optimizer (it is for inference;
-    --resume reads iter_N.pth).
+    --resume reads iter_N.pth). Precise BN, which runs after the last evaluation, leaves best.pth as evaluated.
     --resume remembers the best score from best.pth; a fresh run sets an earlier run's best.pth aside.
 
     Args:
