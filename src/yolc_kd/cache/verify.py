@@ -45,15 +45,13 @@ import numpy as np
 import zarr
 
 from yolc_kd.cache.manifest import sha256_file
-from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, CACHE_KINDS, IMAGE_IDS, IMAGE_MAP_TILE, MANIFEST_KEY,
-                                  MAP_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SHARD_DONE, STATUS_OK, STATUS_SKIPPED,
-                                  Layout, padded)
+from yolc_kd.cache.arrays import (IMAGE_IDS, IMAGE_MAP_TILE, SHARD_DONE, STATUS_OK, STATUS_SKIPPED, map_names,
+                                  names, sample_names, spec, specs)
+from yolc_kd.cache.schema import ALL_SHARD_FILES, CACHE_KINDS, MANIFEST_KEY, SCHEMA_VERSION, Layout, padded
 from yolc_kd.cache.shards import chunk_files, index_problem, shard_key
 from yolc_kd.cache.verify_values import ValueChecks, _first_line, _short, format_ranges
 from yolc_kd.progress import progress_bar
 
-_ZARR_DTYPES = {"str": "string"}           # SAMPLE_ARRAYS dtype -> zarr.json data_type
-_SMALL = tuple(n for n in SAMPLE_ARRAYS if n not in MAP_ARRAYS)
 
 
 def verify_cache(path: Any, deep: bool = False, progress: bool = False, annotations: Any = None) -> List[str]:
@@ -263,15 +261,9 @@ class _Verifier(ValueChecks):
 
     # ------------------------------------------------------------------ metadata
     def _expected(self, name: str) -> Tuple[str, Tuple[int, ...], Optional[Tuple[int, ...]], Tuple[int, ...]]:
-        """(zarr data_type, shape, shard shape or None, inner chunk shape)."""
-        lay = self.layout
-        if name == IMAGE_IDS:
-            return "int64", (lay.num_images,), None, (max(1, lay.num_images),)
-        if name == SHARD_DONE:
-            return "uint8", (lay.num_shards,), None, (1,)
-        shape = lay.sample_shapes()[name]
-        dtype = _ZARR_DTYPES.get(SAMPLE_ARRAYS[name], SAMPLE_ARRAYS[name])
-        return dtype, (lay.num_samples, *shape), (lay.shard_size, *shape), lay.chunk_shape(name)
+        """(zarr data_type, shape, shard shape or None, inner chunk shape): the table's (cache/arrays.py)."""
+        lay, s = self.layout, spec(name)
+        return s.zarr_dtype, (s.length(lay), *s.shape(lay)), s.shards(lay), s.chunks(lay)
 
     def _check_metadata(self) -> None:
         try:
@@ -279,7 +271,7 @@ class _Verifier(ValueChecks):
         except Exception as exc:
             self.fault(f"manifest: the root group cannot be opened ({_first_line(exc)})")
             return
-        for name in ALL_ARRAYS:
+        for name in names():
             meta_path = self.path / name / "zarr.json"
             if not meta_path.is_file():
                 self.fault(f"array '{name}' is missing (no {name}/zarr.json)")
@@ -372,7 +364,7 @@ class _Verifier(ValueChecks):
                            + f" (the layout has {n_chunks} chunk file(s) of rank {ndim})")
             empty = sorted(j for j, p in found.items() if p.stat().st_size == 0)
             if empty:
-                if name in SAMPLE_ARRAYS:
+                if spec(name).axis == "sample":
                     rows = [r for j in empty for r in range(*lay.shard_range(j))]
                     self.sample_fault(name, rows, "shard file is empty (zarr would read it as all zero)")
                 else:
@@ -396,10 +388,10 @@ class _Verifier(ValueChecks):
                 data[a:b] = np.asarray(arr[a:b])
             except Exception as exc:
                 ok[a:b] = False
-                if name in SAMPLE_ARRAYS:
+                if spec(name).axis == "sample":
                     self.sample_fault(name, range(a, b), f"damaged chunk: "
                                                          f"{_first_line(exc)}")
-                elif name == IMAGE_IDS:
+                elif spec(name).axis == "image":
                     self.fault(f"array '{name}' (image positions {format_ranges(range(a, b))}): damaged chunk: "
                                f"{_first_line(exc)}")
                 else:
@@ -408,24 +400,18 @@ class _Verifier(ValueChecks):
 
     def _read_small(self) -> None:
         lay = self.layout
-        shards = [lay.shard_range(j) for j in range(lay.num_shards)]
-        for name in (SHARD_DONE, IMAGE_IDS) + _SMALL:
-            arr = self.usable.get(name)
+        ranges = dict(shard=[(j, j + 1) for j in range(lay.num_shards)], image=[(0, lay.num_images)],
+                      sample=[lay.shard_range(j) for j in range(lay.num_shards)])
+        small = [s for axis in ("shard", "image", "sample") for s in specs() if s.axis == axis and not s.map]
+        for s in small:
+            arr = self.usable.get(s.name)
             if arr is None:
                 continue
-            if name == SHARD_DONE:
-                ranges = [(j, j + 1) for j in range(lay.num_shards)]
-            elif name == IMAGE_IDS:
-                ranges = [(0, lay.num_images)]
-            else:
-                ranges = shards
-            dtype = SAMPLE_ARRAYS.get(name, "int64" if name == IMAGE_IDS else "uint8")
-            shape = (arr.shape[0], *arr.shape[1:])
-            empty = np.full(shape, "", dtype=object) if dtype == "str" else np.zeros(shape, dtype=dtype)
-            self.data[name], self.ok_rows[name] = self._read_blocks(name, arr, ranges, empty)
-            for j in self.empty_files.get(name, ()):  # read as fill values: already reported, not data
-                a, b = ranges[j] if name != IMAGE_IDS else ranges[0]
-                self.ok_rows[name][a:b] = False
+            self.data[s.name], self.ok_rows[s.name] = self._read_blocks(s.name, arr, ranges[s.axis],
+                                                                        s.empty(arr.shape[0], lay))
+            for j in self.empty_files.get(s.name, ()):  # read as fill values: already reported, not data
+                a, b = ranges[s.axis][j] if s.axis != "image" else ranges["image"][0]
+                self.ok_rows[s.name][a:b] = False
         if SHARD_DONE in self.data:
             done = self.data[SHARD_DONE]
             bad = np.flatnonzero(~np.isin(done, (0, 1)) & self.ok_rows[SHARD_DONE])
@@ -446,7 +432,7 @@ class _Verifier(ValueChecks):
     # ------------------------------------------------------------------ map shard indexes / deep read
     def _check_map_indexes(self) -> None:
         lay = self.layout
-        maps = [n for n in MAP_ARRAYS if n in self.usable]
+        maps = [n for n in map_names() if n in self.usable]
         bar = self._bar(lay.num_shards * len(maps), "verify maps" if self.deep else "verify indexes")
         try:
             for name in maps:
@@ -540,7 +526,7 @@ class _Verifier(ValueChecks):
             return self.manifest.get("seed") == 0
         if name == "image_id":  # COCO id 0 is possible (for one image at most)
             return IMAGE_IDS in d and bool((d[IMAGE_IDS][[r // lay.variants for r in range(a, b)]] == 0).all())
-        if name in MAP_ARRAYS:  # a weak teacher's maps can quantise to all zero: no telling that from a lost file
+        if spec(name).map:  # a weak teacher's maps can quantise to all zero: no telling that from a lost file
             return True
         if name == "fingerprint":
             return all_skipped                             # a stored view has a fingerprint
@@ -556,7 +542,7 @@ class _Verifier(ValueChecks):
 
     def _check_missing_files(self) -> None:
         lay = self.layout
-        for name in SAMPLE_ARRAYS:
+        for name in sample_names():
             if name not in self.usable:
                 continue
             for j in sorted(self.missing_files.get(name, ())):

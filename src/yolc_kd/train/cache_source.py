@@ -9,16 +9,15 @@ from typing import Any, Mapping, Tuple, Union
 import numpy as np
 import torch
 
+from yolc_kd.cache.arrays import STATUS_OK, dequantize_targets
 from yolc_kd.cache.manifest import IMAGE_TRAIN_FIELDS, TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import STATUS_OK
 from yolc_kd.data.augment import AugmentConfig, AugmentedSample
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.teacher import expected_target_identity
 from yolc_kd.train.image_source import ImageCacheSource
-from yolc_kd.train.target_codec import dequantize_targets
 
 _TARGET_ARRAYS = ["heatmap", "coarse", "patch_boxes", "patch_scales", "patch_valid", "refine", "fingerprint",
                   "status", "aug_params"]
