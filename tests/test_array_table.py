@@ -3,6 +3,7 @@ an array added as one table entry plus the code that produces its rows goes thro
 verify (metadata, files, checksums, its value check) with nothing else changed; and the table describes the
 arrays as they are on disk."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,10 +11,10 @@ import zarr
 
 from conftest import SHARD, VARIANTS, cli_args, make_setup
 from yolc_kd.cache import arrays
-from yolc_kd.cache.arrays import ArraySpec, sample_names, spec
+from yolc_kd.cache.arrays import IMAGE_IDS, STATUS_OK, STATUS_SKIPPED, ArraySpec, sample_names, spec
 from yolc_kd.cache.codec import HEATMAP
 from yolc_kd.cache.reader import CacheReader
-from yolc_kd.cache.schema import WRITE_CONFIG
+from yolc_kd.cache.schema import WRITE_CONFIG, Layout
 from yolc_kd.cache.verify import verify_cache
 from yolc_kd.cli import main
 from yolc_kd.precompute import run
@@ -113,3 +114,33 @@ def test_the_table_is_the_arrays_on_disk(kind, tmp_path):
         assert str(a.dtype) in (t.dtype, "StringDType()") and a.shape == (t.length(lay), *t.shape(lay)), name
         assert a.chunks == t.chunks(lay) and a.shards == t.shards(lay), name
         assert [type(c) for c in a.compressors] == [type(c) for c in t.compressors(kind)], name
+
+
+def test_which_shards_may_lack_a_file_in_a_cache_before_all_shard_files():
+    """The table's may_be_fill rules: verify accepts a missing shard file of an older cache only where the rows
+    could all be fill values."""
+    lay = Layout(num_images=2, variants=2, shard_size=1, num_classes=1, input_hw=(8, 8), coarse_hw=(2, 2),
+                 max_patches=2, refine_hw=(2, 2))
+
+    def verifier(seed=3, **values):
+        return SimpleNamespace(layout=lay, manifest=dict(seed=seed), data={IMAGE_IDS: np.array([0, 5])},
+                               shard_values=lambda name, j: values.get(name))
+
+    v = verifier()
+    assert not spec("status").may_be_fill(v, 0) and not spec("aug_params").may_be_fill(v, 0)
+    assert all(spec(n).may_be_fill(v, 3) for n in arrays.map_names())
+    assert spec("variant").may_be_fill(v, 2) and not spec("variant").may_be_fill(v, 3)  # rows 2, 3: variants 0, 1
+    assert spec("seed").may_be_fill(verifier(seed=0), 1) and not spec("seed").may_be_fill(v, 1)
+    assert spec("image_id").may_be_fill(v, 1) and not spec("image_id").may_be_fill(v, 2)  # image ids 0, 5
+    skipped, stored = np.array([STATUS_SKIPPED]), np.array([STATUS_OK])
+    assert spec("fingerprint").may_be_fill(verifier(status=skipped), 0)
+    assert not spec("fingerprint").may_be_fill(verifier(status=stored), 0) and not spec("fingerprint").may_be_fill(v, 0)
+    none, one = np.zeros((1, 2), bool), np.array([[True, False]])
+    for name in ("patch_boxes", "patch_scales"):
+        assert spec(name).may_be_fill(verifier(patch_valid=none, num_valid_patches=np.ones(1)), 0)  # patch_valid first
+        assert not spec(name).may_be_fill(verifier(patch_valid=one), 0)
+        assert spec(name).may_be_fill(verifier(num_valid_patches=np.zeros(1)), 0)
+        assert spec(name).may_be_fill(verifier(status=skipped), 0) and not spec(name).may_be_fill(v, 0)
+    assert spec("patch_valid").may_be_fill(verifier(num_valid_patches=np.zeros(1)), 0)
+    assert not spec("num_valid_patches").may_be_fill(verifier(patch_valid=one, status=skipped), 0)
+    assert spec("num_valid_patches").may_be_fill(verifier(status=skipped), 0)

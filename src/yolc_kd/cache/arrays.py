@@ -41,6 +41,9 @@ class ArraySpec:
         target: a KD target (KDTargets field): precompute stores it, training reads it.
         check: the value check verify runs on the decoded array (small arrays only: maps are checked by the
             verifier's deep read); needs: the other arrays it reads.
+        may_be_fill: (verifier, shard j) -> whether a committed shard's rows may all be fill values, so that a
+            cache written before `all_shard_files` (zarr skipped all-fill shards) may lack its file; verify
+            reports a missing file only where this is false. Default: never (the array is always written).
         meaning: one line on what the array holds.
     """
     name: str
@@ -53,6 +56,7 @@ class ArraySpec:
     target: bool = False
     check: Optional[Check] = None
     needs: Tuple[str, ...] = ()
+    may_be_fill: Callable[[Any, int], bool] = lambda v, j: False
     meaning: str = ""
 
     def length(self, lay: Any) -> int:
@@ -171,32 +175,70 @@ def _patch_scales(v: Any) -> Iterable[Tuple[np.ndarray, str]]:
             (finite & (valid & bad).any(axis=1), f"valid patch scale outside (0, upscale={upscale}]")]
 
 
+# ---------------------------------------------------------------------- may a shard be all fill (no file in old caches)
+def _all_skipped(v: Any, j: int) -> bool:
+    status = v.shard_values("status", j)
+    return status is not None and bool((status == STATUS_SKIPPED).all())
+
+
+def _no_crops(*others: str) -> Callable[[Any, int], bool]:
+    """No valid crop in the shard, by the first of `others` whose values are known, else every row skipped."""
+    def rule(v: Any, j: int) -> bool:
+        for other in others:
+            values = v.shard_values(other, j)
+            if values is not None:
+                return not values.any()
+        return _all_skipped(v, j)
+    return rule
+
+
+def _first_variants(v: Any, j: int) -> bool:
+    return all(r % v.layout.variants == 0 for r in range(*v.layout.shard_range(j)))
+
+
+def _image_ids_zero(v: Any, j: int) -> bool:  # COCO id 0 is possible (for one image at most)
+    if IMAGE_IDS not in v.data:
+        return False
+    rows = range(*v.layout.shard_range(j))
+    return bool((v.data[IMAGE_IDS][[r // v.layout.variants for r in rows]] == 0).all())
+
+
+def _always(v: Any, j: int) -> bool:  # a weak teacher's maps can quantise to all zero: no telling from a lost file
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- the table
 def _maps(lay: Any) -> Tuple[int, ...]:
     return (lay.num_classes, *lay.input_hw)
 
 
 TABLE: Tuple[ArraySpec, ...] = (
-    ArraySpec("heatmap", "uint8", _maps, map=True, codec=HEATMAP, target=True,
+    ArraySpec("heatmap", "uint8", _maps, map=True, codec=HEATMAP, target=True, may_be_fill=_always,
               meaning="class probabilities at input resolution, quantised"),
     ArraySpec("coarse", "int16", lambda lay: (4, *lay.coarse_hw), map=True, codec=BOXES, target=True,
+              may_be_fill=_always,
               meaning="the teacher's raw coarse xywh maps (stride 4), fixed point"),
     ArraySpec("patch_boxes", "float32", lambda lay: (lay.max_patches, 4), target=True,
+              may_be_fill=_no_crops("patch_valid", "num_valid_patches"),
               meaning="LSM crops [x, y, w, h] in input pixels (exact integers)"),
     ArraySpec("patch_scales", "float32", lambda lay: (lay.max_patches,), target=True, check=_patch_scales,
-              needs=("patch_valid",), meaning="resize factor crop -> patch"),
+              needs=("patch_valid",), may_be_fill=_no_crops("patch_valid", "num_valid_patches"),
+              meaning="resize factor crop -> patch"),
     ArraySpec("patch_valid", "bool", lambda lay: (lay.max_patches,), target=True, check=_patch_valid,
-              needs=("status",), meaning="slot holds a crop"),
+              needs=("status",), may_be_fill=_no_crops("num_valid_patches"), meaning="slot holds a crop"),
     ArraySpec("refine", "int16", lambda lay: (lay.max_patches, 4, *lay.refine_hw), map=True, image_chunks="slot",
-              codec=BOXES, target=True, meaning="the teacher's raw refine maps on each patch, fixed point"),
+              codec=BOXES, target=True, may_be_fill=_always,
+              meaning="the teacher's raw refine maps on each patch, fixed point"),
     ArraySpec("num_valid_patches", "uint8", lambda lay: (), check=_num_valid_patches, needs=("patch_valid",),
-              meaning="patch_valid.sum(1)"),
-    ArraySpec("image_id", "int64", lambda lay: (), check=_image_id, needs=(IMAGE_IDS,),
+              may_be_fill=_no_crops("patch_valid"), meaning="patch_valid.sum(1)"),
+    ArraySpec("image_id", "int64", lambda lay: (), check=_image_id, needs=(IMAGE_IDS,), may_be_fill=_image_ids_zero,
               meaning="COCO image id of the row"),
-    ArraySpec("variant", "int32", lambda lay: (), check=_variant, meaning="variant (image kind: row of the image)"),
-    ArraySpec("seed", "int64", lambda lay: (), check=_seed, meaning="the config seed in the augmentation key"),
+    ArraySpec("variant", "int32", lambda lay: (), check=_variant, may_be_fill=_first_variants,
+              meaning="variant (image kind: row of the image)"),
+    ArraySpec("seed", "int64", lambda lay: (), check=_seed, may_be_fill=lambda v, j: v.manifest.get("seed") == 0,
+              meaning="the config seed in the augmentation key"),
     ArraySpec("fingerprint", "uint8", lambda lay: (FINGERPRINT_BYTES,), check=_fingerprint, needs=("status",),
-              meaning="blake2b-16 of the view (image kind: of the image)"),
+              may_be_fill=_all_skipped, meaning="blake2b-16 of the view (image kind: of the image)"),
     ArraySpec("aug_params", "str", lambda lay: (), meaning="JSON of the view's augmentation, or {'skipped': reason}"),
     ArraySpec("status", "uint8", lambda lay: (), check=_status, meaning="0 never written, 1 stored, 2 skipped"),
     ArraySpec(IMAGE_IDS, "int64", lambda lay: (), axis="image", meaning="COCO id of each image position"),

@@ -104,7 +104,8 @@ def move_heatmaps(items: Sequence[Tuple[torch.Tensor, ViewTransform]], view_hw: 
                   device: torch.device, mode: str = "nearest") -> Tuple[torch.Tensor, torch.Tensor]:
     """(B,C,H,W) float32 probabilities and (B,1,H,W) bool masks: every (uint8 window, move) decoded
     (cache/codec.py HEATMAP) and resampled into its view (ViewTransform.apply_map, nearest by default), zero where
-    the view does not show the image. On the device: the largest per-sample work of the image-level cache, a few ms there."""
+    the view does not show the image. On the device: the largest per-sample work of the image-level cache, a few
+    ms there."""
     channels = int(items[0][0].shape[0]) if items else 0
     heat = torch.empty(len(items), channels, *view_hw, device=device)
     valid = torch.empty(len(items), 1, *view_hw, dtype=torch.bool, device=device)

@@ -507,38 +507,13 @@ class _Verifier(ValueChecks):
         return self.data["status"][a:b]
 
     # ------------------------------------------------------------------ missing files
-    def _may_be_all_fill(self, name: str, j: int) -> bool:
-        """Whether shard j of `name` may legitimately hold only fill values (so zarr wrote no file)."""
-        lay = self.layout
-        a, b = lay.shard_range(j)
-        d, ok = self.data, self.ok_rows
-
-        def known(n: str) -> bool:
-            return n in d and n not in {k for k, v in self.missing_files.items() if j in v} and ok[n][a:b].all()
-
-        status = d["status"][a:b] if known("status") else None
-        all_skipped = status is not None and (status == STATUS_SKIPPED).all()
-        if name in ("status", "aug_params"):
-            return False                                   # always written: 1/2, a JSON text
-        if name == "variant":
-            return all(r % lay.variants == 0 for r in range(a, b))
-        if name == "seed":
-            return self.manifest.get("seed") == 0
-        if name == "image_id":  # COCO id 0 is possible (for one image at most)
-            return IMAGE_IDS in d and bool((d[IMAGE_IDS][[r // lay.variants for r in range(a, b)]] == 0).all())
-        if spec(name).map:  # a weak teacher's maps can quantise to all zero: no telling that from a lost file
-            return True
-        if name == "fingerprint":
-            return all_skipped                             # a stored view has a fingerprint
-        if name in ("patch_boxes", "patch_scales"):
-            for other in ("patch_valid", "num_valid_patches"):
-                if known(other):
-                    return not d[other][a:b].any()
-            return all_skipped
-        if name in ("patch_valid", "num_valid_patches"):
-            other = "num_valid_patches" if name == "patch_valid" else "patch_valid"
-            return not d[other][a:b].any() if known(other) else all_skipped
-        return False
+    def shard_values(self, name: str, j: int) -> Optional[np.ndarray]:
+        """The decoded rows of shard j of a small per-sample array where they are data (its file is there and
+        every row decoded), else None: what the table's may_be_fill rules read."""
+        a, b = self.layout.shard_range(j)
+        if name not in self.data or j in self.missing_files.get(name, ()) or not self.ok_rows[name][a:b].all():
+            return None
+        return self.data[name][a:b]
 
     def _check_missing_files(self) -> None:
         lay = self.layout
@@ -546,7 +521,7 @@ class _Verifier(ValueChecks):
             if name not in self.usable:
                 continue
             for j in sorted(self.missing_files.get(name, ())):
-                if not self.committed[j] or (not self.exact and self._may_be_all_fill(name, j)):
+                if not self.committed[j] or (not self.exact and spec(name).may_be_fill(self, j)):
                     continue
                 a, b = lay.shard_range(j)
                 path = self._shard_file(name, j)
