@@ -276,6 +276,12 @@ def map_names() -> Tuple[str, ...]:
     return tuple(s.name for s in TABLE if s.map)
 
 
+def row_map_names(targets: bool = False) -> Tuple[str, ...]:
+    """The maps over a whole row: the view (view kind) or the row canvas (image kind: chunked in tiles, the row's
+    image top-left, zeros beyond); targets=True: only those that are KD targets (the teacher's maps)."""
+    return tuple(s.name for s in TABLE if s.map and s.image_chunks == "tile" and (s.target or not targets))
+
+
 def target_specs() -> Tuple[ArraySpec, ...]:
     """The arrays that are KD targets (KDTargets fields), in table order."""
     return tuple(s for s in TABLE if s.target)

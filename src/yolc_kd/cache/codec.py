@@ -3,12 +3,12 @@ numpy and a torch back-end side by side (the type of the input picks one) that g
 for bit: numpy in the cache writer, verify and recompute; torch on the training device (a live teacher's maps
 with distill_cfg.online_targets "cached", a GPU teacher's maps before they cross to the host, the cache source's
 decode after batching). torch is never imported here: verify runs with numpy + zarr only, and a tensor can only
-exist once torch is loaded. The manifest's `quantization` text and data_schema.md's formulas come from
-`describe()`."""
+exist once torch is loaded. The manifest's `quantization` text is written from `describe()`."""
 from __future__ import annotations
 
 import math
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -32,9 +32,27 @@ def cast(x: Any, dtype: str) -> Any:
     return x.to(getattr(torch, dtype)) if torch is not None else np.asarray(x).astype(dtype, copy=False)
 
 
-class ValueCodec:
-    """What the codecs share: `stored`, the codes' dtype name."""
+class ValueCodec(ABC):
+    """A value codec: float values <-> codes of dtype `stored` (a numpy dtype name), with a numpy and a torch
+    back-end each; `step` is the value of one code step (the recompute tolerance across numerics adds one)."""
     stored: str
+    step: float
+
+    @abstractmethod
+    def encode(self, x: Any) -> Any:
+        """Float values (numpy or torch) -> codes of the same type."""
+
+    @abstractmethod
+    def decode(self, q: Any) -> Any:
+        """Codes (numpy or torch) -> float32 values of the same type."""
+
+    @abstractmethod
+    def tolerance(self, x: np.ndarray) -> np.ndarray:
+        """Worst-case |x - decode(encode(x))| for each value x."""
+
+    @abstractmethod
+    def describe(self) -> Dict[str, Any]:
+        """The codec in words and numbers, as the manifest's `quantization` holds it."""
 
     def encoded(self, x: Any) -> bool:
         """Whether x (numpy or torch) holds this codec's codes (its stored dtype) rather than floats."""

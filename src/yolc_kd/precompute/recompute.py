@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from yolc_kd.cache.manifest import IMAGE_TRAIN_FIELDS, TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.arrays import STATUS_OK, spec
+from yolc_kd.cache.arrays import STATUS_OK, row_map_names, spec
 from yolc_kd.cache.verify import format_ranges
 from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
@@ -235,7 +235,7 @@ def _live(targets: KDTargets, pos: int, shapes: Optional[Mapping[str, Tuple[int,
     live = {name: getattr(targets, name)[pos].float().cpu().numpy()
             for name in ("heatmap", "coarse", "patch_boxes", "patch_scales", "refine")}
     if shapes is not None:
-        for name in ("heatmap", "coarse"):
+        for name in row_map_names(targets=True):
             live[name] = _fit(live[name], shapes[name])
     live["valid"] = targets.patch_valid[pos].cpu().numpy().astype(bool)
     return live
@@ -307,7 +307,7 @@ class _Comparison:
         return "the quantisation bound" + (" + one step + 1 %" if self.cross else "")
 
     def maps(self, idx: int, s: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray]) -> None:
-        for name in ("heatmap", "coarse"):
+        for name in row_map_names(targets=True):
             e = self.excess(name, s[name], live[name])
             if e > 0:
                 self.fail(name, idx, f"differs from the recomputed teacher beyond {self.bound()} (by {e:.3g})")

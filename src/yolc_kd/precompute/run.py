@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from yolc_kd import __version__, crops
 from yolc_kd.cache.manifest import jsonable, sha256_file, target_identity
-from yolc_kd.cache.arrays import STATUS_OK, STATUS_SKIPPED, quantization, quantize_targets, target_specs
+from yolc_kd.cache.arrays import (STATUS_OK, STATUS_SKIPPED, quantization, quantize_targets, row_map_names,
+                                  target_specs)
 from yolc_kd.cache.codec import cast
 from yolc_kd.cache.schema import CACHE_KINDS, DEFAULT_SHARD_SIZE, Layout, encode_fingerprint
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
@@ -319,7 +320,7 @@ def _image_rows(targets: List[KDTargets], records: List[Dict[str, Any]], seed: i
             continue
         row = _rows(targets[k], [rec], seed)[0]
         k += 1
-        for name in ("heatmap", "coarse"):
+        for name in row_map_names():
             row[name] = _fit(row[name], shapes[name])
         rows.append(row)
     return rows
