@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from yolc_kd.cache.arrays import FINGERPRINT_BYTES, sample_specs, spec
+from yolc_kd.cache.arrays import FINGERPRINT_BYTES, sample_specs
 
 SCHEMA_VERSION = 2                      # 2: box maps as int16 fixed point (1: float16)
 MANIFEST_KEY = "yolc_kd_cache"          # root group attribute holding the manifest
@@ -105,10 +105,6 @@ class Layout:
                 return tuple(float(x) for x in v)
             return tuple(int(x) for x in v) if isinstance(v, list) else int(v)
         return cls(**{k: value(k, v) for k, v in d.items()})
-
-    def chunk_shape(self, name: str) -> Tuple[int, ...]:
-        """Inner chunk of a per-sample array (the table's chunking, ArraySpec.chunks)."""
-        return spec(name).chunks(self)
 
 
 PAD_DIVISOR = 32  # an image-kind row's teacher input: its scaled image padded to multiples of this
