@@ -89,8 +89,9 @@ def real_setup():
 def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
     from yolc_kd import __version__, crops
     from yolc_kd.cache.manifest import jsonable
-    from yolc_kd.cache.schema import (SAMPLE_ARRAYS, STATUS_OK, Layout, encode_fingerprint, quantize_heatmap,
-                                      quantize_boxes)
+    from yolc_kd.cache.arrays import STATUS_OK, sample_names, spec
+    from yolc_kd.cache.codec import BOXES, HEATMAP
+    from yolc_kd.cache.schema import Layout, encode_fingerprint
     from yolc_kd.cache.writer import CacheStore, ShardBuffer
     from yolc_kd.data.augment import TrainAugment
     from yolc_kd.teacher import expected_target_identity
@@ -139,7 +140,7 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
             vb = np.asarray(view.boxes, np.float32).reshape(-1, 4)
             vl = np.asarray(view.labels, np.int64).reshape(-1)
             heat, nobj = render_heatmap(vb, vl, c, (h, w), rng)
-            q = quantize_heatmap(heat)
+            q = HEATMAP.encode(heat)
             nv = int(rng.choice([2, 3, 4], p=[0.2, 0.3, 0.5])) if k >= 4 else k
             valid = np.arange(k) < nv
             refine = np.zeros((k, 4, *layout.refine_hw), np.float32)
@@ -150,9 +151,9 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
                 bw, bh = int(rng.integers(64, canvas[1] + 1)), int(rng.integers(64, canvas[0] + 1))
                 pb[s] = (int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh)), bw, bh)
                 ps[s] = min(1.5, canvas[0] / bh, canvas[1] / bw)
-            row = dict(heatmap=q, coarse=quantize_boxes(coarse_with_objects(rng, vb, layout.coarse_hw, stride,
+            row = dict(heatmap=q, coarse=BOXES.encode(coarse_with_objects(rng, vb, layout.coarse_hw, stride,
                                                                            args.map_noise)),
-                       patch_boxes=pb, patch_scales=ps, patch_valid=valid, refine=quantize_boxes(refine),
+                       patch_boxes=pb, patch_scales=ps, patch_valid=valid, refine=BOXES.encode(refine),
                        num_valid_patches=nv, image_id=i + 1, variant=v, seed=int(cfg.get("seed", 0)),
                        status=STATUS_OK, fingerprint=encode_fingerprint(view.fingerprint),
                        aug_params=json.dumps(jsonable(view.params), sort_keys=True, separators=(",", ":")))
@@ -174,11 +175,12 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
 
     shapes = layout.sample_shapes()
     per_array, f32 = {}, {}
-    for name in SAMPLE_ARRAYS:
+    for name in sample_names():
         files = [p for p in (out / name).rglob("*") if p.is_file()]
         data = sum(p.stat().st_size for p in files if p.name != "zarr.json")
         elems = int(np.prod(shapes[name], dtype=np.int64))
-        stored = 0 if SAMPLE_ARRAYS[name] == "str" else np.dtype(SAMPLE_ARRAYS[name]).itemsize * elems
+        dtype = spec(name).dtype
+        stored = 0 if dtype == "str" else np.dtype(dtype).itemsize * elems
         per_array[name] = dict(bytes_per_sample=data / n, raw_stored_dtype_bytes=stored)
         # reference: the float maps and boxes as float32 tensors, everything else as stored (aug_params: 0)
         f32[name] = 4 * elems if name in ("heatmap", "coarse", "refine", "patch_boxes", "patch_scales") else stored
@@ -246,7 +248,7 @@ def view_source(cache: Path, ctx: Dict[str, Any]):
 
 
 def bench_read(cache: Path, ctx: Dict[str, Any], args) -> Dict[str, Any]:
-    from yolc_kd.cache.schema import dequantize_heatmap
+    from yolc_kd.cache.codec import HEATMAP
 
     source, how = view_source(cache, ctx)
     reader = source.reader
@@ -277,7 +279,7 @@ def bench_read(cache: Path, ctx: Dict[str, Any], args) -> Dict[str, Any]:
         del items
     t0 = time.perf_counter()
     for _ in range(3):
-        dequantize_heatmap(s["heatmap"])
+        HEATMAP.decode(s["heatmap"])
     t_deq = (time.perf_counter() - t0) / 3
 
     loaders = {nw: DataLoader(CacheReads(source, keys), batch_size=args.read_batch, shuffle=False, num_workers=nw,
@@ -439,8 +441,9 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
     teacher.image_targets would give them (heatmap on the scaled image, LSM over it, kd-mode crop plan)."""
     from yolc_kd import __version__, crops
     from yolc_kd.cache.manifest import jsonable
-    from yolc_kd.cache.schema import (BOX_MAX_ERROR, HEATMAP_MAX_ERROR, SAMPLE_ARRAYS, STATUS_OK, Layout,
-                                      encode_fingerprint, quantize_boxes, quantize_heatmap)
+    from yolc_kd.cache.arrays import STATUS_OK, quantization, sample_names
+    from yolc_kd.cache.codec import BOXES, HEATMAP
+    from yolc_kd.cache.schema import Layout, encode_fingerprint
     from yolc_kd.cache.writer import CacheStore, ShardBuffer
     from yolc_kd.data.augment import fingerprint_image
     from yolc_kd.models.tiling import batch_tiles
@@ -487,10 +490,7 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
         scales=list(scales), amp=False,
         annotations=dict(sha256="0" * 64, path=str(ann), image_root=str(tmp), num_images=n_images),
         layout=layout.to_dict(), index="image_index * len(scales) + scale index",
-        quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
-                          heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
-                          maps="q = round(x / 2^-6) as int16, clipped to +-32767; x = q * 2^-6 grid cells",
-                          maps_max_error=BOX_MAX_ERROR),
+        quantization=quantization(),
         run=dict(device="synthetic", batch_size=1, world_size=1, cpu_threads=1), complete=False)))
     out = tmp / "image_cache"
     shutil.rmtree(out, ignore_errors=True)
@@ -516,14 +516,14 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
             if nv:
                 refine[valid] = smooth_maps(rng, nv, layout.refine_hw, args.map_noise)
             q = np.zeros((c, *canvas), np.uint8)
-            q[:, :hs, :ws] = quantize_heatmap(heat)
+            q[:, :hs, :ws] = HEATMAP.encode(heat)
             ch, cw = padded(hs) // stride, padded(ws) // stride  # the teacher's coarse maps of its padded input
             coarse = np.zeros((4, *layout.coarse_hw), np.float32)
             coarse[:, :ch, :cw] = coarse_with_objects(rng, boxes, (ch, cw), stride, args.map_noise)
             params = dict(kind="image", ori_hw=list(hws[i]), scale=s, scaled_hw=[hs, ws])
             buf.put(i * len(scales) + v, dict(
-                heatmap=q, coarse=quantize_boxes(coarse), patch_boxes=plan.boxes[0].numpy().astype(np.float32),
-                patch_scales=plan.scales[0].numpy().astype(np.float32), patch_valid=valid, refine=quantize_boxes(refine),
+                heatmap=q, coarse=BOXES.encode(coarse), patch_boxes=plan.boxes[0].numpy().astype(np.float32),
+                patch_scales=plan.scales[0].numpy().astype(np.float32), patch_valid=valid, refine=BOXES.encode(refine),
                 num_valid_patches=nv, image_id=i + 1, variant=v, seed=seed, status=STATUS_OK, fingerprint=fp,
                 aug_params=json.dumps(params, sort_keys=True, separators=(",", ":"))))
             tiles = batch_tiles(1, padded(hs), padded(ws), int(tile_cfg["max_pixels"]), int(tile_cfg["tile_overlap"]))
@@ -540,13 +540,13 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
     final = store.finalize([dict(file_name=im["file_name"]) for im in info])
 
     # bytes: shard i of every array is image i's rows, so each image's bytes are its shard files
-    per_image = np.zeros((n_images, len(SAMPLE_ARRAYS)))
-    for a, name in enumerate(SAMPLE_ARRAYS):
+    per_image = np.zeros((n_images, len(sample_names())))
+    for a, name in enumerate(sample_names()):
         arr = store.arrays[name]
         for i in range(n_images):
             f = out / name / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
             per_image[i, a] = f.stat().st_size if f.is_file() else 0
-    arrays = {name: float(per_image[:, a].mean()) for a, name in enumerate(SAMPLE_ARRAYS)}
+    arrays = {name: float(per_image[:, a].mean()) for a, name in enumerate(sample_names())}
     chunk_per_image = per_image.sum(axis=1)
     folder = folder_bytes(out)
     meta_per_image = (folder - chunk_per_image.sum()) / n_images

@@ -1,7 +1,7 @@
 """Host-side costs of a training step that a GPU turns into waits: target building (models/targets.py), the KD
 patch plan (crops.PatchPlan: cut, sizes and the confidence weights of kd.patch_cell_weights), precompute's
-quantisation (numpy on the host vs train/target_codec.py on the teacher's device) and DataLoader workers
-restarted every epoch vs persistent ones.
+quantisation (cache/codec.py's numpy back-end on the host vs its torch back-end on the teacher's device) and
+DataLoader workers restarted every epoch vs persistent ones.
 
 Each part reports its median time and, for the tensor code, the number of calls that wait for the device when
 the tensors live on a GPU (item, tolist, bool/float/int of a tensor, cpu, numpy, nonzero, unique, boolean-mask
@@ -137,9 +137,9 @@ def bench_patch_plan(device: torch.device, hw: Tuple[int, int], batch: int, repe
 
 
 def bench_quantise(device: torch.device, hw: Tuple[int, int], batch: int, repeats: int) -> Dict:
-    from yolc_kd.cache.schema import quantize_boxes, quantize_heatmap
+    from yolc_kd.cache.arrays import quantize_targets
+    from yolc_kd.cache.codec import BOXES, HEATMAP
     from yolc_kd.kd import KDTargets
-    from yolc_kd.train.target_codec import quantize_targets
 
     h, w = hw
     gen = torch.Generator().manual_seed(0)
@@ -151,8 +151,8 @@ def bench_quantise(device: torch.device, hw: Tuple[int, int], batch: int, repeat
                   refine=torch.randn(batch, 4, 4, canvas[0] // 4, canvas[1] // 4, generator=gen) * 20).to(device)
 
     def host_numpy():  # precompute before: float32 maps to the host, quantised there
-        return (quantize_heatmap(t.heatmap.float().cpu().numpy()), quantize_boxes(t.coarse.float().cpu().numpy()),
-                quantize_boxes(t.refine.float().cpu().numpy()))
+        return (HEATMAP.encode(t.heatmap.float().cpu().numpy()), BOXES.encode(t.coarse.float().cpu().numpy()),
+                BOXES.encode(t.refine.float().cpu().numpy()))
 
     def on_device():  # precompute now: quantised where the teacher ran, uint8 / int16 to the host
         q = quantize_targets(t)

@@ -113,7 +113,7 @@ def main() -> None:
     from yolc_kd.data.coco import CocoDetection
     from yolc_kd.teacher import build_teacher, teacher_targets
     from yolc_kd.train.image_source import ImageCacheSource
-    from yolc_kd.train.target_codec import dequantize_targets
+    from yolc_kd.cache.arrays import dequantize_targets
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="COCO folder (annotations.json + images)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from yolc_kd.cache.schema import ALL_ARRAYS  # noqa: E402
+from yolc_kd.cache.arrays import names as array_names  # noqa: E402
 from yolc_kd.checkpoint import save_checkpoint  # noqa: E402
 from yolc_kd.data.synth import make_synthetic_dataset  # noqa: E402
 from yolc_kd.models import build_detector  # noqa: E402
@@ -196,12 +196,12 @@ def cli_args(s: SimpleNamespace, out: Path, *extra: str) -> list:
 
 def read_all(path: Path) -> dict:
     g = zarr.open_group(str(path), mode="r")
-    return {name: g[name][:] for name in ALL_ARRAYS}
+    return {name: g[name][:] for name in array_names()}
 
 
 def assert_same_arrays(a: Path, b: Path) -> None:
     x, y = read_all(a), read_all(b)
-    for name in ALL_ARRAYS:
+    for name in array_names():
         u, v = x[name], y[name]
         assert u.shape == v.shape and u.dtype == v.dtype, name
         if u.dtype.kind in "fiub":

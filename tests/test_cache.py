@@ -12,10 +12,10 @@ import zarr
 from torch.utils.data import DataLoader
 
 from conftest import cli_args, make_setup
+from yolc_kd.cache.arrays import dequantize_targets, sample_names
+from yolc_kd.cache.codec import BOXES, HEATMAP
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import (HEATMAP_MAX_ERROR, SAMPLE_ARRAYS, SCHEMA_VERSION, Layout, box_tolerance,
-                                  dequantize_boxes, dequantize_heatmap, heatmap_tolerance, quantize_boxes,
-                                  quantize_heatmap)
+from yolc_kd.cache.schema import SCHEMA_VERSION, Layout
 from yolc_kd.cache.verify import verify_cache
 from yolc_kd.cache.writer import CacheStore, ShardBuffer
 from yolc_kd.cli import main
@@ -24,7 +24,6 @@ from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 from yolc_kd.train.cache_source import open_cache_source
-from yolc_kd.train.target_codec import dequantize_targets
 from yolc_kd.train.data import TrainSamples, collate_train
 
 
@@ -41,22 +40,22 @@ def made(tmp_path_factory):
 def test_heatmap_quantisation_error_is_bounded():
     p = np.concatenate([np.random.default_rng(0).random(100_000, dtype=np.float32),
                         np.array([0, 1 / 510, 1 / 255 - 1e-7, 1 / 255, 0.5 / 255 + 0.5, 1.0], np.float32)])
-    q = quantize_heatmap(p)
-    err = np.abs(dequantize_heatmap(q) - p)
-    assert q.dtype == np.uint8 and (err <= heatmap_tolerance(p)).all()
-    assert (q[p < 1 / 255] == 0).all() and err[p >= 1 / 255].max() <= HEATMAP_MAX_ERROR + 1e-7
-    assert q[-1] == 255 and quantize_heatmap(np.array([np.nan, -0.1, 1.5]))[2] == 255
+    q = HEATMAP.encode(p)
+    err = np.abs(HEATMAP.decode(q) - p)
+    assert q.dtype == np.uint8 and (err <= HEATMAP.tolerance(p)).all()
+    assert (q[p < 1 / 255] == 0).all() and err[p >= 1 / 255].max() <= HEATMAP.max_error + 1e-7
+    assert q[-1] == 255 and HEATMAP.encode(np.array([np.nan, -0.1, 1.5]))[2] == 255
 
 
 def test_box_maps_fixed_point_error_is_bounded():
     x = np.random.default_rng(1).standard_normal(100_000).astype(np.float32) * np.float32(50)
     x[:5] = [1e-6, -3e-9, 700.0, -1e9, 1 / 128]
-    q = quantize_boxes(x)
-    y = dequantize_boxes(q)
+    q = BOXES.encode(x)
+    y = BOXES.decode(q)
     assert q.dtype == np.int16 and y.dtype == np.float32
-    assert (np.abs(y.astype(np.float64) - x) <= box_tolerance(x)).all()  # clipped values included
+    assert (np.abs(y.astype(np.float64) - x) <= BOXES.tolerance(x)).all()  # clipped values included
     assert np.abs(y - x)[5:].max() <= 1 / 128 + 1e-6 and y[2] == 32767 / 64 and y[3] == -32767 / 64
-    assert quantize_boxes(np.array([np.nan, np.inf], np.float32)).tolist() == [0, 32767]
+    assert BOXES.encode(np.array([np.nan, np.inf], np.float32)).tolist() == [0, 32767]
 
 
 def test_plain_zarr_and_numpy_read_a_sample(made):
@@ -90,8 +89,8 @@ def test_target_source_shapes_fingerprints_and_workers(made):
     assert t.patch_valid.dtype == torch.bool and t.refine.dtype == torch.int16
     f = dequantize_targets(t)
     assert f.heatmap.dtype == f.coarse.dtype == f.refine.dtype == torch.float32
-    np.testing.assert_array_equal(f.heatmap.numpy(), dequantize_heatmap(t.heatmap.numpy()))
-    np.testing.assert_array_equal(f.refine.numpy(), dequantize_boxes(t.refine.numpy()))
+    np.testing.assert_array_equal(f.heatmap.numpy(), HEATMAP.decode(t.heatmap.numpy()))
+    np.testing.assert_array_equal(f.refine.numpy(), BOXES.decode(t.refine.numpy()))
     assert dequantize_targets(f) is f  # float targets (a live teacher's) pass through
     again = pickle.loads(pickle.dumps(source))
     assert torch.equal(again.read(2, 1)[1].heatmap, t.heatmap)
@@ -168,7 +167,7 @@ def test_uncommitted_shards_are_never_read(tmp_path):
     _fill(again, 1)
     final = again.finalize([dict(file_name=f"{i}.png") for i in range(5)])
     assert final["complete"] and final["counts"]["samples_written"] == 10
-    assert set(SAMPLE_ARRAYS) <= set(zarr.open_group(str(tmp_path / "c"), mode="r").array_keys())
+    assert set(sample_names()) <= set(zarr.open_group(str(tmp_path / "c"), mode="r").array_keys())
 
 
 def test_writer_refuses_a_foreign_folder_and_other_settings(tmp_path):

@@ -24,7 +24,7 @@ from PIL import Image
 
 from conftest import make_setup, teacher_model_cfg
 from conftest import write_config
-from yolc_kd.cache.schema import STATUS_OK, STATUS_SKIPPED
+from yolc_kd.cache.arrays import STATUS_OK, STATUS_SKIPPED
 from yolc_kd.checkpoint import save_checkpoint
 from yolc_kd.cli import main
 from yolc_kd.data.synth import make_synthetic_dataset

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import make_setup
+from yolc_kd.cache.arrays import dequantize_targets
+from yolc_kd.cache.codec import BOXES, HEATMAP
 from yolc_kd.cache.image_view import move_heatmaps, source_window
 from yolc_kd.cache.reader import CacheReader
-from yolc_kd.cache.schema import BOX_STEP, dequantize_boxes, dequantize_heatmap, heatmap_tolerance
 from yolc_kd.cli import main
 from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, normalise
@@ -22,7 +23,6 @@ from yolc_kd.kd import KDTargets, heatmap_kd, kd_losses
 from yolc_kd.precompute.image_level import ImageRows, auto_scales, parse_scales, view_scale_range
 from yolc_kd.teacher import build_teacher, image_targets
 from yolc_kd.train.image_source import ImageCacheSource
-from yolc_kd.train.target_codec import dequantize_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,12 +94,12 @@ def test_rows_are_the_teacher_on_the_whole_scaled_image(setup, unit_cache):
         row = reader.read_sample(i)
         h, w = item["content"][0]
         p = t.heatmap[0].numpy()
-        err = np.abs(dequantize_heatmap(row["heatmap"])[:, :h, :w] - p[:, :h, :w])
-        assert (err <= heatmap_tolerance(p[:, :h, :w])).all()
+        err = np.abs(HEATMAP.decode(row["heatmap"])[:, :h, :w] - p[:, :h, :w])
+        assert (err <= HEATMAP.tolerance(p[:, :h, :w])).all()
         assert not row["heatmap"][:, h:].any() and not row["heatmap"][:, :, w:].any()
         c = t.coarse[0].numpy()
-        np.testing.assert_allclose(dequantize_boxes(row["coarse"])[:, :c.shape[1], :c.shape[2]], c,
-                                   atol=BOX_STEP / 2 + 1e-6)
+        np.testing.assert_allclose(BOXES.decode(row["coarse"])[:, :c.shape[1], :c.shape[2]], c,
+                                   atol=BOXES.step / 2 + 1e-6)
         np.testing.assert_array_equal(row["patch_valid"], t.patch_valid[0].numpy())
         np.testing.assert_array_equal(row["patch_boxes"], t.patch_boxes[0].numpy())
 
@@ -114,7 +114,7 @@ def test_identity_view_gets_the_row_itself(setup, unit_cache):
         row = src.reader.read_sample(i)
         heat, valid = move_heatmaps([(got.heatmap_window, got.heatmap_move)], hw, torch.device("cpu"))
         assert bool(valid.all())
-        torch.testing.assert_close(heat[0], torch.from_numpy(dequantize_heatmap(row["heatmap"])[:, :hw[0], :hw[1]]),
+        torch.testing.assert_close(heat[0], torch.from_numpy(HEATMAP.decode(row["heatmap"])[:, :hw[0], :hw[1]]),
                                    rtol=0, atol=1e-6)
         t = got.targets
         assert bool(t.coarse_valid.all())
@@ -154,8 +154,8 @@ def test_mirrored_view_mirrors_heatmap_boxes_and_crops(setup, unit_cache):
         return torch.stack([(gx + coarse[0, 0]) * 4, (gy + coarse[0, 1]) * 4, coarse[0, 2] * 4, coarse[0, 3] * 4])
 
     ca, cb = centres(a.coarse), centres(b.coarse).flip(-1)
-    torch.testing.assert_close(cb[0], w - ca[0], atol=4 * BOX_STEP, rtol=0)
-    torch.testing.assert_close(cb[1:], ca[1:], atol=4 * BOX_STEP, rtol=0)
+    torch.testing.assert_close(cb[0], w - ca[0], atol=4 * BOXES.step, rtol=0)
+    torch.testing.assert_close(cb[1:], ca[1:], atol=4 * BOXES.step, rtol=0)
     assert int(a.patch_valid.sum()) == int(b.patch_valid.sum()) > 0
     for j in range(int(a.patch_valid.sum())):  # the same crops, mirrored; nothing dropped
         x, y, bw, bh = a.patch_boxes[0, j].tolist()
@@ -326,7 +326,7 @@ def test_aligned_views_take_the_row_cell_for_cell(setup, unit_cache):
             flips.add(bool(s.params["flipped"]))
             got = src.sample_targets(image_id, 0, image, s)
             heat, valid = move_heatmaps([(got.heatmap_window, got.heatmap_move)], (96, 128), torch.device("cpu"))
-            row = dequantize_heatmap(src.reader.read_sample(i)["heatmap"])
+            row = HEATMAP.decode(src.reader.read_sample(i)["heatmap"])
             window, ok = move.apply_map(torch.from_numpy(row), 1, out_size=(96, 128))
             torch.testing.assert_close(heat[0], torch.where(ok, window, torch.zeros(())), rtol=0, atol=1e-6)
             assert torch.equal(valid[0, 0], ok)
@@ -418,7 +418,7 @@ def test_mirrored_rows_are_the_teacher_on_the_mirrored_image_and_serve_mirrored_
     row = reader.read_sample(1)  # image 0, mirrored
     assert json.loads(str(row["aug_params"]))["mirrored"] is True
     p = t.heatmap[0].numpy()[:, :h, :w]
-    assert (np.abs(dequantize_heatmap(row["heatmap"])[:, :h, :w] - p) <= heatmap_tolerance(p)).all()
+    assert (np.abs(HEATMAP.decode(row["heatmap"])[:, :h, :w] - p) <= HEATMAP.tolerance(p)).all()
     views = AlignedViews(aug, lay.scales, mirrored_rows=True)
     src = _source(mirrored_cache)
     boxes, labels = coco.annotations(0)
@@ -430,7 +430,7 @@ def test_mirrored_rows_are_the_teacher_on_the_mirrored_image_and_serve_mirrored_
         assert move.moves_cells(4) and move.moves_cells(1) and not view_mirrored(move)
         got = src.sample_targets(int(coco.image_info(0)["id"]), k, image, s)
         heat, valid = move_heatmaps([(got.heatmap_window, got.heatmap_move)], (96, 128), torch.device("cpu"))
-        stored = dequantize_heatmap(reader.read_sample(int(flipped))["heatmap"])
+        stored = HEATMAP.decode(reader.read_sample(int(flipped))["heatmap"])
         window, ok = move.apply_map(torch.from_numpy(stored), 1, out_size=(96, 128))
         torch.testing.assert_close(heat[0], torch.where(ok, window, torch.zeros(())), rtol=0, atol=1e-6)
         mirrored_seen += flipped

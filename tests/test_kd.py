@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model_cfg
-from yolc_kd.cache.schema import dequantize_heatmap, quantize_heatmap
+from yolc_kd.cache.codec import HEATMAP
 from yolc_kd.config import DISTILL_DEFAULTS, validate_distill_cfg
 from yolc_kd.errors import UserError
 from yolc_kd.kd import (KDTargets, box_distance, cell_weights, heatmap_kd, kd_losses, patch_cell_weights,
@@ -290,7 +290,7 @@ def test_peak_count_counts_a_plateau_once_so_cache_and_live_agree():
     assert float(teacher_peak_count(p, 0.3)) == 2.0
     live = torch.zeros(1, 1, 9, 9)
     live[0, 0, 3:6, 3:6] = torch.tensor([[.80, .85, .80], [.85, .851, .849], [.80, .85, .80]])
-    cached = torch.from_numpy(dequantize_heatmap(quantize_heatmap(live.numpy())))
+    cached = torch.from_numpy(HEATMAP.decode(HEATMAP.encode(live.numpy())))
     assert int((cached == cached.max()).sum()) > 1  # the quantised top is a plateau
     assert float(teacher_peak_count(live, 0.3)) == float(teacher_peak_count(cached, 0.3)) == 1.0
 

@@ -10,9 +10,9 @@ import torch
 
 from conftest import (SEED, VARIANTS, assert_same_arrays, cli_args, kill_9_inside_precompute, make_setup,
                       save_random_teacher, subprocess_env)
+from yolc_kd.cache.arrays import STATUS_OK, STATUS_SKIPPED
+from yolc_kd.cache.codec import BOXES, HEATMAP
 from yolc_kd.cache.reader import CacheReader
-from yolc_kd.cache.schema import (STATUS_OK, STATUS_SKIPPED, dequantize_heatmap, box_tolerance, dequantize_boxes,
-                                  heatmap_tolerance)
 from yolc_kd.cli import main
 from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
@@ -61,20 +61,20 @@ def _compare_with_live_teacher(setup, ref_cache):
             assert int(s["seed"]) == SEED and reader.fingerprint(s) == view.fingerprint
             p = live.heatmap[0].numpy()
             assert s["heatmap"].dtype == np.uint8
-            assert (np.abs(dequantize_heatmap(s["heatmap"]) - p) <= heatmap_tolerance(p) + 1e-5).all()
+            assert (np.abs(HEATMAP.decode(s["heatmap"]) - p) <= HEATMAP.tolerance(p) + 1e-5).all()
             assert (s["heatmap"][p < 1 / 255 - 1e-5] == 0).all()
             for name in ("coarse", "refine"):
                 x = getattr(live, name)[0].numpy()
                 assert s[name].dtype == np.int16
-                assert (np.abs(dequantize_boxes(s[name]) - x) <= box_tolerance(x) + 1e-5).all(), name
+                assert (np.abs(BOXES.decode(s[name]) - x) <= BOXES.tolerance(x) + 1e-5).all(), name
             np.testing.assert_array_equal(s["patch_valid"], live.patch_valid[0].numpy())
             np.testing.assert_array_equal(s["patch_boxes"], live.patch_boxes[0].numpy())
             np.testing.assert_array_equal(s["patch_scales"], live.patch_scales[0].numpy())
             assert int(s["num_valid_patches"]) == int(live.patch_valid.sum())
             # the documented decode gives the regression-grid boxes within the fixed-point error
             dec = teacher.bbox_head.decode_xywh_to_bbox
-            got, want = dec(torch.from_numpy(dequantize_boxes(s["coarse"][None]))), dec(live.coarse)
-            assert (torch.abs(got - want) <= torch.from_numpy(box_tolerance(live.coarse.numpy())).permute(0, 2, 3, 1)
+            got, want = dec(torch.from_numpy(BOXES.decode(s["coarse"][None]))), dec(live.coarse)
+            assert (torch.abs(got - want) <= torch.from_numpy(BOXES.tolerance(live.coarse.numpy())).permute(0, 2, 3, 1)
                     .reshape(got.shape) + 1e-5).all()
             patches += int(live.patch_valid.sum())
     assert patches > 0, "the test teacher should produce crops"

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import plain_metas, tiny_model_cfg
-from yolc_kd.cache.schema import BOX_STEP
+from yolc_kd.cache.arrays import dequantize_targets
+from yolc_kd.cache.codec import BOXES
 from yolc_kd.kd import KDTargets
 from yolc_kd.models import build_detector
-from yolc_kd.train.target_codec import dequantize_targets
 from yolc_kd.train.data import VariantSampler
 from yolc_kd.train.reaugment import flip_sample, flip_targets
 
@@ -41,7 +41,7 @@ def test_fixed_point_mirror_equals_float_mirror():
                   patch_valid=torch.zeros(1, 1, dtype=torch.bool), refine=torch.zeros(1, 1, 4, 4, 6, dtype=torch.int16))
     stored_then_flipped = dequantize_targets(flip_targets(t, (32, 48)))
     flipped_float = flip_targets(dequantize_targets(t), (32, 48))
-    torch.testing.assert_close(stored_then_flipped.coarse, flipped_float.coarse, atol=BOX_STEP / 4, rtol=0)
+    torch.testing.assert_close(stored_then_flipped.coarse, flipped_float.coarse, atol=BOXES.step / 4, rtol=0)
     torch.testing.assert_close(stored_then_flipped.heatmap, flipped_float.heatmap)
 
 

@@ -8,14 +8,14 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from yolc_kd.cache.schema import compressors
+from yolc_kd.cache.arrays import spec
 from yolc_kd.cache.shard_windows import DamagedShard, ShardWindows
 
 
 def _array(root: Path, name: str, shape, chunks, shards, dtype, kind: str, empty_chunks: bool = False):
     group = zarr.open_group(str(root), mode="a", zarr_format=3)
     return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=0,
-                              compressors=compressors("heatmap", kind),
+                              compressors=spec("heatmap").compressors(kind),
                               config={"write_empty_chunks": not empty_chunks})
 
 
@@ -76,5 +76,5 @@ def test_other_layouts_are_left_to_zarr(tmp_path):
     plain = group.create_array("plain", shape=(4, 8), chunks=(1, 8), dtype="uint8", compressors=[ZstdCodec()])
     assert ShardWindows.open(plain) is None
     in_memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 8), chunks=(1, 8), shards=(2, 8),
-                                  dtype="uint8", compressors=compressors("heatmap", "image"))
+                                  dtype="uint8", compressors=spec("heatmap").compressors("image"))
     assert ShardWindows.open(in_memory) is None

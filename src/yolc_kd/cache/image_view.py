@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from yolc_kd import crops
-from yolc_kd.cache.schema import BOX_STEP, Layout, scaled_hw
+from yolc_kd.cache.codec import BOXES, HEATMAP
+from yolc_kd.cache.schema import Layout, scaled_hw
 from yolc_kd.data.view import ViewTransform
 from yolc_kd.data.view_steps import HFlip, Resize
 from yolc_kd.kd import KDTargets
@@ -101,9 +102,10 @@ class ImageViewTargets:
 
 def move_heatmaps(items: Sequence[Tuple[torch.Tensor, ViewTransform]], view_hw: Sequence[int],
                   device: torch.device, mode: str = "nearest") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B,C,H,W) float32 probabilities and (B,1,H,W) bool masks: every (uint8 window, move) dequantised (q/255)
-    and resampled into its view (ViewTransform.apply_map, nearest by default), zero where the view does not show the
-    image. On the device: the largest per-sample work of the image-level cache, a few ms there."""
+    """(B,C,H,W) float32 probabilities and (B,1,H,W) bool masks: every (uint8 window, move) decoded
+    (cache/codec.py HEATMAP) and resampled into its view (ViewTransform.apply_map, nearest by default), zero where
+    the view does not show the image. On the device: the largest per-sample work of the image-level cache, a few
+    ms there."""
     channels = int(items[0][0].shape[0]) if items else 0
     heat = torch.empty(len(items), channels, *view_hw, device=device)
     valid = torch.empty(len(items), 1, *view_hw, dtype=torch.bool, device=device)
@@ -111,9 +113,9 @@ def move_heatmaps(items: Sequence[Tuple[torch.Tensor, ViewTransform]], view_hw: 
         q = window.to(device, non_blocking=True)
         if mode == "nearest":  # picks stored values: gather the uint8 codes, then dequantise (half the time)
             h, v = move.apply_map(q, 1, out_size=tuple(view_hw), mode=mode)
-            heat[i].copy_(h).div_(255.0)  # in place: 4x the CPU speed of h.float() / 255, the same values
+            HEATMAP.decode(h, out=heat[i])  # in place: 4x the CPU speed of a decode into a new tensor
         else:
-            h, v = move.apply_map(q.float().div_(255.0), 1, out_size=tuple(view_hw), mode=mode)
+            h, v = move.apply_map(HEATMAP.decode(q), 1, out_size=tuple(view_hw), mode=mode)
             heat[i].copy_(h)
         _zero_outside(heat[i], v)
         valid[i, 0] = v
@@ -164,7 +166,7 @@ def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], la
     view_hw = view.out_hw
     coarse_hw = (-(-view_hw[0] // STRIDE), -(-view_hw[1] // STRIDE))
     coarse, coarse_valid = to_view.apply_box_map(torch.from_numpy(np.asarray(row["coarse"], np.int16)), STRIDE,
-                                                 out_size=coarse_hw, unit=BOX_STEP)
+                                                 out_size=coarse_hw, unit=BOXES.step)
     canvas = crops.patch_canvas(view_hw)
     rh, rw = layout.refine_hw
     boxes = torch.zeros(1, slots, 4)
@@ -190,7 +192,7 @@ def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], la
             student_patch = crops.patch_view(boxes[0, j].tolist(), s_size, view_hw, canvas)
             patch_move = teacher_patch.inverse().then(move).then(student_patch)
             maps, ok = patch_move.apply_box_map(torch.from_numpy(np.asarray(refine[k], np.int16)), STRIDE,
-                                                out_size=(rh, rw), unit=BOX_STEP)
+                                                out_size=(rh, rw), unit=BOXES.step)
             moved[0, j] = torch.where(ok, maps, torch.zeros((), dtype=maps.dtype))
             moved_valid[0, j, 0] = ok
     heat = torch.from_numpy(np.ascontiguousarray(row["heatmap"], dtype=np.uint8))

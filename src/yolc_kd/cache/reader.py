@@ -10,9 +10,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import zarr
 
+from yolc_kd.cache.arrays import IMAGE_IDS, SHARD_DONE, map_names, names as array_names, sample_names
 from yolc_kd.cache.manifest import read_manifest
-from yolc_kd.cache.schema import (IMAGE_IDS, MAP_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SHARD_DONE, Layout,
-                                  decode_fingerprint, sample_index)
+from yolc_kd.cache.schema import SCHEMA_VERSION, Layout, decode_fingerprint, sample_index
 from yolc_kd.cache.shard_windows import ShardWindows
 from yolc_kd.errors import UserError
 
@@ -62,8 +62,8 @@ class CacheReader:
     def _open(self) -> Dict[str, zarr.Array]:
         if self._arrays is None or self._pid != os.getpid():
             group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
-            self._arrays = {name: group[name] for name in (*SAMPLE_ARRAYS, IMAGE_IDS, SHARD_DONE)}
-            self._windows = {name: ShardWindows.open(self._arrays[name]) for name in MAP_ARRAYS}
+            self._arrays = {name: group[name] for name in array_names()}
+            self._windows = {name: ShardWindows.open(self._arrays[name]) for name in map_names()}
             self._pid = os.getpid()
         return self._arrays
 
@@ -109,7 +109,7 @@ class CacheReader:
     def read_sample(self, index: int, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
         """Every per-sample array (or `names`) at row `index`, fetched concurrently. Raises CacheError when
         the shard is not committed or a chunk fails its crc32c check (naming the array)."""
-        return self.read_parts(index, {name: () for name in (names or SAMPLE_ARRAYS)})
+        return self.read_parts(index, {name: () for name in (names or sample_names())})
 
     def read_parts(self, index: int, parts: Mapping[str, Tuple[Any, ...]]) -> Dict[str, np.ndarray]:
         """Part of row `index` of several arrays, fetched concurrently: {name: selection after the row axis}

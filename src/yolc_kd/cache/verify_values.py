@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from yolc_kd.cache.schema import IMAGE_IDS, STATUS_MISSING, STATUS_OK, STATUS_SKIPPED, scaled_hw
+from yolc_kd.cache.arrays import IMAGE_IDS, STATUS_OK, STATUS_SKIPPED, sample_specs
+from yolc_kd.cache.schema import scaled_hw
 
 
 _MAX_RANGES = 6                            # sample ranges shown in one fault line
@@ -86,9 +86,9 @@ class ValueChecks:
         return rows
 
     def _check_values(self) -> None:
-        lay, d, m = self.layout, self.data, self.manifest
-        k = lay.variants
-        index = np.arange(lay.num_samples)
+        """image_ids unique, every array's value check of the table (cache/arrays.py ArraySpec.check) on the rows
+        where it and what the check needs decoded, then the rows' augmentation and crop boxes."""
+        d = self.data
         if IMAGE_IDS in d and self.ok_rows[IMAGE_IDS].all():
             ids = d[IMAGE_IDS]
             uniq, counts = np.unique(ids, return_counts=True)
@@ -96,46 +96,21 @@ class ValueChecks:
                 dup = uniq[counts > 1]
                 self.fault(f"array '{IMAGE_IDS}': duplicate image id(s) {dup[:5].tolist()} "
                            f"(image positions {format_ranges(np.flatnonzero(np.isin(ids, dup)))})")
-        rows = self._rows("status")
-        if rows.any():
-            st = d["status"]
-            self.sample_fault("status", np.flatnonzero(rows & (st == STATUS_MISSING)),
-                              "status 0 (never written) in a committed shard")
-            self.sample_fault("status", np.flatnonzero(rows & ~np.isin(st, (STATUS_MISSING, STATUS_OK, STATUS_SKIPPED))),
-                              "status values other than 0/1/2")
-        rows = self._rows("image_id", IMAGE_IDS)
-        if rows.any():
-            want = d[IMAGE_IDS][index // k]
-            self.sample_fault("image_id", np.flatnonzero(rows & (d["image_id"] != want)),
-                              "image_id disagrees with image_ids[index // variants] (sample written at the "
-                              "wrong place or twice)")
-        rows = self._rows("variant")
-        if rows.any():
-            what = "scale index" if lay.kind == "image" else "variant"
-            self.sample_fault("variant", np.flatnonzero(rows & (d["variant"] != index % k)),
-                              f"{what} disagrees with index % variants (sample written at the wrong place or twice)")
-        rows = self._rows("seed")
-        if rows.any() and isinstance(m.get("seed"), int):
-            self.sample_fault("seed", np.flatnonzero(rows & (d["seed"] != m["seed"])),
-                              f"seed differs from the manifest's seed {m['seed']}")
-        self._check_fingerprint_and_params()
-        self._check_patches()
-
-    def _check_fingerprint_and_params(self) -> None:
-        lay, d = self.layout, self.data
-        st = d.get("status")
-        rows = self._rows("fingerprint", "status")
-        if rows.any():
-            nonzero = d["fingerprint"].any(axis=1)
-            self.sample_fault("fingerprint", np.flatnonzero(rows & (st == STATUS_OK) & ~nonzero),
-                              "all-zero fingerprint for a stored sample")
-            self.sample_fault("fingerprint", np.flatnonzero(rows & (st == STATUS_SKIPPED) & nonzero),
-                              "fingerprint set for a skipped sample")
+        for s in sample_specs():
+            if s.check is None:
+                continue
+            rows = self._rows(s.name, *s.needs)
+            if rows.any():
+                for bad, what in s.check(self):
+                    self.sample_fault(s.name, np.flatnonzero(rows & bad), what)
         params = self._stored_params()
-        if lay.kind == "image":
+        if self.layout.kind == "image":
             self._check_image_params(params)
         else:
             self._check_view_keys(params)
+        rows = self._rows("patch_boxes", "patch_valid")
+        if rows.any():
+            self._check_boxes(rows, d["patch_boxes"].astype(np.float64), d["patch_valid"].astype(bool))
 
     def _stored_params(self) -> Dict[int, Dict[str, Any]]:
         """aug_params of the stored rows (status 1) that are JSON objects, parsed once; faults for rows whose
@@ -225,37 +200,6 @@ class ValueChecks:
             if r not in problems:
                 out[r] = p["scaled_hw"]
         return out
-
-    def _check_patches(self) -> None:
-        lay, d, m = self.layout, self.data, self.manifest
-        st = d.get("status")
-        rows = self._rows("patch_valid", "num_valid_patches")
-        valid = d["patch_valid"].astype(bool) if "patch_valid" in d else None
-        if rows.any():
-            nvp = d["num_valid_patches"].astype(np.int64)
-            self.sample_fault("num_valid_patches", np.flatnonzero(rows & (nvp > lay.max_patches)),
-                              f"more than max_patches={lay.max_patches} valid patches")
-            self.sample_fault("num_valid_patches", np.flatnonzero(rows & (nvp != valid.sum(axis=1))),
-                              "disagrees with patch_valid.sum(1)")
-        rows = self._rows("patch_valid", "status")
-        if rows.any():
-            self.sample_fault("patch_valid", np.flatnonzero(rows & (st == STATUS_SKIPPED) & valid.any(axis=1)),
-                              "valid patches for a skipped sample")
-        rows = self._rows("patch_boxes", "patch_valid")
-        if rows.any():
-            self._check_boxes(rows, d["patch_boxes"].astype(np.float64), valid)
-        rows = self._rows("patch_scales", "patch_valid")
-        if rows.any():
-            scales = d["patch_scales"].astype(np.float64)
-            finite = np.isfinite(scales).all(axis=1)
-            self.sample_fault("patch_scales", np.flatnonzero(rows & ~finite), "NaN or inf values")
-            upscale = (m.get("crop") or {}).get("upscale")
-            with np.errstate(invalid="ignore"):
-                bad = scales <= 0
-                if isinstance(upscale, (int, float)) and math.isfinite(upscale):
-                    bad |= scales > float(upscale) * (1 + 1e-6)
-            self.sample_fault("patch_scales", np.flatnonzero(rows & finite & (valid & bad).any(axis=1)),
-                              f"valid patch scale outside (0, upscale={upscale}]")
 
     def _check_boxes(self, rows: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> None:
         """Valid crop boxes [x, y, w, h]: finite, integral, at least a pixel, inside the row's content_hw."""

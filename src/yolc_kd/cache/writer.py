@@ -12,11 +12,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from yolc_kd.cache.arrays import (IMAGE_IDS, SHARD_DONE, STATUS_OK, STATUS_SKIPPED, names, sample_names, sample_specs,
+                                  specs)
 from yolc_kd.cache.manifest import RESUME_FIELDS, diff_fields, read_manifest, with_kind
-from yolc_kd.cache.schema import (ALL_ARRAYS, ALL_SHARD_FILES, IMAGE_IDS, MANIFEST_KEY, SAMPLE_ARRAYS, SHARD_DONE,
-                                  STATUS_OK, STATUS_SKIPPED, WRITE_CONFIG, Layout, compressors)
+from yolc_kd.cache.schema import ALL_SHARD_FILES, MANIFEST_KEY, WRITE_CONFIG, Layout
 from yolc_kd.diskio import write_errors
 from yolc_kd.errors import UserError
 
@@ -60,7 +60,7 @@ class CacheStore:
     def __init__(self, path: Path, group: zarr.Group, manifest: Dict[str, Any]):
         self.path, self.group, self.manifest = Path(path), group, manifest
         self.layout = Layout.from_dict(manifest["layout"])
-        self.arrays = {name: group[name].with_config(WRITE_CONFIG) for name in ALL_ARRAYS}
+        self.arrays = {name: group[name].with_config(WRITE_CONFIG) for name in names()}
 
     @classmethod
     def prepare(cls, path: Any, manifest: Mapping[str, Any], image_ids: Sequence[int]) -> "CacheStore":
@@ -71,7 +71,7 @@ class CacheStore:
             _refuse_if_different(path, old, manifest)
             remove_partials(path)
             return cls(path, group, old)
-        stray = [e for e in _entries(path) if e not in ALL_ARRAYS + ("zarr.json",) and not e.endswith(".partial")]
+        stray = [e for e in _entries(path) if e not in names() + ("zarr.json",) and not e.endswith(".partial")]
         if stray:
             raise UserError(f"--out {path} exists and is not a yolc-kd cache (it holds {stray[0]!r}): "
                             f"choose a new or empty folder")
@@ -108,10 +108,10 @@ class CacheStore:
         a, b = self.layout.shard_range(j)
         # a failed write (a full disk) is one line; zarr removes its temporary file, and the shard stays
         # uncommitted (no marker), so a rerun writes it again
-        for name in SAMPLE_ARRAYS:
+        for name in sample_names():
             with write_errors(self._chunk_file(name, j)):
                 self.arrays[name][a:b] = block[name]
-        for name in SAMPLE_ARRAYS:
+        for name in sample_names():
             with write_errors(self._chunk_file(name, j)):
                 _fsync(self._chunk_file(name, j))
         marker = self._chunk_file(SHARD_DONE, j)
@@ -165,21 +165,15 @@ def _refuse_if_different(path: Path, old: Mapping[str, Any], new: Mapping[str, A
 
 
 def _create(path: Path, manifest: Dict[str, Any], image_ids: Sequence[int]) -> zarr.Group:
+    """A new store with every array of the table (cache/arrays.py), image_ids filled, the manifest last."""
     lay = Layout.from_dict(manifest["layout"])
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    n, s = lay.num_samples, lay.shard_size
-    for name, shape in lay.sample_shapes().items():
-        dtype = SAMPLE_ARRAYS[name]
-        group.create_array(name, shape=(n, *shape), chunks=lay.chunk_shape(name), shards=(s, *shape),
-                           dtype=str if dtype == "str" else dtype, compressors=compressors(name, lay.kind),
-                           fill_value="" if dtype == "str" else 0, config=WRITE_CONFIG,
-                           dimension_names=("sample",) + tuple(f"d{i}" for i in range(len(shape))))
-    ids = group.create_array(IMAGE_IDS, shape=(lay.num_images,), chunks=(max(1, lay.num_images),), dtype="int64",
-                             compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0, config=WRITE_CONFIG,
-                             dimension_names=("image",))
-    ids[:] = np.asarray(image_ids, dtype=np.int64)
-    group.create_array(SHARD_DONE, shape=(lay.num_shards,), chunks=(1,), dtype="uint8", config=WRITE_CONFIG,
-                       compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
+    for s in specs():
+        shape = s.shape(lay)
+        group.create_array(s.name, shape=(s.length(lay), *shape), chunks=s.chunks(lay), shards=s.shards(lay),
+                           dtype=str if s.dtype == "str" else s.dtype, compressors=s.compressors(lay.kind),
+                           fill_value=s.fill_value, config=WRITE_CONFIG, dimension_names=s.dimension_names(lay))
+    group[IMAGE_IDS].with_config(WRITE_CONFIG)[:] = np.asarray(image_ids, dtype=np.int64)
     group.update_attributes({MANIFEST_KEY: manifest})  # last: a store without a manifest is recreated
     return group
 
@@ -195,10 +189,7 @@ class ShardBuffer:
         self.j = j
         self.start, stop = layout.shard_range(j)
         n = stop - self.start
-        self.data: Dict[str, np.ndarray] = {}
-        for name, shape in layout.sample_shapes().items():
-            dtype = SAMPLE_ARRAYS[name]
-            self.data[name] = np.full(n, "", dtype=object) if dtype == "str" else np.zeros((n, *shape), dtype)
+        self.data: Dict[str, np.ndarray] = {s.name: s.empty(n, layout) for s in sample_specs()}
         self.filled = np.zeros(n, dtype=bool)
 
     def put(self, index: int, row: Mapping[str, Any]) -> None:

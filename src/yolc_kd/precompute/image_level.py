@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from yolc_kd.cache.image_view import row_frame
-from yolc_kd.cache.schema import IMAGE_MAP_TILE, STATUS_OK, STATUS_SKIPPED, padded, scaled_hw
+from yolc_kd.cache.arrays import IMAGE_MAP_TILE, STATUS_OK, STATUS_SKIPPED
+from yolc_kd.cache.schema import padded, scaled_hw
 from yolc_kd.data.augment import AugmentConfig, fingerprint_image, normalise, rescale_size
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
@@ -65,7 +66,7 @@ def parse_scales(text: str, lo: float, hi: float, mirrored: bool = False) -> Tup
 
 
 def canvas_hw(image_hws: Sequence[Tuple[int, int]], scales: Sequence[float]) -> Tuple[int, int]:
-    """The row canvas: the largest scaled image, padded to whole map tiles (cache/schema.py IMAGE_MAP_TILE, a
+    """The row canvas: the largest scaled image, padded to whole map tiles (cache/arrays.py IMAGE_MAP_TILE, a
     multiple of the teacher's input multiple: zarr's shards hold whole chunks)."""
     h, w = largest_scaled(image_hws, scales)
     up = lambda n: -(-int(n) // IMAGE_MAP_TILE) * IMAGE_MAP_TILE  # noqa: E731

@@ -18,8 +18,7 @@ from tqdm import tqdm
 
 from yolc_kd.cache.manifest import IMAGE_TRAIN_FIELDS, TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import (BOX_STEP, HEATMAP_LEVELS, STATUS_OK, box_tolerance, dequantize_boxes,
-                                  dequantize_heatmap, heatmap_tolerance)
+from yolc_kd.cache.arrays import STATUS_OK, row_map_names, spec
 from yolc_kd.cache.verify import format_ranges
 from yolc_kd.config import load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
@@ -236,7 +235,7 @@ def _live(targets: KDTargets, pos: int, shapes: Optional[Mapping[str, Tuple[int,
     live = {name: getattr(targets, name)[pos].float().cpu().numpy()
             for name in ("heatmap", "coarse", "patch_boxes", "patch_scales", "refine")}
     if shapes is not None:
-        for name in ("heatmap", "coarse"):
+        for name in row_map_names(targets=True):
             live[name] = _fit(live[name], shapes[name])
     live["valid"] = targets.patch_valid[pos].cpu().numpy().astype(bool)
     return live
@@ -295,23 +294,23 @@ class _Comparison:
         self.maps(idx, s, live)
         self.crops(idx, s, live)
 
-    def excess(self, stored: np.ndarray, want: np.ndarray, tol: np.ndarray, step: float) -> float:
-        """How far stored is beyond the quantisation bound of the teacher's values (<= 0: within it)."""
+    def excess(self, name: str, stored: np.ndarray, want: np.ndarray) -> float:
+        """How far the stored codes of array `name` decode beyond its codec's quantisation bound of the teacher's
+        values `want` (<= 0: within it)."""
+        codec = spec(name).codec
+        tol = codec.tolerance(want)
         if self.cross:
-            tol = tol + CROSS_STEPS * step + CROSS_RTOL * np.abs(want)
-        return float((np.abs(stored - want) - tol - RECOMPUTE_ATOL).max(initial=-1.0))
+            tol = tol + CROSS_STEPS * codec.step + CROSS_RTOL * np.abs(want)
+        return float((np.abs(codec.decode(stored) - want) - tol - RECOMPUTE_ATOL).max(initial=-1.0))
 
     def bound(self) -> str:
         return "the quantisation bound" + (" + one step + 1 %" if self.cross else "")
 
     def maps(self, idx: int, s: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray]) -> None:
-        e = self.excess(dequantize_heatmap(s["heatmap"]), live["heatmap"], heatmap_tolerance(live["heatmap"]),
-                        1.0 / HEATMAP_LEVELS)
-        if e > 0:
-            self.fail("heatmap", idx, f"differs from the recomputed teacher beyond {self.bound()} (by {e:.3g})")
-        e = self.excess(dequantize_boxes(s["coarse"]), live["coarse"], box_tolerance(live["coarse"]), BOX_STEP)
-        if e > 0:
-            self.fail("coarse", idx, f"differs from the recomputed teacher beyond {self.bound()} (by {e:.3g})")
+        for name in row_map_names(targets=True):
+            e = self.excess(name, s[name], live[name])
+            if e > 0:
+                self.fail(name, idx, f"differs from the recomputed teacher beyond {self.bound()} (by {e:.3g})")
 
     def crops(self, idx: int, s: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray]) -> None:
         """Crop slots, boxes and scales equal; refine maps within the bound. Across numerics, crops that LSM
@@ -332,7 +331,6 @@ class _Comparison:
             return
         if not np.allclose(s["patch_scales"][valid], live["patch_scales"][valid], rtol=1e-6, atol=0):
             self.fail("patch_scales", idx, "patch scales differ from the recomputed teacher's")
-        e = self.excess(dequantize_boxes(s["refine"][valid]), live["refine"][valid],
-                        box_tolerance(live["refine"][valid]), BOX_STEP)
+        e = self.excess("refine", s["refine"][valid], live["refine"][valid])
         if e > 0:
             self.fail("refine", idx, f"differs from the recomputed teacher beyond {self.bound()} (by {e:.3g})")

@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from yolc_kd import __version__, crops
 from yolc_kd.cache.manifest import jsonable, sha256_file, target_identity
-from yolc_kd.cache.schema import (BOX_MAX_ERROR, CACHE_KINDS, DEFAULT_SHARD_SIZE, HEATMAP_MAX_ERROR, STATUS_OK, STATUS_SKIPPED,
-                                  Layout, encode_fingerprint, quantize_boxes, quantize_heatmap)
+from yolc_kd.cache.arrays import (STATUS_OK, STATUS_SKIPPED, quantization, quantize_targets, row_map_names,
+                                  target_specs)
+from yolc_kd.cache.codec import cast
+from yolc_kd.cache.schema import CACHE_KINDS, DEFAULT_SHARD_SIZE, Layout, encode_fingerprint
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
@@ -31,7 +33,6 @@ from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_j
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import amp_dtype, device_name, init_distributed, mixed_precision, numerics
 from yolc_kd.teacher import build_teacher, image_targets, teacher_model_cfg, teacher_targets
-from yolc_kd.train.target_codec import quantize_targets
 
 
 @dataclass
@@ -120,10 +121,7 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
         layout=layout.to_dict(), index="image_index * variants + variant" if layout.kind == "view" else
         ("image_index * 2 * len(scales) + 2 * scale index + mirrored" if layout.mirrored else
          "image_index * len(scales) + scale index"),
-        quantization=dict(heatmap="q = 0 if p < 1/255 else floor(255 p + 0.5); p = q / 255",
-                          heatmap_max_error=HEATMAP_MAX_ERROR, heatmap_max_error_below_1_255="p (zeroed)",
-                          maps="q = round(x / 2^-6) as int16, clipped to +-32767; x = q * 2^-6 grid cells",
-                          maps_max_error=BOX_MAX_ERROR),
+        quantization=quantization(),
         run=dict(device=str(opts.device), device_name=device_name(opts.device), batch_size=int(opts.batch_size),
                  world_size=world, cpu_threads=int(opts.threads), deterministic=bool(opts.deterministic),
                  torch=torch.__version__),
@@ -133,22 +131,20 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
 
 def _rows(targets: Optional[KDTargets], records: List[Dict[str, Any]], seed: int) -> List[Dict[str, Any]]:
     """Cache rows (numpy, stored dtypes) of the records of one batch; the teacher ran on the ok ones in order.
-    Maps from a GPU are quantised there (target_codec), so uint8 / int16 maps cross to the host instead of
-    float32 ones; maps on the CPU with the schema's numpy functions (about 3x faster than torch's there,
-    BENCHMARKS.md). Both give the same bytes (tests/test_target_codec.py)."""
+    The target arrays through their codecs (cache/arrays.py): maps from a GPU are quantised there (torch
+    back-end), so uint8 / int16 maps cross to the host instead of float32 ones; maps on the CPU with the numpy
+    back-end (about 3x faster than torch's there, BENCHMARKS.md). Both give the same bytes (tests/test_codec.py)."""
     arr = {}
     if targets is not None:
-        if targets.heatmap.device.type == "cpu":
-            maps = dict(heatmap=quantize_heatmap(targets.heatmap.float().numpy()),
-                        coarse=quantize_boxes(targets.coarse.float().numpy()),
-                        refine=quantize_boxes(targets.refine.float().numpy()))
-        else:
-            q = quantize_targets(targets)
-            maps = dict(heatmap=q.heatmap.cpu().numpy(), coarse=q.coarse.cpu().numpy(), refine=q.refine.cpu().numpy())
-        valid = targets.patch_valid.cpu().numpy()
-        arr = dict(maps, patch_boxes=targets.patch_boxes.float().cpu().numpy(),
-                   patch_scales=targets.patch_scales.float().cpu().numpy(), patch_valid=valid,
-                   num_valid_patches=valid.sum(axis=1))
+        if targets.heatmap.device.type != "cpu":
+            targets = quantize_targets(targets)
+        for s in target_specs():
+            x = getattr(targets, s.name)
+            if s.codec is not None and not s.codec.encoded(x):
+                arr[s.name] = s.codec.encode(x.float().numpy())
+            else:
+                arr[s.name] = cast(x, s.dtype).cpu().numpy()
+        arr["num_valid_patches"] = arr["patch_valid"].sum(axis=1)
     rows, k = [], 0
     for rec in records:
         row: Dict[str, Any] = dict(image_id=rec["image_id"], variant=rec["variant"], seed=seed, status=rec["status"])
@@ -324,7 +320,7 @@ def _image_rows(targets: List[KDTargets], records: List[Dict[str, Any]], seed: i
             continue
         row = _rows(targets[k], [rec], seed)[0]
         k += 1
-        for name in ("heatmap", "coarse"):
+        for name in row_map_names():
             row[name] = _fit(row[name], shapes[name])
         rows.append(row)
     return rows

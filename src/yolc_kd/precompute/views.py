@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from yolc_kd.cache.manifest import jsonable
-from yolc_kd.cache.schema import STATUS_OK, STATUS_SKIPPED
+from yolc_kd.cache.arrays import STATUS_OK, STATUS_SKIPPED
 from yolc_kd.data.augment import TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError

@@ -9,20 +9,15 @@ from typing import Any, Mapping, Tuple, Union
 import numpy as np
 import torch
 
+from yolc_kd.cache.arrays import STATUS_OK, dequantize_targets, target_specs
 from yolc_kd.cache.manifest import IMAGE_TRAIN_FIELDS, TRAIN_FIELDS, diff_fields, sha256_file
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import STATUS_OK
 from yolc_kd.data.augment import AugmentConfig, AugmentedSample
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.teacher import expected_target_identity
 from yolc_kd.train.image_source import ImageCacheSource
-from yolc_kd.train.target_codec import dequantize_targets
-
-_TARGET_ARRAYS = ["heatmap", "coarse", "patch_boxes", "patch_scales", "patch_valid", "refine", "fingerprint",
-                  "status", "aug_params"]
-
 
 class CacheTargetSource:
     """TargetSource over a finished cache: read() serves one sample's stored targets in the DataLoader workers
@@ -55,17 +50,13 @@ class CacheTargetSource:
             index = self.reader.index_of(image_id, variant)
         except (KeyError, IndexError) as exc:
             raise CacheError(str(exc.args[0] if exc.args else exc)) from None
-        s = self.reader.read_sample(index, _TARGET_ARRAYS)
+        targets = target_specs()
+        s = self.reader.read_sample(index, [t.name for t in targets] + ["fingerprint", "status", "aug_params"])
         if int(s["status"]) != STATUS_OK:
             raise CacheError(f"cache sample (image id {image_id}, variant {variant}) was skipped at precompute: "
                              f"{str(s['aug_params'])}")
         # stored dtypes travel through the DataLoader (4x fewer bytes to collate); dequantize_targets() after
-        t = KDTargets(heatmap=torch.from_numpy(np.asarray(s["heatmap"], np.uint8))[None],
-                      coarse=torch.from_numpy(np.asarray(s["coarse"], np.int16))[None],
-                      patch_boxes=torch.from_numpy(s["patch_boxes"].astype(np.float32))[None],
-                      patch_scales=torch.from_numpy(s["patch_scales"].astype(np.float32))[None],
-                      patch_valid=torch.from_numpy(s["patch_valid"].astype(bool))[None],
-                      refine=torch.from_numpy(np.asarray(s["refine"], np.int16))[None])
+        t = KDTargets(**{a.name: torch.from_numpy(np.asarray(s[a.name], a.dtype))[None] for a in targets})
         return self.reader.fingerprint(s), t
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from yolc_kd.cache import image_view
+from yolc_kd.cache.arrays import STATUS_OK, dequantize_targets
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import STATUS_OK, scaled_hw
+from yolc_kd.cache.schema import scaled_hw
 from yolc_kd.data.augment import AugmentedSample, fingerprint_image
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
-from yolc_kd.train.target_codec import dequantize_targets
 
 _SMALL = ("status", "aug_params", "fingerprint", "variant", "patch_boxes", "patch_scales", "patch_valid")
 

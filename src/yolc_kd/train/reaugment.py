@@ -17,16 +17,11 @@ from typing import Any, Dict, Sequence
 import torch
 
 from yolc_kd import crops
-from yolc_kd.cache.schema import BOX_STEP
+from yolc_kd.cache.codec import BOXES
 from yolc_kd.data.view import ViewTransform
 from yolc_kd.kd import KDTargets
 
 STRIDE = 4
-
-
-def _box_unit(x: torch.Tensor) -> float:
-    """Cells per stored unit of a box map: the cache's int16 fixed point, or 1 for float maps."""
-    return BOX_STEP if x.dtype == torch.int16 else 1.0
 
 
 def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
@@ -35,7 +30,7 @@ def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
     if not flip.moves_cells(STRIDE):
         raise ValueError(f"mirroring needs a view width divisible by {STRIDE}, got {int(view_hw[1])}")
     heatmap, _ = flip.apply_map(t.heatmap)
-    coarse, _ = flip.apply_box_map(t.coarse, STRIDE, unit=_box_unit(t.coarse))
+    coarse, _ = flip.apply_box_map(t.coarse, STRIDE, unit=BOXES.unit(t.coarse))
     boxes, valid, refine = t.patch_boxes.clone(), t.patch_valid.clone(), t.refine.clone()
     plan = crops.kd_patch_plan(t.patch_boxes, t.patch_scales, t.patch_valid, view_hw)
     canvas = (STRIDE * t.refine.shape[-2], STRIDE * t.refine.shape[-1])
@@ -49,7 +44,7 @@ def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
             valid[b, k] = False
             refine[b, k] = 0
             continue
-        maps, _ = moved.apply_box_map(t.refine[b, k], STRIDE, unit=_box_unit(t.refine))
+        maps, _ = moved.apply_box_map(t.refine[b, k], STRIDE, unit=BOXES.unit(t.refine))
         # the canvas below the patch is zero padding in both views, so those rows move with the patch's
         # columns; the columns right of the patch (padding too) keep the teacher's values
         _, columns = moved.valid_axes(STRIDE, t.refine.shape[-2:])

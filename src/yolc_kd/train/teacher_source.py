@@ -7,12 +7,12 @@ from typing import Any, Mapping, Optional
 import torch
 
 from yolc_kd import crops
+from yolc_kd.cache.arrays import dequantize_targets, quantize_targets
 from yolc_kd.models import YOLC
 from yolc_kd.models.detector import KDTargetsArg
 from yolc_kd.config import DISTILL_DEFAULTS
 from yolc_kd.kd import KDTargets
 from yolc_kd.teacher import teacher_targets
-from yolc_kd.train.target_codec import dequantize_targets, quantize_targets
 
 
 class LiveTeacherSource:
