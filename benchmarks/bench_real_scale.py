@@ -523,7 +523,8 @@ def bench_image_level(config: Path, ckpt: Path, args, tmp: Path) -> Dict[str, An
     reader = CacheReader(tmp / f"image_cache_{w}x{h}")
     valid = [int(reader.read_sample(r, ["num_valid_patches"])["num_valid_patches"])
              for r in range(reader.layout.num_samples)]
-    res.update(image_wh=[w, h], scales=list(reader.layout.scales), crop_slots=reader.layout.max_patches,
+    res.update(image_wh=[w, h], scales=list(reader.layout.scales), mirrored=bool(reader.layout.mirrored),
+               rows_per_image=int(reader.layout.variants), crop_slots=reader.layout.max_patches,
                crops_per_row=valid, sec_per_image_wall=res["wall_s"] / args.image_count,
                sec_per_image_loop=(res["loop_s"] / args.image_count) if res.get("loop_s") else None,
                bytes_per_image_all_files=res["cache_bytes_all_files"] / args.image_count,
@@ -551,7 +552,7 @@ def kd_cost(results: Dict[str, Any], passes: int) -> Dict[str, Any]:
     image_s = img.get("sec_per_image_loop") or img.get("sec_per_image_wall")
     student = per_pass.get("offline_image", per_pass.get("offline"))
     if image_s and student:
-        out["image_cache"] = dict(teacher_s=image_s, student_s=passes * student, teacher_forwards=len(img["scales"]),
+        out["image_cache"] = dict(teacher_s=image_s, student_s=passes * student, teacher_forwards=img.get("rows_per_image", len(img["scales"])),
                                   student_mode="offline_image" if "offline_image" in per_pass else "offline",
                                   ratio=(image_s + passes * student) / sup)
     if "online" in per_pass:
