@@ -507,9 +507,8 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
             heat, nobj = render_heatmap(boxes, np.asarray(lay["labels"]), c, (hs, ws), rng)
             # teacher.image_targets: LSM over the whole scaled image at a view's cell size, the kd-mode plan
             coords = crops.image_lsm_regions(torch.from_numpy(heat)[None], (hs, ws), (h, w), lsm_cfg)
-            meta = dict(img_shape=(hs, ws, 3), border=np.zeros(4, np.float32))
-            plan = crops.plan_patches([coords], [meta], (hs, ws), regions, int(dcfg["min_patch_size"]), enlarge,
-                                      upscale, view_canvas, mode="kd")
+            plan = crops.plan_kd_patches([coords], (hs, ws), regions, int(dcfg["min_patch_size"]), enlarge,
+                                         upscale, view_canvas)
             valid = plan.valid[0].numpy().astype(bool)
             nv = int(valid.sum())
             refine = np.zeros((regions, 4, *layout.refine_hw), np.float32)

@@ -119,8 +119,7 @@ def bench_patch_plan(device: torch.device, hw: Tuple[int, int], batch: int, repe
     img = torch.randn(batch, 3, h, w, device=device)
     coords = [np.array([[40, 30, 200, 150], [300, 200, 180, 120], [w // 2, h // 2, 150, 150], [10, h - 130, 120, 120]])
               for _ in range(batch)]
-    metas = [dict(img_shape=(h, w, 3), border=np.zeros(4, np.float32)) for _ in range(batch)]
-    plan = crops.plan_patches(coords, metas, (h, w), 4, 16, 1.2, 1.5, crops.patch_canvas((h, w)), mode="kd")
+    plan = crops.plan_kd_patches(coords, (h, w), 4, 16, 1.2, 1.5)
     boxes, scales, valid = (t.to(device) for t in (plan.boxes, plan.scales, plan.valid))
     canvas = crops.patch_canvas((h, w))
     targets = KDTargets(heatmap=torch.rand(batch, 10, h, w, device=device),
@@ -129,7 +128,7 @@ def bench_patch_plan(device: torch.device, hw: Tuple[int, int], batch: int, repe
                         refine=torch.zeros(batch, 4, 4, canvas[0] // 4, canvas[1] // 4, device=device))
 
     def student_side():  # what the student's KD forward and loss do with stored targets
-        crops.kd_patch_plan(boxes, scales, valid, (h, w)).cut(img)
+        crops.KDPatchPlan.from_targets(boxes, scales, valid, (h, w)).cut(img)
         patch_cell_weights(targets, (canvas[0] // 4, canvas[1] // 4))
 
     r = timed(student_side, device, repeats)

@@ -53,8 +53,8 @@ def sliced(model, img, metas):
     regions = [grid_regions(*m["img_shape"][:2]) for m in metas]
     cfg = model.crop_cfg
     canvas = crops.patch_canvas(img.shape[2:]) if cfg.get("patch_limit", "input") == "quarter" else tuple(img.shape[2:])
-    plan = crops.plan_patches(regions, metas, img.shape[2:], max(len(r) for r in regions), 1, 1.0,
-                              float(cfg["upscale"]), canvas, mode="inference")
+    plan = crops.plan_inference_patches(regions, metas, img.shape[2:], max(len(r) for r in regions), 1, 1.0,
+                                        float(cfg["upscale"]), canvas)
     return [(d.clone(), l) for d, l in model._fuse_patches(img, metas, full, plan, "nms")]
 
 

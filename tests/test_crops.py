@@ -29,8 +29,8 @@ def model():
 
 def _make_patches(img, meta, coord, up):
     """One region through the inference patch plan as it is (no enlarging), canvas a quarter of the input."""
-    plan = crops.plan_patches([np.array([coord])], [meta], img.shape[2:], 1, 1, 1.0, up,
-                              crops.patch_canvas(img.shape[2:]), mode="inference")
+    plan = crops.plan_inference_patches([np.array([coord])], [meta], img.shape[2:], 1, 1, 1.0, up,
+                                        crops.patch_canvas(img.shape[2:]))
     batch = plan.cut(img)
     return batch, plan.metas([meta], batch.shape[2:]), plan.owners
 

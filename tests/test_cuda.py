@@ -67,14 +67,13 @@ def test_the_kd_patch_plan_reads_the_device_once(cuda_device):
     from yolc_kd import crops
 
     coords = [np.array([[10, 10, 60, 40], [100, 50, 70, 70]])] * 2
-    metas = [dict(img_shape=(160, 256, 3))] * 2
-    plan = crops.plan_patches(coords, metas, (160, 256), 2, 16, 1.2, 1.5, crops.patch_canvas((160, 256)), mode="kd")
+    plan = crops.plan_kd_patches(coords, (160, 256), 2, 16, 1.2, 1.5)
     img = torch.randn(2, 3, 160, 256)
-    cpu = crops.kd_patch_plan(plan.boxes, plan.scales, plan.valid, (160, 256)).cut(img)
+    cpu = crops.KDPatchPlan.from_targets(plan.boxes, plan.scales, plan.valid, (160, 256)).cut(img)
     on = [t.to(cuda_device) for t in (plan.boxes, plan.scales, plan.valid)]
-    gpu_plan = crops.kd_patch_plan(*on, (160, 256))
+    gpu_plan = crops.KDPatchPlan.from_targets(*on, (160, 256))
     torch.testing.assert_close(gpu_plan.cut(img.to(cuda_device)).cpu(), cpu, rtol=1e-5, atol=1e-5)
-    fresh = crops.kd_patch_plan(*on, (160, 256))
+    fresh = crops.KDPatchPlan.from_targets(*on, (160, 256))
     assert _device_reads(lambda: fresh.cut(img.to(cuda_device))) <= 2
 
 

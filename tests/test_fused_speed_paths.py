@@ -31,8 +31,8 @@ def _rows(dets, labels):
 
 
 def _plan(img, metas, regions, upscale=1.5, budget=None):
-    return crops.plan_patches(regions, metas, img.shape[2:], max(len(r) for r in regions), 1, 1.0, upscale,
-                              tuple(img.shape[2:]), mode="inference", budget=budget)
+    return crops.plan_inference_patches(regions, metas, img.shape[2:], max(len(r) for r in regions), 1, 1.0, upscale,
+                                        tuple(img.shape[2:]), budget=budget)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -180,8 +180,8 @@ def test_patch_budget_bounds_the_patch_pixels():
     assert plan.valid[0].tolist() == [False, False, True]
     np.testing.assert_array_equal(plan.regions[0], regions[0][2:])
     assert torch.equal(_plan(img, metas, regions, budget=None).scales, free.scales)
-    with pytest.raises(ValueError, match="inference"):
-        crops.plan_patches(regions, metas, img.shape[2:], 3, 1, 1.0, 1.5, (64, 96), mode="kd", budget=0.3)
+    with pytest.raises(TypeError, match="budget"):  # a budget is for inference plans only
+        crops.plan_kd_patches(regions, img.shape[2:], 3, 1, 1.0, 1.5, (64, 96), budget=0.3)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "0.3", True])

@@ -95,7 +95,7 @@ def start_losses(num_classes: int, hw: Tuple[int, int], prior: Optional[float], 
     targets = teacher_targets(gt_b, gt_l, hw, num_classes, (0.1 * w, 0.1 * h, 0.4 * w, 0.5 * h))  # cluster 1
     heat, coarse, refine = student.bbox_head(student.extract_feat(img))
     sup = student.bbox_head.loss(heat, coarse, refine, gt_b, gt_l, plain_metas(batch, h, w))
-    plan = crops.kd_patch_plan(targets.patch_boxes, targets.patch_scales, targets.patch_valid, (h, w))
+    plan = crops.KDPatchPlan.from_targets(targets.patch_boxes, targets.patch_scales, targets.patch_valid, (h, w))
     patch_refine = student.patch_refine(plan.cut(img))
     decode = student.bbox_head.decode_xywh_to_bbox
     kd = {name: kd_losses(heat[0], coarse[0], patch_refine, targets, dict(UNIT, **d), decode)

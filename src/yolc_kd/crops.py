@@ -3,6 +3,7 @@ remap to the full image and fusion of full-image with patch detections."""
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,7 @@ def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.
 
 # test_cfg.crop defaults; patch_limit: upscale a patch only while it fits the input ("input") or a quarter of
 # it ("quarter": bounded cost)
-# patch_budget: None (YOLC: no bound) or the most patch pixels per image as a share of its area (plan_patches)
+# patch_budget: None (YOLC: no bound) or the most patch pixels per image as a share of its area (plan_inference_patches)
 DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms", patch_limit="input",
                         patch_budget=None)
 
@@ -286,24 +287,25 @@ def patch_canvas(input_hw: Sequence[int]) -> Tuple[int, int]:
     return (max(32, int(input_hw[0]) // 2 // 32 * 32), max(32, int(input_hw[1]) // 2 // 32 * 32))
 
 
-# The one region -> patch plan. Its two modes differ on purpose:
-#   kd:        regions clamped to the whole view; the scale may shrink a patch so it fits the fixed canvas
-#              (one dense block per cache sample); patches are padded to the canvas. Cached targets use it.
-#   inference: regions clamped to the image content (its border excluded); a patch is never shrunk; each
-#              patch meta keeps the exact per-axis scale after rounding, so remap inverts the crop exactly.
-PATCH_MODES = ("kd", "inference")
-
-
 @dataclass
-class PatchPlan:
-    """Patches of a batch of views in fixed slots: boxes (B,K,4) [x,y,w,h] in the view tensor's frame,
-    scales (B,K) crop -> patch, valid (B,K); `regions` are the selected regions in each image's content frame."""
+class PatchPlan(ABC):
+    """Patches of a batch of views in fixed slots, the geometry both plans share: where each patch is cut from its
+    view, how it is resized, and the patch metas that map its detections back. KDPatchPlan and
+    InferencePatchPlan say how the cut patches are laid out for the network.
+
+    Args:
+        boxes: (B, K, 4) crop regions [x, y, w, h] in the view tensor's frame.
+        scales: (B, K) crop -> patch scale.
+        valid: (B, K) which slots hold a patch.
+        canvas: (h, w) the largest patch (KD: every patch is padded to it).
+        view_hw: (h, w) of the views the boxes are in.
+        regions: per image, the selected LSM regions in its content frame.
+    """
     boxes: torch.Tensor
     scales: torch.Tensor
     valid: torch.Tensor
     canvas: Tuple[int, int]
     view_hw: Tuple[int, int]
-    mode: str = "kd"
     regions: List[np.ndarray] = field(default_factory=list)
     _host: Optional[Tuple[List[Tuple[int, int]], np.ndarray, np.ndarray]] = field(default=None, init=False,
                                                                                    repr=False, compare=False)
@@ -324,17 +326,17 @@ class PatchPlan:
         """Image index of every valid patch, in cut order (image by image, slot by slot)."""
         return [i for i, _ in self.host()[0]]
 
+    def _fit(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """A resized patch's (h, w) as the plan keeps it."""
+        return size
+
     def sizes(self) -> List[Tuple[int, int]]:
         """(h, w) of every valid patch after resizing, in cut order."""
         out = []
         slots, boxes, scales = self.host()
         for i, k in slots:
             x1, y1, x2, y2 = crop_bounds(boxes[i, k], self.view_hw)
-            h, w = y2 - y1, x2 - x1
-            size = _resized_hw(h, w, float(scales[i, k]))
-            if self.mode == "kd":
-                size = (min(self.canvas[0], size[0]), min(self.canvas[1], size[1]))
-            out.append(size)
+            out.append(self._fit(_resized_hw(y2 - y1, x2 - x1, float(scales[i, k]))))
         return out
 
     def _resized(self, img: torch.Tensor) -> List[torch.Tensor]:
@@ -348,28 +350,10 @@ class PatchPlan:
             out.append(patch)
         return out
 
+    @abstractmethod
     def cut(self, img: torch.Tensor) -> torch.Tensor:
         """(Np,C,ph,pw): every valid patch cut from its view, resized by its scale and zero-padded bottom/right
-        (kd: to the canvas; inference: to the largest patch, a multiple of 32). All patches, one batch."""
-        out = self._resized(img)
-        if not out:
-            return img.new_zeros((0, img.shape[1], self.canvas[0], self.canvas[1]))
-        if self.mode == "inference":
-            return pad_batch(out)
-        return torch.stack([F.pad(p, (0, self.canvas[1] - p.shape[2], 0, self.canvas[0] - p.shape[1])) for p in out])
-
-    def pack(self, img: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[int, int, int, int, int]]]:
-        """Inference: every valid patch cut and resized as cut() does, laid out on one zero canvas by
-        pack_patches: ((1,C,H,W), windows (0, y, x, h, w) in cut order). One forward, little padding."""
-        if self.mode != "inference":
-            raise ValueError("PatchPlan.pack is for inference plans (kd patches fill a fixed canvas)")
-        patches = self._resized(img)
-        sizes = [tuple(p.shape[1:]) for p in patches]
-        (ch, cw), offsets = pack_patches(sizes)
-        canvas = img.new_zeros((1, img.shape[1], ch, cw))
-        for p, (y, x) in zip(patches, offsets):
-            canvas[0, :, y:y + p.shape[1], x:x + p.shape[2]] = p
-        return canvas, [(0, y, x, h, w) for (y, x), (h, w) in zip(offsets, sizes)]
+        (the plan says to what size). All patches, one batch."""
 
     def metas(self, img_metas: Sequence[Mapping], batch_hw: Sequence[int]) -> List[dict]:
         """Patch metas in cut order: crop offset, the exact per-axis scale (patch size / crop size) and the
@@ -386,41 +370,100 @@ class PatchPlan:
         return out
 
 
-def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], view_hw: Sequence[int],
-                 max_patches: int, min_size: int, enlarge: float, upscale: float,
-                 canvas: Sequence[int], mode: str = "kd", budget: Optional[float] = None) -> PatchPlan:
-    """LSM regions of each image (content frame, [x,y,w,h]) -> the patch plan (see PATCH_MODES):
-    the max_patches largest regions of at least min_size, enlarged, each upscaled by `upscale`.
+class KDPatchPlan(PatchPlan):
+    """The KD patches: regions over the whole view, each scaled down if needed to fit the fixed canvas and padded
+    to it, so every sample's refine maps are one dense (K, 4, canvas / 4) block (the cache stores them so). Its
+    scales are float32, as the cache stores them, and the student cuts its patches from those."""
 
-    budget (inference only): the patches of an image together cover at most budget x its content area after
-    upscaling. Largest region first; one that does not fit at its scale is upscaled less (never below 1) to
-    fill what is left, or left out when even that does not fit. The fused cost is then about 1 + budget."""
-    if mode not in PATCH_MODES:
-        raise ValueError(f"patch plan mode must be one of {PATCH_MODES}, got {mode!r}")
-    if budget is not None and mode != "inference":
-        raise ValueError("a patch budget is for inference plans only (kd targets use the plain plan)")
+    @classmethod
+    def from_targets(cls, boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor,
+                     view_hw: Sequence[int], canvas: Optional[Sequence[int]] = None) -> "KDPatchPlan":
+        """The plan behind stored KD targets (patch_boxes, patch_scales, patch_valid) of views of size view_hw;
+        canvas: the refine maps' canvas (default patch_canvas(view_hw))."""
+        canvas = patch_canvas(view_hw) if canvas is None else canvas
+        return cls(boxes, scales, valid, (int(canvas[0]), int(canvas[1])), (int(view_hw[0]), int(view_hw[1])))
+
+    def _fit(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        return min(self.canvas[0], size[0]), min(self.canvas[1], size[1])
+
+    def cut(self, img: torch.Tensor) -> torch.Tensor:
+        out = self._resized(img)
+        if not out:
+            return img.new_zeros((0, img.shape[1], self.canvas[0], self.canvas[1]))
+        return torch.stack([F.pad(p, (0, self.canvas[1] - p.shape[2], 0, self.canvas[0] - p.shape[1])) for p in out])
+
+
+class InferencePatchPlan(PatchPlan):
+    """The inference patches: regions inside each image's content (its padding excluded), never shrunk; each
+    patch meta keeps the exact per-axis scale after rounding, so remapping inverts the crop exactly. The patches
+    go through the network packed on one canvas (pack) or as a batch padded to the largest (cut)."""
+
+    def cut(self, img: torch.Tensor) -> torch.Tensor:
+        out = self._resized(img)
+        if not out:
+            return img.new_zeros((0, img.shape[1], self.canvas[0], self.canvas[1]))
+        return pad_batch(out)
+
+    def pack(self, img: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[int, int, int, int, int]]]:
+        """Every valid patch cut and resized as cut() does, laid out on one zero canvas by pack_patches:
+        ((1,C,H,W), windows (0, y, x, h, w) in cut order). One forward, little padding."""
+        patches = self._resized(img)
+        sizes = [tuple(p.shape[1:]) for p in patches]
+        (ch, cw), offsets = pack_patches(sizes)
+        canvas = img.new_zeros((1, img.shape[1], ch, cw))
+        for p, (y, x) in zip(patches, offsets):
+            canvas[0, :, y:y + p.shape[1], x:x + p.shape[2]] = p
+        return canvas, [(0, y, x, h, w) for (y, x), (h, w) in zip(offsets, sizes)]
+
+
+def plan_kd_patches(coords: Sequence[np.ndarray], view_hw: Sequence[int], max_patches: int, min_size: int,
+                    enlarge: float, upscale: float, canvas: Optional[Sequence[int]] = None) -> KDPatchPlan:
+    """LSM regions of each view ([x, y, w, h] in the view's frame) -> the KD plan: the max_patches largest regions
+    of at least min_size, enlarged, clamped to the view, each upscaled by `upscale` or less to fit the canvas
+    (default patch_canvas(view_hw))."""
+    view_hw = (int(view_hw[0]), int(view_hw[1]))
+    canvas = patch_canvas(view_hw) if canvas is None else (int(canvas[0]), int(canvas[1]))
     b = len(coords)
+    boxes, scales = torch.zeros(b, max_patches, 4), torch.zeros(b, max_patches, dtype=torch.float32)
+    valid = torch.zeros(b, max_patches, dtype=torch.bool)
+    regions = []
+    for i, c in enumerate(coords):
+        regs = select_regions(c, view_hw, max_patches, min_size, enlarge)
+        for k, (x, y, w, h) in enumerate(regs.tolist()):
+            if w >= 1 and h >= 1:
+                boxes[i, k] = torch.tensor([x, y, w, h], dtype=torch.float32)
+                scales[i, k] = min(float(upscale), canvas[0] / h, canvas[1] / w)
+                valid[i, k] = True
+        regions.append(regs)
+    return KDPatchPlan(boxes, scales, valid, canvas, view_hw, regions)
+
+
+def plan_inference_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], view_hw: Sequence[int],
+                           max_patches: int, min_size: int, enlarge: float, upscale: float,
+                           canvas: Sequence[int], budget: Optional[float] = None) -> InferencePatchPlan:
+    """LSM regions of each image ([x, y, w, h] in its content frame) -> the inference plan: the max_patches
+    largest regions of at least min_size, enlarged, clamped to the image content, each upscaled by `upscale` as
+    far as the canvas allows (never below 1).
+
+    budget: the patches of an image together cover at most budget x its content area after upscaling. Largest
+    region first; one that does not fit at its scale is upscaled less (never below 1) to fill what is left, or
+    left out when even that does not fit. The fused cost is then about 1 + budget (YOLC has no such bound)."""
+    view_hw = (int(view_hw[0]), int(view_hw[1]))
     canvas = (int(canvas[0]), int(canvas[1]))
-    boxes = torch.zeros(b, max_patches, 4)
-    # kd scales are stored (float32) and the student cuts its patches from them; inference keeps float64
-    scales = torch.zeros(b, max_patches, dtype=torch.float32 if mode == "kd" else torch.float64)
+    b = len(coords)
+    boxes, scales = torch.zeros(b, max_patches, 4), torch.zeros(b, max_patches, dtype=torch.float64)
     valid = torch.zeros(b, max_patches, dtype=torch.bool)
     regions = []
     for i, (c, meta) in enumerate(zip(coords, img_metas)):
+        ox, oy, h_img, w_img = meta_content(meta, view_hw)  # the image content inside the tensor
+        regs = select_regions(c, (h_img, w_img), max_patches, min_size, enlarge)
+        left = None if budget is None else float(budget) * h_img * w_img  # patch pixels still allowed
         kept = []
-        if mode == "kd":
-            bounds, (ox, oy) = tuple(view_hw[:2]), (0, 0)
-        else:
-            ox, oy, h_img, w_img = meta_content(meta, view_hw)  # the image content inside the tensor
-            bounds = (h_img, w_img)
-        regs = select_regions(c, bounds, max_patches, min_size, enlarge)
-        left = None if budget is None else float(budget) * bounds[0] * bounds[1]  # patch pixels still allowed
         for k, (x, y, w, h) in enumerate(regs.tolist()):
             if w < 1 or h < 1:
                 continue
-            fit = min(canvas[0] / h, canvas[1] / w)
-            scale = min(float(upscale), fit) if mode == "kd" else min(float(upscale), max(1.0, fit))
-            if left is not None:  # yolc-kd's cost bound (YOLC has none): less upscaling, or no patch
+            scale = min(float(upscale), max(1.0, min(canvas[0] / h, canvas[1] / w)))
+            if left is not None:
                 scale = min(scale, (max(left, 0.0) / (w * h)) ** 0.5)
                 if scale < 1.0:
                     continue
@@ -431,7 +474,7 @@ def plan_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], vie
             valid[i, k] = True
             kept.append(k)
         regions.append(regs[kept] if budget is not None else regs)
-    return PatchPlan(boxes, scales, valid, canvas, (int(view_hw[0]), int(view_hw[1])), mode, regions)
+    return InferencePatchPlan(boxes, scales, valid, canvas, view_hw, regions)
 
 
 def _resized_hw(h: int, w: int, scale: float) -> Tuple[int, int]:
@@ -449,8 +492,3 @@ def patch_view(box: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[i
     size = (int(size_hw[0]), int(size_hw[1]))
     return ViewTransform((cut, Resize(cut.out_hw, size))).then(
         CropPaste(size, (0, 0, size[1], size[0]), (0, 0), tuple(canvas_hw)))
-
-
-def kd_patch_plan(boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor, view_hw: Sequence[int]) -> PatchPlan:
-    """The kd plan behind stored KD targets (patch_boxes, patch_scales, patch_valid) of views of size view_hw."""
-    return PatchPlan(boxes, scales, valid, patch_canvas(view_hw), (int(view_hw[0]), int(view_hw[1])), "kd")

@@ -183,11 +183,11 @@ def cell_weights(heatmap: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tenso
 
 def patch_cell_weights(targets: KDTargets, grid_hw: Tuple[int, int]) -> torch.Tensor:
     """(Np, ph/4*pw/4) teacher confidence per refine cell of every valid patch: the max-over-classes heatmap
-    cut, resized and padded exactly as the image patches (crops.kd_patch_plan(...).cut), then 4x4 max-pooled."""
+    cut, resized and padded exactly as the image patches (crops.KDPatchPlan.cut), then 4x4 max-pooled."""
     conf = targets.heatmap.detach().float().amax(dim=1, keepdim=True)
     canvas = (4 * int(grid_hw[0]), 4 * int(grid_hw[1]))  # the canvas the refine maps were computed on
-    plan = crops.PatchPlan(targets.patch_boxes, targets.patch_scales, targets.patch_valid, canvas,
-                           (int(conf.shape[2]), int(conf.shape[3])), "kd")
+    plan = crops.KDPatchPlan.from_targets(targets.patch_boxes, targets.patch_scales, targets.patch_valid,
+                                          conf.shape[2:], canvas)
     patches = plan.cut(conf)
     return F.max_pool2d(patches, 4, stride=4).reshape(patches.shape[0], -1)
 

@@ -62,9 +62,9 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping], 
     if coords is None:
         # KD crops: LSM on the raw teacher heatmap (inference reads the blurred one); cached targets depend on it
         coords = teacher.bbox_head.LSM(heat, img_metas)
-    plan = crops.plan_patches(coords, img_metas, img.shape[2:], int(dcfg["max_patches_per_img"]),
-                              int(dcfg["min_patch_size"]), float(teacher.crop_cfg["enlarge"]),
-                              float(teacher.crop_cfg["upscale"]), crops.patch_canvas(img.shape[2:]), mode="kd")
+    plan = crops.plan_kd_patches(coords, img.shape[2:], int(dcfg["max_patches_per_img"]),
+                                 int(dcfg["min_patch_size"]), float(teacher.crop_cfg["enlarge"]),
+                                 float(teacher.crop_cfg["upscale"]))
     patches = plan.cut(img)
     canvas = plan.canvas
     refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4),
@@ -99,10 +99,9 @@ def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], v
     heat[:, :, h:] = 0
     heat[:, :, :, w:] = 0
     coords = crops.image_lsm_regions(heat, (h, w), view_hw, teacher.bbox_head.lsm_cfg)
-    meta = dict(img_shape=(h, w, 3), border=np.zeros(4, np.float32))
-    plan = crops.plan_patches([coords], [meta], (h, w), int(max_regions), int(dcfg["min_patch_size"]),
-                              float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]),
-                              crops.patch_canvas(view_hw), mode="kd")
+    plan = crops.plan_kd_patches([coords], (h, w), int(max_regions), int(dcfg["min_patch_size"]),
+                                 float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]),
+                                 crops.patch_canvas(view_hw))
     patches = plan.cut(img[:, :, :h, :w])
     canvas = plan.canvas
     refine = img.new_zeros((1, plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4), dtype=torch.float32)

@@ -178,15 +178,15 @@ def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], la
         slot_idx = [k for k, _ in chosen]
         t_boxes = torch.as_tensor(np.asarray(row["patch_boxes"], np.float32)[slot_idx])[None]
         t_scales = torch.as_tensor(np.asarray(row["patch_scales"], np.float32)[slot_idx])[None]
-        teacher_plan = crops.PatchPlan(t_boxes, t_scales, torch.ones(1, len(chosen), dtype=torch.bool), canvas,
-                                       row_hw, "kd")
+        teacher_plan = crops.KDPatchPlan.from_targets(t_boxes, t_scales, torch.ones(1, len(chosen), dtype=torch.bool),
+                                                      row_hw, canvas)
         (ax, _), _ = move.affine()
         for j, (k, box) in enumerate(chosen):
             boxes[0, j] = torch.as_tensor(box, dtype=torch.float32)
             # the student's patch pixels are the teacher's: teacher scale x (row pixels per view pixel)
             scales[0, j] = float(t_scales[0, j]) / abs(float(ax))
             valid[0, j] = True
-        student_plan = crops.PatchPlan(boxes, scales, valid, canvas, view_hw, "kd")
+        student_plan = crops.KDPatchPlan.from_targets(boxes, scales, valid, view_hw, canvas)
         for j, ((k, _), t_size, s_size) in enumerate(zip(chosen, teacher_plan.sizes(), student_plan.sizes())):
             teacher_patch = crops.patch_view(t_boxes[0, j].tolist(), t_size, row_hw, canvas)
             student_patch = crops.patch_view(boxes[0, j].tolist(), s_size, view_hw, canvas)

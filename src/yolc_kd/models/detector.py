@@ -75,8 +75,8 @@ class YOLC(nn.Module):
         if callable(kd_targets):
             kd_targets = kd_targets(heat[0].detach())
         if kd_targets is not None:
-            plan = crops.kd_patch_plan(kd_targets.patch_boxes, kd_targets.patch_scales, kd_targets.patch_valid,
-                                       img.shape[2:])
+            plan = crops.KDPatchPlan.from_targets(kd_targets.patch_boxes, kd_targets.patch_scales,
+                                                  kd_targets.patch_valid, img.shape[2:])
             patches = plan.cut(img)
             if patches.shape[0]:
                 patch_refine = self.patch_refine(patches)  # all patches, one forward
@@ -104,8 +104,8 @@ class YOLC(nn.Module):
         return crops.remap_bboxes_to_full(bboxes, meta_patch)
 
     def inference_patch_plan(self, img: torch.Tensor, img_metas: List[Mapping], coords: List[np.ndarray],
-                             max_patches: int) -> crops.PatchPlan:
-        """LSM regions -> the inference patch plan (crops.PATCH_MODES) with this model's test_cfg.crop."""
+                             max_patches: int) -> crops.InferencePatchPlan:
+        """LSM regions -> the inference patch plan with this model's test_cfg.crop."""
         cfg = self.crop_cfg
         limit = cfg.get("patch_limit", "input")
         if limit not in ("input", "quarter"):
@@ -114,9 +114,9 @@ class YOLC(nn.Module):
         budget = cfg.get("patch_budget")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
             raise ModelConfigError(f"test_cfg.crop.patch_budget must be None or a number > 0, got {budget!r}")
-        return crops.plan_patches(coords, img_metas, img.shape[2:], max_patches, int(cfg["min_patch_size"]),
-                                  float(cfg["enlarge"]), float(cfg["upscale"]), canvas, mode="inference",
-                                  budget=None if budget is None else float(budget))
+        return crops.plan_inference_patches(coords, img_metas, img.shape[2:], max_patches, int(cfg["min_patch_size"]),
+                                            float(cfg["enlarge"]), float(cfg["upscale"]), canvas,
+                                            budget=None if budget is None else float(budget))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -234,7 +234,7 @@ class YOLC(nn.Module):
         return tiling.pass_bytes(batch, height, width, head.num_classes, per_px, max_pixels,
                                  self.tile_cfg["tile_overlap"], keep_heatmap)
 
-    def _fuse_patches(self, img, img_metas, full: List[Dets], plan: crops.PatchPlan, fusion: str,
+    def _fuse_patches(self, img, img_metas, full: List[Dets], plan: crops.InferencePatchPlan, fusion: str,
                       max_pixels: int = 0) -> List[Dets]:
         per_img: List[List[Dets]] = [[] for _ in img_metas]
         if plan.valid.any():

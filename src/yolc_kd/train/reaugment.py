@@ -12,7 +12,7 @@ not a multiple of 4 does not; nor does a crop box off the pixel grid whose round
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, Sequence
+from typing import Any, Dict
 
 import torch
 
@@ -32,7 +32,7 @@ def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
     heatmap, _ = flip.apply_map(t.heatmap)
     coarse, _ = flip.apply_box_map(t.coarse, STRIDE, unit=BOXES.unit(t.coarse))
     boxes, valid, refine = t.patch_boxes.clone(), t.patch_valid.clone(), t.refine.clone()
-    plan = crops.kd_patch_plan(t.patch_boxes, t.patch_scales, t.patch_valid, view_hw)
+    plan = crops.KDPatchPlan.from_targets(t.patch_boxes, t.patch_scales, t.patch_valid, view_hw)
     canvas = (STRIDE * t.refine.shape[-2], STRIDE * t.refine.shape[-1])
     for (b, k), size in zip(t.patch_valid.nonzero().tolist(), plan.sizes()):
         new_box = flip.apply_crop_boxes(t.patch_boxes[b, k][None])[0]
