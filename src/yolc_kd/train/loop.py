@@ -15,10 +15,11 @@ from tqdm import tqdm
 
 from yolc_kd import __version__
 from yolc_kd.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from yolc_kd.config import DISTILL_DEFAULTS, setting
+from yolc_kd.config import setting
 from yolc_kd.data.loading import dataset_repeats
 from yolc_kd.diskio import append_text, replace_symlink
 from yolc_kd.errors import UserError
+from yolc_kd.kd import KDLoss, student_losses
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import amp_dtype, init_distributed, mixed_precision, numerics, resolve_device
 from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
@@ -60,7 +61,7 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 
 class Trainer:
     """Trains `model` on `dataset`; with a target source (cache or live teacher) it asks the source for each
-    batch's KD targets and hands them, with distill_cfg, to the model's loss."""
+    batch's KD targets before the student's forward, and KDLoss compares the student's outputs with them."""
 
     def __init__(self, cfg: Mapping, model: nn.Module, dataset: TrainSamples, opts: TrainOptions,
                  source: Optional[TargetSource] = None):
@@ -72,14 +73,13 @@ class Trainer:
         hook = ema_hook(cfg)  # custom_hooks' EMA: the average is what checkpoints hand to infer
         self.ema = WeightAverage(self.model, hook) if hook else None
         self.source = source.to(self.device) if source is not None else None
-        self.kd_cfg = dict(cfg.get("distill_cfg") or {}, enable=True) if source is not None else None
+        self.kd_loss = KDLoss(cfg["distill"]) if source is not None else None
         self.optimizer = build_optimizer(self.model.parameters(), cfg["optimizer"])
         self.base_lr = float(setting(cfg, "optimizer", "lr"))
         self.batch_size = int(opts.batch_size or setting(cfg, "data", "samples_per_gpu"))
         order_seed = int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed)
         num_variants = source.num_variants if source is not None else None
-        flip = bool(source is not None and num_variants
-                    and self.kd_cfg.get("cache_flip", DISTILL_DEFAULTS["cache_flip"]))
+        flip = bool(source is not None and num_variants and cfg["distill"].cache_flip)
         self.repeats = dataset_repeats(cfg)  # RepeatDataset(times=T): an epoch is T passes over every image
         self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world, flip=flip,
                                       repeats=self.repeats)
@@ -99,7 +99,7 @@ class Trainer:
         self.work_dir = Path(opts.work_dir)
         self.metrics_path = self.work_dir / "metrics.jsonl"
         self.lsm_viz = LSMVisualizer(self.work_dir / "lsm") \
-            if self.kd_cfg and self.kd_cfg.get("lsm_visualize") and self.rank == 0 else None
+            if source is not None and cfg["distill"].lsm_visualize and self.rank == 0 else None
         self.start_iter, self.bad_samples = 0, 0
         self.ddp = None
         if self.world > 1:
@@ -206,10 +206,10 @@ class Trainer:
         net = self.ddp or self.model
         with mixed_precision(self.device, self.opts.amp, self.amp_dtype):  # an online teacher runs in it too
             kd_targets = self.source.targets(batch) if self.source is not None else None
-            if self.lsm_viz is not None and not callable(kd_targets):
+            if self.lsm_viz is not None:
                 self.lsm_viz(it, batch, kd_targets)
-            losses = net(batch["img"], batch["img_metas"], gt_bboxes=batch["gt_bboxes"],
-                         gt_labels=batch["gt_labels"], kd_targets=kd_targets, kd_cfg=self.kd_cfg)
+            losses = student_losses(net, batch["img"], batch["img_metas"], batch["gt_bboxes"], batch["gt_labels"],
+                                    kd_targets, self.kd_loss)
         total = sum(losses.values())
         finite = torch.isfinite(total)
         if not self.dist.all_true(finite):  # every rank stops together (none is left in DDP's all-reduce)
