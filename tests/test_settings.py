@@ -50,6 +50,8 @@ def test_the_distill_cfg_dict_stays_in_the_config_module():
 
 def test_num_classes_must_be_the_heads(tmp_path):
     assert load_config(_config(tmp_path, "num_classes = 3\n"))["num_classes"] == 3
+    with pytest.raises(UserError, match=r"'num_classes' must be an int, got str"):
+        load_config(_config(tmp_path, "num_classes = '3'\n"))
     with pytest.raises(UserError, match=r"^config .*c\.py: 'num_classes' is 10 but model\.bbox_head\.num_classes is 3$"):
         load_config(_config(tmp_path, "num_classes = 10\n"))
 
@@ -71,6 +73,8 @@ def test_crop_size_order_is_a_config_key(tmp_path):
     hw = augment_config(load_config(_config(tmp_path, f"train_pipeline = {pipeline!r}\ncrop_size_order = 'hw'\n"),
                                     with_defaults=True))
     assert wh.crop_hw(1.0) == (96, 128) and hw.crop_hw(1.0) == (128, 96)  # mmdet's literal (h, w)
+    with pytest.raises(UserError, match=r"^config .*c\.py: 'crop_size_order' must be 'wh' or 'hw', got 'xy'$"):
+        load_config(_config(tmp_path, "crop_size_order = 'xy'\n"))
 
 
 def test_a_crop_std_that_would_do_nothing_is_refused():

@@ -86,9 +86,11 @@ def _check_types(cfg: Mapping, path: Path) -> None:
             raise UserError(f"config {path}: '{key}' must be a dict, got {type(value).__name__}")
         if isinstance(default, (tuple, list)) and key in ("classes",) and not isinstance(value, (tuple, list)):
             raise UserError(f"config {path}: '{key}' must be a list of names, got {type(value).__name__}")
-        if isinstance(default, int) and not isinstance(default, bool) and key in ("num_classes", "seed") \
+        if key in ("num_classes", "seed") and (key == "seed" or value is not None) \
                 and (not isinstance(value, int) or isinstance(value, bool)):
             raise UserError(f"config {path}: '{key}' must be an int, got {type(value).__name__}")
+        if key == "crop_size_order" and value not in (None, "wh", "hw"):
+            raise UserError(f"config {path}: 'crop_size_order' must be 'wh' or 'hw', got {value!r}")
 
 
 # (section, key) -> expected type of values yolc-kd reads from inside config sections
