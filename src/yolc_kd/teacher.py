@@ -12,6 +12,7 @@ import torch.nn as nn
 from yolc_kd import crops
 from yolc_kd.cache.manifest import target_identity
 from yolc_kd.checkpoint import load_checkpoint
+from yolc_kd.config import load_config
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.models import YOLC, build_detector, tiling
@@ -21,8 +22,6 @@ from yolc_kd.settings import DistillSettings
 def teacher_model_cfg(settings: DistillSettings, student_model_cfg: Mapping,
                       config_dir: Optional[str] = None) -> dict:
     """teacher_config: None -> the student's model dict; a dict -> that model dict; a path -> its `model`."""
-    from yolc_kd.config import load_config
-
     spec = settings.teacher_config
     if spec is None:
         return dict(student_model_cfg)
