@@ -20,11 +20,19 @@ NetworkOutputs = Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor
 
 
 class StudentOutputs(NamedTuple):
-    """The maps of one training forward, for losses computed beside the model (e.g. distillation)."""
-    heatmap: torch.Tensor                  # (B,C,H,W) class probabilities of the full view
-    coarse: torch.Tensor                   # (B,4,H/4,W/4) raw coarse box maps
-    refine: torch.Tensor                   # (B,4,H/4,W/4) raw refine box maps
-    patch_refine: Optional[torch.Tensor]   # (Np,4,ph/4,pw/4) refine maps of the given patches; None: none given
+    """The maps of one training forward, for losses computed beside the model (e.g. distillation).
+
+    Args:
+        heatmap: (B,C,H,W) class probabilities of the full view.
+        coarse: (B,4,H/4,W/4) raw coarse box maps.
+        refine: (B,4,H/4,W/4) raw refine box maps.
+        patch_refine: (Np,4,ph/4,pw/4) refine maps of the patches the forward was given, in the plan's order;
+            None when it was given none.
+    """
+    heatmap: torch.Tensor
+    coarse: torch.Tensor
+    refine: torch.Tensor
+    patch_refine: Optional[torch.Tensor]
 
 
 class YOLC(nn.Module):
