@@ -98,9 +98,9 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
 
     rng = np.random.default_rng(args.seed)
     cfg, aug_cfg, classes = real_setup()
-    dcfg = cfg["distill_cfg"]
+    dcfg = cfg["distill"]
     w, h = aug_cfg.input_size
-    c, k, variants = len(classes), int(dcfg["max_patches_per_img"]), args.variants
+    c, k, variants = len(classes), dcfg.max_patches_per_img, args.variants
     canvas = crops.patch_canvas((h, w))
     stride = 4
     n_images = max(1, args.samples // variants)
@@ -343,7 +343,7 @@ def bench_throughput(tmp: Path, ckpt: Path, args) -> Dict[str, Any]:
     data = make_synthetic_dataset(tmp / "synth_tp", args.tp_images, seed=0, size=(384, 256), num_classes=4)
     coco = CocoDetection(data / "annotations.json", data)
     cfg = load_config(TINY_STUDENT, with_defaults=True)
-    dcfg, seed = cfg["distill_cfg"], int(cfg.get("seed", 0))
+    dcfg, seed = cfg["distill"], int(cfg.get("seed", 0))
     aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
     k, b, s = args.tp_variants, args.tp_batch, args.tp_shard
     n = len(coco) * k
@@ -366,8 +366,8 @@ def bench_throughput(tmp: Path, ckpt: Path, args) -> Dict[str, Any]:
     counter = [0]
 
     def opts_for(workers: int, out: Path) -> PrecomputeOptions:
-        return PrecomputeOptions(out=out, ckpt=str(ckpt), variants=k, batch_size=b, shard_size=s, workers=workers,
-                                 threads=args.threads, progress=False, config_dir=str(TINY_STUDENT.parent))
+        return PrecomputeOptions(out=out, ckpt=str(ckpt), variants=k, device="cpu", batch_size=b, shard_size=s,
+                                 workers=workers, threads=args.threads, progress=False, config_dir=str(TINY_STUDENT.parent))
 
     def run_pre(workers: int) -> Tuple[float, float, Dict[str, Any]]:
         counter[0] += 1
@@ -453,9 +453,9 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
 
     rng = np.random.default_rng(args.seed + 5)
     cfg, aug_cfg, classes = real_setup()
-    dcfg, seed = cfg["distill_cfg"], int(cfg.get("seed", 0))
+    dcfg, seed = cfg["distill"], int(cfg.get("seed", 0))
     w, h = aug_cfg.input_size
-    c, k = len(classes), int(dcfg["max_patches_per_img"])
+    c, k = len(classes), dcfg.max_patches_per_img
     source, layouts = read_layouts(Path(args.layout_json), rng)
     n_images = args.image_images
     lays = [layouts[i % len(layouts)] for i in range(n_images)]
@@ -507,7 +507,7 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
             heat, nobj = render_heatmap(boxes, np.asarray(lay["labels"]), c, (hs, ws), rng)
             # teacher.image_targets: LSM over the whole scaled image at a view's cell size, the kd-mode plan
             coords = crops.image_lsm_regions(torch.from_numpy(heat)[None], (hs, ws), (h, w), lsm_cfg)
-            plan = crops.plan_kd_patches([coords], (hs, ws), regions, int(dcfg["min_patch_size"]), enlarge,
+            plan = crops.plan_kd_patches([coords], (hs, ws), regions, dcfg.min_patch_size, enlarge,
                                          upscale, view_canvas)
             valid = plan.valid[0].numpy().astype(bool)
             nv = int(valid.sum())
@@ -565,7 +565,7 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
         layout_source=source, images=n_images, scales=list(scales), view_scale_range=[lo, hi], rows=layout.num_samples,
         canvas_hw=list(canvas), coarse_hw=list(layout.coarse_hw), crop_slots_R=regions, refine_hw=list(layout.refine_hw),
         image_sizes={key: len(v) for key, v in by_size.items()}, map_noise=args.map_noise,
-        lsm_cfg=jsonable(lsm_cfg), crop=dict(enlarge=enlarge, upscale=upscale, min_patch_size=int(dcfg["min_patch_size"])),
+        lsm_cfg=jsonable(lsm_cfg), crop=dict(enlarge=enlarge, upscale=upscale, min_patch_size=dcfg.min_patch_size),
         crops_per_row_mean=float(np.mean(crops_row)), crops_per_row_min=int(np.min(crops_row)),
         crops_per_row_max=int(np.max(crops_row)),
         crops_per_row_by_scale={f"{s:g}": float(np.mean([r["crops"] for r in per_row if r["scale"] == s]))

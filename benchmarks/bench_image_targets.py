@@ -131,7 +131,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(STUDENT, with_defaults=True)
-    dcfg = cfg["distill_cfg"]
+    dcfg = cfg["distill"]
     data = Path(args.data)
     coco = CocoDetection(args.ann or data / "annotations.json", data)
     aug = AugmentConfig.from_pipeline(cfg["train_pipeline"], cfg.get("test_pipeline"))
@@ -143,7 +143,7 @@ def main() -> None:
     with_photo = AlignedViews(aug, reader.layout.scales, mirrored_rows=reader.layout.mirrored) \
         if args.views_kind == "aligned" else TrainAugment(aug)
     teacher = build_teacher(dcfg, cfg["model"], str(STUDENT.parent), str(TEACHER))
-    source = ImageCacheSource(reader, int(dcfg["max_patches_per_img"]), int(dcfg["min_patch_size"]))
+    source = ImageCacheSource(reader, dcfg.max_patches_per_img, dcfg.min_patch_size)
     decode = teacher.bbox_head.decode_xywh_to_bbox
     rows: Dict[str, List[Dict[str, float]]] = {"image_level": [], "per_view_nophoto": []}
     crops = {"per_view": [], "image_level": []}

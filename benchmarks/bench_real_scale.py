@@ -125,7 +125,8 @@ def _instrument(trainer, phases: Phases) -> Callable[[], None]:
     """Phase markers around the parts of Trainer.step (nothing in the computation changes). Returns an undo."""
     import torch
 
-    from yolc_kd.models import detector, yolc_head
+    from yolc_kd.kd import loss as kd_loss
+    from yolc_kd.models import yolc_head
 
     model, head = trainer.model, trainer.model.bbox_head
     undo: List[Callable[[], None]] = []
@@ -143,7 +144,7 @@ def _instrument(trainer, phases: Phases) -> Callable[[], None]:
     patch(head, "loss", "sup_loss")
     patch(yolc_head, "yolc_targets", "sup_targets", instance=False)
     patch(model, "patch_refine", "kd_patch_forward")
-    patch(detector, "kd_losses", "kd_loss", instance=False)
+    patch(kd_loss, "kd_losses", "kd_loss", instance=False)
     if trainer.source is not None:
         patch(trainer.source, "targets", "kd_targets_source")
     opt = trainer.optimizer
@@ -277,9 +278,9 @@ def worker_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     mode, _, variant = spec["mode"].partition("+")
     device = resolve_device(spec["device"])
     if variant == "plain":  # the heatmap losses as before issue 13: intermediates kept for backward, not recomputed
-        from yolc_kd import kd as kd_module
+        from yolc_kd.models import losses as model_losses
 
-        kd_module.checkpoint = lambda fn, *tensors, **_: fn(*tensors)
+        model_losses.checkpoint = lambda fn, *tensors, **_: fn(*tensors)
     elif variant:
         raise SystemExit(f"unknown mode variant {variant!r} (known: plain)")
     rss0 = _status_kib("VmRSS")
@@ -291,7 +292,7 @@ def worker_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     cache = {"offline": spec["cache"], "offline_image": spec.get("image_cache")}.get(mode)
     kd = KDSource(cache=cache, online=mode == "online")
     source = open_target_source(cfg, kd, aug_cfg, coco, trust=False)
-    dataset = TrainSamples(coco, train_augment(aug_cfg, source, cfg["distill_cfg"]), int(cfg.get("seed", 0)), source)
+    dataset = TrainSamples(coco, train_augment(aug_cfg, source, cfg["distill"]), int(cfg.get("seed", 0)), source)
     opts = TrainOptions(work_dir=Path(spec["work_dir"]), max_iters=1000, device=str(device), workers=0,
                         batch_size=spec["batch"], amp=spec["amp"], progress=False)
     trainer = Trainer(cfg, model, dataset, opts, source)
@@ -634,8 +635,8 @@ def main() -> None:
                                                 teacher=str(TEACHER_CFG), ckpt=str(ckpt)))
         from yolc_kd.config import load_config
 
-        dcfg = load_config(config)["distill_cfg"]
-        results["distill_cfg"] = {k: dcfg.get(k) for k in ("hm_kd", "box_kd", "box_kd_distance", "kd_weight_global_hm",
+        dcfg = load_config(config)["distill"].to_dict()
+        results["distill_cfg"] = {k: dcfg[k] for k in ("hm_kd", "box_kd", "box_kd_distance", "kd_weight_global_hm",
                                                           "kd_weight_global_coarse", "kd_weight_local_refine",
                                                           "max_patches_per_img", "min_patch_size")}
         cache = tmp / "cache"

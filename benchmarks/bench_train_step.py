@@ -34,13 +34,14 @@ def _boxes(b, h, w, n, num_classes, gen):
 
 def measure(student_cfg: str, teacher_cfg: str, size, batch: int, iters: int, device: str, amp: bool) -> dict:
     from yolc_kd.config import load_config
+    from yolc_kd.kd import KDLoss, student_losses
     from yolc_kd.models import build_detector
     from yolc_kd.teacher import freeze, teacher_targets
     from yolc_kd.train.teacher_source import LiveTeacherSource
 
     s_cfg = load_config(REPO / student_cfg, with_defaults=True)
     t_cfg = load_config(REPO / teacher_cfg)
-    dcfg = dict(s_cfg["distill_cfg"], enable=True)
+    dcfg = s_cfg["distill"]
     teacher = freeze(build_detector(t_cfg["model"]).to(device))
     h, w = size
     nc = s_cfg["model"]["bbox_head"]["num_classes"]
@@ -63,8 +64,7 @@ def measure(student_cfg: str, teacher_cfg: str, size, batch: int, iters: int, de
         def step():
             with torch.autocast(device.split(":")[0], enabled=amp):
                 targets = dict(supervised=None, offline=cached)[mode] if mode != "online" else live.targets(batch)
-                losses = model(img, metas, gt_bboxes=gt_b, gt_labels=gt_l, kd_targets=targets,
-                               kd_cfg=dcfg if targets is not None else None)
+                losses = student_losses(model, img, metas, gt_b, gt_l, targets, KDLoss(dcfg))
             opt.zero_grad()
             scaler.scale(sum(losses.values())).backward()
             scaler.step(opt)

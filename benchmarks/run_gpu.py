@@ -315,7 +315,7 @@ def stage_teacher(run: Run) -> Dict[str, Any]:
     dry = run.mode == "dry"
     student, teacher_cfg = (TINY_STUDENT_CFG, TINY_TEACHER_CFG) if dry else (STUDENT_CFG, TEACHER_CFG)
     (h, w), batch, iters = ((256, 384), 2, 1) if dry else ((640, 1024), 4, _sizes(run)["timed_iters"])
-    dcfg = load_config(REPO / student, with_defaults=True)["distill_cfg"]
+    dcfg = load_config(REPO / student, with_defaults=True)["distill"]
     teacher = build_detector(load_config(REPO / teacher_cfg)["model"]).to(run.device).eval()
     img = torch.randn(batch, 3, h, w, device=run.device)
     metas = [dict(batch_input_shape=(h, w), pad_shape=(h, w, 3), img_shape=(h, w, 3),

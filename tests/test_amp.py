@@ -10,19 +10,20 @@ from conftest import cli_args, make_setup, plain_metas, teacher_model_cfg
 from yolc_kd.cache.reader import CacheReader
 from yolc_kd.checkpoint import read_checkpoint
 from yolc_kd.cli import main
-from yolc_kd.config import DISTILL_DEFAULTS
 from yolc_kd.errors import UserError
+from yolc_kd.kd import KDLoss, student_losses
 from yolc_kd.models import build_detector
 from yolc_kd.models.deform import DeformConv2d
 from yolc_kd.models.detector import YOLC
 from yolc_kd.models.yolc_head import YOLCHead
 from yolc_kd.runtime import amp_dtype, mixed_precision
+from yolc_kd.settings import DistillSettings
 from yolc_kd.teacher import teacher_targets
 from yolc_kd.train.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DCFG = dict(DISTILL_DEFAULTS, max_patches_per_img=2, min_patch_size=16)
+DCFG = DistillSettings(max_patches_per_img=2, min_patch_size=16)
 LOW = (torch.bfloat16, torch.float16)
 
 
@@ -86,7 +87,7 @@ def test_saturated_heatmap_gives_finite_gradients(bias, dtype):
     with mixed_precision("cpu", True, dtype):
         heat = student.bbox_head.forward_heatmap(student.extract_feat(img)[0])
         for mode in ("soft_focal", "kl", "mse"):  # one backward through all three heatmap KD formulas
-            losses = student.forward_train(img, metas, gt_b, gt_l, kd_targets=targets, kd_cfg=dict(DCFG, hm_kd=mode))
+            losses = student_losses(student, img, metas, gt_b, gt_l, targets, KDLoss(DCFG.replace(hm_kd=mode)))
             assert all(torch.isfinite(v) for v in losses.values()), (mode, {k: float(v) for k, v in losses.items()})
             total = total + sum(losses.values())
     total.backward()

@@ -107,7 +107,7 @@ def test_cache_source_refuses_another_augmentation(made):
     cfg = copy.deepcopy(made.cfg)
     flip = next(t for t in cfg["train_pipeline"] if t["type"] == "RandomFlip")
     flip["flip_ratio"] = 0.0
-    cfg["distill_cfg"]["min_patch_size"] = 8
+    cfg["distill"] = cfg["distill"].replace(min_patch_size=8)
     aug_cfg = AugmentConfig.from_pipeline(cfg["train_pipeline"])
     with pytest.raises(UserError) as exc:
         open_cache_source(made.cache, cfg, aug_cfg, made.coco)
@@ -204,7 +204,7 @@ def test_inference_only_crop_settings_are_no_part_of_a_caches_identity(made):
         model = copy.deepcopy(made.cfg["model"])
         model["test_cfg"]["crop"] = dict(model["test_cfg"].get("crop") or {}, **crop)
         return target_identity(teacher_model=model, augment={}, input_size=(128, 96), classes=["a"],
-                               distill=made.cfg["distill_cfg"], crop=dict(enlarge=1.2, upscale=1.5),
+                               distill=made.cfg["distill"].to_dict(), crop=dict(enlarge=1.2, upscale=1.5),
                                patch_canvas=(48, 64), seed=0)
 
     plain = identity()

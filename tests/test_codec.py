@@ -10,10 +10,11 @@ from conftest import plain_metas, tiny_model_cfg
 from yolc_kd.cache.arrays import dequantize_targets, quantization, quantize_targets
 from yolc_kd.cache.codec import BOXES, HEATMAP
 from yolc_kd.checkpoint import save_checkpoint
-from yolc_kd.config import DISTILL_DEFAULTS, load_config
+from yolc_kd.config import load_config
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.models import build_detector
+from yolc_kd.settings import DistillSettings
 from yolc_kd.teacher import build_teacher, teacher_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,7 +120,7 @@ def teacher(tmp_path_factory):
 def _live(path, **over):
     from yolc_kd.train.teacher_source import LiveTeacherSource
 
-    dcfg = dict(DISTILL_DEFAULTS, max_patches_per_img=2, min_patch_size=16, **over)
+    dcfg = DistillSettings(max_patches_per_img=2, min_patch_size=16, **over)
     return LiveTeacherSource(build_teacher(dcfg, tiny_model_cfg(3), ckpt=str(path)), dcfg)
 
 
@@ -127,7 +128,7 @@ def test_live_teacher_targets_are_the_caches_numbers_by_default(teacher):
     batch = dict(img=torch.randn(2, 3, 96, 128), img_metas=plain_metas(2, 96, 128))
     cached, unrounded = _live(teacher), _live(teacher, online_targets="float")
     got = cached.targets(batch)
-    raw = teacher_targets(cached.teacher, batch["img"], batch["img_metas"], cached.dcfg)
+    raw = teacher_targets(cached.teacher, batch["img"], batch["img_metas"], cached.settings)
     np.testing.assert_array_equal(got.heatmap.numpy(), HEATMAP.decode(HEATMAP.encode(raw.heatmap.numpy())))
     np.testing.assert_array_equal(got.coarse.numpy(), BOXES.decode(BOXES.encode(raw.coarse.numpy())))
     np.testing.assert_array_equal(got.refine.numpy(), BOXES.decode(BOXES.encode(raw.refine.numpy())))

@@ -26,11 +26,11 @@ if mode == "nan" and rank == 1:
     from yolc_kd.models import detector
     steps, forward_train = [], detector.YOLC.forward_train
     def nan_at_second(self, *a, **k):
-        losses = forward_train(self, *a, **k)
+        losses, outputs = forward_train(self, *a, **k)
         steps.append(1)
         if len(steps) == 2:
             losses = {n: v * float("nan") for n, v in losses.items()}
-        return losses
+        return losses, outputs
     detector.YOLC.forward_train = nan_at_second
 from yolc_kd.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -21,6 +21,7 @@ from yolc_kd.data.view import CropPaste, HFlip, ViewTransform
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets, heatmap_kd, kd_losses
 from yolc_kd.precompute.image_level import ImageRows, auto_scales, parse_scales, view_scale_range
+from yolc_kd.settings import DistillSettings
 from yolc_kd.teacher import build_teacher, image_targets
 from yolc_kd.train.image_source import ImageCacheSource
 
@@ -83,13 +84,13 @@ def test_rows_are_the_teacher_on_the_whole_scaled_image(setup, unit_cache):
     assert lay.kind == "image" and lay.scales == (1.0,) and reader.manifest["kind"] == "image"
     cfg = load_config(setup.config, with_defaults=True)
     coco = CocoDetection(setup.ann, setup.data)
-    teacher = build_teacher(cfg["distill_cfg"], cfg["model"], None, str(setup.ckpt))
+    teacher = build_teacher(cfg["distill"], cfg["model"], None, str(setup.ckpt))
     aug = AugmentConfig.from_pipeline(cfg["train_pipeline"])
     rows = ImageRows(coco, aug, lay.image_rows(), [coco.image_info(i)["id"] for i in range(len(coco))], [0, 1])
     for i in (0, 1):
         item = rows[i]
         with torch.no_grad():
-            t = image_targets(teacher, item["imgs"][0], item["content"][0], (96, 128), cfg["distill_cfg"],
+            t = image_targets(teacher, item["imgs"][0], item["content"][0], (96, 128), cfg["distill"],
                               lay.max_patches)
         row = reader.read_sample(i)
         h, w = item["content"][0]
@@ -219,11 +220,12 @@ def test_masked_heatmap_kd_ignores_what_the_view_does_not_show():
     mask = torch.zeros(2, 1, 16, 24, dtype=torch.bool)
     mask[:, :, 2:12, 3:20] = True
     for mode in ("soft_focal", "mse", "kl"):
-        full = heatmap_kd(p_s, p_t, mode)
-        torch.testing.assert_close(heatmap_kd(p_s, p_t, mode, mask=torch.ones_like(mask)), full)
-        masked = heatmap_kd(p_s, p_t, mode, mask=mask)
+        settings = DistillSettings(hm_kd=mode)
+        full = heatmap_kd(p_s, p_t, settings)
+        torch.testing.assert_close(heatmap_kd(p_s, p_t, settings, mask=torch.ones_like(mask)), full)
+        masked = heatmap_kd(p_s, p_t, settings, mask=mask)
         changed = torch.where(mask, p_s, torch.rand_like(p_s))
-        torch.testing.assert_close(heatmap_kd(changed, p_t, mode, mask=mask), masked)
+        torch.testing.assert_close(heatmap_kd(changed, p_t, settings, mask=mask), masked)
         grad, = torch.autograd.grad(masked, p_s)
         assert float(grad.masked_select(~mask.expand_as(grad)).abs().max()) == 0.0
 
@@ -243,7 +245,7 @@ def test_masked_box_kd_ignores_invalid_cells():
     masked = KDTargets(**{**t.__dict__, "coarse_valid": coarse_valid, "refine_valid": refine_valid})
     coarse_s, refine_s = torch.randn(b, 4, h // 4, w // 4), torch.randn(1, 4, 4, 6)
     for box_kd in ("weighted", "mse"):
-        dcfg = dict(box_kd=box_kd, hm_kd="mse")
+        dcfg = DistillSettings(box_kd=box_kd, hm_kd="mse")
         base = kd_losses(heat, coarse_s, refine_s, masked, dcfg, decode)
         noisy_c = torch.where(coarse_valid, coarse_s, torch.randn_like(coarse_s))
         noisy_r = torch.where(refine_valid[0, 0], refine_s, torch.randn_like(refine_s))
@@ -295,7 +297,7 @@ def test_masked_kd_losses_with_no_crop_in_the_batch():
                   refine_valid=torch.zeros(b, k, 1, 4, 6, dtype=torch.bool))
     for box_kd in ("weighted", "mse"):
         out = kd_losses(heat_s, torch.randn(b, 4, h // 4, w // 4), torch.zeros(0, 4, 4, 6), t,
-                        dict(box_kd=box_kd), decode)
+                        DistillSettings(box_kd=box_kd), decode)
         assert float(out["loss_kd_local_refine"].detach()) == 0.0 and out["loss_kd_local_refine"].requires_grad
 
 
@@ -336,18 +338,17 @@ def test_aligned_views_take_the_row_cell_for_cell(setup, unit_cache):
 
 
 def test_image_views_setting_picks_the_views(setup, unit_cache, tmp_path):
-    from yolc_kd.config import validate_distill_cfg
     from yolc_kd.data.aligned_views import AlignedViews
     from yolc_kd.data.augment import TrainAugment
     from yolc_kd.train.recipe import train_augment
 
     aug = AugmentConfig()
     src = _source(unit_cache)
-    assert isinstance(train_augment(aug, src, {}), AlignedViews)  # the default: aligned views
-    assert type(train_augment(aug, src, dict(image_views="free"))) is TrainAugment
-    assert type(train_augment(aug, None, dict(image_views="aligned"))) is TrainAugment  # no image-level cache
+    assert isinstance(train_augment(aug, src, DistillSettings()), AlignedViews)  # the default: aligned views
+    assert type(train_augment(aug, src, DistillSettings(image_views="free"))) is TrainAugment
+    assert type(train_augment(aug, None, DistillSettings(image_views="aligned"))) is TrainAugment  # no image cache
     with pytest.raises(UserError, match="image_views"):
-        validate_distill_cfg(dict(image_views="snapped"))
+        DistillSettings.from_config(dict(image_views="snapped"))
 
 
 def test_map_windows_equal_zarr_and_a_damaged_shard_is_one_line(setup, unit_cache, tmp_path, capsys):
@@ -406,7 +407,7 @@ def test_mirrored_rows_are_the_teacher_on_the_mirrored_image_and_serve_mirrored_
     assert reader.manifest["mirrored"] is True
     cfg = load_config(setup.config, with_defaults=True)
     coco = CocoDetection(setup.ann, setup.data)
-    teacher = build_teacher(cfg["distill_cfg"], cfg["model"], None, str(setup.ckpt))
+    teacher = build_teacher(cfg["distill"], cfg["model"], None, str(setup.ckpt))
     aug = AugmentConfig.from_pipeline(cfg["train_pipeline"])
     image = coco.load_image(0)
     h, w = image.shape[:2]
@@ -414,7 +415,7 @@ def test_mirrored_rows_are_the_teacher_on_the_mirrored_image_and_serve_mirrored_
     canvas = torch.zeros(1, 3, -(-h // 32) * 32, -(-w // 32) * 32)
     canvas[0, :, :h, :w] = x
     with torch.no_grad():
-        t = image_targets(teacher, canvas, (h, w), (96, 128), cfg["distill_cfg"], lay.max_patches)
+        t = image_targets(teacher, canvas, (h, w), (96, 128), cfg["distill"], lay.max_patches)
     row = reader.read_sample(1)  # image 0, mirrored
     assert json.loads(str(row["aug_params"]))["mirrored"] is True
     p = t.heatmap[0].numpy()[:, :h, :w]

@@ -7,15 +7,15 @@ import torch.nn.functional as F
 
 from conftest import tiny_model_cfg
 from yolc_kd.cache.codec import HEATMAP
-from yolc_kd.config import DISTILL_DEFAULTS, validate_distill_cfg
 from yolc_kd.errors import UserError
 from yolc_kd.kd import (KDTargets, box_distance, cell_weights, heatmap_kd, kd_losses, patch_cell_weights,
                         soft_focal_heatmap_kd, teacher_peak_count, weighted_box_kd)
 from yolc_kd.models import build_detector
 from yolc_kd.models.losses import GWDLoss, L1Loss
+from yolc_kd.settings import DistillSettings
 
 # the seed's formulas (selected by name); the normalised defaults are tested in the second half of this file
-DCFG = dict(DISTILL_DEFAULTS, max_patches_per_img=2, min_patch_size=16, kd_weight_global_hm=2.0,
+DCFG = DistillSettings(max_patches_per_img=2, min_patch_size=16, kd_weight_global_hm=2.0,
             kd_weight_global_coarse=0.5, kd_weight_local_refine=0.25, hm_kd="mse", box_kd="mse")
 
 
@@ -72,12 +72,13 @@ def test_shape_mismatch_names_the_tensor():
 
 def test_kl_heatmap_kd_zero_for_equal_and_positive_otherwise():
     p = torch.rand(2, 3, 8, 8)
-    assert float(heatmap_kd(p, p, "kl", 2.0)) == pytest.approx(0.0, abs=1e-6)
-    assert float(heatmap_kd(torch.rand(2, 3, 8, 8), p, "kl", 2.0)) > 0
+    assert float(heatmap_kd(p, p, DistillSettings(hm_kd="kl", hm_kd_temperature=2.0))) == pytest.approx(0.0, abs=1e-6)
+    assert float(heatmap_kd(torch.rand(2, 3, 8, 8), p, DistillSettings(hm_kd="kl", hm_kd_temperature=2.0))) > 0
 
 
 # ---------------------------------------------------------------- normalised losses (the defaults)
-NORM = dict(DISTILL_DEFAULTS, kd_weight_global_hm=1.0, kd_weight_global_coarse=1.0, kd_weight_local_refine=1.0)
+NORM = DistillSettings(kd_weight_global_hm=1.0, kd_weight_global_coarse=1.0, kd_weight_local_refine=1.0)
+DEFAULT = DistillSettings()
 
 
 def _bce(p, t):
@@ -85,10 +86,11 @@ def _bce(p, t):
 
 
 def test_defaults_are_the_normalised_losses_and_seed_stays_selectable():
-    assert (DISTILL_DEFAULTS["hm_kd"], DISTILL_DEFAULTS["box_kd"]) == ("soft_focal", "weighted")
-    assert DISTILL_DEFAULTS["box_kd_distance"] == "gwd_l1" and DISTILL_DEFAULTS["hm_kd_beta"] == 2.0
-    out = validate_distill_cfg(dict(hm_kd="mse", box_kd="mse", box_kd_distance="mse", hm_kd_beta=1, hm_kd_peak_thr=0.5))
-    assert (out["hm_kd"], out["box_kd"], out["box_kd_distance"]) == ("mse", "mse", "mse")
+    assert (DEFAULT.hm_kd, DEFAULT.box_kd) == ("soft_focal", "weighted")
+    assert DEFAULT.box_kd_distance == "gwd_l1" and DEFAULT.hm_kd_beta == 2.0
+    out = DistillSettings.from_config(dict(hm_kd="mse", box_kd="mse", box_kd_distance="mse", hm_kd_beta=1,
+                                           hm_kd_peak_thr=0.5))
+    assert (out.hm_kd, out.box_kd, out.box_kd_distance) == ("mse", "mse", "mse")
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -103,13 +105,13 @@ def test_defaults_are_the_normalised_losses_and_seed_stays_selectable():
 ])
 def test_bad_kd_options_are_one_line_errors(key, value, match):
     with pytest.raises(UserError, match=match) as err:
-        validate_distill_cfg({key: value}, "cfg.py")
+        DistillSettings.from_config({key: value}, "cfg.py")
     assert "\n" not in str(err.value) and "cfg.py" in str(err.value)
 
 
 def test_soft_focal_is_zero_where_student_equals_teacher():
     p = torch.rand(2, 3, 8, 8, requires_grad=True)
-    loss = heatmap_kd(p, p.detach(), "soft_focal")
+    loss = heatmap_kd(p, p.detach(), DistillSettings(hm_kd="soft_focal"))
     assert float(loss.detach()) == 0.0
     loss.backward()
     assert torch.isfinite(p.grad).all()
@@ -121,9 +123,9 @@ def test_soft_focal_single_hot_cell_by_hand():
     p_s = torch.full_like(p_t, 0.2, requires_grad=True)
     n = p_t.numel()
     expected = _bce(0.2, 1.0) * 0.8 ** 2 + (n - 1) * _bce(0.2, 0.0) * 0.2 ** 2
-    loss = soft_focal_heatmap_kd(p_s, p_t, beta=2.0)
+    loss = soft_focal_heatmap_kd(p_s, p_t, beta=2.0, peak_threshold=0.3)
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
-    assert float(soft_focal_heatmap_kd(p_s, p_t, beta=0.0).detach()) == pytest.approx(
+    assert float(soft_focal_heatmap_kd(p_s, p_t, beta=0.0, peak_threshold=0.3).detach()) == pytest.approx(
         _bce(0.2, 1.0) + (n - 1) * _bce(0.2, 0.0), rel=1e-5)  # beta 0: plain soft BCE
     loss.backward()
     assert torch.isfinite(p_s.grad).all()
@@ -138,13 +140,13 @@ def test_soft_focal_normaliser_counts_teacher_peaks():
     assert float(teacher_peak_count(torch.zeros(1, 2, 4, 4), 0.3)) == 1.0  # empty scene: clamped at 1
     p_s = torch.full_like(p_t, 0.1)
     num = sum(_bce(0.1, float(t)) * abs(0.1 - float(t)) ** 2 for t in p_t.flatten())
-    assert float(soft_focal_heatmap_kd(p_s, p_t)) == pytest.approx(num / 3, rel=1e-5)
+    assert float(soft_focal_heatmap_kd(p_s, p_t, DEFAULT.hm_kd_beta, DEFAULT.hm_kd_peak_thr)) == pytest.approx(num / 3, rel=1e-5)
 
 
 def test_soft_focal_is_stable_at_saturated_probabilities():
     logits = torch.tensor([-200.0, -30.0, 0.0, 30.0, 200.0]).view(1, 1, 1, 5).requires_grad_()
     p_t = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0]).view(1, 1, 1, 5)
-    loss = soft_focal_heatmap_kd(logits.sigmoid(), p_t)
+    loss = soft_focal_heatmap_kd(logits.sigmoid(), p_t, DEFAULT.hm_kd_beta, DEFAULT.hm_kd_peak_thr)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
@@ -153,8 +155,9 @@ def test_heatmap_kd_is_unchanged_by_padding_with_background():
     p_t = torch.zeros(1, 3, 16, 16)
     p_t[0, 0, 4:7, 4:7], p_t[0, 2, 10, 11] = torch.tensor([[.2, .5, .2], [.5, .9, .5], [.2, .5, .2]]), 0.8
     p_s = torch.rand_like(p_t) * 0.3
-    small = soft_focal_heatmap_kd(p_s, p_t)
-    big = soft_focal_heatmap_kd(F.pad(p_s, (0, 48, 0, 32)), F.pad(p_t, (0, 48, 0, 32)))  # student agrees: 0 there
+    small = soft_focal_heatmap_kd(p_s, p_t, DEFAULT.hm_kd_beta, DEFAULT.hm_kd_peak_thr)
+    big = soft_focal_heatmap_kd(F.pad(p_s, (0, 48, 0, 32)), F.pad(p_t, (0, 48, 0, 32)),  # student agrees: 0 there
+                                DEFAULT.hm_kd_beta, DEFAULT.hm_kd_peak_thr)
     assert float(big) == pytest.approx(float(small), abs=1e-5)
 
 
@@ -205,7 +208,7 @@ def test_coarse_kd_is_unchanged_by_padding_with_background(distance):
     t.heatmap.zero_()
     t.heatmap[0, 1, 9, 14], t.heatmap[0, 2, 20, 30] = 0.9, 0.6
     coarse_s = torch.randn_like(t.coarse)
-    dcfg = dict(NORM, box_kd_distance=distance)
+    dcfg = NORM.replace(box_kd_distance=distance)
     small = kd_losses(torch.rand_like(t.heatmap), coarse_s, torch.zeros(1, 4, 4, 6), t, dcfg, _decode)
     # bottom/right background: zero teacher confidence, student and teacher boxes free to disagree there
     big_t = KDTargets(heatmap=F.pad(t.heatmap, (0, 32, 0, 16)), coarse=F.pad(t.coarse, (0, 8, 0, 4), value=3.0),
@@ -255,7 +258,7 @@ def test_weighted_refine_by_hand_and_invalid_slots_ignored():
     t.heatmap[1, 2, 13, 22] = 0.5  # view 1 -> cell (3, 5)
     ref_s = torch.randn(2, 4, 4, 6)
     loss = kd_losses(torch.rand_like(t.heatmap), torch.randn_like(t.coarse), ref_s, t,
-                     dict(NORM, box_kd_distance="mse"), _decode)["loss_kd_local_refine"]
+                     NORM.replace(box_kd_distance="mse"), _decode)["loss_kd_local_refine"]
     d = ((_decode(ref_s) - _decode(t.patch_refine)) ** 2).sum(-1)  # (2, 24) per cell
     torch.testing.assert_close(loss, (1.0 * d[0, 1 * 6 + 2] + 0.5 * d[1, 3 * 6 + 5]) / 1.5)
 
@@ -263,8 +266,8 @@ def test_weighted_refine_by_hand_and_invalid_slots_ignored():
 def test_kl_option_still_works_through_kd_losses():
     t = _targets()
     hm_s = torch.rand_like(t.heatmap, requires_grad=True)
-    losses = kd_losses(hm_s, torch.randn_like(t.coarse), torch.randn(1, 4, 4, 6), t, dict(NORM, hm_kd="kl"), _decode)
-    torch.testing.assert_close(losses["loss_kd_global_hm"], heatmap_kd(hm_s, t.heatmap, "kl", 1.0))
+    losses = kd_losses(hm_s, torch.randn_like(t.coarse), torch.randn(1, 4, 4, 6), t, NORM.replace(hm_kd="kl"), _decode)
+    torch.testing.assert_close(losses["loss_kd_global_hm"], heatmap_kd(hm_s, t.heatmap, DistillSettings(hm_kd="kl", hm_kd_temperature=1.0)))
     losses["loss_kd_global_hm"].backward()
     assert torch.isfinite(hm_s.grad).all()
 
@@ -274,10 +277,10 @@ def test_defaults_end_to_end_finite_and_weighted():
     args = (torch.rand_like(t.heatmap, requires_grad=True), torch.randn_like(t.coarse, requires_grad=True),
             torch.randn(3, 4, 4, 6, requires_grad=True))
     one = kd_losses(*args, t, NORM, _decode)
-    scaled = kd_losses(*args, t, dict(NORM, kd_weight_global_hm=3.0, kd_weight_global_coarse=0.5), _decode)
+    scaled = kd_losses(*args, t, NORM.replace(kd_weight_global_hm=3.0, kd_weight_global_coarse=0.5), _decode)
     torch.testing.assert_close(scaled["loss_kd_global_hm"], 3.0 * one["loss_kd_global_hm"])
     torch.testing.assert_close(scaled["loss_kd_global_coarse"], 0.5 * one["loss_kd_global_coarse"])
-    assert float(kd_losses(*args, t, {k: v for k, v in NORM.items() if k not in ("hm_kd", "box_kd")}, _decode)
+    assert float(kd_losses(*args, t, DEFAULT, _decode)
                  ["loss_kd_global_hm"].detach()) == pytest.approx(float(one["loss_kd_global_hm"].detach()))  # defaults
     sum(one.values()).backward()
     assert all(torch.isfinite(a.grad).all() for a in args)

@@ -12,15 +12,16 @@ import torch
 
 from conftest import REPO, plain_metas, tiny_model_cfg
 from yolc_kd import crops
-from yolc_kd.config import DISTILL_DEFAULTS, load_config
+from yolc_kd.config import load_config
 from yolc_kd.kd import KDTargets, kd_losses
 from yolc_kd.models import build_detector
 from yolc_kd.models.targets import yolc_targets
+from yolc_kd.settings import DistillSettings
 
 KD_KEYS = ("loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine")
 # the shipped tiny teacher on the demo's held-out images: median peak 0.395 at the GT centres, median 0.012 elsewhere
 PEAK, BACKGROUND = 0.4, 0.01
-UNIT = dict(DISTILL_DEFAULTS, kd_weight_global_hm=1.0, kd_weight_global_coarse=1.0, kd_weight_local_refine=1.0)
+UNIT = DistillSettings(kd_weight_global_hm=1.0, kd_weight_global_coarse=1.0, kd_weight_local_refine=1.0)
 
 
 def shipped_prior(config: str) -> Optional[float]:
@@ -98,7 +99,7 @@ def start_losses(num_classes: int, hw: Tuple[int, int], prior: Optional[float], 
     plan = crops.KDPatchPlan.from_targets(targets.patch_boxes, targets.patch_scales, targets.patch_valid, (h, w))
     patch_refine = student.patch_refine(plan.cut(img))
     decode = student.bbox_head.decode_xywh_to_bbox
-    kd = {name: kd_losses(heat[0], coarse[0], patch_refine, targets, dict(UNIT, **d), decode)
+    kd = {name: kd_losses(heat[0], coarse[0], patch_refine, targets, UNIT.replace(**d), decode)
           for name, d in dcfgs.items()}
     return {k: float(v) for k, v in sup.items()}, {n: {k: float(v) for k, v in t.items()} for n, t in kd.items()}
 
@@ -111,8 +112,8 @@ def _ratios(sup: Mapping[str, float], kd: Mapping[str, float], key: str = "loss_
 
 
 def shipped_kd_weights(config: str) -> Dict[str, float]:
-    dcfg = load_config(REPO / "configs" / config)["distill_cfg"]
-    return {k: float(v) for k, v in dcfg.items() if k.startswith("kd_weight_")}
+    settings = load_config(REPO / "configs" / config)["distill"]
+    return {k: float(v) for k, v in settings.to_dict().items() if k.startswith("kd_weight_")}
 
 
 @pytest.mark.parametrize("config,num_classes,hw,batch", [

@@ -4,16 +4,16 @@ distill_cfg distils only when the command line asks."""
 import pytest
 from conftest import make_setup, train_cli
 
-from yolc_kd.config import validate_distill_cfg
 from yolc_kd.errors import UserError
+from yolc_kd.settings import DistillSettings
 from yolc_kd.train.recipe import KDSource, describe_kd, kd_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ON = validate_distill_cfg(dict(enable=True))
-ON_WITH_TEACHER = validate_distill_cfg(dict(enable=True, teacher_ckpt="t.pth"))
-OFF = validate_distill_cfg(dict(enable=False, teacher_ckpt="t.pth"))
-ABSENT = validate_distill_cfg(None)
+ON = DistillSettings.from_config(dict(enable=True))
+ON_WITH_TEACHER = DistillSettings.from_config(dict(enable=True, teacher_ckpt="t.pth"))
+OFF = DistillSettings.from_config(dict(enable=False, teacher_ckpt="t.pth"))
+ABSENT = DistillSettings.from_config(None)
 
 
 @pytest.mark.parametrize("dcfg, kd, mode", [

@@ -12,6 +12,7 @@ from conftest import REPO
 from conftest import cli_args, make_setup, subprocess_env
 from yolc_kd.cache.reader import CacheReader
 from yolc_kd.cli import main
+from yolc_kd.kd import KDLoss, student_losses
 from yolc_kd.teacher import build_teacher
 from yolc_kd.train.cache_source import CacheTargetSource
 from yolc_kd.train.teacher_source import LiveTeacherSource
@@ -47,23 +48,25 @@ def test_offline_and_online_give_the_same_losses(kd_setup):
     cfg, offline = _one_batch(kd_setup, online=False)
     _, online = _one_batch(kd_setup, online=True)
     assert "kd_targets" in offline and "kd_targets" not in online
-    dcfg = dict(cfg["distill_cfg"], enable=True)
+    settings = cfg["distill"]
     torch.manual_seed(0)
     student = build_detector(cfg["model"]).train()
     cache = CacheTargetSource(CacheReader(kd_setup.cache))
-    teacher = build_teacher(dcfg, cfg["model"], ckpt=str(kd_setup.ckpt))
-    args = dict(gt_bboxes=offline["gt_bboxes"], gt_labels=offline["gt_labels"], kd_cfg=dcfg)
-    l_off = student.forward_train(offline["img"], offline["img_metas"], kd_targets=cache.targets(offline), **args)
+    teacher = build_teacher(settings, cfg["model"], ckpt=str(kd_setup.ckpt))
+    args = (offline["gt_bboxes"], offline["gt_labels"])
+    l_off = student_losses(student, offline["img"], offline["img_metas"], *args, cache.targets(offline),
+                           KDLoss(settings))
     assert torch.equal(offline["img"], online["img"])
     assert int(offline["kd_targets"].patch_valid.sum()) > 0
     # a batch of other views than precompute's (2 at a time, by image): the teacher's numbers do not change
-    live = LiveTeacherSource(teacher, dcfg)  # online_targets "cached": rounded as the cache stores them
-    l_on = student.forward_train(online["img"], online["img_metas"], kd_targets=live.targets(online), **args)
+    live = LiveTeacherSource(teacher, settings)  # online_targets "cached": rounded as the cache stores them
+    l_on = student_losses(student, online["img"], online["img_metas"], *args, live.targets(online), KDLoss(settings))
     for key in l_off:
         assert float(l_off[key].detach()) == float(l_on[key].detach()), key  # every loss exactly equal
     # online_targets "float": the KD terms differ by the cache's rounding (1/255 heatmap steps, 1/64-cell boxes)
-    unrounded = LiveTeacherSource(teacher, dict(dcfg, online_targets="float"))
-    l_float = student.forward_train(online["img"], online["img_metas"], kd_targets=unrounded.targets(online), **args)
+    unrounded = LiveTeacherSource(teacher, settings.replace(online_targets="float"))
+    l_float = student_losses(student, online["img"], online["img_metas"], *args, unrounded.targets(online),
+                             KDLoss(settings))
     for key in ("loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"):
         a, b = float(l_off[key].detach()), float(l_float[key].detach())
         assert a != b and abs(a - b) <= 0.02 * abs(b) + 1e-4, (key, a, b)

@@ -1,4 +1,4 @@
-"""The heatmap losses recompute their full-resolution intermediates in backward (kd.recomputed_in_backward) instead
+"""The heatmap losses recompute their full-resolution intermediates in backward (recomputed_in_backward) instead
 of keeping them: losses and every gradient must be bit-identical to the plain computation."""
 import pytest
 import torch
@@ -6,11 +6,13 @@ import torch
 from conftest import plain_metas, tiny_model_cfg
 from yolc_kd import crops, kd
 from yolc_kd.models import build_detector
+from yolc_kd.models import losses as model_losses
+from yolc_kd.settings import DistillSettings
 
 
 def _plain(monkeypatch):
     """recomputed_in_backward as a plain call (the computation before the memory change)."""
-    monkeypatch.setattr(kd, "checkpoint", lambda fn, *tensors, **_: fn(*tensors))
+    monkeypatch.setattr(model_losses, "checkpoint", lambda fn, *tensors, **_: fn(*tensors))
 
 
 def _student_step(hm_kd: str, num_threads: int = 1):
@@ -31,8 +33,8 @@ def _student_step(hm_kd: str, num_threads: int = 1):
         patch_boxes=torch.tensor([[[0.0, 0.0, 64.0, 48.0], [0, 0, 0, 0]], [[40.0, 30.0, 48.0, 40.0], [0, 0, 0, 0]]]),
         patch_scales=torch.ones(2, 2), patch_valid=torch.tensor([[True, False], [True, False]]),
         refine=torch.randn(2, 2, 4, canvas[0] // 4, canvas[1] // 4, generator=gen))
-    dcfg = dict(hm_kd=hm_kd, min_patch_size=16, max_patches_per_img=2)
-    losses = model(img, metas, gt_bboxes=boxes, gt_labels=labels, kd_targets=targets, kd_cfg=dcfg)
+    settings = DistillSettings(hm_kd=hm_kd, min_patch_size=16, max_patches_per_img=2)
+    losses = kd.student_losses(model, img, metas, boxes, labels, targets, kd.KDLoss(settings))
     sum(losses.values()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: v.detach() for k, v in losses.items()}, grads
@@ -55,11 +57,11 @@ def test_recomputed_losses_and_gradients_are_bit_identical(monkeypatch, hm_kd):
 def test_without_gradients_the_loss_runs_plainly():
     called = []
     p = torch.rand(1, 2, 8, 8)
-    out = kd.recomputed_in_backward(lambda a: called.append(1) or a.sum(), p)
+    out = model_losses.recomputed_in_backward(lambda a: called.append(1) or a.sum(), p)
     assert called == [1] and torch.equal(out, p.sum())
     with torch.no_grad():
         q = p.clone().requires_grad_()
-        assert not kd.recomputed_in_backward(lambda a: a.sum(), q).requires_grad
+        assert not model_losses.recomputed_in_backward(lambda a: a.sum(), q).requires_grad
 
 
 def test_recompute_keeps_no_intermediate_for_backward(monkeypatch):
@@ -72,7 +74,7 @@ def test_recompute_keeps_no_intermediate_for_backward(monkeypatch):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            kd.soft_focal_heatmap_kd(p_s, p_t)
+            kd.soft_focal_heatmap_kd(p_s, p_t, DistillSettings().hm_kd_beta, DistillSettings().hm_kd_peak_thr)
         inputs = {p_s.untyped_storage().data_ptr(), p_t.untyped_storage().data_ptr()}
         return [n for ptr, n in storages.items() if ptr not in inputs and n >= p_t.numel()]
 

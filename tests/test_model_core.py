@@ -19,7 +19,7 @@ def test_tiny_yolc_overfits_two_images():
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     first = None
     for _ in range(60):
-        losses = model.forward_train(img, metas, gt_bboxes, gt_labels)
+        losses, _ = model.forward_train(img, metas, gt_bboxes, gt_labels)
         total = sum(losses.values())
         first = float(total.detach()) if first is None else first
         opt.zero_grad()
@@ -50,8 +50,8 @@ def test_loss_does_not_modify_predictions():
 
 def test_empty_ground_truth_trains():
     model = build_detector(tiny_model_cfg(num_classes=2)).train()
-    losses = model.forward_train(torch.randn(1, 3, 64, 64), plain_metas(1, 64, 64),
-                                 [torch.zeros((0, 4))], [torch.zeros((0,), dtype=torch.long)])
+    losses, _ = model.forward_train(torch.randn(1, 3, 64, 64), plain_metas(1, 64, 64),
+                                    [torch.zeros((0, 4))], [torch.zeros((0,), dtype=torch.long)])
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
@@ -100,7 +100,7 @@ def test_config_base_inheritance_and_defaults():
     cfg = load_config(REPO / "configs" / "yolc_hrnet_w18_visdrone_kd.py", with_defaults=True)
     assert cfg["model"]["backbone"]["extra"]["stage4"]["num_channels"] == (18, 36, 72, 144)
     assert cfg["model"]["backbone"]["extra"]["stage4"]["num_blocks"] == (4, 4, 4, 4)  # inherited
-    assert cfg["distill_cfg"]["max_patches_per_img"] == 4 and cfg["distill_cfg"]["hm_kd"] == "soft_focal"
+    assert cfg["distill"].max_patches_per_img == 4 and cfg["distill"].hm_kd == "soft_focal"
     assert cfg["optimizer"]["momentum"] == 0.9
     model = build_detector(cfg["model"])
     assert model.bbox_head.num_classes == 10
@@ -157,4 +157,4 @@ def test_relative_teacher_config_resolves_against_the_file_naming_it(tmp_path):
     child.parent.mkdir()
     child.write_text(f"_base_ = {str(REPO / 'configs' / 'tiny_student_synth.py')!r}\n")
     cfg = load_config(child, with_defaults=True)
-    assert cfg["distill_cfg"]["teacher_config"] == str((REPO / "configs" / "tiny_teacher_synth.py").resolve())
+    assert cfg["distill"].teacher_config == str((REPO / "configs" / "tiny_teacher_synth.py").resolve())

@@ -58,7 +58,7 @@ def test_losses_match_original(reference, ref_model):
     expected = json.loads(str(reference["losses"]))
     ref_model.train()
     try:
-        losses = ref_model.forward_train(img, plain_metas(2, 320, 512), gt_bboxes, gt_labels)
+        losses, _ = ref_model.forward_train(img, plain_metas(2, 320, 512), gt_bboxes, gt_labels)
     finally:
         ref_model.eval()
     assert set(losses) == set(expected)

@@ -57,7 +57,7 @@ def test_configs_ship_in_the_package_and_resolve_each_other():
     assert "tiny_student_synth.py" in shipped and "yolc_hrnet_w48_visdrone.py" in shipped
     globs = PYPROJECT["tool"]["setuptools"]["package-data"]["yolc_kd"]
     assert all(any(fnmatch.fnmatch(f"configs/{n}", g) for g in globs) for n in shipped)
-    teacher = load_config(CONFIGS / "tiny_student_synth.py")["distill_cfg"]["teacher_config"]
+    teacher = load_config(CONFIGS / "tiny_student_synth.py")["distill"].teacher_config
     assert teacher == str((CONFIGS / "tiny_teacher_synth.py").resolve())
     link = REPO / "configs"
     assert link.is_symlink() and link.resolve() == CONFIGS.resolve()

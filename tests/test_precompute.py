@@ -39,7 +39,7 @@ def test_cached_targets_equal_live_teacher(setup, ref_cache):
 
 def _compare_with_live_teacher(setup, ref_cache):
     cfg = load_config(setup.config, with_defaults=True)
-    dcfg = cfg["distill_cfg"]
+    dcfg = cfg["distill"]
     teacher = build_teacher(dcfg, cfg["model"], ckpt=str(setup.ckpt))
     augment = TrainAugment(AugmentConfig.from_pipeline(cfg["train_pipeline"]))
     coco = CocoDetection(setup.ann, setup.data)

@@ -8,6 +8,7 @@ from yolc_kd.cache.arrays import dequantize_targets
 from yolc_kd.cache.codec import BOXES
 from yolc_kd.kd import KDTargets
 from yolc_kd.models import build_detector
+from yolc_kd.settings import DistillSettings
 from yolc_kd.train.data import VariantSampler
 from yolc_kd.train.reaugment import flip_sample, flip_targets
 
@@ -138,7 +139,8 @@ def test_views_needed_follows_the_schedule():
     from yolc_kd.train.schedule import views_needed
 
     cfg = dict(runner=dict(type="EpochBasedRunner", max_epochs=12))
-    assert views_needed(cfg, 200, 8, flip=True) == 6 and views_needed(cfg, 200, 8) == 12  # no mirroring by default
+    assert views_needed(cfg, 200, 8, flip=True) == 6
+    assert views_needed(cfg, 200, 8, flip=DistillSettings().cache_flip) == 12  # no mirroring by default
     assert views_needed(cfg, 200, 8, max_iters=120, flip=True) == 3  # 25 iterations per epoch: 4.8 epochs -> 5 -> 3 mirrored
     assert views_needed(dict(runner=dict(type="IterBasedRunner", max_iters=400)), 200, 4, flip=False) == 8
 

@@ -5,19 +5,19 @@ import io
 import tokenize
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import plain_metas, tiny_model_cfg
 from yolc_kd.checkpoint import save_checkpoint
-from yolc_kd.config import DISTILL_DEFAULTS
 from yolc_kd.errors import UserError
+from yolc_kd.kd import KDLoss, KDTargets, student_losses
 from yolc_kd.models import build_detector
+from yolc_kd.settings import DistillSettings
 from yolc_kd.teacher import build_teacher
 from yolc_kd.train.teacher_source import LiveTeacherSource
 
-DCFG = dict(DISTILL_DEFAULTS, max_patches_per_img=2, min_patch_size=16, kd_weight_global_hm=2.0,
+DCFG = DistillSettings(max_patches_per_img=2, min_patch_size=16, kd_weight_global_hm=2.0,
             kd_weight_global_coarse=0.5, kd_weight_local_refine=0.25)
 PKG = Path(__file__).resolve().parents[1] / "src" / "yolc_kd"
 
@@ -46,8 +46,10 @@ def test_live_teacher_is_frozen_and_outside_the_student(teacher_ckpt):
     assert not source.teacher.training and all(not p.requires_grad for p in source.teacher.parameters())
     assert not any("teacher" in k for k in student.state_dict())
     batch = _batch()
-    losses = student(batch["img"], batch["img_metas"], gt_bboxes=batch["gt_bboxes"], gt_labels=batch["gt_labels"],
-                     kd_targets=source.targets(batch), kd_cfg=DCFG)
+    targets = source.targets(batch)
+    assert isinstance(targets, KDTargets)  # made before the student's forward
+    losses = student_losses(student, batch["img"], batch["img_metas"], batch["gt_bboxes"], batch["gt_labels"],
+                            targets, KDLoss(DCFG))
     assert {"loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"} <= set(losses)
     sum(losses.values()).backward()
     assert all(p.grad is None for p in source.teacher.parameters())
@@ -69,35 +71,39 @@ def test_low_precision_teacher_gives_float32_targets(teacher_ckpt):
 
 def test_teacher_equal_to_student_gives_zero_kd(teacher_ckpt):
     path, teacher = teacher_ckpt
-    source = _source(path, dict(DCFG, online_targets="float"))  # "cached" rounds the targets as the cache does
+    source = _source(path, DCFG.replace(online_targets="float"))  # "cached" rounds the targets as the cache does
     student = build_detector(tiny_model_cfg(num_classes=3))
     student.load_state_dict(teacher.state_dict())
     student.eval()  # same weights and BN statistics: student outputs equal the teacher's
     batch = _batch(1)
-    losses = student.forward_train(batch["img"], batch["img_metas"], [torch.zeros(0, 4)],
-                                   [torch.zeros(0, dtype=torch.long)], kd_targets=source.targets(batch), kd_cfg=DCFG)
+    losses = student_losses(student, batch["img"], batch["img_metas"], [torch.zeros(0, 4)],
+                            [torch.zeros(0, dtype=torch.long)], source.targets(batch), KDLoss(DCFG))
     for key in ("loss_kd_global_hm", "loss_kd_global_coarse", "loss_kd_local_refine"):
         assert float(losses[key].detach()) == pytest.approx(0.0, abs=1e-5), key  # GWD: float noise
 
 
-def test_use_teacher_crop_false_uses_student_regions(teacher_ckpt, monkeypatch):
-    import yolc_kd.train.teacher_source as ts
+def test_use_teacher_crop_false_is_one_clear_line():
+    """KD patches are the teacher's LSM crops, fixed by the targets before the student's forward."""
+    with pytest.raises(UserError, match=r"^config c\.py: 'distill_cfg\.use_teacher_crop' must be True") as err:
+        DistillSettings.from_config(dict(use_teacher_crop=False), "c.py")
+    assert "\n" not in str(err.value)
 
+
+def test_the_student_cuts_its_kd_patches_where_the_targets_say(teacher_ckpt):
+    """The student's patch refine maps are its own refine maps of the targets' crops, all in one forward."""
     path, _ = teacher_ckpt
-    dcfg = dict(DCFG, use_teacher_crop=False)
-    source = _source(path, dcfg)
+    batch = _batch()
+    targets = _source(path).targets(batch)
+    assert int(targets.patch_valid.sum()) > 0
+    student = build_detector(tiny_model_cfg(num_classes=3)).eval()
     calls = []
-    original = ts.teacher_targets
-    monkeypatch.setattr(ts, "teacher_targets",
-                        lambda t, img, metas, d, coords=None: calls.append(coords) or original(t, img, metas, d, coords))
-    batch = _batch(1)
-    targets = source.targets(batch)
-    assert callable(targets) and not calls  # the student's heatmap is needed first
-    losses = build_detector(tiny_model_cfg(num_classes=3)).train().forward_train(
-        batch["img"], batch["img_metas"], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)],
-        kd_targets=targets, kd_cfg=dcfg)
-    assert calls and calls[0] is not None and isinstance(calls[0][0], np.ndarray)
-    assert "loss_kd_local_refine" in losses
+    student.patch_refine = lambda patches, f=student.patch_refine: calls.append(patches.shape[0]) or f(patches)
+    plan = targets.patch_plan(batch["img"].shape[2:])
+    _, outputs = student.forward_train(batch["img"], batch["img_metas"], batch["gt_bboxes"], batch["gt_labels"],
+                                       patches=plan)
+    assert calls == [int(targets.patch_valid.sum())]  # one batched forward over every valid patch
+    expected = student.bbox_head.forward_boxes(student.extract_feat(plan.cut(batch["img"]))[0])[1]
+    assert torch.equal(outputs.patch_refine, expected)
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error():
@@ -113,6 +119,16 @@ def test_building_a_teacher_leaves_the_student_init_alone(teacher_ckpt):
     build_teacher(DCFG, tiny_model_cfg(num_classes=3), ckpt=str(path))
     after_teacher = build_detector(tiny_model_cfg(num_classes=3)).state_dict()
     assert all(torch.equal(plain[k], after_teacher[k]) for k in plain)
+
+
+def test_no_module_under_models_imports_kd():
+    for path in sorted((PKG / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "yolc_kd":
+                names = [f"yolc_kd.{a.name}" for a in node.names]
+            assert not any(n == "yolc_kd.kd" or n.startswith("yolc_kd.kd.") for n in names), f"{path.name}: {names}"
 
 
 def test_models_know_nothing_of_teachers():

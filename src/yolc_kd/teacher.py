@@ -1,27 +1,27 @@
-"""A YOLC model as the frozen KD teacher: built from distill_cfg, loaded, eval(), no gradients; and its
+"""A YOLC model as the frozen KD teacher: built from the distill settings, loaded, eval(), no gradients; and its
 soft labels (KDTargets) for a batch of views. Used by precompute, the live-teacher source and verify."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from yolc_kd import crops
 from yolc_kd.cache.manifest import target_identity
 from yolc_kd.checkpoint import load_checkpoint
+from yolc_kd.config import load_config
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.models import YOLC, build_detector, tiling
+from yolc_kd.settings import DistillSettings
 
 
-def teacher_model_cfg(dcfg: Mapping, student_model_cfg: Mapping, config_dir: Optional[str] = None) -> dict:
+def teacher_model_cfg(settings: DistillSettings, student_model_cfg: Mapping,
+                      config_dir: Optional[str] = None) -> dict:
     """teacher_config: None -> the student's model dict; a dict -> that model dict; a path -> its `model`."""
-    from yolc_kd.config import load_config
-
-    spec = dcfg.get("teacher_config")
+    spec = settings.teacher_config
     if spec is None:
         return dict(student_model_cfg)
     if isinstance(spec, Mapping):
@@ -39,32 +39,30 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_teacher(dcfg: Mapping, student_model_cfg: Mapping, config_dir: Optional[str] = None,
+def build_teacher(settings: DistillSettings, student_model_cfg: Mapping, config_dir: Optional[str] = None,
                   ckpt: Optional[str] = None, trust: bool = False) -> YOLC:
-    """The frozen teacher of distill_cfg. Its construction draws from a forked RNG, so building a teacher
-    never changes the student's initialisation."""
-    ckpt = ckpt or dcfg.get("teacher_ckpt")
+    """The frozen teacher of the distill settings (ckpt overrides their teacher_ckpt). Its construction draws
+    from a forked RNG, so building a teacher never changes the student's initialisation."""
+    ckpt = ckpt or settings.teacher_ckpt
     if not ckpt:
         raise UserError("distillation needs a teacher checkpoint: set distill_cfg.teacher_ckpt or pass --teacher-ckpt")
     with torch.random.fork_rng(devices=[]):
-        teacher = build_detector(teacher_model_cfg(dcfg, student_model_cfg, config_dir))
+        teacher = build_detector(teacher_model_cfg(settings, student_model_cfg, config_dir))
     load_checkpoint(teacher, ckpt, strict=True, trust=trust)
     return freeze(teacher)
 
 
 @torch.no_grad()
-def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping], dcfg: Mapping,
-                    coords: Optional[List[np.ndarray]] = None) -> KDTargets:
-    """Soft labels of a batch of views: heatmap and coarse maps, LSM crops (or the given ones), the refine
-    maps of every patch (one batched forward). The maps are float32 (what the cache's codec takes) whatever the
-    autocast or the teacher's dtype."""
+def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping],
+                    settings: DistillSettings) -> KDTargets:
+    """Soft labels of a batch of views: heatmap and coarse maps, the LSM crops (max_patches_per_img slots,
+    min_patch_size), the refine maps of every patch (one batched forward). The maps are float32 (what the
+    cache's codec takes) whatever the autocast or the teacher's dtype."""
     heat, coarse, _ = teacher.bbox_head(teacher.extract_feat(img))
-    if coords is None:
-        # KD crops: LSM on the raw teacher heatmap (inference reads the blurred one); cached targets depend on it
-        coords = teacher.bbox_head.LSM(heat, img_metas)
-    plan = crops.plan_kd_patches(coords, img.shape[2:], int(dcfg["max_patches_per_img"]),
-                                 int(dcfg["min_patch_size"]), float(teacher.crop_cfg["enlarge"]),
-                                 float(teacher.crop_cfg["upscale"]))
+    # KD crops: LSM on the raw teacher heatmap (inference reads the blurred one); cached targets depend on it
+    coords = teacher.bbox_head.LSM(heat, img_metas)
+    plan = crops.plan_kd_patches(coords, img.shape[2:], settings.max_patches_per_img, settings.min_patch_size,
+                                 float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]))
     patches = plan.cut(img)
     canvas = plan.canvas
     refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4),
@@ -77,7 +75,7 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping], 
 
 @torch.no_grad()
 def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], view_hw: Sequence[int],
-                  dcfg: Mapping, max_regions: int) -> KDTargets:
+                  settings: DistillSettings, max_regions: int) -> KDTargets:
     """Soft labels of one whole image (image-level cache): img (1,3,H,W) is the (scaled) image in its top-left
     [:h, :w] (content_hw), zero-padded to multiples of 32. Heatmap and coarse maps of the full-image pass (in
     overlapping tiles above test_cfg.max_pixels, models/tiling.py), LSM over the whole image at a view's cell
@@ -99,7 +97,7 @@ def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], v
     heat[:, :, h:] = 0
     heat[:, :, :, w:] = 0
     coords = crops.image_lsm_regions(heat, (h, w), view_hw, teacher.bbox_head.lsm_cfg)
-    plan = crops.plan_kd_patches([coords], (h, w), int(max_regions), int(dcfg["min_patch_size"]),
+    plan = crops.plan_kd_patches([coords], (h, w), int(max_regions), settings.min_patch_size,
                                  float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]),
                                  crops.patch_canvas(view_hw))
     patches = plan.cut(img[:, :, :h, :w])
@@ -114,10 +112,10 @@ def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], v
 def expected_target_identity(cfg: Mapping, aug_cfg: Any, classes: Sequence[str]) -> Dict[str, Any]:
     """What the teacher targets for this (student) training config are made with: the manifest's TRAIN_FIELDS
     a cache must carry to fit it. aug_cfg is the config's data.augment.AugmentConfig."""
-    dcfg = cfg["distill_cfg"]
+    settings: DistillSettings = cfg["distill"]
     config_dir = str(Path(cfg["_path"]).resolve().parent) if cfg.get("_path") else None
-    teacher = teacher_model_cfg(dcfg, cfg["model"], config_dir)
+    teacher = teacher_model_cfg(settings, cfg["model"], config_dir)
     w, h = aug_cfg.input_size
     return target_identity(teacher_model=teacher, augment=aug_cfg.to_dict(), input_size=(w, h), classes=classes,
-                           distill=dcfg, crop=crops.crop_config(teacher.get("test_cfg")),
+                           distill=settings.to_dict(), crop=crops.crop_config(teacher.get("test_cfg")),
                            patch_canvas=crops.patch_canvas((h, w)), seed=int(cfg.get("seed", 0)))

@@ -63,12 +63,12 @@ def register(subparsers: Any) -> None:
 
 
 def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
-    from yolc_kd.config import DISTILL_DEFAULTS, setting
+    from yolc_kd.config import setting
     from yolc_kd.train.schedule import views_needed
 
     if args.variants is None or str(args.variants).strip().lower() == "auto":
         return views_needed(cfg, num_images, int(setting(cfg, "data", "samples_per_gpu")), args.train_iters,
-                            flip=bool(cfg["distill_cfg"].get("cache_flip", DISTILL_DEFAULTS["cache_flip"])))
+                            flip=cfg["distill"].cache_flip)
     try:
         k = int(args.variants)
     except ValueError:
@@ -94,10 +94,10 @@ def _image_rows(args: argparse.Namespace, cfg: dict, coco: Any) -> Tuple[tuple, 
     """--kind image: (scales, mirrored) from --scales and --mirror (auto: as the image-level cache at --out
     has it, so a rerun resumes it; else on when the augmentation flips)."""
     from yolc_kd.cache.writer import open_existing
-    from yolc_kd.data.augment import AugmentConfig
+    from yolc_kd.config import augment_config
     from yolc_kd.precompute.image_level import image_hws, parse_scales, view_scale_range
 
-    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
+    aug_cfg = augment_config(cfg)
     existing = open_existing(Path(args.out)) if args.mirror == "auto" else None
     if existing is not None and existing[1].get("kind") == "image":
         mirror = bool(existing[1].get("mirrored", False))

@@ -65,6 +65,8 @@ class AugmentConfig:
     ratios: tuple = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
     border: int = 128
     crop_mean: tuple = (0.0, 0.0, 0.0)
+    # mmdet's RandomCenterCropPad stores std but never applies it: only (1, 1, 1) is accepted, so no config can
+    # ask for a scaling that does not happen (the field stays in to_dict: cache manifests compare it)
     crop_std: tuple = (1.0, 1.0, 1.0)
     crop_to_rgb: bool = True
     # Resize
@@ -103,6 +105,9 @@ class AugmentConfig:
         self.border = int(self.border)
         self.crop_mean = _floats(self.crop_mean, 3, "RandomCenterCropPad mean")
         self.crop_std = _floats(self.crop_std, 3, "RandomCenterCropPad std")
+        if self.crop_std != (1.0, 1.0, 1.0):
+            raise UserError(f"RandomCenterCropPad std {list(self.crop_std)} would do nothing (mmdet never applies it; "
+                            f"Normalize's std scales the image): set std=[1, 1, 1]")
         self.crop_to_rgb = bool(self.crop_to_rgb)
         self.img_scale = _ints(self.img_scale, 2, "Resize img_scale")
         self.keep_ratio = bool(self.keep_ratio)
@@ -177,7 +182,7 @@ class AugmentConfig:
         pipeline: Optional[Sequence[dict]],
         test_pipeline: Optional[Sequence[dict]] = None,
         *,
-        crop_size_order: str = "wh",
+        crop_size_order: Optional[str] = None,
     ) -> "AugmentConfig":
         """Read an mmdet/YOLC-style train pipeline (list of dicts with 'type').
 
@@ -187,8 +192,10 @@ class AugmentConfig:
         Normalize (and a no-op Pad) raises :class:`UserError`.  A transform that
         is absent is disabled (no photometric / no crop / no flip / identity
         normalisation).  ``test_pipeline`` optionally sets the test padding.
+        ``crop_size_order`` (the config's key; None: the field's default 'wh') says how
+        RandomCenterCropPad.crop_size reads.
         """
-        kw: dict[str, Any] = {"crop_size_order": crop_size_order}
+        kw: dict[str, Any] = {} if crop_size_order is None else {"crop_size_order": crop_size_order}
         if pipeline is not None:
             kw.update(_parse_train_pipeline(pipeline))
         cfg = cls(**kw)

@@ -1,7 +1,7 @@
 """The YOLC detector: HRNet -> HRFPN -> YOLCHead, with YOLC's crop-refine-fuse inference."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -10,16 +10,29 @@ import torch.nn as nn
 from yolc_kd import crops
 from yolc_kd.data.view import meta_rescale, meta_to_image, meta_view
 from yolc_kd.errors import ModelConfigError
-from yolc_kd.kd import KDTargets, kd_losses
 from yolc_kd.models.hrfpn import HRFPN
 from yolc_kd.models import tiling
 from yolc_kd.models.hrnet import HRNet
 from yolc_kd.models.yolc_head import Dets, YOLCHead, gaussian_blur3x3, local_maximum
 
-# KD targets for a batch, or a function that makes them from the model's own (detached) heatmap
-KDTargetsArg = Union[KDTargets, Callable[[torch.Tensor], KDTargets], None]
 # what the network (backbone + neck + head) returns: ([heatmap], [coarse], [refine]), one entry per feature level
 NetworkOutputs = Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]
+
+
+class StudentOutputs(NamedTuple):
+    """The maps of one training forward, for losses computed beside the model (e.g. distillation).
+
+    Args:
+        heatmap: (B,C,H,W) class probabilities of the full view.
+        coarse: (B,4,H/4,W/4) raw coarse box maps.
+        refine: (B,4,H/4,W/4) raw refine box maps.
+        patch_refine: (Np,4,ph/4,pw/4) refine maps of the patches the forward was given, in the plan's order;
+            None when it was given none.
+    """
+    heatmap: torch.Tensor
+    coarse: torch.Tensor
+    refine: torch.Tensor
+    patch_refine: Optional[torch.Tensor]
 
 
 class YOLC(nn.Module):
@@ -66,28 +79,23 @@ class YOLC(nn.Module):
         return self.bbox_head(self.extract_feat(img))
 
     def forward_train(self, img: torch.Tensor, img_metas: List[Mapping], gt_bboxes: List[torch.Tensor],
-                      gt_labels: List[torch.Tensor], kd_targets: KDTargetsArg = None,
-                      kd_cfg: Optional[Mapping] = None, **unused) -> Dict[str, torch.Tensor]:
-        """YOLC's supervised losses, plus the KD losses (weighted by kd_cfg, a distill_cfg) when targets are
-        given. The targets say where the patches are; all patches go through one forward."""
+                      gt_labels: List[torch.Tensor], patches: Optional[crops.KDPatchPlan] = None,
+                      **unused) -> Tuple[Dict[str, torch.Tensor], StudentOutputs]:
+        """(YOLC's supervised losses, the outputs): the full view's maps and, when a patch plan is given, the
+        refine maps of its patches, cut from img and run in one batched forward after the full view."""
         heat, coarse, refine = self.bbox_head(self.extract_feat(img))
         losses = self.bbox_head.loss(heat, coarse, refine, gt_bboxes, gt_labels, img_metas)
-        if callable(kd_targets):
-            kd_targets = kd_targets(heat[0].detach())
-        if kd_targets is not None:
-            plan = crops.KDPatchPlan.from_targets(kd_targets.patch_boxes, kd_targets.patch_scales,
-                                                  kd_targets.patch_valid, img.shape[2:])
-            patches = plan.cut(img)
-            if patches.shape[0]:
-                patch_refine = self.patch_refine(patches)  # all patches, one forward
+        patch_refine = None
+        if patches is not None:
+            cut = patches.cut(img)
+            if cut.shape[0]:
+                patch_refine = self.patch_refine(cut)  # all patches, one forward
             else:
-                patch_refine = img.new_zeros((0, 4, plan.canvas[0] // 4, plan.canvas[1] // 4))
-            losses.update(kd_losses(heat[0], coarse[0], patch_refine, kd_targets, kd_cfg or {},
-                                    self.bbox_head.decode_xywh_to_bbox))
-        return losses
+                patch_refine = img.new_zeros((0, 4, patches.canvas[0] // 4, patches.canvas[1] // 4))
+        return losses, StudentOutputs(heat[0], coarse[0], refine[0], patch_refine)
 
     def patch_refine(self, patches: torch.Tensor) -> torch.Tensor:
-        """Refine maps of a batch of patches; the heatmap branch is skipped (local KD needs only refine)."""
+        """Refine maps of a batch of patches; the heatmap branch is skipped (only their refine maps are used)."""
         feats = self.extract_feat(patches)
         assert len(feats) == 1, "YOLC uses one feature level"
         return self.bbox_head.forward_boxes(feats[0])[1]

@@ -2,12 +2,26 @@
 in float32, also under autocast (float16's 1 - pred + 1e-12 is 0 at pred = 1, and log(0) -inf)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from yolc_kd.errors import ModelConfigError
+
+
+def recomputed_in_backward(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors), its intermediates not kept for backward but computed again when backward reaches them
+    (torch.utils.checkpoint, non-reentrant): the same ops on the same inputs inside the same backward graph, so
+    values and gradients are bit-identical. For the full-resolution heatmap losses (YOLC's focal loss, the KD
+    heatmap terms), whose elementwise chains otherwise keep about eight (B,C,H,W) tensors each alive from the
+    forward to the backward. fn must be deterministic and draw no random numbers; without gradients it simply
+    runs."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=False)
+    return fn(*tensors)
+
 
 AvgFactor = Optional[Union[float, torch.Tensor]]
 

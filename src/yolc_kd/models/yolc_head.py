@@ -12,9 +12,8 @@ from torchvision.ops import batched_nms
 
 from yolc_kd import crops
 from yolc_kd.data.view import meta_content, meta_to_image
-from yolc_kd.kd import recomputed_in_backward
 from yolc_kd.models.deform import DeformConv2d
-from yolc_kd.models.losses import build_loss
+from yolc_kd.models.losses import build_loss, recomputed_in_backward
 from yolc_kd.models.targets import yolc_targets
 
 Dets = Tuple[torch.Tensor, torch.Tensor]
@@ -27,6 +26,15 @@ def grid_points(h: int, w: int, device, dtype=torch.float32) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype),
                             torch.arange(w, device=device, dtype=dtype), indexing="ij")
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
+
+
+def decode_xywh_to_bbox(xywh: torch.Tensor) -> torch.Tensor:
+    """(B,4,h,w) raw coarse or refine output -> (B,h*w,4) [cx, cy, w/2, h/2] in the regression-grid frame (the
+    loss frame)."""
+    b, _, h, w = xywh.shape
+    boxes = xywh.permute(0, 2, 3, 1).reshape(b, h * w, 4)
+    grid = grid_points(h, w, xywh.device, xywh.dtype)
+    return torch.cat([boxes[..., :2] + grid.unsqueeze(0), boxes[..., 2:]], dim=-1)
 
 
 def gaussian_blur3x3(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
@@ -147,11 +155,8 @@ class YOLCHead(nn.Module):
             return dcn - anchor
 
     def decode_xywh_to_bbox(self, xywh: torch.Tensor) -> torch.Tensor:
-        """(B,4,h,w) raw output -> (B,h*w,4) [cx, cy, w/2, h/2] in the regression-grid frame (the loss frame)."""
-        b, _, h, w = xywh.shape
-        boxes = xywh.permute(0, 2, 3, 1).reshape(b, h * w, 4)
-        grid = grid_points(h, w, xywh.device, xywh.dtype)
-        return torch.cat([boxes[..., :2] + grid.unsqueeze(0), boxes[..., 2:]], dim=-1)
+        """decode_xywh_to_bbox of the module (the seed's name for it on the head)."""
+        return decode_xywh_to_bbox(xywh)
 
     # ------------------------------------------------------------------ loss
     def loss(self, center_local_preds: List[torch.Tensor], xywh_preds_coarse: List[torch.Tensor],

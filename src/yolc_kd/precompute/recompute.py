@@ -20,17 +20,18 @@ from yolc_kd.cache.manifest import IMAGE_TRAIN_FIELDS, TRAIN_FIELDS, diff_fields
 from yolc_kd.cache.reader import CacheError, CacheReader
 from yolc_kd.cache.arrays import STATUS_OK, row_map_names, spec
 from yolc_kd.cache.verify import format_ranges
-from yolc_kd.config import load_config
+from yolc_kd.config import augment_config, load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.loading import load_dataset, resolve_data
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.precompute.image_level import ImageRows
-from yolc_kd.precompute.run import PrecomputeOptions, _fit, _label_images, run_teacher
+from yolc_kd.precompute.run import _fit, _label_images, run_teacher
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, plan_jobs
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import device_name, mixed_precision, numerics, resolve_device
+from yolc_kd.settings import DistillSettings
 from yolc_kd.teacher import build_teacher, expected_target_identity
 
 RECOMPUTE_ATOL = 1e-5  # float32 noise on top of the quantisation bounds (as the precompute tests allow)
@@ -74,12 +75,12 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: RecomputeOpt
     """(faults, samples compared): the teacher re-run on args.samples random stored samples of the cache (view
     kind: their augmented views; image kind: their images at the row's scale)."""
     cfg = load_config(args.config, with_defaults=True)
-    dcfg = cfg["distill_cfg"]
+    settings: DistillSettings = cfg["distill"]
     ann_m = manifest.get("annotations") or {}
     ann, images = resolve_data(cfg, args.ann or ann_m.get("path"), args.images or ann_m.get("image_root"))
     coco = load_dataset(cfg, ann, images)
-    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
-    ckpt = args.ckpt or dcfg.get("teacher_ckpt") or (manifest.get("teacher") or {}).get("ckpt_path")
+    aug_cfg = augment_config(cfg)
+    ckpt = args.ckpt or settings.teacher_ckpt or (manifest.get("teacher") or {}).get("ckpt_path")
     if not ckpt:
         raise UserError("--recompute needs the teacher checkpoint: pass --ckpt")
     if not Path(ckpt).is_file():
@@ -102,8 +103,8 @@ def recompute_faults(path: Path, manifest: Mapping[str, Any], args: RecomputeOpt
     if not chosen:
         return ["recompute: the cache holds no stored sample to compare"], 0
     config_dir = str(Path(args.config).resolve().parent)
-    teacher = build_teacher(dcfg, cfg["model"], config_dir, str(ckpt), args.trust).to(device)
-    label = _Labeller(teacher, dcfg, device, amp)
+    teacher = build_teacher(settings, cfg["model"], config_dir, str(ckpt), args.trust).to(device)
+    label = _Labeller(teacher, settings, device, amp)
     if reader.layout.kind == "image":
         n, batches = _image_batches(coco, aug_cfg, reader, sorted(chosen), label)
     else:
@@ -166,16 +167,16 @@ def _choose(path: Path, reader: CacheReader, n: int, seed: int) -> Set[int]:
 class _Labeller:
     """The frozen teacher as precompute runs it (device, autocast dtype)."""
     teacher: torch.nn.Module
-    dcfg: Mapping
+    settings: DistillSettings
     device: str
     amp: Optional[str]
 
     def views(self, item: Mapping[str, Any]) -> Optional[KDTargets]:
-        return run_teacher(self.teacher, item, self.dcfg, self.device, self.amp is not None, self.amp)
+        return run_teacher(self.teacher, item, self.settings, self.device, self.amp is not None, self.amp)
 
     def images(self, item: Mapping[str, Any], view_hw: Tuple[int, int], max_regions: int) -> List[KDTargets]:
-        opts = PrecomputeOptions(out=Path("."), device=self.device, amp=self.amp is not None, amp_dtype=self.amp)
-        return _label_images(self.teacher, item, view_hw, self.dcfg, opts, max_regions)
+        return _label_images(self.teacher, item, view_hw, self.settings, self.device, self.amp is not None, self.amp,
+                             max_regions)
 
 
 # (records of a batch, live(p) -> the teacher's targets of its p-th readable record as numpy arrays)

@@ -22,6 +22,7 @@ from yolc_kd.cache.arrays import (STATUS_OK, STATUS_SKIPPED, quantization, quant
 from yolc_kd.cache.codec import cast
 from yolc_kd.cache.schema import CACHE_KINDS, DEFAULT_SHARD_SIZE, Layout, encode_fingerprint
 from yolc_kd.cache.writer import BackgroundWriter, CacheStore, ShardBuffer
+from yolc_kd.config import augment_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.loading import OneLineLoader, check_images
@@ -32,20 +33,21 @@ from yolc_kd.precompute.image_level import (ImageRows, auto_regions, auto_scales
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
 from yolc_kd.progress import progress_bar
 from yolc_kd.runtime import amp_dtype, device_name, init_distributed, mixed_precision, numerics
+from yolc_kd.settings import DistillSettings
 from yolc_kd.teacher import build_teacher, image_targets, teacher_model_cfg, teacher_targets
 
 
 @dataclass
 class PrecomputeOptions:
     out: Path
+    variants: int                       # view kind: augmented views per image (the command resolves `auto`)
+    device: str                         # a resolved device (runtime.resolve_device; the command resolves `auto`)
     ckpt: Optional[str] = None          # default: distill_cfg.teacher_ckpt
-    variants: int = 4                   # view kind: augmented views per image
     batch_size: int = 4
     kind: str = "view"                  # "view" or "image" (cache/schema.py CACHE_KINDS)
     scales: Optional[Tuple[float, ...]] = None  # image kind: cached scales (None: auto over the views' range)
     regions: Optional[int] = None       # image kind: crop slots per row (None: image_level.auto_regions)
     mirror: bool = False                # image kind: every scale also as the mirrored image
-    device: str = "cpu"
     amp: bool = False
     amp_dtype: Optional[str] = None     # --amp-dtype (None: float16 on CUDA, bfloat16 on CPU)
     trust: bool = False
@@ -58,7 +60,7 @@ class PrecomputeOptions:
     deterministic: bool = False         # --deterministic: runtime.numerics' repeatable settings
 
 
-def _check_options(opts: PrecomputeOptions, dcfg: Mapping) -> None:
+def _check_options(opts: PrecomputeOptions) -> None:
     if opts.kind not in CACHE_KINDS:
         raise UserError(f"--kind must be one of {', '.join(CACHE_KINDS)}, got {opts.kind!r}")
     for name in ("variants", "batch_size", "shard_size", "regions"):
@@ -69,34 +71,31 @@ def _check_options(opts: PrecomputeOptions, dcfg: Mapping) -> None:
     if opts.workers < 0:
         raise UserError(f"--workers must be >= 0, got {opts.workers}")
     amp_dtype(opts.device, opts.amp, opts.amp_dtype)  # a dtype the device cannot autocast to: one UserError
-    if not dcfg.get("use_teacher_crop", True):
-        raise UserError("distill_cfg.use_teacher_crop=False picks crops from the student's heatmap, which a cache "
-                        "made before training cannot know: use `yolc-kd train --online`, or set it to True")
 
 
 def _layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptions, input_hw: Tuple[int, int],
-            dcfg: Mapping) -> Layout:
+            settings: DistillSettings) -> Layout:
     """Array shapes from one forward of the teacher on a blank view (the map strides are the model's business)."""
     h, w = input_hw
     meta = dict(batch_input_shape=(h, w), pad_shape=(h, w, 3), img_shape=(h, w, 3), ori_shape=(h, w, 3),
                 scale_factor=np.ones(4, np.float32), border=np.zeros(4, np.float32), flip=False)
     with torch.inference_mode():
-        t = teacher_targets(teacher, torch.zeros(1, 3, h, w, device=opts.device), [meta], dcfg)
+        t = teacher_targets(teacher, torch.zeros(1, 3, h, w, device=opts.device), [meta], settings)
     return Layout(num_images=len(coco), variants=int(opts.variants), shard_size=int(opts.shard_size or DEFAULT_SHARD_SIZE),
                   num_classes=int(t.heatmap.shape[1]), input_hw=(h, w), coarse_hw=tuple(t.coarse.shape[2:]),
                   max_patches=int(t.patch_valid.shape[1]), refine_hw=tuple(t.refine.shape[3:]))
 
 
 def _image_layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptions, input_hw: Tuple[int, int],
-                  dcfg: Mapping, aug_cfg: AugmentConfig) -> Layout:
+                  settings: DistillSettings, aug_cfg: AugmentConfig) -> Layout:
     """Image kind: a row per (image, scale) on a canvas holding the largest scaled image; the map strides and the
     refine canvas from a view's blank forward (_layout)."""
     hws = image_hws(coco)
     scales = tuple(opts.scales) if opts.scales else auto_scales(*view_scale_range(aug_cfg, hws))
-    view = _layout(teacher, coco, opts, input_hw, dcfg)
+    view = _layout(teacher, coco, opts, input_hw, settings)
     canvas = canvas_hw(hws, scales)
     stride = input_hw[0] // view.coarse_hw[0]
-    regions = int(opts.regions or auto_regions(int(dcfg["max_patches_per_img"]), largest_scaled(hws, scales),
+    regions = int(opts.regions or auto_regions(settings.max_patches_per_img, largest_scaled(hws, scales),
                                                input_hw))
     rows = len(scales) * (2 if opts.mirror else 1)
     return replace(view, variants=rows, shard_size=int(opts.shard_size or rows), input_hw=canvas,
@@ -108,7 +107,7 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
                    teacher: nn.Module, ckpt: str, layout: Layout, canvas: Tuple[int, int], opts: PrecomputeOptions,
                    world: int) -> Dict[str, Any]:
     m = target_identity(teacher_model=teacher_cfg, augment=aug_cfg.to_dict(), input_size=aug_cfg.input_size,
-                        classes=coco.classes, distill=cfg["distill_cfg"], crop=teacher.crop_cfg,
+                        classes=coco.classes, distill=cfg["distill"].to_dict(), crop=teacher.crop_cfg,
                         patch_canvas=canvas, seed=int(cfg.get("seed", 0)))
     m["teacher"].update(ckpt_sha256=sha256_file(ckpt), ckpt_path=str(ckpt))
     dtype = amp_dtype(opts.device, opts.amp, opts.amp_dtype)
@@ -158,7 +157,7 @@ def _rows(targets: Optional[KDTargets], records: List[Dict[str, Any]], seed: int
     return rows
 
 
-def run_teacher(teacher: nn.Module, item: Mapping[str, Any], dcfg: Mapping, device: str,
+def run_teacher(teacher: nn.Module, item: Mapping[str, Any], settings: DistillSettings, device: str,
                 amp: bool, dtype: Optional[str] = None) -> Optional[KDTargets]:
     """One batched teacher.kd_targets call on the readable views of a job (None when there is none); with amp
     under autocast to dtype (mixed_precision's default when None). The maps are float32 either way."""
@@ -166,7 +165,7 @@ def run_teacher(teacher: nn.Module, item: Mapping[str, Any], dcfg: Mapping, devi
         return None
     img = item["img"].to(device, non_blocking=True)
     with torch.inference_mode(), mixed_precision(device, amp, dtype):
-        return teacher_targets(teacher, img, item["metas"], dcfg)
+        return teacher_targets(teacher, img, item["metas"], settings)
 
 
 def precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Dict[str, Any]:
@@ -176,28 +175,28 @@ def precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Di
 
 
 def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> Dict[str, Any]:
-    dcfg = cfg["distill_cfg"]
-    _check_options(opts, dcfg)
-    ckpt = opts.ckpt or dcfg.get("teacher_ckpt")
+    settings: DistillSettings = cfg["distill"]
+    _check_options(opts)
+    ckpt = opts.ckpt or settings.teacher_ckpt
     if not ckpt:
         raise UserError("precompute needs the teacher checkpoint: pass --ckpt or set distill_cfg.teacher_ckpt")
     image_ids = image_ids_of(coco)
     missing = check_images(coco, skip_bad=not opts.strict, warn=tqdm.write,  # before the teacher loads
                            skip_hint="without --strict they are skipped and recorded in the manifest")
-    teacher = build_teacher(dcfg, cfg["model"], opts.config_dir, ckpt, opts.trust).to(opts.device)
+    teacher = build_teacher(settings, cfg["model"], opts.config_dir, ckpt, opts.trust).to(opts.device)
     if teacher.bbox_head.num_classes != coco.num_classes:
         raise UserError(f"the teacher predicts {teacher.bbox_head.num_classes} classes but {coco.ann_file} "
                         f"has {coco.num_classes}")
-    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
+    aug_cfg = augment_config(cfg)
     w, h = aug_cfg.input_size
     canvas = crops.patch_canvas((h, w))
     if opts.kind == "image":
-        layout = _image_layout(teacher, coco, opts, (h, w), dcfg, aug_cfg)
+        layout = _image_layout(teacher, coco, opts, (h, w), settings, aug_cfg)
     else:
-        layout = _layout(teacher, coco, opts, (h, w), dcfg)
+        layout = _layout(teacher, coco, opts, (h, w), settings)
     env = init_distributed(opts.device, backend="gloo", timeout=timedelta(hours=24))  # barriers only; ranks may finish far apart
     rank, world = env.rank, env.world
-    manifest = build_manifest(cfg, coco, aug_cfg, teacher_model_cfg(dcfg, cfg["model"], opts.config_dir), teacher,
+    manifest = build_manifest(cfg, coco, aug_cfg, teacher_model_cfg(settings, cfg["model"], opts.config_dir), teacher,
                               ckpt, layout, canvas, opts, world)
     try:
         store = CacheStore.prepare(opts.out, manifest, image_ids) if rank == 0 else None
@@ -206,7 +205,7 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
         done = store.done_shards()
         mine = [j for j in range(layout.num_shards) if j % world == rank and j not in done]
         desc = f"precompute[{rank}]" if world > 1 else "precompute"
-        written = _fill(store, mine, teacher, coco, aug_cfg, image_ids, dcfg, opts, int(cfg.get("seed", 0)), desc,
+        written = _fill(store, mine, teacher, coco, aug_cfg, image_ids, settings, opts, int(cfg.get("seed", 0)), desc,
                         reported={image_ids[i] for i in missing})
         env.barrier()  # every rank has committed its shards
         final = store.finalize([coco.image_info(i) for i in range(len(coco))]) if rank == 0 else store.manifest
@@ -217,7 +216,7 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
 
 
 def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDetection, aug_cfg: AugmentConfig,
-          image_ids: List[int], dcfg: Mapping, opts: PrecomputeOptions, seed: int, desc: str,
+          image_ids: List[int], settings: DistillSettings, opts: PrecomputeOptions, seed: int, desc: str,
           reported: Set[int] = frozenset()) -> int:
     """Label the given shards: rows from a DataLoader (augmented views, or whole images at the cached scales),
     the teacher on the main thread, writes on a thread. An unreadable image gets one warning, unless its id is in
@@ -229,14 +228,14 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
         images = sorted({r // layout.variants for j in shards for r in range(*layout.shard_range(j))})
         jobs: Any = ImageRows(coco, aug_cfg, layout.image_rows(), image_ids, images)
         view_hw = (int(aug_cfg.input_size[1]), int(aug_cfg.input_size[0]))
-        label: Callable[[Mapping[str, Any]], Any] = lambda item: _label_images(teacher, item, view_hw, dcfg, opts,
-                                                                             layout.max_patches)
+        label: Callable[[Mapping[str, Any]], Any] = lambda item: _label_images(
+            teacher, item, view_hw, settings, opts.device, opts.amp, opts.amp_dtype, layout.max_patches)
         to_rows: Callable[..., List[Dict[str, Any]]] = lambda t, r: _image_rows(t, r, seed, layout)
         total = len(images) * layout.variants
     else:
         plan = plan_jobs(shards, layout.shard_range, int(opts.batch_size))
         jobs = ViewJobs(coco, TrainAugment(aug_cfg), seed, layout.variants, image_ids, plan)
-        label = lambda item: run_teacher(teacher, item, dcfg, opts.device, opts.amp, opts.amp_dtype)
+        label = lambda item: run_teacher(teacher, item, settings, opts.device, opts.amp, opts.amp_dtype)
         to_rows = lambda t, r: _rows(t, r, seed)
         total = sum(len(j) for j in plan)
     loader = OneLineLoader(jobs, batch_size=None, shuffle=False, num_workers=int(opts.workers),
@@ -289,13 +288,14 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     return usable
 
 
-def _label_images(teacher: nn.Module, item: Mapping[str, Any], view_hw: Tuple[int, int], dcfg: Mapping,
-                  opts: PrecomputeOptions, max_regions: int) -> List[KDTargets]:
-    """teacher.image_targets on every readable row of an image (one scale at a time: the sizes differ)."""
+def _label_images(teacher: nn.Module, item: Mapping[str, Any], view_hw: Tuple[int, int], settings: DistillSettings,
+                  device: str, amp: bool, dtype: Optional[str], max_regions: int) -> List[KDTargets]:
+    """teacher.image_targets on every readable row of an image (one scale at a time: the sizes differ); with amp
+    under autocast to dtype (mixed_precision's default when None)."""
     out = []
     for img, content in zip(item["imgs"], item["content"]):
-        with torch.inference_mode(), mixed_precision(opts.device, opts.amp, opts.amp_dtype):
-            out.append(image_targets(teacher, img.to(opts.device, non_blocking=True), content, view_hw, dcfg,
+        with torch.inference_mode(), mixed_precision(device, amp, dtype):
+            out.append(image_targets(teacher, img.to(device, non_blocking=True), content, view_hw, settings,
                                      max_regions))
     return out
 

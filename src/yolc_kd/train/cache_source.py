@@ -71,7 +71,7 @@ def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig,
     image_kind = reader.layout.kind == "image"
     fields = IMAGE_TRAIN_FIELDS if image_kind else TRAIN_FIELDS
     problems = diff_fields(m, expected_target_identity(cfg, aug_cfg, coco.classes), fields, now="config")
-    ckpt = (cfg.get("distill_cfg") or {}).get("teacher_ckpt")
+    ckpt = cfg["distill"].teacher_ckpt
     if ckpt and Path(ckpt).is_file():  # the config names a teacher file: the cache must come from it
         cached_sha = (m.get("teacher") or {}).get("ckpt_sha256")
         if cached_sha != sha256_file(ckpt):
@@ -85,6 +85,5 @@ def open_cache_source(path: Any, cfg: Mapping, aug_cfg: AugmentConfig,
         shown = "; ".join(problems[:10]) + (f"; +{len(problems) - 10} more" if len(problems) > 10 else "")
         raise UserError(f"cache {path} does not match the training config: {shown}")
     if image_kind:
-        dcfg = cfg["distill_cfg"]
-        return ImageCacheSource(reader, int(dcfg["max_patches_per_img"]), int(dcfg["min_patch_size"]))
+        return ImageCacheSource(reader, cfg["distill"].max_patches_per_img, cfg["distill"].min_patch_size)
     return CacheTargetSource(reader)

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from yolc_kd.config import DISTILL_DEFAULTS, setting
+from yolc_kd.config import setting
 from yolc_kd.data.loading import dataset_repeats
 from yolc_kd.errors import UserError
+from yolc_kd.kd import KDLoss, student_losses
 from yolc_kd.runtime import amp_dtype, init_distributed, mixed_precision, numerics, resolve_device
 from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.ema import WeightAverage, ema_hook
@@ -54,9 +55,9 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 
 class Trainer:
     """Trains `model` on `dataset`; with a target source (cache or live teacher) it asks the source for each
-    batch's KD targets and hands them, with distill_cfg, to the model's loss. `step` is one optimizer step;
-    `run` iterates the steps and calls the hooks (train/hooks/: weight average, LSM pictures, metrics, progress,
-    checkpoints, evaluation, best checkpoint, precise BN) at their points.
+    batch's KD targets before the student's forward, and KDLoss compares the student's outputs with them. `step`
+    is one optimizer step; `run` iterates the steps and calls the hooks (train/hooks/: weight average, LSM
+    pictures, metrics, progress, checkpoints, evaluation, best checkpoint, precise BN) at their points.
 
     State the hooks read: model, optimizer, ema, sampler, loader, source, cfg, opts, work_dir, rank, dist,
     iter (iterations finished), start_iter, epoch, total_iters, iters_per_epoch, last (the last step's lr and
@@ -80,14 +81,13 @@ class Trainer:
         hook = ema_hook(cfg)  # custom_hooks' EMA: the average is what checkpoints hand to infer
         self.ema = WeightAverage(self.model, hook) if hook else None
         self.source = source.to(self.device) if source is not None else None
-        self.kd_cfg = dict(cfg.get("distill_cfg") or {}, enable=True) if source is not None else None
+        self.kd_loss = KDLoss(cfg["distill"]) if source is not None else None
         self.optimizer = build_optimizer(self.model.parameters(), cfg["optimizer"])
         self.base_lr = float(setting(cfg, "optimizer", "lr"))
         self.batch_size = int(opts.batch_size or setting(cfg, "data", "samples_per_gpu"))
         order_seed = int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed)
         num_variants = source.num_variants if source is not None else None
-        flip = bool(source is not None and num_variants
-                    and self.kd_cfg.get("cache_flip", DISTILL_DEFAULTS["cache_flip"]))
+        flip = bool(source is not None and num_variants and cfg["distill"].cache_flip)
         self.repeats = dataset_repeats(cfg)  # RepeatDataset(times=T): an epoch is T passes over every image
         self.sampler = VariantSampler(len(dataset), order_seed, num_variants, self.rank, self.world, flip=flip,
                                       repeats=self.repeats)
@@ -163,8 +163,8 @@ class Trainer:
         with mixed_precision(self.device, self.opts.amp, self.amp_dtype):  # an online teacher runs in it too
             kd_targets = self.source.targets(batch) if self.source is not None else None
             self.batch, self.kd_targets = batch, kd_targets  # for the after_step hooks (LSM pictures)
-            losses = net(batch["img"], batch["img_metas"], gt_bboxes=batch["gt_bboxes"],
-                         gt_labels=batch["gt_labels"], kd_targets=kd_targets, kd_cfg=self.kd_cfg)
+            losses = student_losses(net, batch["img"], batch["img_metas"], batch["gt_bboxes"], batch["gt_labels"],
+                                    kd_targets, self.kd_loss)
         total = sum(losses.values())
         finite = torch.isfinite(total)
         if not self.dist.all_true(finite):  # every rank stops together (none is left in DDP's all-reduce)

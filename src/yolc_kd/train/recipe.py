@@ -8,13 +8,14 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from yolc_kd.config import DISTILL_DEFAULTS, load_config
+from yolc_kd.config import augment_config, load_config
 from yolc_kd.data.augment import AugmentConfig, TrainAugment
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.loading import check_config_counts, check_images, load_dataset, resolve_data
 from yolc_kd.errors import UserError
 from yolc_kd.models import build_detector
 from yolc_kd.runtime import resolve_device
+from yolc_kd.settings import DistillSettings
 from yolc_kd.train.data import TargetSource, TrainSamples
 from yolc_kd.train.loop import Trainer, TrainOptions
 
@@ -27,7 +28,7 @@ class KDSource:
     teacher_ckpt: Optional[str] = None
 
 
-def kd_mode(dcfg: Mapping, kd: KDSource, where: str = "the config") -> str:
+def kd_mode(settings: DistillSettings, kd: KDSource, where: str = "the config") -> str:
     """Which KD this run does, from distill_cfg.enable (the seed's switch) and the command line:
     "offline" (--cache), "online" (a live teacher) or "none". enable=True with a teacher (--teacher-ckpt or
     distill_cfg.teacher_ckpt) and no --cache is online KD; enable=False is no KD, and a KD source asked for with
@@ -35,7 +36,7 @@ def kd_mode(dcfg: Mapping, kd: KDSource, where: str = "the config") -> str:
     contradiction is one UserError too."""
     if kd.cache and kd.online:
         raise UserError("--cache and --online exclude each other: KD targets come from one source")
-    enable = dcfg.get("enable")
+    enable = settings.enable
     asked = [flag for flag, on in (("--cache", kd.cache), ("--online", kd.online), ("--teacher-ckpt", kd.teacher_ckpt))
              if on]
     if enable is False:
@@ -47,7 +48,7 @@ def kd_mode(dcfg: Mapping, kd: KDSource, where: str = "the config") -> str:
         if kd.teacher_ckpt:
             raise UserError("--teacher-ckpt names a live teacher but --cache reads the cached one: pass one of them")
         return "offline"
-    if kd.online or kd.teacher_ckpt or (enable and dcfg.get("teacher_ckpt")):
+    if kd.online or kd.teacher_ckpt or (enable and settings.teacher_ckpt):
         return "online"
     if enable:
         raise UserError(f"distill_cfg.enable=True in {where} asks for KD but no teacher is given: pass --cache DIR "
@@ -56,26 +57,25 @@ def kd_mode(dcfg: Mapping, kd: KDSource, where: str = "the config") -> str:
     return "none"
 
 
-def describe_kd(mode: str, dcfg: Mapping, kd: KDSource, source: Optional[TargetSource] = None) -> str:
+def describe_kd(mode: str, settings: DistillSettings, kd: KDSource, source: Optional[TargetSource] = None) -> str:
     """The first words of the run's first log line: what the student learns from."""
     if mode == "offline":
         layout = getattr(getattr(source, "reader", None), "layout", None)
         if layout is not None and layout.kind == "image":
             scales = ", ".join(f"{s:g}" for s in layout.scales) + (" and mirrored" if layout.mirrored else "")
-            views = ("views on the cached scales and the teacher's grid" if dcfg.get(
-                "image_views", DISTILL_DEFAULTS["image_views"]) == "aligned" else
+            views = ("views on the cached scales and the teacher's grid" if settings.image_views == "aligned" else
                 "drawn as without a cache, targets moved in from the nearest scale")
             return (f"offline KD from the image-level cache {kd.cache} (the teacher on every whole image at scale "
                     f"{scales}; a fresh view each pass: {views})")
         return f"offline KD from the cache {kd.cache}"
     if mode == "online":
         why = "--online" if kd.online else "distill_cfg.enable=True and no --cache"
-        return f"online KD from a live teacher ({kd.teacher_ckpt or dcfg.get('teacher_ckpt')}; {why})"
-    return "no KD (" + ("distill_cfg.enable=False" if dcfg.get("enable") is False else "no distill_cfg") + ")"
+        return f"online KD from a live teacher ({kd.teacher_ckpt or settings.teacher_ckpt}; {why})"
+    return "no KD (" + ("distill_cfg.enable=False" if settings.enable is False else "no distill_cfg") + ")"
 
 
 def open_target_source(cfg: Mapping, kd: KDSource, aug_cfg: AugmentConfig, coco, trust: bool) -> Optional[TargetSource]:
-    mode = kd_mode(cfg["distill_cfg"], kd, cfg.get("_path", "the config"))
+    mode = kd_mode(cfg["distill"], kd, cfg.get("_path", "the config"))
     if mode == "offline":
         from yolc_kd.train.cache_source import open_cache_source
 
@@ -85,17 +85,16 @@ def open_target_source(cfg: Mapping, kd: KDSource, aug_cfg: AugmentConfig, coco,
         from yolc_kd.train.teacher_source import LiveTeacherSource
 
         config_dir = str(Path(cfg["_path"]).resolve().parent) if cfg.get("_path") else None
-        teacher = build_teacher(cfg["distill_cfg"], cfg["model"], config_dir, kd.teacher_ckpt, trust)
-        return LiveTeacherSource(teacher, dict(cfg["distill_cfg"], enable=True))
+        teacher = build_teacher(cfg["distill"], cfg["model"], config_dir, kd.teacher_ckpt, trust)
+        return LiveTeacherSource(teacher, cfg["distill"])
     return None
 
 
-def train_augment(aug_cfg: AugmentConfig, source: Optional[TargetSource], dcfg: Mapping) -> TrainAugment:
+def train_augment(aug_cfg: AugmentConfig, source: Optional[TargetSource], settings: DistillSettings) -> TrainAugment:
     """The views the student trains on: the pipeline's, or with an image-level cache and
     distill_cfg.image_views='aligned' windows on the cached scales and the teacher's grid."""
     layout = getattr(getattr(source, "reader", None), "layout", None)
-    if layout is not None and layout.kind == "image" and dcfg.get("image_views", DISTILL_DEFAULTS["image_views"]) \
-            == "aligned":
+    if layout is not None and layout.kind == "image" and settings.image_views == "aligned":
         from yolc_kd.data.aligned_views import AlignedViews
 
         return AlignedViews(aug_cfg, layout.scales, mirrored_rows=layout.mirrored)
@@ -115,13 +114,13 @@ def run_training(config: str, ann: Optional[str], images: Optional[str], opts: T
     if val_ann or val_images:
         val_ann, val_images = resolve_data(cfg, val_ann, val_images, "val")
         check_images(CocoDetection(val_ann, val_images), skip_bad=True, flag="--val-images")  # eval skips them
-    aug_cfg = AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"))
+    aug_cfg = augment_config(cfg)
     device = resolve_device(opts.device)
     torch.manual_seed(int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed))
     model = build_detector(cfg["model"])  # before any teacher: every student of a seed starts the same
     source = open_target_source(cfg, kd, aug_cfg, coco, opts.trust)
-    opts.kd_mode = describe_kd(kd_mode(cfg["distill_cfg"], kd), cfg["distill_cfg"], kd, source)
-    dataset = TrainSamples(coco, train_augment(aug_cfg, source, cfg["distill_cfg"]), int(cfg.get("seed", 0)), source,
+    opts.kd_mode = describe_kd(kd_mode(cfg["distill"], kd), cfg["distill"], kd, source)
+    dataset = TrainSamples(coco, train_augment(aug_cfg, source, cfg["distill"]), int(cfg.get("seed", 0)), source,
                            skip_bad=skip_bad,
                            indices=[i for i in range(len(coco)) if i not in missing])
     if val_ann or val_images:

@@ -7,7 +7,6 @@ from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from yolc_kd.config import DISTILL_DEFAULTS
 from yolc_kd.data.loading import dataset_repeats
 from yolc_kd.errors import UserError
 
@@ -77,7 +76,7 @@ def schedule_iters(cfg: Mapping, iters_per_epoch: int, max_iters: Optional[int])
 
 
 def views_needed(cfg: Mapping, num_images: int, batch_size: int, max_iters: Optional[int] = None, world: int = 1,
-                 flip: bool = DISTILL_DEFAULTS["cache_flip"]) -> int:
+                 *, flip: bool) -> int:
     """Cached views per image (K) for a schedule in which the student never sees the same view twice:
     one per pass over the data (epochs x the RepeatDataset's times), halved when training mirrors the cached
     views (distill_cfg.cache_flip=True)."""

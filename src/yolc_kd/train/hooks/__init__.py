@@ -32,7 +32,7 @@ def build_hooks(trainer: "Trainer") -> List[HookBase]:
     hooks: List[HookBase] = []
     if trainer.ema is not None:
         hooks.append(EMAHook(trainer.ema))
-    if trainer.kd_cfg and trainer.kd_cfg.get("lsm_visualize") and trainer.rank == 0:
+    if trainer.source is not None and cfg["distill"].lsm_visualize and trainer.rank == 0:
         hooks.append(LSMHook(LSMVisualizer(trainer.work_dir / "lsm")))
     hooks.append(LoggerHook(opts.log_interval or int(setting(cfg, "log_config", "interval"))))
     hooks.append(ProgressHook(opts.progress))

@@ -1,82 +1,17 @@
-"""Knowledge-distillation targets and losses. The targets object comes from a live teacher
-(YOLC.kd_targets) or from the cache reader; the loss never knows which."""
+"""The KD loss formulas: heatmap KD (soft_focal, mse, kl), box KD (weighted by the teacher's confidence, or mse)
+on decoded boxes, and kd_losses, the three weighted terms of distill_cfg. Every option comes from the run's
+settings.DistillSettings; no formula restates a default."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from yolc_kd import crops
-from yolc_kd.config import DISTILL_DEFAULTS
-
-
-@dataclass
-class KDTargets:
-    """Teacher soft labels for a batch of views (fixed shapes, K = max_patches_per_img slots).
-
-    The three masks say where a target exists; None means everywhere (a teacher that saw the view itself: the
-    per-view cache, a live teacher). Targets moved into a view from the image-level cache have no teacher value
-    in the view's padding nor outside the cached crop, and the losses skip those pixels and cells."""
-    heatmap: torch.Tensor       # (B,C,H,W) class probabilities at input resolution
-    coarse: torch.Tensor        # (B,4,h,w) raw coarse xywh maps (stride 4); decode_xywh_to_bbox gives boxes
-    patch_boxes: torch.Tensor   # (B,K,4) crop [x,y,w,h] in view pixels
-    patch_scales: torch.Tensor  # (B,K) resize factor from crop to patch
-    patch_valid: torch.Tensor   # (B,K) bool
-    refine: torch.Tensor        # (B,K,4,ph/4,pw/4) raw refine maps of the teacher on each patch (0 if invalid)
-    heatmap_valid: Optional[torch.Tensor] = None  # (B,1,H,W) bool
-    coarse_valid: Optional[torch.Tensor] = None   # (B,1,h,w) bool
-    refine_valid: Optional[torch.Tensor] = None   # (B,K,1,ph/4,pw/4) bool
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "KDTargets":
-        """fn applied to every tensor field (the masks that are None stay None)."""
-        return KDTargets(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                            for f in fields(self)})
-
-    def to(self, device, non_blocking: bool = False) -> "KDTargets":
-        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "KDTargets":
-        """In page-locked memory (the DataLoader calls it with pin_memory=True), for asynchronous copies."""
-        return self._map(lambda x: x.pin_memory())
-
-    def detach(self) -> "KDTargets":
-        return self._map(lambda x: x.detach())
-
-    def float(self) -> "KDTargets":
-        """Floating-point fields as float32 (a teacher run under --amp gives fp16), the masks as they are."""
-        return self._map(lambda x: x.float() if x.is_floating_point() else x)
-
-    @staticmethod
-    def stack(items: List["KDTargets"]) -> "KDTargets":
-        """Concatenate per-sample (batch of 1) targets along the batch axis; a mask that some items lack is
-        all True for them."""
-        out = {}
-        for f in fields(KDTargets):
-            values = [getattr(t, f.name) for t in items]
-            if all(v is None for v in values):
-                out[f.name] = None
-                continue
-            if any(v is None for v in values):
-                like = next(v for v in values if v is not None)
-                values = [torch.ones_like(like) if v is None else v for v in values]
-            out[f.name] = torch.cat(values)
-        return KDTargets(**out)
-
-    def select(self, i: int) -> "KDTargets":
-        return self._map(lambda x: x[i:i + 1])
-
-    @property
-    def patch_refine(self) -> torch.Tensor:
-        """(Np,4,ph/4,pw/4) refine maps of the valid patches in cut order (image by image, slot by slot)."""
-        return self.refine[self.patch_valid]
-
-    @property
-    def patch_refine_valid(self) -> Optional[torch.Tensor]:
-        """(Np,1,ph/4,pw/4) refine mask of the valid patches in cut order, or None (all cells)."""
-        return None if self.refine_valid is None else self.refine_valid[self.patch_valid]
+from yolc_kd.kd.targets import KDTargets
+from yolc_kd.models.losses import gwd_distance_loss, recomputed_in_backward
+from yolc_kd.settings import BOX_KD_DISTANCES, BOX_KD_MODES, DistillSettings, HM_KD_MODES
 
 
 def _check_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -84,15 +19,12 @@ def _check_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> Non
         raise ValueError(f"KD shape mismatch for {name}: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
 
 
-HM_KD_MODES = ("soft_focal", "mse", "kl")
-BOX_KD_MODES = ("weighted", "mse")
-BOX_KD_DISTANCES = ("mse", "gwd_l1")
 PROB_EPS = 1e-12                   # GaussianFocalLoss's eps on the probabilities inside the logs
 GWD_WEIGHT, L1_WEIGHT = 2.0, 0.5   # YOLCHead's loss_xywh (GWDLoss) and L1 loss weights
 L1_COORD_WEIGHTS = (1.0, 1.0, 0.2, 0.2)  # YOLC down-weights the size terms of L1 (targets.yolc_targets)
 
 
-def teacher_peak_count(p_t: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
+def teacher_peak_count(p_t: torch.Tensor, threshold: float) -> torch.Tensor:
     """Number of 3x3 local maxima (as YOLC's decode) of p_t at or above threshold over the whole batch, clamped
     at 1 and detached: the teacher's object count, YOLC's avg_factor analogue. A plateau (a quantised cache
     heatmap's flat top) counts once: a peak is also strictly above its up-left, up, up-right and left neighbours."""
@@ -103,17 +35,6 @@ def teacher_peak_count(p_t: torch.Tensor, threshold: float = 0.3) -> torch.Tenso
     for dy, dx in ((0, 0), (0, 1), (0, 2), (1, 0)):
         peak &= p > padded[..., dy:dy + h, dx:dx + w]
     return peak.sum().clamp(min=1).to(p.dtype)
-
-
-def recomputed_in_backward(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-    """fn(*tensors), its intermediates not kept for backward but computed again when backward reaches them
-    (torch.utils.checkpoint, non-reentrant): the same ops on the same inputs inside the same backward graph, so
-    values and gradients are bit-identical. For the full-resolution heatmap losses, whose elementwise chains
-    otherwise keep about eight (B,C,H,W) tensors each alive from the forward to the backward. fn must be
-    deterministic and draw no random numbers; without gradients it simply runs."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=False)
-    return fn(*tensors)
 
 
 def _soft_focal_sum(p_s: torch.Tensor, p_t: torch.Tensor, beta: float,
@@ -128,10 +49,10 @@ def _soft_focal_sum(p_s: torch.Tensor, p_t: torch.Tensor, beta: float,
     return (bce * modulator).sum()
 
 
-def soft_focal_heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, beta: float = 2.0,
-                          peak_threshold: float = 0.3, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def soft_focal_heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, beta: float, peak_threshold: float,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quality-focal soft BCE: sum of BCE(p_s; p_t) * |p_s - p_t|^beta over all elements (those where the
-    (B,1,H,W) mask is True) / teacher peaks."""
+    (B,1,H,W) mask is True) / teacher peaks at or above peak_threshold (distill_cfg.hm_kd_beta, hm_kd_peak_thr)."""
     p_t = p_t.float()
     total = recomputed_in_backward(lambda s, t: _soft_focal_sum(s, t, beta, mask), p_s, p_t)
     return total / teacher_peak_count(p_t if mask is None else p_t * mask, peak_threshold)
@@ -145,18 +66,21 @@ def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
-def heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, mode: str = "mse", temperature: float = 1.0, *,
-               beta: float = 2.0, peak_threshold: float = 0.3, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """mse (seed): MSE on probabilities; kl: KL of per-pixel class softmax of the logits recovered from the
-    probabilities; soft_focal: soft_focal_heatmap_kd. mask (B,1,H,W): only those pixels count."""
+def heatmap_kd(p_s: torch.Tensor, p_t: torch.Tensor, settings: DistillSettings,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The heatmap term of settings.hm_kd: mse (seed): MSE on probabilities; kl: KL of per-pixel class softmax of
+    the logits recovered from the probabilities, at hm_kd_temperature; soft_focal: soft_focal_heatmap_kd with
+    hm_kd_beta and hm_kd_peak_thr. mask (B,1,H,W): only those pixels count."""
+    mode = settings.hm_kd
     if mode == "mse":
         if mask is None:
             return F.mse_loss(p_s.float(), p_t.float(), reduction="mean")
         return masked_mean((p_s.float() - p_t.float()).pow(2), mask)
     if mode == "soft_focal":
-        return soft_focal_heatmap_kd(p_s, p_t, beta, peak_threshold, mask)
+        return soft_focal_heatmap_kd(p_s, p_t, float(settings.hm_kd_beta), float(settings.hm_kd_peak_thr), mask)
     if mode != "kl":
         raise ValueError(f"unknown hm_kd mode {mode!r} ({', '.join(HM_KD_MODES)})")
+    temperature = float(settings.hm_kd_temperature)
     return recomputed_in_backward(lambda s, t: _kl_heatmap_kd(s, t, temperature, mask), p_s, p_t)
 
 
@@ -197,21 +121,18 @@ def _cell_mask(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if valid is None else valid.flatten(1).float()
 
 
-def box_distance(box_s: torch.Tensor, box_t: torch.Tensor, distance: str = "mse") -> torch.Tensor:
+def box_distance(box_s: torch.Tensor, box_t: torch.Tensor, distance: str) -> torch.Tensor:
     """Per-cell distance of decoded boxes (...,4) -> (...): squared error summed over the 4 coords (mse), or
     YOLC's own box loss per box, 2 * GWD + 0.5 * L1 with size terms at 0.2 (gwd_l1)."""
     if distance == "mse":
         return (box_s - box_t).pow(2).sum(dim=-1)
     if distance == "gwd_l1":
-        from yolc_kd.models.losses import gwd_distance_loss  # not at the top: models imports kd when it loads
-
         l1 = ((box_s - box_t).abs() * box_s.new_tensor(L1_COORD_WEIGHTS)).sum(dim=-1)
         return GWD_WEIGHT * gwd_distance_loss(box_s, box_t) + L1_WEIGHT * l1
     raise ValueError(f"unknown box_kd_distance {distance!r} ({', '.join(BOX_KD_DISTANCES)})")
 
 
-def weighted_box_kd(box_s: torch.Tensor, box_t: torch.Tensor, weight: torch.Tensor,
-                    distance: str = "mse") -> torch.Tensor:
+def weighted_box_kd(box_s: torch.Tensor, box_t: torch.Tensor, weight: torch.Tensor, distance: str) -> torch.Tensor:
     """sum(w * d) / max(sum(w), 1) over all cells: a confidence-weighted mean of the per-cell distance;
     an empty scene (w ~ 0) gives ~0 instead of a mean over background cells."""
     weight = weight.detach()
@@ -219,18 +140,18 @@ def weighted_box_kd(box_s: torch.Tensor, box_t: torch.Tensor, weight: torch.Tens
 
 
 def kd_losses(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: torch.Tensor, targets: KDTargets,
-              dcfg: Mapping, decode: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The three KD terms, weighted by distill_cfg; every teacher tensor is detached. hm_kd / box_kd pick the
-    formulas ('mse' for both is the seed's); missing keys fall back to DISTILL_DEFAULTS. They compute in float32,
-    also under autocast (float16's logs of saturated probabilities give infinite gradients)."""
+              settings: DistillSettings, decode: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The three KD terms of the student's full-view heatmap and coarse maps and its KD patches' refine maps,
+    weighted as settings say; every teacher tensor is detached. hm_kd / box_kd pick the formulas ('mse' for both
+    is the seed's). decode: raw box maps -> boxes (models.yolc_head.decode_xywh_to_bbox). They compute in
+    float32, also under autocast (float16's logs of saturated probabilities give infinite gradients)."""
     with torch.autocast(heatmap_s.device.type, enabled=False):
-        return _kd_terms(heatmap_s, coarse_s, patch_refine_s, targets, dcfg, decode)
+        return _kd_terms(heatmap_s, coarse_s, patch_refine_s, targets, settings, decode)
 
 
 def _kd_terms(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: torch.Tensor, targets: KDTargets,
-              dcfg: Mapping, decode: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
+              settings: DistillSettings, decode: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
     t = targets.detach()
-    opt = {**DISTILL_DEFAULTS, **dict(dcfg)}
     for name in ("heatmap", "coarse", "refine"):
         if not getattr(t, name).is_floating_point():
             raise TypeError(f"KD target {name} is {getattr(t, name).dtype}: dequantise stored targets first")
@@ -238,9 +159,8 @@ def _kd_terms(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: t
     _check_shape("coarse", coarse_s, t.coarse)
     # heatmap_kd casts to float32 itself (inside the recomputed part: no float32 copy of a lower-precision heatmap
     # is kept)
-    hm = heatmap_kd(heatmap_s, t.heatmap, opt["hm_kd"], float(opt["hm_kd_temperature"]),
-                    beta=float(opt["hm_kd_beta"]), peak_threshold=float(opt["hm_kd_peak_thr"]), mask=t.heatmap_valid)
-    box_mode, distance = opt["box_kd"], opt["box_kd_distance"]
+    hm = heatmap_kd(heatmap_s, t.heatmap, settings, mask=t.heatmap_valid)
+    box_mode, distance = settings.box_kd, settings.box_kd_distance
     if box_mode not in BOX_KD_MODES:
         raise ValueError(f"unknown box_kd mode {box_mode!r} ({', '.join(BOX_KD_MODES)})")
     box_s, box_t = decode(coarse_s.float()), decode(t.coarse.float())
@@ -270,6 +190,6 @@ def _kd_terms(heatmap_s: torch.Tensor, coarse_s: torch.Tensor, patch_refine_s: t
         weight = patch_cell_weights(t, ref_t.shape[2:])
         local = weighted_box_kd(decode(patch_refine_s.float()), decode(ref_t),
                                 weight if refine_mask is None else weight * refine_mask, distance)
-    return dict(loss_kd_global_hm=float(opt["kd_weight_global_hm"]) * hm,
-                loss_kd_global_coarse=float(opt["kd_weight_global_coarse"]) * coarse,
-                loss_kd_local_refine=float(opt["kd_weight_local_refine"]) * local)
+    return dict(loss_kd_global_hm=float(settings.kd_weight_global_hm) * hm,
+                loss_kd_global_coarse=float(settings.kd_weight_global_coarse) * coarse,
+                loss_kd_local_refine=float(settings.kd_weight_local_refine) * local)
