@@ -137,7 +137,7 @@ def test_torchrun_two_processes_train_and_loss_falls(kd_setup, tmp_path):
     config = tmp_path / "fast.py"  # a learning rate at which a few steps show
     config.write_text(f"_base_ = {str(kd_setup.config)!r}\noptimizer = dict(type='Adam', lr=0.01)\n"
                       "lr_config = dict(policy='step', step=[100])\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "yolc_kd", "train", "--config", str(config), "--cache", str(kd_setup.cache),
            "--work-dir", str(work), "--max-iters", "8", "--log-interval", "1", "--no-progress", "--workers", "0"]
     env = dict(subprocess_env(), OMP_NUM_THREADS="1")
