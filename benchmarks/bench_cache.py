@@ -860,9 +860,10 @@ def image_read_split(source, ds: "ImageViewReads", n: int) -> Dict[str, Any]:
     the move of coarse maps + crops (move_row). The sum is above the call's time."""
     from yolc_kd.cache import image_view
     from yolc_kd.data.augment import fingerprint_image
+    from yolc_kd.stride import BOX_STRIDE
     small = ("status", "aug_params", "fingerprint", "variant", "patch_boxes", "patch_scales", "patch_valid")
 
-    reader, layout, st = source.reader, source.layout, image_view.STRIDE
+    reader, layout, st = source.reader, source.layout, BOX_STRIDE
     steps: Dict[str, List[float]] = collections.defaultdict(list)
     window_px, decoded = [], []
     for j in range(n):

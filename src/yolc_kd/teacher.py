@@ -16,6 +16,7 @@ from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.models import YOLC, build_detector, tiling
 from yolc_kd.settings import DistillSettings
+from yolc_kd.stride import BOX_STRIDE
 
 
 def teacher_model_cfg(settings: DistillSettings, student_model_cfg: Mapping,
@@ -65,7 +66,7 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping],
                                  float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]))
     patches = plan.cut(img)
     canvas = plan.canvas
-    refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4),
+    refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // BOX_STRIDE, canvas[1] // BOX_STRIDE),
                            dtype=torch.float32)
     if patches.shape[0]:
         refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
@@ -102,7 +103,8 @@ def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], v
                                  crops.patch_canvas(view_hw))
     patches = plan.cut(img[:, :, :h, :w])
     canvas = plan.canvas
-    refine = img.new_zeros((1, plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4), dtype=torch.float32)
+    refine = img.new_zeros((1, plan.valid.shape[1], 4, canvas[0] // BOX_STRIDE, canvas[1] // BOX_STRIDE),
+                           dtype=torch.float32)
     if patches.shape[0]:
         refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
     return KDTargets(heatmap=heat, coarse=coarse, patch_boxes=plan.boxes.to(img.device),

@@ -32,8 +32,7 @@ from yolc_kd.cache.schema import Layout, scaled_hw
 from yolc_kd.data.view import ViewTransform
 from yolc_kd.data.view_steps import HFlip, Resize
 from yolc_kd.kd import KDTargets
-
-STRIDE = 4  # YOLC's box maps
+from yolc_kd.stride import BOX_STRIDE
 
 
 def view_scale(view: ViewTransform) -> float:
@@ -67,7 +66,8 @@ def view_mirrored(view: ViewTransform) -> bool:
     return ax < 0
 
 
-def source_window(move: ViewTransform, row_hw: Sequence[int], stride: int = STRIDE) -> Tuple[int, int, int, int]:
+def source_window(move: ViewTransform, row_hw: Sequence[int],
+                  stride: int = BOX_STRIDE) -> Tuple[int, int, int, int]:
     """(x0, y0, x1, y1): the part of the row's frame that the view's output shows, one pixel wider for bilinear
     sampling, its start on the box maps' grid (multiples of stride), clipped to the row's image."""
     (ax, bx), (ay, by) = move.affine()
@@ -164,8 +164,8 @@ def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], la
     x0, y0, x1, y1 = window
     to_view = ViewTransform.crop(row_hw, window).inverse().then(move)  # the window's frame -> the view
     view_hw = view.out_hw
-    coarse_hw = (-(-view_hw[0] // STRIDE), -(-view_hw[1] // STRIDE))
-    coarse, coarse_valid = to_view.apply_box_map(torch.from_numpy(np.asarray(row["coarse"], np.int16)), STRIDE,
+    coarse_hw = (-(-view_hw[0] // BOX_STRIDE), -(-view_hw[1] // BOX_STRIDE))
+    coarse, coarse_valid = to_view.apply_box_map(torch.from_numpy(np.asarray(row["coarse"], np.int16)), BOX_STRIDE,
                                                  out_size=coarse_hw, unit=BOXES.step)
     canvas = crops.patch_canvas(view_hw)
     rh, rw = layout.refine_hw
@@ -191,7 +191,7 @@ def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], la
             teacher_patch = crops.patch_view(t_boxes[0, j].tolist(), t_size, row_hw, canvas)
             student_patch = crops.patch_view(boxes[0, j].tolist(), s_size, view_hw, canvas)
             patch_move = teacher_patch.inverse().then(move).then(student_patch)
-            maps, ok = patch_move.apply_box_map(torch.from_numpy(np.asarray(refine[k], np.int16)), STRIDE,
+            maps, ok = patch_move.apply_box_map(torch.from_numpy(np.asarray(refine[k], np.int16)), BOX_STRIDE,
                                                 out_size=(rh, rw), unit=BOXES.step)
             moved[0, j] = torch.where(ok, maps, torch.zeros((), dtype=maps.dtype))
             moved_valid[0, j, 0] = ok

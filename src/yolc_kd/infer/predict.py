@@ -46,9 +46,16 @@ VIZ_SCORE_THR = 0.3
 
 @dataclass
 class ImageItem:
+    """One image to run on.
+
+    Args:
+        image_id: the COCO image id (an image folder's images count from 1 in name order).
+        path: the image file.
+        file_name: its path relative to the image root.
+    """
     image_id: Any
     path: Path
-    file_name: str  # relative to the image root
+    file_name: str
 
 
 @dataclass
@@ -303,9 +310,18 @@ def to_coco_results(image_id: Any, pred: ImagePrediction, label_to_cat_id: Seque
 
 @dataclass
 class PredictSummary:
+    """What predict ran and found.
+
+    Args:
+        results: COCO-style detections (image_id, category_id, bbox xywh, score).
+        images: id, file_name, width, height of every processed image.
+        skipped: (file_name, reason) of every image that could not be read.
+        seconds: wall time of the run.
+        viz_files: the pictures written, if any.
+    """
     results: List[Dict[str, Any]]
-    images: List[Dict[str, Any]]  # id, file_name, width, height of every processed image
-    skipped: List[Tuple[str, str]]  # (file_name, reason)
+    images: List[Dict[str, Any]]
+    skipped: List[Tuple[str, str]]
     seconds: float
     viz_files: List[Path] = field(default_factory=list)
 

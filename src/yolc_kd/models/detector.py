@@ -14,6 +14,7 @@ from yolc_kd.models.hrfpn import HRFPN
 from yolc_kd.models import tiling
 from yolc_kd.models.hrnet import HRNet
 from yolc_kd.models.yolc_head import Dets, YOLCHead, gaussian_blur3x3, local_maximum
+from yolc_kd.stride import BOX_STRIDE
 
 # what the network (backbone + neck + head) returns: ([heatmap], [coarse], [refine]), one entry per feature level
 NetworkOutputs = Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]
@@ -36,6 +37,21 @@ class StudentOutputs(NamedTuple):
 
 
 class YOLC(nn.Module):
+    """YOLC: HRNet backbone -> HRFPN neck -> YOLCHead (a full-resolution class heatmap, coarse and refine box
+    maps at stride BOX_STRIDE), with YOLC's inference: LSM crops of dense regions, refine maps of the crops,
+    detections of the view and of the crops fused (simple_test). Built from an mmdet-style model dict.
+
+    Args:
+        backbone: the backbone's config dict (type HRNet).
+        neck: the neck's config dict (type HRFPN), or None for none.
+        bbox_head: the head's config dict (type YOLCHead); train_cfg and test_cfg are handed to it.
+        train_cfg: training options of the head (mmdet's train_cfg), or None.
+        test_cfg: inference options (topk, NMS, LSM and crop settings, tiling: crops.crop_config,
+            crops.tile_config), or None for YOLCHead's defaults.
+        pretrained: accepted for mmdet config compatibility and not read (load a checkpoint instead).
+        init_cfg: accepted for mmdet config compatibility and not read.
+    """
+
     def __init__(self, backbone: Mapping, neck: Optional[Mapping], bbox_head: Mapping,
                  train_cfg: Optional[Mapping] = None, test_cfg: Optional[Mapping] = None,
                  pretrained: Optional[str] = None, init_cfg=None):
@@ -91,7 +107,7 @@ class YOLC(nn.Module):
             if cut.shape[0]:
                 patch_refine = self.patch_refine(cut)  # all patches, one forward
             else:
-                patch_refine = img.new_zeros((0, 4, patches.canvas[0] // 4, patches.canvas[1] // 4))
+                patch_refine = img.new_zeros((0, 4, patches.canvas[0] // BOX_STRIDE, patches.canvas[1] // BOX_STRIDE))
         return losses, StudentOutputs(heat[0], coarse[0], refine[0], patch_refine)
 
     def patch_refine(self, patches: torch.Tensor) -> torch.Tensor:
