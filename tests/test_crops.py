@@ -110,23 +110,22 @@ def test_lsm_per_image_regions_and_border(model):
     assert out[0].dtype.kind == "i" and out[1].shape == (2, 4)
 
 
-def test_findclusters_visualize_writes_only_to_viz_dir(model, tmp_path, monkeypatch):
+def test_lsm_visualize_writes_only_to_viz_dir(model, tmp_path, monkeypatch):
     cwd, viz = tmp_path / "cwd", tmp_path / "viz"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     heat = np.zeros((1, 1, 160, 256), np.float32)
     heat[0, 0, 16:64, 32:112] = 0.9
-    coords = model.bbox_head.findclusters(heat, visualize=True, viz_dir=str(viz), name="dir/img_7.jpg")
-    np.testing.assert_array_equal(coords, [[32, 16, 80, 48]])
-    assert [p.name for p in viz.iterdir()] == ["lsm_img_7.png"]
-    # LSM forwards the flag: one PNG per image, named after the meta's filename
+    # one PNG per image, named after the stem of the meta's filename (img<i> without one)
     metas = plain_metas(2, 160, 256)
-    metas[0]["filename"] = "a.jpg"
-    model.bbox_head.LSM([torch.from_numpy(heat).repeat(2, 1, 1, 1)], metas, visualize=True, viz_dir=str(viz))
-    assert sorted(p.name for p in viz.iterdir()) == ["lsm_a.png", "lsm_img1.png", "lsm_img_7.png"]
+    metas[0]["filename"] = "dir/img_7.jpg"
+    regions = model.bbox_head.LSM([torch.from_numpy(heat).repeat(2, 1, 1, 1)], metas, visualize=True,
+                                  viz_dir=str(viz))
+    np.testing.assert_array_equal(regions[0], [[32, 16, 80, 48]])
+    assert sorted(p.name for p in viz.iterdir()) == ["lsm_img1.png", "lsm_img_7.png"]
     assert list(cwd.iterdir()) == []
     with pytest.raises(ValueError, match="viz_dir"):
-        model.bbox_head.findclusters(heat, visualize=True)
+        model.bbox_head.LSM([torch.from_numpy(heat)], plain_metas(1, 160, 256), visualize=True)
     assert list(cwd.iterdir()) == []
 
 

@@ -1,4 +1,4 @@
-"""Scale of the KD terms at the start of training (issue 12): with weights 1.0 every KD term is within
+"""Scale of the KD terms at the start of training: with weights 1.0 every KD term is within
 0.1x..10x of the supervised heatmap loss, at the tiny scale and at 1024x640 with 10 classes (heatmap prior 0.01).
 At YOLC's own 0.5 init the supervised heatmap loss grows with C*H*W; the last test pins what holds there.
 

@@ -1,4 +1,4 @@
-"""Manifest checks of verify_cache (cache/verify.py): the root group's manifest present and parseable, a known
+"""Manifest checks of check_cache (cache/verify.py): the root group's manifest present and parseable, a known
 schema version and kind, its fields consistent with each other and with the layout; and the image sizes of an
 annotation file that an image-kind cache's rows must match."""
 from __future__ import annotations

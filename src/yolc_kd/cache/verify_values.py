@@ -1,4 +1,4 @@
-"""Value checks of verify_cache (the part that reads the per-sample arrays), mixed into its verifier."""
+"""Value checks of check_cache (the part that reads the per-sample arrays), mixed into its verifier."""
 from __future__ import annotations
 
 import json

@@ -156,6 +156,12 @@ class AugmentConfig:
             hs.append(nh)
         return max(ws), max(hs)
 
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """Fixed (H, W) every train sample is padded to: input_size in the (h, w) order of tensors and Layout."""
+        w, h = self.input_size
+        return h, w
+
     # -- (de)serialisation ----------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -307,7 +313,7 @@ def _check_pad(pipeline: Sequence[dict], cfg: AugmentConfig) -> None:
     """A Pad after Normalize is accepted only when it is a no-op for the fixed input size."""
     for t in pipeline:
         if isinstance(t, dict) and t.get("type") == "Pad":
-            W, H = cfg.input_size
+            H, W = cfg.input_hw
             pv = t.get("pad_val", 0)
             if isinstance(pv, dict):
                 pv = pv.get("img", 0)

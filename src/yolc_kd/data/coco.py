@@ -244,13 +244,6 @@ class CocoDetection:
         """The i-th image as (H, W, 3) uint8 RGB."""
         return load_image_rgb(self._images[i]["path"])
 
-    def index_of_image_id(self, image_id: Any) -> int:
-        """Position of a COCO image id; KeyError if it is not in the file."""
-        try:
-            return self._index[image_id]
-        except (KeyError, TypeError):
-            raise KeyError(f"image id {image_id!r} is not in {display_path(self.ann_file)}") from None
-
     @property
     def num_classes(self) -> int:
         return len(self.classes)

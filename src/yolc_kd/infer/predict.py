@@ -262,10 +262,10 @@ class Predictor:
         with torch.inference_mode(), mixed_precision(self.device, self.amp, self.amp_dtype):
             self.model.eval()
             batch = batch.to(self.device)
-            coords = self.crop_model.lsm_coords(batch, metas, **kw) if self.crop_model is not None else None
+            lent_regions = self.crop_model.lsm_coords(batch, metas, **kw) if self.crop_model is not None else None
             results, extras = self.model.simple_test(batch, metas, rescale=True, fusion=self.fusion,
                                                      max_patches=self.max_patches, return_extras=True,
-                                                     crop_coords=coords, keep_heatmap=keep_heatmap, **kw)
+                                                     crop_coords=lent_regions, keep_heatmap=keep_heatmap, **kw)
         batch_hw = tuple(batch.shape[2:])
         del batch
         heat = extras.get("heatmap") if keep_heatmap else None

@@ -127,9 +127,10 @@ class YOLC(nn.Module):
     def _remap_bboxes_to_full(self, bboxes: torch.Tensor, meta_patch: Mapping) -> torch.Tensor:
         return crops.remap_bboxes_to_full(bboxes, meta_patch)
 
-    def inference_patch_plan(self, img: torch.Tensor, img_metas: List[Mapping], coords: List[np.ndarray],
-                             max_patches: int) -> crops.InferencePatchPlan:
-        """LSM regions -> the inference patch plan with this model's test_cfg.crop."""
+    def inference_patch_plan(self, img: torch.Tensor, img_metas: List[Mapping],
+                             regions_content_xywh: List[np.ndarray], max_patches: int) -> crops.InferencePatchPlan:
+        """LSM regions (per image (K,4) [x, y, w, h] in its content frame) -> the inference patch plan with this
+        model's test_cfg.crop."""
         cfg = self.crop_cfg
         limit = cfg.get("patch_limit", "input")
         if limit not in ("input", "quarter"):
@@ -138,9 +139,9 @@ class YOLC(nn.Module):
         budget = cfg.get("patch_budget")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
             raise ModelConfigError(f"test_cfg.crop.patch_budget must be None or a number > 0, got {budget!r}")
-        return crops.plan_inference_patches(coords, img_metas, img.shape[2:], max_patches, int(cfg["min_patch_size"]),
-                                            float(cfg["enlarge"]), float(cfg["upscale"]), canvas,
-                                            budget=None if budget is None else float(budget))
+        return crops.plan_inference_patches(regions_content_xywh, img_metas, img.shape[2:], max_patches,
+                                            int(cfg["min_patch_size"]), float(cfg["enlarge"]), float(cfg["upscale"]),
+                                            canvas, budget=None if budget is None else float(budget))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -149,9 +150,10 @@ class YOLC(nn.Module):
                     return_extras: bool = False, crop_coords: Optional[List[np.ndarray]] = None,
                     max_pixels: Optional[int] = None, keep_heatmap: bool = True):
         """Full-image detection -> LSM on this model's heatmap (or the given crop_coords, e.g. another model's
-        LSM regions from lsm_coords) -> one batched forward over all patches -> remap -> fusion -> class-wise
-        NMS. Returns per image (dets (N,5) [x1,y1,x2,y2,score], labels (N,)); with return_extras also
-        dict(heatmap=(B,C,H,W) or None without keep_heatmap, regions=per image (K,4)).
+        LSM regions from lsm_coords: per image (K,4) [x, y, w, h] in its content frame) -> one batched forward
+        over all patches -> remap -> fusion -> class-wise NMS. Returns per image (dets (N,5) [x1,y1,x2,y2,score],
+        labels (N,)); with return_extras also dict(heatmap=(B,C,H,W) or None without keep_heatmap, regions=per
+        image (K,4) int64 [x, y, w, h] of the selected crops in its content frame).
 
         max_pixels (None: test_cfg.max_pixels): an input of more pixels runs the network in overlapping tiles
         (models/tiling.py), the patch canvas too; 0 never tiles."""
@@ -179,9 +181,9 @@ class YOLC(nn.Module):
         regions: List[np.ndarray] = [np.zeros((0, 4), np.int64) for _ in img_metas]
         results: List[Dets] = list(full)
         if fusion != "none" and max_patches > 0:
-            coords = crop_coords if crop_coords is not None else self._lsm_of_max(lsm_map, img_metas)
+            regions_content_xywh = crop_coords if crop_coords is not None else self._lsm_of_max(lsm_map, img_metas)
             del lsm_map
-            plan = self.inference_patch_plan(img, img_metas, coords, max_patches)
+            plan = self.inference_patch_plan(img, img_metas, regions_content_xywh, max_patches)
             regions = plan.regions
             results = self._fuse_patches(img, img_metas, full, plan, fusion, max_pixels)
         out = []

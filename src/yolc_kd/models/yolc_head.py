@@ -174,7 +174,7 @@ class YOLCHead(nn.Module):
             return dcn - anchor
 
     def decode_xywh_to_bbox(self, xywh: torch.Tensor) -> torch.Tensor:
-        """decode_xywh_to_bbox of the module (the seed's name for it on the head)."""
+        """The module-level decode_xywh_to_bbox, as a method of the head (the loss calls it so)."""
         return decode_xywh_to_bbox(xywh)
 
     # ------------------------------------------------------------------ loss
@@ -284,16 +284,18 @@ class YOLCHead(nn.Module):
     # ------------------------------------------------------------------ LSM
     def LSM(self, center_heatmap_preds: List[torch.Tensor], img_metas: List[Mapping], visualize: bool = False,
             viz_dir: Optional[str] = None) -> List[np.ndarray]:
-        """Cluster regions [x, y, w, h] (int, input pixels without border) for EVERY image of the batch."""
-        coords, binaries = crops.lsm_regions(center_heatmap_preds[0], img_metas, self.lsm_cfg, with_binary=True)
+        """Cluster regions [x, y, w, h] (int, input pixels without border: the image content frame) for EVERY
+        image of the batch."""
+        regions_content_xywh, binaries = crops.lsm_regions(center_heatmap_preds[0], img_metas, self.lsm_cfg,
+                                                           with_binary=True)
         if visualize:
             viz_dir = self._viz_dir(viz_dir)
             for i, (meta, binary) in enumerate(zip(img_metas, binaries)):
                 name = Path(str(meta.get("filename", f"img{i}"))).stem
                 x0, y0, _, _ = meta_content(meta, binary.shape)
-                drawn = coords[i] + np.array([x0, y0, 0, 0])  # the binary map is in the tensor frame
-                crops.save_cluster_png(binary, drawn, Path(viz_dir) / f"lsm_{name}.png")
-        return coords
+                regions_tensor_xywh = regions_content_xywh[i] + np.array([x0, y0, 0, 0])  # the binary map's frame
+                crops.save_cluster_png(binary, regions_tensor_xywh, Path(viz_dir) / f"lsm_{name}.png")
+        return regions_content_xywh
 
     @property
     def lsm_cfg(self) -> Dict[str, object]:
@@ -306,13 +308,3 @@ class YOLCHead(nn.Module):
         if not viz_dir:
             raise ValueError("LSM visualisation needs viz_dir (or test_cfg.lsm.viz_dir)")
         return str(viz_dir)
-
-    def findclusters(self, heatmap: np.ndarray, visualize: bool = False, viz_dir: Optional[str] = None,
-                     name: str = "heatmap") -> np.ndarray:
-        """YOLC's cluster finder on one (1,1,H,W) max-over-classes heatmap -> (K,4) int [x, y, w, h]."""
-        cfg = self.lsm_cfg
-        binary, coords = crops.find_clusters(heatmap, grid=tuple(cfg["grid"]), topk_cells=int(cfg["topk_cells"]),
-                                             threshold=float(cfg["threshold"]))
-        if visualize:
-            crops.save_cluster_png(binary, coords, Path(self._viz_dir(viz_dir)) / f"lsm_{Path(name).stem}.png")
-        return coords

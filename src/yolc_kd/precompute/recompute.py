@@ -223,7 +223,7 @@ def _image_batches(coco: CocoDetection, aug_cfg: AugmentConfig, reader: CacheRea
     lay = reader.layout
     images = sorted({r // lay.variants for r in chosen})
     rows = ImageRows(coco, aug_cfg, lay.image_rows(), reader.image_ids.tolist(), images)
-    view_hw = (int(aug_cfg.input_size[1]), int(aug_cfg.input_size[0]))
+    view_hw = aug_cfg.input_hw
     shapes = lay.sample_shapes()
     wanted = set(chosen)
 

@@ -211,12 +211,12 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
         raise UserError(f"the teacher predicts {teacher.bbox_head.num_classes} classes but {coco.ann_file} "
                         f"has {coco.num_classes}")
     aug_cfg = augment_config(cfg)
-    w, h = aug_cfg.input_size
-    canvas = crops.patch_canvas((h, w))
+    input_hw = aug_cfg.input_hw
+    canvas = crops.patch_canvas(input_hw)
     if opts.kind == "image":
-        layout = _image_layout(teacher, coco, opts, (h, w), settings, aug_cfg)
+        layout = _image_layout(teacher, coco, opts, input_hw, settings, aug_cfg)
     else:
-        layout = _layout(teacher, coco, opts, (h, w), settings)
+        layout = _layout(teacher, coco, opts, input_hw, settings)
     env = init_distributed(opts.device, backend="gloo", timeout=timedelta(hours=24))  # barriers only; ranks may finish far apart
     rank, world = env.rank, env.world
     manifest = build_manifest(cfg, coco, aug_cfg, teacher_model_cfg(settings, cfg["model"], opts.config_dir), teacher,
@@ -250,7 +250,7 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     if layout.kind == "image":
         images = sorted({r // layout.variants for j in shards for r in range(*layout.shard_range(j))})
         jobs: Any = ImageRows(coco, aug_cfg, layout.image_rows(), image_ids, images)
-        view_hw = (int(aug_cfg.input_size[1]), int(aug_cfg.input_size[0]))
+        view_hw = aug_cfg.input_hw
         label: Callable[[Mapping[str, Any]], Any] = lambda item: _label_images(
             teacher, item, view_hw, settings, opts.device, opts.amp, opts.amp_dtype, layout.max_patches)
         to_rows: Callable[..., List[Dict[str, Any]]] = lambda t, r: _image_rows(t, r, seed, layout)
