@@ -96,7 +96,14 @@ def _positive_int(value: Any) -> Optional[int]:
 
 
 class CocoDetection:
-    """A COCO json plus an image root. Images keep the order of the json's 'images' list."""
+    """A COCO json plus an image root. Images keep the order of the json's 'images' list.
+
+    Args:
+        ann_file: the COCO annotation file.
+        img_root: the folder the images' file_name is relative to.
+        classes: class names in label order, each matched to a category by name (None: every category, in
+            category id order).
+    """
 
     def __init__(self, ann_file: PathLike, img_root: PathLike, classes: Optional[Sequence[str]] = None) -> None:
         self.ann_file = Path(ann_file)

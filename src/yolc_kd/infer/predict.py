@@ -60,7 +60,14 @@ class ImageItem:
 
 @dataclass
 class ImageSource:
-    """What to run on and how labels map to category ids. ``dataset`` is set for a COCO json."""
+    """What to run on and how labels map to category ids.
+
+    Args:
+        items: the images, in run order.
+        label_to_cat_id: the COCO category id of each label.
+        class_names: the name of each label.
+        dataset: the COCO file's dataset, when the source is one (None for an image folder).
+    """
 
     items: List[ImageItem]
     label_to_cat_id: List[Any]
@@ -131,8 +138,15 @@ def coco_source(ann_file: PathLike, img_root: PathLike, classes: Optional[Sequen
 
 @dataclass
 class ImagePrediction:
-    """Detections of one image in its pixels: boxes (N,4) xyxy, scores (N,), labels (N,);
-    heatmap (C,h,w) over the image content and crop regions (K,4) [x,y,w,h] when kept."""
+    """Detections of one image in its pixels.
+
+    Args:
+        boxes: (N,4) xyxy.
+        scores: (N,).
+        labels: (N,).
+        heatmap: (C,h,w) over the image content, when kept.
+        regions: (K,4) [x,y,w,h] crop regions in the image's pixels, when kept.
+    """
 
     boxes: np.ndarray
     scores: np.ndarray
