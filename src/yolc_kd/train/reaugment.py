@@ -30,7 +30,7 @@ def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
         raise ValueError(f"mirroring needs a view width divisible by {BOX_STRIDE}, got {int(view_hw[1])}")
     heatmap, _ = flip.apply_map(t.heatmap)
     coarse, _ = flip.apply_box_map(t.coarse, BOX_STRIDE, unit=BOXES.unit(t.coarse))
-    boxes, valid, refine = t.patch_boxes.clone(), t.patch_valid.clone(), t.refine.clone()
+    boxes_mirrored_xywh, valid, refine = t.patch_boxes.clone(), t.patch_valid.clone(), t.refine.clone()
     plan = crops.KDPatchPlan.from_targets(t.patch_boxes, t.patch_scales, t.patch_valid, view_hw)
     canvas = (BOX_STRIDE * t.refine.shape[-2], BOX_STRIDE * t.refine.shape[-1])
     for (b, k), size in zip(t.patch_valid.nonzero().tolist(), plan.sizes()):
@@ -48,8 +48,9 @@ def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
         # columns; the columns right of the patch (padding too) keep the teacher's values
         _, columns = moved.valid_axes(BOX_STRIDE, t.refine.shape[-2:])
         refine[b, k] = torch.where(columns.to(maps.device), maps, t.refine[b, k])
-        boxes[b, k] = new_box
-    return replace(t, heatmap=heatmap, coarse=coarse, patch_boxes=boxes, patch_valid=valid, refine=refine)
+        boxes_mirrored_xywh[b, k] = new_box
+    return replace(t, heatmap=heatmap, coarse=coarse, patch_boxes=boxes_mirrored_xywh, patch_valid=valid,
+                   refine=refine)
 
 
 def flip_sample(sample: Dict[str, Any]) -> Dict[str, Any]:
