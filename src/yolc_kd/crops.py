@@ -146,30 +146,30 @@ def select_regions(regions_xywh: np.ndarray, img_hw: Sequence[int], max_patches:
     return np.round(out).astype(np.int64)
 
 
-def crop_bounds(coord: Sequence[float], view_hw: Sequence[int]) -> Tuple[int, int, int, int]:
-    """[x, y, w, h] rounded to pixels and clamped to a view of size (h, w): (x1, y1, x2, y2)."""
+def crop_bounds(box_view_xywh: Sequence[float], view_hw: Sequence[int]) -> Tuple[int, int, int, int]:
+    """[x, y, w, h] in a view's pixels rounded to pixels and clamped to the view of size (h, w): (x1, y1, x2, y2)."""
     h, w = int(view_hw[0]), int(view_hw[1])
-    x, y, cw, ch = [int(round(float(v))) for v in coord]
+    x, y, cw, ch = [int(round(float(v))) for v in box_view_xywh]
     x1, y1 = min(max(x, 0), w), min(max(y, 0), h)
     return x1, y1, min(max(x + cw, x1), w), min(max(y + ch, y1), h)
 
 
-def crop_img_tensor(img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:
-    """(C,H,W) -> (C,h,w) view of [x, y, w, h], clamped to the image."""
-    x1, y1, x2, y2 = crop_bounds(coord, img_i.shape[1:])
+def crop_img_tensor(img_i: torch.Tensor, box_tensor_xywh: Sequence[float]) -> torch.Tensor:
+    """(C,H,W) -> (C,h,w) view of [x, y, w, h] in the tensor's pixels, clamped to the tensor."""
+    x1, y1, x2, y2 = crop_bounds(box_tensor_xywh, img_i.shape[1:])
     return img_i[:, y1:y2, x1:x2]
 
 
-def build_patch_meta(meta: Mapping, patch_shape: Sequence[int], coord: Sequence[float],
+def build_patch_meta(meta: Mapping, patch_shape: Sequence[int], box_tensor_xywh: Sequence[float],
                      scale: Union[float, Tuple[float, float]] = 1.0) -> dict:
-    """Meta of a patch cut at coord=[x, y, w, h] (tensor frame) and resized by `scale` (or (sx, sy)):
+    """Meta of a patch cut at box_tensor_xywh = [x, y, w, h] (tensor frame) and resized by `scale` (or (sx, sy)):
     shapes become the patch's, crop_offset=(x, y), scale_factor=[sx, sy, sx, sy], border zero."""
     m = copy.copy(dict(meta))
     ph, pw = int(patch_shape[0]), int(patch_shape[1])
     m["img_shape"] = (ph, pw, 3)
     m["pad_shape"] = (ph, pw, 3)
     m["batch_input_shape"] = (ph, pw)
-    m["crop_offset"] = (float(coord[0]), float(coord[1]))
+    m["crop_offset"] = (float(box_tensor_xywh[0]), float(box_tensor_xywh[1]))
     sx, sy = (scale, scale) if np.isscalar(scale) else scale
     m["scale_factor"] = np.array([sx, sy, sx, sy], dtype=np.float32)
     m["border"] = np.zeros(4, dtype=np.float32)
@@ -378,12 +378,13 @@ class KDPatchPlan(PatchPlan):
     scales are float32, as the cache stores them, and the student cuts its patches from those."""
 
     @classmethod
-    def from_targets(cls, boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor,
+    def from_targets(cls, boxes_view_xywh: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor,
                      view_hw: Sequence[int], canvas: Optional[Sequence[int]] = None) -> "KDPatchPlan":
-        """The plan behind stored KD targets (patch_boxes, patch_scales, patch_valid) of views of size view_hw;
-        canvas: the refine maps' canvas (default patch_canvas(view_hw))."""
+        """The plan behind stored KD targets (patch_boxes: (B,K,4) [x, y, w, h] in the view's pixels,
+        patch_scales, patch_valid) of views of size view_hw; canvas: the refine maps' canvas (default
+        patch_canvas(view_hw))."""
         canvas = patch_canvas(view_hw) if canvas is None else canvas
-        return cls(boxes, scales, valid, (int(canvas[0]), int(canvas[1])), (int(view_hw[0]), int(view_hw[1])))
+        return cls(boxes_view_xywh, scales, valid, (int(canvas[0]), int(canvas[1])), (int(view_hw[0]), int(view_hw[1])))
 
     def _fit(self, size: Tuple[int, int]) -> Tuple[int, int]:
         return min(self.canvas[0], size[0]), min(self.canvas[1], size[1])
@@ -484,11 +485,11 @@ def _resized_hw(h: int, w: int, scale: float) -> Tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def patch_view(box: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[int],
+def patch_view(box_view_xywh: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[int],
                canvas_hw: Sequence[int]) -> ViewTransform:
     """View frame -> the KD patch canvas of one crop box [x, y, w, h]: the crop as crops.PatchPlan cuts it
     (rounded, clamped), resized to size_hw (the plan's size), zero-padded bottom/right to the canvas."""
-    x1, y1, x2, y2 = crop_bounds(box, view_hw)
+    x1, y1, x2, y2 = crop_bounds(box_view_xywh, view_hw)
     h, w = (int(v) for v in view_hw)
     cut = CropPaste((h, w), (x1, y1, x2, y2), (0, 0), (y2 - y1, x2 - x1))
     size = (int(size_hw[0]), int(size_hw[1]))

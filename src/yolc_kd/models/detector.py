@@ -1,7 +1,7 @@
 """The YOLC detector: HRNet -> HRFPN -> YOLCHead, with YOLC's crop-refine-fuse inference."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -115,17 +115,6 @@ class YOLC(nn.Module):
         feats = self.extract_feat(patches)
         assert len(feats) == 1, "YOLC uses one feature level"
         return self.bbox_head.forward_boxes(feats[0])[1]
-
-    # ------------------------------------------------------------------ crop helpers (design names)
-    def _crop_img_tensor(self, img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:
-        return crops.crop_img_tensor(img_i, coord)
-
-    def _build_patch_meta(self, meta: Mapping, patch_shape: Sequence[int], coord: Sequence[float],
-                          scale: float = 1.0) -> dict:
-        return crops.build_patch_meta(meta, patch_shape, coord, scale)
-
-    def _remap_bboxes_to_full(self, bboxes: torch.Tensor, meta_patch: Mapping) -> torch.Tensor:
-        return crops.remap_bboxes_to_full(bboxes, meta_patch)
 
     def inference_patch_plan(self, img: torch.Tensor, img_metas: List[Mapping],
                              regions_content_xywh: List[np.ndarray], max_patches: int) -> crops.InferencePatchPlan:
@@ -277,9 +266,9 @@ class YOLC(nn.Module):
                 ph, pr = maps["peaks"], maps["refine"]
                 del maps
             del canvas
-            # _remap_bboxes_to_full undoes the patch scale (the windows' boxes are in patch pixels)
+            # remap_bboxes_to_full undoes the patch scale (the windows' boxes are in patch pixels)
             for (dets, labels), m, i in zip(self.bbox_head.bboxes_from_windows(ph, pr, windows), metas, plan.owners):
-                dets = self._remap_bboxes_to_full(dets, m)
+                dets = crops.remap_bboxes_to_full(dets, m)
                 dets = meta_to_image(img_metas[i], img.shape[2:], rescale=False).apply_xyxy(dets)
                 per_img[i].append((dets, labels))
         iou = float(self.test_cfg.get("nms_cfg", {}).get("iou_threshold", 0.6))
