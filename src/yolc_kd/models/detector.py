@@ -221,10 +221,6 @@ class YOLC(nn.Module):
             out["heat"] = heat[0]
         return out
 
-    def _lsm_of_blurred(self, blurred: torch.Tensor, img_metas: List[Mapping]) -> List[np.ndarray]:
-        """LSM on the blurred (B,C,H,W) heatmap: _lsm_of_max on its max over classes."""
-        return self._lsm_of_max(blurred.amax(dim=1, keepdim=True), img_metas)
-
     def _lsm_of_max(self, lsm_map: torch.Tensor, img_metas: List[Mapping]) -> List[np.ndarray]:
         """LSM on the (B,1,H,W) max over classes of the blurred heatmap (YOLC's get_bboxes blurs the heatmap list
         in place, so its LSM reads the blurred map); zeroed in place outside each image: no clusters in padding."""
