@@ -223,9 +223,10 @@ def pack_patches(sizes: Sequence[Tuple[int, int]], divisor: int = 32) -> Tuple[T
 
 
 def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.Tensor, torch.Tensor],
-                    regions: np.ndarray, mode: str = "nms", iou_threshold: float = 0.6,
+                    regions_xywh: np.ndarray, mode: str = "nms", iou_threshold: float = 0.6,
                     max_per_img: int = 300) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fuse full-image and remapped patch detections (same frame).
+    """Fuse full-image and remapped patch detections, both in the image content frame, as the crop regions
+    regions_xywh ((K,4) [x, y, w, h]).
 
     nms: union, then class-wise NMS. replace (YOLC): full-image boxes lying entirely inside a region are
     dropped and the patch boxes take their place, then class-wise NMS. none: full-image boxes only.
@@ -234,8 +235,8 @@ def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.
     if mode == "none" or pd.numel() == 0:
         dets, labels = fd, fl
     else:
-        if mode == "replace" and len(regions):
-            r = torch.as_tensor(np.asarray(regions, dtype=np.float32), device=fd.device)
+        if mode == "replace" and len(regions_xywh):
+            r = torch.as_tensor(np.asarray(regions_xywh, dtype=np.float32), device=fd.device)
             x1, y1, x2, y2 = r[:, 0], r[:, 1], r[:, 0] + r[:, 2], r[:, 1] + r[:, 3]
             inside = ((fd[:, None, 0] >= x1) & (fd[:, None, 1] >= y1) &
                       (fd[:, None, 2] <= x2) & (fd[:, None, 3] <= y2)).any(dim=1)
