@@ -132,7 +132,7 @@ def test_kd_terms_within_10x_of_supervised_heatmap_loss_at_start(config, num_cla
 
 
 def test_seed_heatmap_mse_is_tiny_at_start():
-    """Why the old configs needed weights ~1e6: the seed's MSE is a mean over >99.8 % background."""
+    """Why the seed's formulas need a heatmap weight ~1e6: their MSE is a mean over >99.8 % background."""
     sup, kd = start_losses(4, (256, 384), 0.01, {"seed": dict(hm_kd="mse", box_kd="mse")}, batch=2)
     assert _ratios(sup, kd["seed"])["loss_kd_global_hm"] < 1e-3
 
