@@ -94,6 +94,7 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
     from yolc_kd.cache.schema import Layout, encode_fingerprint
     from yolc_kd.cache.writer import CacheStore, ShardBuffer
     from yolc_kd.data.augment import TrainAugment
+    from yolc_kd.stride import BOX_STRIDE
     from yolc_kd.teacher import expected_target_identity
 
     rng = np.random.default_rng(args.seed)
@@ -102,11 +103,11 @@ def bench_size(tmp: Path, args) -> Tuple[Dict[str, Any], Path, Dict[str, Any]]:
     w, h = aug_cfg.input_size
     c, k, variants = len(classes), dcfg.max_patches_per_img, args.variants
     canvas = crops.patch_canvas((h, w))
-    stride = 4
+    stride = BOX_STRIDE
     n_images = max(1, args.samples // variants)
     layout = Layout(num_images=n_images, variants=variants, shard_size=args.shard_size, num_classes=c,
                     input_hw=(h, w), coarse_hw=(h // stride, w // stride), max_patches=k,
-                    refine_hw=(canvas[0] // 4, canvas[1] // 4))
+                    refine_hw=(canvas[0] // stride, canvas[1] // stride))
     source, layouts = read_layouts(Path(args.layout_json), rng)
     # a COCO file with the cache's image ids and classes, so the trainer's open_cache_source accepts the cache
     ann = tmp / "real_layout_coco.json"
@@ -449,6 +450,7 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
     from yolc_kd.models.tiling import batch_tiles
     from yolc_kd.precompute.image_level import (auto_regions, auto_scales, canvas_hw, padded, scaled_hw,
                                                 view_scale_range)
+    from yolc_kd.stride import BOX_STRIDE
     from yolc_kd.teacher import expected_target_identity
 
     rng = np.random.default_rng(args.seed + 5)
@@ -469,10 +471,10 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
     except ImportError:  # older image_level: auto_regions of the canvas
         regions = auto_regions(k, canvas, (h, w))
     view_canvas = crops.patch_canvas((h, w))
-    stride = 4
+    stride = BOX_STRIDE
     layout = Layout(num_images=n_images, variants=len(scales), shard_size=len(scales), num_classes=c,
                     input_hw=canvas, coarse_hw=(canvas[0] // stride, canvas[1] // stride), max_patches=regions,
-                    refine_hw=(view_canvas[0] // 4, view_canvas[1] // 4), kind="image", scales=scales)
+                    refine_hw=(view_canvas[0] // stride, view_canvas[1] // stride), kind="image", scales=scales)
     images = plain_images(lays)
     ann = tmp / "image_layout_coco.json"
     info = [dict(id=i + 1, file_name=f"images/{i:06d}.jpg", width=hw[1], height=hw[0]) for i, hw in enumerate(hws)]
@@ -860,9 +862,10 @@ def image_read_split(source, ds: "ImageViewReads", n: int) -> Dict[str, Any]:
     the move of coarse maps + crops (move_row). The sum is above the call's time."""
     from yolc_kd.cache import image_view
     from yolc_kd.data.augment import fingerprint_image
+    from yolc_kd.stride import BOX_STRIDE
     small = ("status", "aug_params", "fingerprint", "variant", "patch_boxes", "patch_scales", "patch_valid")
 
-    reader, layout, st = source.reader, source.layout, image_view.STRIDE
+    reader, layout, st = source.reader, source.layout, BOX_STRIDE
     steps: Dict[str, List[float]] = collections.defaultdict(list)
     window_px, decoded = [], []
     for j in range(n):

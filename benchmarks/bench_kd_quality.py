@@ -11,7 +11,7 @@ for every student of a seed) five students are trained for the same iterations:
   kd_seed         offline KD with the seed's formulas (MSE over all pixels / cells, weights 1e6 / 1 / 1)
   kd_default      offline KD with the shipped configuration (normalised losses, weights 8 / 1 / 1)
   online_default  online KD (live teacher) with the default configuration
-  kd_w1           (tuning) offline KD, normalised losses, weights 1 / 1 / 1 (session 3's first default)
+  kd_w1           (tuning) offline KD, normalised losses, weights 1 / 1 / 1
   kd_hm8          (tuning) heatmap KD weight 8 written out (= the shipped default); online_hm8 the same online
   no_kd_fresh_noema, kd_default_noema   the first two without the config's weight average (custom_hooks
                   EMA; sessions 3-4 measured every row so): the trained weights are evaluated

@@ -1,4 +1,4 @@
-"""Real-scale timings and memory (issue 13): the HRNet-w48 teacher (configs/yolc_hrnet_w48_visdrone.py) and the
+"""Real-scale timings and memory: the HRNet-w48 teacher (configs/yolc_hrnet_w48_visdrone.py) and the
 HRNet-w18 KD student (configs/yolc_hrnet_w18_visdrone_kd.py) at 1024x640, 10 classes, RANDOM weights, on
 synthetic 1024x640 images with real VisDrone box layouts. The numbers are timings and memory, not accuracy.
 
@@ -277,7 +277,7 @@ def worker_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     _threads(spec["threads"])
     mode, _, variant = spec["mode"].partition("+")
     device = resolve_device(spec["device"])
-    if variant == "plain":  # the heatmap losses as before issue 13: intermediates kept for backward, not recomputed
+    if variant == "plain":  # the heatmap losses with their intermediates kept for backward, not recomputed
         from yolc_kd.models import losses as model_losses
 
         model_losses.checkpoint = lambda fn, *tensors, **_: fn(*tensors)
@@ -572,7 +572,7 @@ def main() -> None:
     parser.add_argument("--infer-images", type=int, default=None, help="timed images per mode (default 3, quick 1)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="training modes to run (default all three); MODE+plain: the heatmap losses without "
-                             "recomputation in backward (the memory before issue 13), e.g. offline+plain")
+                             "recomputation in backward (intermediates kept), e.g. offline+plain")
     parser.add_argument("--parts", default="precompute,train,infer",
                         help="what to run (default precompute,train,infer; 'image' adds the image-level cache's "
                              "precompute at --image-size and, with mode offline_image, its training step)")

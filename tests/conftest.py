@@ -13,7 +13,9 @@ import pytest
 import torch
 import zarr
 
+from yolc_kd import crops  # noqa: E402
 from yolc_kd.cache.arrays import names as array_names  # noqa: E402
+from yolc_kd.cache.verify import check_cache  # noqa: E402
 from yolc_kd.checkpoint import save_checkpoint  # noqa: E402
 from yolc_kd.data.synth import make_synthetic_dataset  # noqa: E402
 from yolc_kd.models import build_detector  # noqa: E402
@@ -100,6 +102,19 @@ def tiny_model_cfg(num_classes: int = 3, widths=(8, 16, 32, 64), neck: int = 32,
         neck=dict(type="HRFPN", in_channels=list(widths), out_channels=neck, num_outs=1),
         bbox_head=dict(type="YOLCHead", num_classes=num_classes, in_channel=neck, feat_channel=feat),
         test_cfg=dict(topk=100, local_maximum_kernel=3, max_per_img=100, nms_cfg=dict(iou_threshold=0.6)))
+
+
+def findclusters(head, heatmap: np.ndarray) -> np.ndarray:
+    """YOLC's YOLCHead.findclusters: the LSM cluster finder (crops.find_clusters) with the head's lsm_cfg on one
+    (1,1,H,W) max-over-classes heatmap -> (K,4) int [x, y, w, h] in heatmap pixels."""
+    cfg = head.lsm_cfg
+    return crops.find_clusters(heatmap, grid=tuple(cfg["grid"]), topk_cells=int(cfg["topk_cells"]),
+                               threshold=float(cfg["threshold"]))[1]
+
+
+def verify_cache(path, deep: bool = False, progress: bool = False, annotations=None) -> list:
+    """Faults of the cache at `path`, one line each (empty: sound): check_cache without its notes."""
+    return check_cache(path, deep, progress, annotations)[0]
 
 
 def plain_metas(n: int, h: int, w: int):

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import SHARD, VARIANTS, cli_args, make_setup
+from conftest import SHARD, VARIANTS, cli_args, make_setup, verify_cache
 from yolc_kd.cache import arrays
 from yolc_kd.cache.arrays import IMAGE_IDS, STATUS_OK, STATUS_SKIPPED, ArraySpec, sample_names, spec
 from yolc_kd.cache.codec import HEATMAP
 from yolc_kd.cache.reader import CacheReader
 from yolc_kd.cache.schema import WRITE_CONFIG, Layout
-from yolc_kd.cache.verify import verify_cache
 from yolc_kd.cli import main
 from yolc_kd.precompute import run
 

@@ -202,7 +202,9 @@ def test_resize_params_match_mmcv_rescale():
     assert rescale_size(1126, 704, (1024, 640)) == (1024, 640)
     assert rescale_size(640, 1024, (1024, 640)) == (640, 1024)  # mmcv fits long/short edges
     assert cfg.input_size == (1024, 640)
+    assert cfg.input_hw == (640, 1024)  # the same size in (H, W), the order of tensors and cache layouts
     assert AugmentConfig(crop_size_order="hw").input_size == (640, 1024)
+    assert AugmentConfig(crop_size_order="hw").input_hw == (1024, 640)
 
 
 def test_mmdet_literal_crop_order():

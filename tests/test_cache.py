@@ -11,12 +11,11 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from conftest import cli_args, make_setup
+from conftest import cli_args, make_setup, verify_cache
 from yolc_kd.cache.arrays import dequantize_targets, sample_names
 from yolc_kd.cache.codec import BOXES, HEATMAP
 from yolc_kd.cache.reader import CacheError, CacheReader
 from yolc_kd.cache.schema import SCHEMA_VERSION, Layout
-from yolc_kd.cache.verify import verify_cache
 from yolc_kd.cache.writer import CacheStore, ShardBuffer
 from yolc_kd.cli import main
 from yolc_kd.config import load_config

@@ -48,7 +48,7 @@ def test_remap_is_the_inverse_of_crop(model):
         coord = [x, y, w, h]
         # the patch and the scale exactly as the inference patch plan builds them
         batch, metas, owners = _make_patches(img[None], meta, coord, up)
-        patch = model._crop_img_tensor(img, coord)
+        patch = crops.crop_img_tensor(img, coord)
         assert tuple(patch.shape[1:]) == (h, w)
         ch, cw = crops.patch_canvas((H, W))  # upscaling stops where the patch would exceed the canvas
         up = min(up, max(1.0, min(ch / h, cw / w)))
@@ -60,7 +60,7 @@ def test_remap_is_the_inverse_of_crop(model):
         torch.testing.assert_close(batch[0, :, :ph, :pw], patch)
         scale = float(metas[0]["scale_factor"][0])
         assert scale == pytest.approx(pw / w)
-        patch_meta = model._build_patch_meta(meta, patch.shape[1:], coord, scale)
+        patch_meta = crops.build_patch_meta(meta, patch.shape[1:], coord, scale)
         assert patch_meta["crop_offset"] == (x, y)
 
         # a random box inside the region, moved into the patch frame and back
@@ -69,7 +69,7 @@ def test_remap_is_the_inverse_of_crop(model):
         box = np.array([bx[0], by[0], bx[1], by[1]])
         in_patch = (box - np.array([x, y, x, y])) * scale
         dets = torch.tensor([[*in_patch, 0.5]], dtype=torch.float32)
-        back = model._remap_bboxes_to_full(dets, patch_meta)
+        back = crops.remap_bboxes_to_full(dets, patch_meta)
         err = float(np.abs(back[0, :4].double().numpy() - box).max())
         worst = max(worst, err)
         assert back[0, 4] == dets[0, 4]
@@ -82,7 +82,7 @@ def test_patch_scale_is_exact_per_axis(model):
     batch, metas, _ = _make_patches(img[None], meta, [0, 0, 64, 65], 1.5)
     ph, pw = metas[0]["img_shape"][:2]
     box = torch.tensor([[0.0, 0.0, float(pw), float(ph), 1.0]])  # the whole patch
-    back = model._remap_bboxes_to_full(box, metas[0])
+    back = crops.remap_bboxes_to_full(box, metas[0])
     torch.testing.assert_close(back[0, :4], torch.tensor([0.0, 0.0, 64.0, 65.0]), atol=1e-4, rtol=0)
 
 
@@ -110,23 +110,22 @@ def test_lsm_per_image_regions_and_border(model):
     assert out[0].dtype.kind == "i" and out[1].shape == (2, 4)
 
 
-def test_findclusters_visualize_writes_only_to_viz_dir(model, tmp_path, monkeypatch):
+def test_lsm_visualize_writes_only_to_viz_dir(model, tmp_path, monkeypatch):
     cwd, viz = tmp_path / "cwd", tmp_path / "viz"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     heat = np.zeros((1, 1, 160, 256), np.float32)
     heat[0, 0, 16:64, 32:112] = 0.9
-    coords = model.bbox_head.findclusters(heat, visualize=True, viz_dir=str(viz), name="dir/img_7.jpg")
-    np.testing.assert_array_equal(coords, [[32, 16, 80, 48]])
-    assert [p.name for p in viz.iterdir()] == ["lsm_img_7.png"]
-    # LSM forwards the flag: one PNG per image, named after the meta's filename
+    # one PNG per image, named after the stem of the meta's filename (img<i> without one)
     metas = plain_metas(2, 160, 256)
-    metas[0]["filename"] = "a.jpg"
-    model.bbox_head.LSM([torch.from_numpy(heat).repeat(2, 1, 1, 1)], metas, visualize=True, viz_dir=str(viz))
-    assert sorted(p.name for p in viz.iterdir()) == ["lsm_a.png", "lsm_img1.png", "lsm_img_7.png"]
+    metas[0]["filename"] = "dir/img_7.jpg"
+    regions = model.bbox_head.LSM([torch.from_numpy(heat).repeat(2, 1, 1, 1)], metas, visualize=True,
+                                  viz_dir=str(viz))
+    np.testing.assert_array_equal(regions[0], [[32, 16, 80, 48]])
+    assert sorted(p.name for p in viz.iterdir()) == ["lsm_img1.png", "lsm_img_7.png"]
     assert list(cwd.iterdir()) == []
     with pytest.raises(ValueError, match="viz_dir"):
-        model.bbox_head.findclusters(heat, visualize=True)
+        model.bbox_head.LSM([torch.from_numpy(heat)], plain_metas(1, 160, 256), visualize=True)
     assert list(cwd.iterdir()) == []
 
 

@@ -1,4 +1,4 @@
-"""A new user's first hour without a traceback (issue 14), through `yolc_kd.cli.main`:
+"""A new user's first hour without a traceback, through `yolc_kd.cli.main`:
 
 * the whole dataset is checked before the first step of train, precompute and infer (--ann): no image found
   names the likely image root; some missing is one line with the count and the first names, or (train

@@ -11,10 +11,11 @@ import pytest
 import torch
 import zarr
 
-from conftest import assert_same_arrays, cli_args, kill_9_inside_precompute, make_setup, subprocess_env
+from conftest import (assert_same_arrays, cli_args, kill_9_inside_precompute, make_setup, subprocess_env,
+                      verify_cache)
 from yolc_kd.cache.reader import CacheReader
 from yolc_kd.cache.schema import WRITE_CONFIG, padded, scaled_hw
-from yolc_kd.cache.verify import check_cache, verify_cache
+from yolc_kd.cache.verify import check_cache
 from yolc_kd.cli import main
 
 SCALES = (0.75, 1.0, 1.5)  # 3 rows per image; 1.5 x 128x96 fills a 256x256 row canvas partly
@@ -85,7 +86,7 @@ def test_every_row_recomputes_equal(made, capsys):
 
 
 def test_image_verify_needs_no_torch(made):
-    code = ("import sys; from yolc_kd.cache.verify import verify_cache; f = verify_cache(sys.argv[1], deep=True); "
+    code = ("import sys; from yolc_kd.cache.verify import check_cache; f = check_cache(sys.argv[1], deep=True)[0]; "
             "assert f == [], f; assert 'torch' not in sys.modules, 'cache.verify imported torch'")
     res = subprocess.run([sys.executable, "-c", code, str(made.cache)], env=subprocess_env(), capture_output=True,
                          text=True, timeout=120)

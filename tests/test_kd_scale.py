@@ -1,4 +1,4 @@
-"""Scale of the KD terms at the start of training (issue 12): with weights 1.0 every KD term is within
+"""Scale of the KD terms at the start of training: with weights 1.0 every KD term is within
 0.1x..10x of the supervised heatmap loss, at the tiny scale and at 1024x640 with 10 classes (heatmap prior 0.01).
 At YOLC's own 0.5 init the supervised heatmap loss grows with C*H*W; the last test pins what holds there.
 
@@ -132,7 +132,7 @@ def test_kd_terms_within_10x_of_supervised_heatmap_loss_at_start(config, num_cla
 
 
 def test_seed_heatmap_mse_is_tiny_at_start():
-    """Why the old configs needed weights ~1e6: the seed's MSE is a mean over >99.8 % background."""
+    """Why the seed's formulas need a heatmap weight ~1e6: their MSE is a mean over >99.8 % background."""
     sup, kd = start_losses(4, (256, 384), 0.01, {"seed": dict(hm_kd="mse", box_kd="mse")}, batch=2)
     assert _ratios(sup, kd["seed"])["loss_kd_global_hm"] < 1e-3
 

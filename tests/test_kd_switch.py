@@ -1,4 +1,4 @@
-"""distill_cfg.enable is the seed's KD switch: enable=True with a teacher and no --cache is online KD, --cache is
+"""distill_cfg.enable is the config's KD switch: enable=True with a teacher and no --cache is online KD, --cache is
 offline KD, enable=False is no KD (a KD source asked for with it is one line of error); a config without
 distill_cfg distils only when the command line asks."""
 import pytest

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from conftest import plain_metas
+from conftest import findclusters, plain_metas
 
 
 def assert_close(actual: torch.Tensor, expected: np.ndarray, rel: float = 1e-4):
@@ -67,7 +67,7 @@ def test_losses_match_original(reference, ref_model):
 
 
 def test_lsm_matches_original(reference, ref_model):
-    coords = ref_model.bbox_head.findclusters(reference["lsm_heat"])
+    coords = findclusters(ref_model.bbox_head, reference["lsm_heat"])
     np.testing.assert_array_equal(coords, reference["lsm_coords"])
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import cli_args, make_setup, save_random_teacher, subprocess_env, teacher_model_cfg
-from yolc_kd.cache.verify import format_ranges, verify_cache
+from conftest import cli_args, make_setup, save_random_teacher, subprocess_env, teacher_model_cfg, verify_cache
+from yolc_kd.cache.verify import format_ranges
 from yolc_kd.cli import main
 
 
@@ -63,7 +63,7 @@ def test_sound_cache_passes_quick_deep_and_recompute(made, capsys):
 
 
 def test_verify_module_needs_no_torch(made):
-    code = ("import sys; from yolc_kd.cache.verify import verify_cache; f = verify_cache(sys.argv[1], deep=True); "
+    code = ("import sys; from yolc_kd.cache.verify import check_cache; f = check_cache(sys.argv[1], deep=True)[0]; "
             "assert f == [], f; assert 'torch' not in sys.modules, 'cache.verify imported torch'")
     res = subprocess.run([sys.executable, "-c", code, str(made.cache)], env=subprocess_env(), capture_output=True,
                          text=True, timeout=120)
@@ -252,7 +252,7 @@ def test_manifest_counts_must_agree(copy, capsys):
     assert any("manifest: variants is 3 but layout implies 2" in f for f in found)
 
 
-# ----------------------------------------------------------------------------- all-zero shards (issue 14)
+# ----------------------------------------------------------------------------- all-zero shards
 
 @pytest.fixture(scope="module")
 def zero_coarse(tmp_path_factory):

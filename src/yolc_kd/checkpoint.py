@@ -43,11 +43,18 @@ def read_checkpoint(path: PathLike, trust: bool = False) -> Tuple[Dict[str, torc
 
 @dataclass
 class Mismatch:
-    """How a state dict fails to fit a model."""
+    """How a state dict fails to fit a model.
+
+    Args:
+        missing: the model's keys the state dict lacks.
+        unexpected: the state dict's keys the model lacks.
+        shapes: "key (ckpt shape) vs (model shape)" per key whose shapes differ.
+        classes: (checkpoint's, model's) class count when they differ, else None.
+    """
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
-    shapes: List[str] = field(default_factory=list)       # "key (ckpt shape) vs (model shape)"
-    classes: Optional[Tuple[int, int]] = None             # (checkpoint's, model's) class count when they differ
+    shapes: List[str] = field(default_factory=list)
+    classes: Optional[Tuple[int, int]] = None
 
     @property
     def blocks_loading(self) -> bool:

@@ -85,12 +85,12 @@ def lsm_regions(heatmap: torch.Tensor, img_metas: Sequence[Mapping], lsm_cfg: Ma
     locmap = heatmap.detach().max(dim=1, keepdim=True)[0].float().cpu().numpy()
     out, binaries = [], []
     for i, meta in enumerate(img_metas):
-        binary, coord = find_clusters(locmap[i:i + 1], grid=tuple(cfg["grid"]), topk_cells=int(cfg["topk_cells"]),
-                                      threshold=float(cfg["threshold"]))
-        x0, y0, _, _ = meta_content(meta, locmap.shape[2:])  # tensor -> image content frame
-        coord[:, 0] -= x0
-        coord[:, 1] -= y0
-        out.append(coord)
+        binary, regions_xywh = find_clusters(locmap[i:i + 1], grid=tuple(cfg["grid"]),
+                                             topk_cells=int(cfg["topk_cells"]), threshold=float(cfg["threshold"]))
+        x0, y0, _, _ = meta_content(meta, locmap.shape[2:])
+        regions_xywh[:, 0] -= x0  # tensor -> image content frame, in place
+        regions_xywh[:, 1] -= y0
+        out.append(regions_xywh)
         binaries.append(binary)
     return (out, binaries) if with_binary else out
 
@@ -98,8 +98,9 @@ def lsm_regions(heatmap: torch.Tensor, img_metas: Sequence[Mapping], lsm_cfg: Ma
 def image_lsm_regions(heatmap: torch.Tensor, content_hw: Sequence[int], view_hw: Sequence[int],
                       lsm_cfg: Mapping = None) -> np.ndarray:
     """LSM over a whole image larger than a view: (1,C,H,W) heatmap whose image fills [:h, :w] (content_hw) ->
-    (K,4) int64 regions [x, y, w, h]. The grid keeps a view's cell size (view_hw / LSM's grid) and the share of
-    cells kept (topk_cells of the view's grid), so every part of the image is judged as a view there would be."""
+    (K,4) int64 regions [x, y, w, h] in image pixels. The grid keeps a view's cell size (view_hw / LSM's grid)
+    and the share of cells kept (topk_cells of the view's grid), so every part of the image is judged as a view
+    there would be."""
     cfg = {**LSM_DEFAULTS, **dict(lsm_cfg or {})}
     h, w = int(content_hw[0]), int(content_hw[1])
     gx, gy = (int(v) for v in cfg["grid"])
@@ -107,67 +108,68 @@ def image_lsm_regions(heatmap: torch.Tensor, content_hw: Sequence[int], view_hw:
     nx, ny = max(1, round(w / cell_w)), max(1, round(h / cell_h))
     topk = max(1, round(int(cfg["topk_cells"]) * nx * ny / (gx * gy)))
     locmap = heatmap.detach()[:1, :, :h, :w].max(dim=1, keepdim=True)[0].float().cpu().numpy()
-    _, coords = find_clusters(locmap, grid=(nx, ny), topk_cells=topk, threshold=float(cfg["threshold"]))
-    return coords
+    _, regions_image_xywh = find_clusters(locmap, grid=(nx, ny), topk_cells=topk, threshold=float(cfg["threshold"]))
+    return regions_image_xywh
 
 
-def save_cluster_png(binary: np.ndarray, coords: np.ndarray, path: Path) -> Path:
-    """The LSM binary map with its regions outlined, for inspection."""
+def save_cluster_png(binary: np.ndarray, regions_map_xywh: np.ndarray, path: Path) -> Path:
+    """The LSM binary map with its regions ((K,4) [x, y, w, h] in the map's pixels) outlined, for inspection."""
     from PIL import Image, ImageDraw
 
     img = Image.fromarray(binary).convert("RGB")
     draw = ImageDraw.Draw(img)
-    for x, y, w, h in coords.tolist():
+    for x, y, w, h in regions_map_xywh.tolist():
         draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(255, 0, 0), width=2)
     with atomic_write(path) as fh:  # a failed write (a full disk) is one line and leaves no file
         img.save(fh, format="PNG")
     return path
 
 
-def select_regions(coords: np.ndarray, img_hw: Sequence[int], max_patches: int = 4, min_size: int = 64,
+def select_regions(regions_xywh: np.ndarray, img_hw: Sequence[int], max_patches: int = 4, min_size: int = 64,
                    enlarge: float = 1.2) -> np.ndarray:
     """Keep the max_patches largest regions with both sides >= min_size, enlarge around the centre, clamp.
-    Returns (K,4) float [x, y, w, h] inside an image of size img_hw = (h, w)."""
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
+    regions_xywh: (K,4) [x, y, w, h] in the pixels of an image of size img_hw = (h, w); returns (K',4) int64
+    [x, y, w, h] inside it."""
+    xywh = np.asarray(regions_xywh, dtype=np.float64).reshape(-1, 4)
     h, w = float(img_hw[0]), float(img_hw[1])
-    x1, y1 = np.clip(coords[:, 0], 0, w), np.clip(coords[:, 1], 0, h)  # the part inside the image counts
-    x2, y2 = np.clip(coords[:, 0] + coords[:, 2], 0, w), np.clip(coords[:, 1] + coords[:, 3], 0, h)
-    coords = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
-    coords = coords[(coords[:, 2] >= min_size) & (coords[:, 3] >= min_size)]
-    order = np.argsort(-(coords[:, 2] * coords[:, 3]), kind="stable")
-    coords = coords[order[:max_patches]]
-    cx, cy = coords[:, 0] + coords[:, 2] / 2, coords[:, 1] + coords[:, 3] / 2
-    nw, nh = coords[:, 2] * enlarge, coords[:, 3] * enlarge
+    x1, y1 = np.clip(xywh[:, 0], 0, w), np.clip(xywh[:, 1], 0, h)  # the part inside the image counts
+    x2, y2 = np.clip(xywh[:, 0] + xywh[:, 2], 0, w), np.clip(xywh[:, 1] + xywh[:, 3], 0, h)
+    inside = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
+    inside = inside[(inside[:, 2] >= min_size) & (inside[:, 3] >= min_size)]
+    order = np.argsort(-(inside[:, 2] * inside[:, 3]), kind="stable")
+    kept = inside[order[:max_patches]]
+    cx, cy = kept[:, 0] + kept[:, 2] / 2, kept[:, 1] + kept[:, 3] / 2
+    nw, nh = kept[:, 2] * enlarge, kept[:, 3] * enlarge
     x1, y1 = np.clip(cx - nw / 2, 0, w), np.clip(cy - nh / 2, 0, h)
     x2, y2 = np.clip(cx + nw / 2, 0, w), np.clip(cy + nh / 2, 0, h)
     out = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
     return np.round(out).astype(np.int64)
 
 
-def crop_bounds(coord: Sequence[float], view_hw: Sequence[int]) -> Tuple[int, int, int, int]:
-    """[x, y, w, h] rounded to pixels and clamped to a view of size (h, w): (x1, y1, x2, y2)."""
+def crop_bounds(box_view_xywh: Sequence[float], view_hw: Sequence[int]) -> Tuple[int, int, int, int]:
+    """[x, y, w, h] in a view's pixels rounded to pixels and clamped to the view of size (h, w): (x1, y1, x2, y2)."""
     h, w = int(view_hw[0]), int(view_hw[1])
-    x, y, cw, ch = [int(round(float(v))) for v in coord]
+    x, y, cw, ch = [int(round(float(v))) for v in box_view_xywh]
     x1, y1 = min(max(x, 0), w), min(max(y, 0), h)
     return x1, y1, min(max(x + cw, x1), w), min(max(y + ch, y1), h)
 
 
-def crop_img_tensor(img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:
-    """(C,H,W) -> (C,h,w) view of [x, y, w, h], clamped to the image."""
-    x1, y1, x2, y2 = crop_bounds(coord, img_i.shape[1:])
+def crop_img_tensor(img_i: torch.Tensor, box_tensor_xywh: Sequence[float]) -> torch.Tensor:
+    """(C,H,W) -> (C,h,w) view of [x, y, w, h] in the tensor's pixels, clamped to the tensor."""
+    x1, y1, x2, y2 = crop_bounds(box_tensor_xywh, img_i.shape[1:])
     return img_i[:, y1:y2, x1:x2]
 
 
-def build_patch_meta(meta: Mapping, patch_shape: Sequence[int], coord: Sequence[float],
+def build_patch_meta(meta: Mapping, patch_shape: Sequence[int], box_tensor_xywh: Sequence[float],
                      scale: Union[float, Tuple[float, float]] = 1.0) -> dict:
-    """Meta of a patch cut at coord=[x, y, w, h] (tensor frame) and resized by `scale` (or (sx, sy)):
+    """Meta of a patch cut at box_tensor_xywh = [x, y, w, h] (tensor frame) and resized by `scale` (or (sx, sy)):
     shapes become the patch's, crop_offset=(x, y), scale_factor=[sx, sy, sx, sy], border zero."""
     m = copy.copy(dict(meta))
     ph, pw = int(patch_shape[0]), int(patch_shape[1])
     m["img_shape"] = (ph, pw, 3)
     m["pad_shape"] = (ph, pw, 3)
     m["batch_input_shape"] = (ph, pw)
-    m["crop_offset"] = (float(coord[0]), float(coord[1]))
+    m["crop_offset"] = (float(box_tensor_xywh[0]), float(box_tensor_xywh[1]))
     sx, sy = (scale, scale) if np.isscalar(scale) else scale
     m["scale_factor"] = np.array([sx, sy, sx, sy], dtype=np.float32)
     m["border"] = np.zeros(4, dtype=np.float32)
@@ -221,9 +223,10 @@ def pack_patches(sizes: Sequence[Tuple[int, int]], divisor: int = 32) -> Tuple[T
 
 
 def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.Tensor, torch.Tensor],
-                    regions: np.ndarray, mode: str = "nms", iou_threshold: float = 0.6,
+                    regions_xywh: np.ndarray, mode: str = "nms", iou_threshold: float = 0.6,
                     max_per_img: int = 300) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fuse full-image and remapped patch detections (same frame).
+    """Fuse full-image and remapped patch detections, both in the image content frame, as the crop regions
+    regions_xywh ((K,4) [x, y, w, h]).
 
     nms: union, then class-wise NMS. replace (YOLC): full-image boxes lying entirely inside a region are
     dropped and the patch boxes take their place, then class-wise NMS. none: full-image boxes only.
@@ -232,8 +235,8 @@ def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.
     if mode == "none" or pd.numel() == 0:
         dets, labels = fd, fl
     else:
-        if mode == "replace" and len(regions):
-            r = torch.as_tensor(np.asarray(regions, dtype=np.float32), device=fd.device)
+        if mode == "replace" and len(regions_xywh):
+            r = torch.as_tensor(np.asarray(regions_xywh, dtype=np.float32), device=fd.device)
             x1, y1, x2, y2 = r[:, 0], r[:, 1], r[:, 0] + r[:, 2], r[:, 1] + r[:, 3]
             inside = ((fd[:, None, 0] >= x1) & (fd[:, None, 1] >= y1) &
                       (fd[:, None, 2] <= x2) & (fd[:, None, 3] <= y2)).any(dim=1)
@@ -376,12 +379,13 @@ class KDPatchPlan(PatchPlan):
     scales are float32, as the cache stores them, and the student cuts its patches from those."""
 
     @classmethod
-    def from_targets(cls, boxes: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor,
+    def from_targets(cls, boxes_view_xywh: torch.Tensor, scales: torch.Tensor, valid: torch.Tensor,
                      view_hw: Sequence[int], canvas: Optional[Sequence[int]] = None) -> "KDPatchPlan":
-        """The plan behind stored KD targets (patch_boxes, patch_scales, patch_valid) of views of size view_hw;
-        canvas: the refine maps' canvas (default patch_canvas(view_hw))."""
+        """The plan behind stored KD targets (patch_boxes: (B,K,4) [x, y, w, h] in the view's pixels,
+        patch_scales, patch_valid) of views of size view_hw; canvas: the refine maps' canvas (default
+        patch_canvas(view_hw))."""
         canvas = patch_canvas(view_hw) if canvas is None else canvas
-        return cls(boxes, scales, valid, (int(canvas[0]), int(canvas[1])), (int(view_hw[0]), int(view_hw[1])))
+        return cls(boxes_view_xywh, scales, valid, (int(canvas[0]), int(canvas[1])), (int(view_hw[0]), int(view_hw[1])))
 
     def _fit(self, size: Tuple[int, int]) -> Tuple[int, int]:
         return min(self.canvas[0], size[0]), min(self.canvas[1], size[1])
@@ -416,18 +420,18 @@ class InferencePatchPlan(PatchPlan):
         return canvas, [(0, y, x, h, w) for (y, x), (h, w) in zip(offsets, sizes)]
 
 
-def plan_kd_patches(coords: Sequence[np.ndarray], view_hw: Sequence[int], max_patches: int, min_size: int,
+def plan_kd_patches(regions_view_xywh: Sequence[np.ndarray], view_hw: Sequence[int], max_patches: int, min_size: int,
                     enlarge: float, upscale: float, canvas: Optional[Sequence[int]] = None) -> KDPatchPlan:
     """LSM regions of each view ([x, y, w, h] in the view's frame) -> the KD plan: the max_patches largest regions
     of at least min_size, enlarged, clamped to the view, each upscaled by `upscale` or less to fit the canvas
     (default patch_canvas(view_hw))."""
     view_hw = (int(view_hw[0]), int(view_hw[1]))
     canvas = patch_canvas(view_hw) if canvas is None else (int(canvas[0]), int(canvas[1]))
-    b = len(coords)
+    b = len(regions_view_xywh)
     boxes, scales = torch.zeros(b, max_patches, 4), torch.zeros(b, max_patches, dtype=torch.float32)
     valid = torch.zeros(b, max_patches, dtype=torch.bool)
     regions = []
-    for i, c in enumerate(coords):
+    for i, c in enumerate(regions_view_xywh):
         regs = select_regions(c, view_hw, max_patches, min_size, enlarge)
         for k, (x, y, w, h) in enumerate(regs.tolist()):
             if w >= 1 and h >= 1:
@@ -438,8 +442,8 @@ def plan_kd_patches(coords: Sequence[np.ndarray], view_hw: Sequence[int], max_pa
     return KDPatchPlan(boxes, scales, valid, canvas, view_hw, regions)
 
 
-def plan_inference_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Mapping], view_hw: Sequence[int],
-                           max_patches: int, min_size: int, enlarge: float, upscale: float,
+def plan_inference_patches(regions_content_xywh: Sequence[np.ndarray], img_metas: Sequence[Mapping],
+                           view_hw: Sequence[int], max_patches: int, min_size: int, enlarge: float, upscale: float,
                            canvas: Sequence[int], budget: Optional[float] = None) -> InferencePatchPlan:
     """LSM regions of each image ([x, y, w, h] in its content frame) -> the inference plan: the max_patches
     largest regions of at least min_size, enlarged, clamped to the image content, each upscaled by `upscale` as
@@ -450,11 +454,11 @@ def plan_inference_patches(coords: Sequence[np.ndarray], img_metas: Sequence[Map
     left out when even that does not fit. The fused cost is then about 1 + budget (YOLC has no such bound)."""
     view_hw = (int(view_hw[0]), int(view_hw[1]))
     canvas = (int(canvas[0]), int(canvas[1]))
-    b = len(coords)
+    b = len(regions_content_xywh)
     boxes, scales = torch.zeros(b, max_patches, 4), torch.zeros(b, max_patches, dtype=torch.float64)
     valid = torch.zeros(b, max_patches, dtype=torch.bool)
     regions = []
-    for i, (c, meta) in enumerate(zip(coords, img_metas)):
+    for i, (c, meta) in enumerate(zip(regions_content_xywh, img_metas)):
         ox, oy, h_img, w_img = meta_content(meta, view_hw)  # the image content inside the tensor
         regs = select_regions(c, (h_img, w_img), max_patches, min_size, enlarge)
         left = None if budget is None else float(budget) * h_img * w_img  # patch pixels still allowed
@@ -482,11 +486,11 @@ def _resized_hw(h: int, w: int, scale: float) -> Tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def patch_view(box: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[int],
+def patch_view(box_view_xywh: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[int],
                canvas_hw: Sequence[int]) -> ViewTransform:
     """View frame -> the KD patch canvas of one crop box [x, y, w, h]: the crop as crops.PatchPlan cuts it
     (rounded, clamped), resized to size_hw (the plan's size), zero-padded bottom/right to the canvas."""
-    x1, y1, x2, y2 = crop_bounds(box, view_hw)
+    x1, y1, x2, y2 = crop_bounds(box_view_xywh, view_hw)
     h, w = (int(v) for v in view_hw)
     cut = CropPaste((h, w), (x1, y1, x2, y2), (0, 0), (y2 - y1, x2 - x1))
     size = (int(size_hw[0]), int(size_hw[1]))

@@ -156,7 +156,7 @@ def run_demo(out_dir: Path, iters: int = DEMO_ITERS, kind: str = DEMO_KIND, vari
     student_b = out_dir / f"student_batch{batch}.py"  # the default student at the demo's batch
     write_text(student_b, f"_base_ = {str(student)!r}\ndata = dict(samples_per_gpu={int(batch)})\n")
     student = student_b
-    plain = out_dir / f"student_batch{batch}_nokd.py"  # the same student with the seed's KD switch off
+    plain = out_dir / f"student_batch{batch}_nokd.py"  # the same student with the config's KD switch off
     write_text(plain, f"_base_ = {str(student_b)!r}\ndistill_cfg = dict(enable=False)\n")
     rows = ["--kind", "image"] if kind == "image" else ["--variants", str(variants), "--train-iters", str(iters)]
     run_step(["precompute", "--config", str(student), "--ckpt", str(ASSET_TEACHER), *data, "--out", str(cache / kind),

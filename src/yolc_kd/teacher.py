@@ -16,6 +16,7 @@ from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
 from yolc_kd.models import YOLC, build_detector, tiling
 from yolc_kd.settings import DistillSettings
+from yolc_kd.stride import BOX_STRIDE
 
 
 def teacher_model_cfg(settings: DistillSettings, student_model_cfg: Mapping,
@@ -60,12 +61,14 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping],
     cache's codec takes) whatever the autocast or the teacher's dtype."""
     heat, coarse, _ = teacher.bbox_head(teacher.extract_feat(img))
     # KD crops: LSM on the raw teacher heatmap (inference reads the blurred one); cached targets depend on it
-    coords = teacher.bbox_head.LSM(heat, img_metas)
-    plan = crops.plan_kd_patches(coords, img.shape[2:], settings.max_patches_per_img, settings.min_patch_size,
-                                 float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]))
+    # (LSM's content frame is the view's: a training view's image starts at its top-left corner)
+    regions_view_xywh = teacher.bbox_head.LSM(heat, img_metas)
+    plan = crops.plan_kd_patches(regions_view_xywh, img.shape[2:], settings.max_patches_per_img,
+                                 settings.min_patch_size, float(teacher.crop_cfg["enlarge"]),
+                                 float(teacher.crop_cfg["upscale"]))
     patches = plan.cut(img)
     canvas = plan.canvas
-    refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4),
+    refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // BOX_STRIDE, canvas[1] // BOX_STRIDE),
                            dtype=torch.float32)
     if patches.shape[0]:
         refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
@@ -96,13 +99,14 @@ def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], v
     h, w = int(content_hw[0]), int(content_hw[1])
     heat[:, :, h:] = 0
     heat[:, :, :, w:] = 0
-    coords = crops.image_lsm_regions(heat, (h, w), view_hw, teacher.bbox_head.lsm_cfg)
-    plan = crops.plan_kd_patches([coords], (h, w), int(max_regions), settings.min_patch_size,
+    regions_image_xywh = crops.image_lsm_regions(heat, (h, w), view_hw, teacher.bbox_head.lsm_cfg)
+    plan = crops.plan_kd_patches([regions_image_xywh], (h, w), int(max_regions), settings.min_patch_size,
                                  float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]),
                                  crops.patch_canvas(view_hw))
     patches = plan.cut(img[:, :, :h, :w])
     canvas = plan.canvas
-    refine = img.new_zeros((1, plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4), dtype=torch.float32)
+    refine = img.new_zeros((1, plan.valid.shape[1], 4, canvas[0] // BOX_STRIDE, canvas[1] // BOX_STRIDE),
+                           dtype=torch.float32)
     if patches.shape[0]:
         refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
     return KDTargets(heatmap=heat, coarse=coarse, patch_boxes=plan.boxes.to(img.device),
@@ -115,7 +119,6 @@ def expected_target_identity(cfg: Mapping, aug_cfg: Any, classes: Sequence[str])
     settings: DistillSettings = cfg["distill"]
     config_dir = str(Path(cfg["_path"]).resolve().parent) if cfg.get("_path") else None
     teacher = teacher_model_cfg(settings, cfg["model"], config_dir)
-    w, h = aug_cfg.input_size
-    return target_identity(teacher_model=teacher, augment=aug_cfg.to_dict(), input_size=(w, h), classes=classes,
-                           distill=settings.to_dict(), crop=crops.crop_config(teacher.get("test_cfg")),
-                           patch_canvas=crops.patch_canvas((h, w)), seed=int(cfg.get("seed", 0)))
+    return target_identity(teacher_model=teacher, augment=aug_cfg.to_dict(), input_size=aug_cfg.input_size,
+                           classes=classes, distill=settings.to_dict(), crop=crops.crop_config(teacher.get("test_cfg")),
+                           patch_canvas=crops.patch_canvas(aug_cfg.input_hw), seed=int(cfg.get("seed", 0)))

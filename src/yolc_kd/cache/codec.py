@@ -34,7 +34,12 @@ def cast(x: Any, dtype: str) -> Any:
 
 class ValueCodec(ABC):
     """A value codec: float values <-> codes of dtype `stored` (a numpy dtype name), with a numpy and a torch
-    back-end each; `step` is the value of one code step (the recompute tolerance across numerics adds one)."""
+    back-end each; `step` is the value of one code step (the recompute tolerance across numerics adds one).
+
+    Args:
+        stored: the codes' numpy dtype name (a subclass's field).
+        step: the value of one code step (a subclass's field or property).
+    """
     stored: str
     step: float
 

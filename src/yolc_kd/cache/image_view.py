@@ -32,8 +32,7 @@ from yolc_kd.cache.schema import Layout, scaled_hw
 from yolc_kd.data.view import ViewTransform
 from yolc_kd.data.view_steps import HFlip, Resize
 from yolc_kd.kd import KDTargets
-
-STRIDE = 4  # YOLC's box maps
+from yolc_kd.stride import BOX_STRIDE
 
 
 def view_scale(view: ViewTransform) -> float:
@@ -67,7 +66,8 @@ def view_mirrored(view: ViewTransform) -> bool:
     return ax < 0
 
 
-def source_window(move: ViewTransform, row_hw: Sequence[int], stride: int = STRIDE) -> Tuple[int, int, int, int]:
+def source_window(move: ViewTransform, row_hw: Sequence[int],
+                  stride: int = BOX_STRIDE) -> Tuple[int, int, int, int]:
     """(x0, y0, x1, y1): the part of the row's frame that the view's output shows, one pixel wider for bilinear
     sampling, its start on the box maps' grid (multiples of stride), clipped to the row's image."""
     (ax, bx), (ay, by) = move.affine()
@@ -146,8 +146,8 @@ def crops_in_view(row: Mapping[str, np.ndarray], move: ViewTransform, min_size: 
     cached = np.flatnonzero(np.asarray(row["patch_valid"], bool))
     if len(cached) == 0:
         return []
-    boxes = np.asarray(move.apply_crop_boxes(np.asarray(row["patch_boxes"], np.float64)[cached]))
-    found = [(float(box[2] * box[3]), int(k), box) for k, box in zip(cached, boxes)
+    boxes_view_xywh = np.asarray(move.apply_crop_boxes(np.asarray(row["patch_boxes"], np.float64)[cached]))
+    found = [(float(box[2] * box[3]), int(k), box) for k, box in zip(cached, boxes_view_xywh)
              if box[2] >= min_size and box[3] >= min_size]
     found.sort(key=lambda t: (-t[0], t[1]))
     return [(k, box) for _, k, box in found[:slots]]
@@ -164,40 +164,40 @@ def move_row(row: Mapping[str, np.ndarray], refine: Mapping[int, np.ndarray], la
     x0, y0, x1, y1 = window
     to_view = ViewTransform.crop(row_hw, window).inverse().then(move)  # the window's frame -> the view
     view_hw = view.out_hw
-    coarse_hw = (-(-view_hw[0] // STRIDE), -(-view_hw[1] // STRIDE))
-    coarse, coarse_valid = to_view.apply_box_map(torch.from_numpy(np.asarray(row["coarse"], np.int16)), STRIDE,
+    coarse_hw = (-(-view_hw[0] // BOX_STRIDE), -(-view_hw[1] // BOX_STRIDE))
+    coarse, coarse_valid = to_view.apply_box_map(torch.from_numpy(np.asarray(row["coarse"], np.int16)), BOX_STRIDE,
                                                  out_size=coarse_hw, unit=BOXES.step)
     canvas = crops.patch_canvas(view_hw)
     rh, rw = layout.refine_hw
-    boxes = torch.zeros(1, slots, 4)
+    boxes_view_xywh = torch.zeros(1, slots, 4)
     scales = torch.zeros(1, slots)
     valid = torch.zeros(1, slots, dtype=torch.bool)
     moved = torch.zeros(1, slots, 4, rh, rw, dtype=torch.int16)
     moved_valid = torch.zeros(1, slots, 1, rh, rw, dtype=torch.bool)
     if chosen:
         slot_idx = [k for k, _ in chosen]
-        t_boxes = torch.as_tensor(np.asarray(row["patch_boxes"], np.float32)[slot_idx])[None]
-        t_scales = torch.as_tensor(np.asarray(row["patch_scales"], np.float32)[slot_idx])[None]
-        teacher_plan = crops.KDPatchPlan.from_targets(t_boxes, t_scales, torch.ones(1, len(chosen), dtype=torch.bool),
-                                                      row_hw, canvas)
+        boxes_row_xywh = torch.as_tensor(np.asarray(row["patch_boxes"], np.float32)[slot_idx])[None]
+        scales_row = torch.as_tensor(np.asarray(row["patch_scales"], np.float32)[slot_idx])[None]
+        teacher_plan = crops.KDPatchPlan.from_targets(boxes_row_xywh, scales_row,
+                                                      torch.ones(1, len(chosen), dtype=torch.bool), row_hw, canvas)
         (ax, _), _ = move.affine()
         for j, (k, box) in enumerate(chosen):
-            boxes[0, j] = torch.as_tensor(box, dtype=torch.float32)
+            boxes_view_xywh[0, j] = torch.as_tensor(box, dtype=torch.float32)
             # the student's patch pixels are the teacher's: teacher scale x (row pixels per view pixel)
-            scales[0, j] = float(t_scales[0, j]) / abs(float(ax))
+            scales[0, j] = float(scales_row[0, j]) / abs(float(ax))
             valid[0, j] = True
-        student_plan = crops.KDPatchPlan.from_targets(boxes, scales, valid, view_hw, canvas)
+        student_plan = crops.KDPatchPlan.from_targets(boxes_view_xywh, scales, valid, view_hw, canvas)
         for j, ((k, _), t_size, s_size) in enumerate(zip(chosen, teacher_plan.sizes(), student_plan.sizes())):
-            teacher_patch = crops.patch_view(t_boxes[0, j].tolist(), t_size, row_hw, canvas)
-            student_patch = crops.patch_view(boxes[0, j].tolist(), s_size, view_hw, canvas)
+            teacher_patch = crops.patch_view(boxes_row_xywh[0, j].tolist(), t_size, row_hw, canvas)
+            student_patch = crops.patch_view(boxes_view_xywh[0, j].tolist(), s_size, view_hw, canvas)
             patch_move = teacher_patch.inverse().then(move).then(student_patch)
-            maps, ok = patch_move.apply_box_map(torch.from_numpy(np.asarray(refine[k], np.int16)), STRIDE,
+            maps, ok = patch_move.apply_box_map(torch.from_numpy(np.asarray(refine[k], np.int16)), BOX_STRIDE,
                                                 out_size=(rh, rw), unit=BOXES.step)
             moved[0, j] = torch.where(ok, maps, torch.zeros((), dtype=maps.dtype))
             moved_valid[0, j, 0] = ok
     heat = torch.from_numpy(np.ascontiguousarray(row["heatmap"], dtype=np.uint8))
     targets = KDTargets(heatmap=torch.zeros(1, heat.shape[0], 0, 0, dtype=torch.uint8),
                         coarse=torch.where(coarse_valid, coarse, torch.zeros((), dtype=coarse.dtype))[None],
-                        patch_boxes=boxes, patch_scales=scales, patch_valid=valid, refine=moved,
+                        patch_boxes=boxes_view_xywh, patch_scales=scales, patch_valid=valid, refine=moved,
                         coarse_valid=coarse_valid[None, None], refine_valid=moved_valid)
     return ImageViewTargets(targets, heat, to_view)

@@ -40,6 +40,14 @@ def open_manifest(path: Any) -> Dict[str, Any]:
 
 
 class CacheReader:
+    """An opened cache for reading: its manifest and layout, image id + variant -> sample index, and reads of a
+    sample's arrays (map arrays through shard windows). Picklable; each process opens the arrays again.
+
+    Args:
+        path: the cache directory; UserError when it is no cache, of another schema or unfinished, CacheError
+            when its image id array is damaged.
+    """
+
     def __init__(self, path: Any):
         self.path = Path(path)
         self.manifest = open_manifest(self.path)

@@ -1,8 +1,8 @@
 """Integrity check of a soft-label cache (data_schema.md), with zarr + numpy only (no torch, no models).
 
-`verify_cache(path, deep)` returns the faults it finds, one line each, every line naming the array (or the
-manifest) and the samples (rows) concerned; an empty list means the cache is sound. `check_cache` also returns
-notes on what it could not check. Both kinds of cache (view: K augmented views per image; image: the whole
+`check_cache(path, deep)` returns the faults it finds, one line each, every line naming the array (or the
+manifest) and the samples (rows) concerned (an empty list means the cache is sound), and notes on what it could
+not check. Both kinds of cache (view: K augmented views per image; image: the whole
 image at K = len(scales) scales) are checked for
 
 * the manifest: present and parseable, a known schema version and kind, its fields consistent with each other
@@ -54,26 +54,20 @@ from yolc_kd.cache.verify_structure import StructureChecks
 from yolc_kd.cache.verify_values import ValueChecks, format_ranges
 from yolc_kd.progress import progress_bar
 
-__all__ = ["annotation_sizes", "check_cache", "format_ranges", "verify_cache"]
-
-
-def verify_cache(path: Any, deep: bool = False, progress: bool = False, annotations: Any = None) -> List[str]:
-    """Faults of the cache at `path`, one line each (empty: sound). deep=True decodes every map chunk too.
-    annotations: a COCO file whose image sizes an image-kind cache's rows must match (check_cache)."""
-    return check_cache(path, deep, progress, annotations)[0]
+__all__ = ["annotation_sizes", "check_cache", "format_ranges"]
 
 
 def check_cache(path: Any, deep: bool = False, progress: bool = False,
                 annotations: Any = None) -> Tuple[List[str], List[str]]:
-    """(faults, notes) of the cache at `path`: verify_cache's faults, and lines saying what was not checked.
-    An image-kind cache's rows are checked against the image sizes of `annotations` (a COCO file), or, when
+    """(faults, notes) of the cache at `path`: the faults, one line each (empty: sound), and lines saying what
+    was not checked. deep=True decodes every map chunk too. An image-kind cache's rows are checked against the image sizes of `annotations` (a COCO file), or, when
     None, of the manifest's annotation file if it is still the file the cache was made from (same sha256)."""
     v = _Verifier(Path(path), deep, progress, annotations)
     return v.run(), v.notes
 
 
 class _Verifier(ManifestChecks, StructureChecks, ValueChecks):
-    """One verify_cache run over the cache at `path`: manifest (verify_manifest.py), then structure
+    """One check_cache run over the cache at `path`: manifest (verify_manifest.py), then structure
     (verify_structure.py), then values (verify_values.py); faults and notes collected in order.
 
     Args:

@@ -1,4 +1,4 @@
-"""Manifest checks of verify_cache (cache/verify.py): the root group's manifest present and parseable, a known
+"""Manifest checks of check_cache (cache/verify.py): the root group's manifest present and parseable, a known
 schema version and kind, its fields consistent with each other and with the layout; and the image sizes of an
 annotation file that an image-kind cache's rows must match."""
 from __future__ import annotations
@@ -11,6 +11,7 @@ from yolc_kd.cache.arrays import IMAGE_MAP_TILE
 from yolc_kd.cache.manifest import sha256_file
 from yolc_kd.cache.schema import ALL_SHARD_FILES, CACHE_KINDS, MANIFEST_KEY, SCHEMA_VERSION, Layout
 from yolc_kd.cache.verify_values import _first_line, _short
+from yolc_kd.stride import BOX_STRIDE
 
 
 def annotation_sizes(path: Path) -> Dict[int, Tuple[int, int]]:
@@ -51,7 +52,8 @@ def _layout_checks(m: Mapping[str, Any], lay: Layout) -> List[Tuple[str, Any, An
                     lay.max_patches)]
     canvas = m.get("patch_canvas")
     if isinstance(canvas, list) and len(canvas) == 2 and all(isinstance(c, int) for c in canvas):
-        checks.append(("patch_canvas / 4", [canvas[0] // 4, canvas[1] // 4], list(lay.refine_hw)))
+        checks.append((f"patch_canvas / {BOX_STRIDE}", [canvas[0] // BOX_STRIDE, canvas[1] // BOX_STRIDE],
+                       list(lay.refine_hw)))
     return checks
 
 

@@ -1,4 +1,4 @@
-"""Structure checks of verify_cache (cache/verify.py), all from the table of arrays (cache/arrays.py): every
+"""Structure checks of check_cache (cache/verify.py), all from the table of arrays (cache/arrays.py): every
 array's metadata (dtype, shape, shard and inner-chunk shapes, crc32c codecs), its files (one per committed shard,
 none empty, no stray or `*.partial` ones), the checksums of the small arrays (read whole) and of the maps' shard
 indexes, with deep=True every map chunk decoded and the maps' own value checks."""

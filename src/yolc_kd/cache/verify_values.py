@@ -1,4 +1,4 @@
-"""Value checks of verify_cache (the part that reads the per-sample arrays), mixed into its verifier."""
+"""Value checks of check_cache (the part that reads the per-sample arrays), mixed into its verifier."""
 from __future__ import annotations
 
 import json
@@ -69,7 +69,10 @@ def image_row_problem(params: Mapping[str, Any], scale: float, canvas_hw: Sequen
 
 class ValueChecks:
     """Methods of the verifier that check values; they use its fault helpers and the arrays it has read.
-    annotation_hw: image id -> (height, width) from the annotation file, when the verifier has one."""
+
+    Args:
+        annotation_hw: image id -> (height, width) from the annotation file, when the verifier has one.
+    """
 
     annotation_hw: Optional[Dict[int, Tuple[int, int]]] = None
     _params: Optional[Dict[int, Dict[str, Any]]] = None  # _stored_params, parsed once

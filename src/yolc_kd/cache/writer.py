@@ -55,7 +55,13 @@ def open_existing(path: Path) -> Optional[tuple]:
 
 
 class CacheStore:
-    """An opened cache for writing. `prepare` (rank 0) creates or checks it; `attach` (other ranks) checks it."""
+    """An opened cache for writing. `prepare` (rank 0) creates or checks it; `attach` (other ranks) checks it.
+
+    Args:
+        path: the cache directory.
+        group: its opened Zarr v3 root group.
+        manifest: its manifest (the layout is read from manifest["layout"]).
+    """
 
     def __init__(self, path: Path, group: zarr.Group, manifest: Dict[str, Any]):
         self.path, self.group, self.manifest = Path(path), group, manifest
@@ -183,7 +189,12 @@ def _folder_bytes(path: Path) -> int:
 
 
 class ShardBuffer:
-    """One shard's rows in memory (preallocated), filled sample by sample, written in one call per array."""
+    """One shard's rows in memory (preallocated), filled sample by sample, written in one call per array.
+
+    Args:
+        layout: the cache's layout (shard size, array shapes).
+        j: the shard's index.
+    """
 
     def __init__(self, layout: Layout, j: int):
         self.j = j
@@ -204,7 +215,12 @@ class ShardBuffer:
 
 
 class BackgroundWriter:
-    """Writes shard buffers on a thread beside the teacher; the bounded queue caps the memory in flight."""
+    """Writes shard buffers on a thread beside the teacher; the bounded queue caps the memory in flight.
+
+    Args:
+        store: the cache the shards go to.
+        max_pending: shard buffers queued at most before a put waits.
+    """
 
     def __init__(self, store: CacheStore, max_pending: int = 2):
         self.store = store

@@ -51,7 +51,7 @@ distill_cfg = dict(
     enable=True,
     teacher_ckpt=None,
     teacher_config='./tiny_teacher_synth.py',
-    # normalised KD (issue 12): heatmap per teacher peak, boxes weighted by teacher confidence. Heatmap weight 8:
+    # normalised KD: heatmap per teacher peak, boxes weighted by teacher confidence. Heatmap weight 8:
     # swept 1 vs 8 over three seeds (BENCHMARKS.md); the soft-focal term fades once the student is close, and at
     # 8 every term starts at 0.4x-1.5x the supervised heatmap loss (tests/test_kd_scale.py)
     hm_kd='soft_focal',

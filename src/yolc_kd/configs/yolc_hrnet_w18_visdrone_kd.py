@@ -15,7 +15,7 @@ distill_cfg = dict(
     enable=True,
     teacher_ckpt='work_dirs/yolc_w48/latest.pth',
     teacher_config='./yolc_hrnet_w48_visdrone.py',
-    # normalised KD (issue 12): no weight grows with image size or class count; the tiny pair's weights (heatmap 8,
+    # normalised KD: no weight grows with image size or class count; the tiny pair's weights (heatmap 8,
     # boxes 1, chosen over three seeds there); at 1024x640 with 10 classes every term starts at 0.4x-1.5x the
     # supervised heatmap loss (tests/test_kd_scale.py)
     hm_kd='soft_focal',

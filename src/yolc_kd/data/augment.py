@@ -120,14 +120,26 @@ def _img_norm_cfg(cfg: AugmentConfig) -> dict:
 
 @dataclass
 class AugmentedSample:
-    img: torch.Tensor  # (3, H, W) float32, normalised, zero-padded bottom/right
-    img_uint8: np.ndarray  # (h, w, 3) uint8 RGB, before padding
-    boxes: np.ndarray  # (M, 4) float32 xyxy in the padded-input frame
-    labels: np.ndarray  # (M,) int64
-    params: dict = field(default_factory=dict)  # JSON-able record of every drawn value
-    fingerprint: str = ""  # blake2b-16 hex of the padded uint8 image and its shapes
-    meta: dict = field(default_factory=dict)  # mmdet-style img_metas
-    view: Optional[ViewTransform] = None  # the geometry: original image frame -> padded input frame
+    """One augmented training view of an image.
+
+    Args:
+        img: (3, H, W) float32, normalised, zero-padded bottom/right.
+        img_uint8: (h, w, 3) uint8 RGB, before padding.
+        boxes: (M, 4) float32 xyxy in the padded-input frame.
+        labels: (M,) int64.
+        params: JSON-able record of every drawn value.
+        fingerprint: blake2b-16 hex of the padded uint8 image and its shapes.
+        meta: mmdet-style img_metas.
+        view: the geometry: original image frame -> padded input frame.
+    """
+    img: torch.Tensor
+    img_uint8: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    params: dict = field(default_factory=dict)
+    fingerprint: str = ""
+    meta: dict = field(default_factory=dict)
+    view: Optional[ViewTransform] = None
 
 
 def fingerprint_uint8(img_uint8: np.ndarray, pad_h: int, pad_w: int) -> str:

@@ -50,7 +50,34 @@ def _ints(x, n: int, what: str) -> tuple:
 
 @dataclass
 class AugmentConfig:
-    """YOLC's augmentation settings (defaults = YOLC's train/test pipelines)."""
+    """YOLC's augmentation settings (defaults = YOLC's train/test pipelines), in mmdet's names and orders.
+    input_size is the fixed (W, H) of every train sample, input_hw the same size as (H, W).
+
+    Args:
+        photometric: apply PhotoMetricDistortion.
+        brightness_delta: its brightness range (+-).
+        contrast_range: its contrast factor range.
+        saturation_range: its saturation factor range.
+        hue_delta: its hue range (+-).
+        center_crop: apply RandomCenterCropPad (train mode).
+        crop_size: its crop size, in crop_size_order.
+        crop_size_order: 'wh': crop_size is (w, h) like img_scale; 'hw': mmdet's literal (h, w).
+        ratios: its crop size ratios.
+        border: its border (mmdet's _get_border).
+        crop_mean: its pad value (mean) per channel.
+        crop_std: must be (1, 1, 1) (mmdet stores it and never applies it).
+        crop_to_rgb: its to_rgb.
+        img_scale: Resize's (w, h), as mmdet.
+        keep_ratio: Resize keeps the aspect ratio.
+        flip_ratio: probability of the horizontal RandomFlip.
+        mean: Normalize's mean.
+        std: Normalize's std.
+        to_rgb: Normalize's to_rgb.
+        test_pad_mode: RandomCenterCropPad (test mode) test_pad_mode.
+        test_pad_add_pix: its test_pad_add_pix.
+        test_pad_mean: its pad value per channel.
+        test_pad_to_rgb: its to_rgb.
+    """
 
     # PhotoMetricDistortion
     photometric: bool = True
@@ -155,6 +182,12 @@ class AugmentConfig:
             ws.append(nw)
             hs.append(nh)
         return max(ws), max(hs)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """Fixed (H, W) every train sample is padded to: input_size in the (h, w) order of tensors and Layout."""
+        w, h = self.input_size
+        return h, w
 
     # -- (de)serialisation ----------------------------------------------------
 
@@ -307,7 +340,7 @@ def _check_pad(pipeline: Sequence[dict], cfg: AugmentConfig) -> None:
     """A Pad after Normalize is accepted only when it is a no-op for the fixed input size."""
     for t in pipeline:
         if isinstance(t, dict) and t.get("type") == "Pad":
-            W, H = cfg.input_size
+            H, W = cfg.input_hw
             pv = t.get("pad_val", 0)
             if isinstance(pv, dict):
                 pv = pv.get("img", 0)

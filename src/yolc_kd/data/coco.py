@@ -96,7 +96,14 @@ def _positive_int(value: Any) -> Optional[int]:
 
 
 class CocoDetection:
-    """A COCO json plus an image root. Images keep the order of the json's 'images' list."""
+    """A COCO json plus an image root. Images keep the order of the json's 'images' list.
+
+    Args:
+        ann_file: the COCO annotation file.
+        img_root: the folder the images' file_name is relative to.
+        classes: class names in label order, each matched to a category by name (None: every category, in
+            category id order).
+    """
 
     def __init__(self, ann_file: PathLike, img_root: PathLike, classes: Optional[Sequence[str]] = None) -> None:
         self.ann_file = Path(ann_file)
@@ -243,13 +250,6 @@ class CocoDetection:
     def load_image(self, i: int) -> np.ndarray:
         """The i-th image as (H, W, 3) uint8 RGB."""
         return load_image_rgb(self._images[i]["path"])
-
-    def index_of_image_id(self, image_id: Any) -> int:
-        """Position of a COCO image id; KeyError if it is not in the file."""
-        try:
-            return self._index[image_id]
-        except (KeyError, TypeError):
-            raise KeyError(f"image id {image_id!r} is not in {display_path(self.ann_file)}") from None
 
     @property
     def num_classes(self) -> int:

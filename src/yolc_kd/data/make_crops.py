@@ -37,7 +37,19 @@ LSM_TOPK_CELLS = 15
 
 @dataclass
 class CropSummary:
-    """What make_crop_dataset wrote."""
+    """What make_crop_dataset wrote.
+
+    Args:
+        ann_file: the annotation file written.
+        image_root: the folder the images were written to.
+        images: source images written.
+        crops: crop images written.
+        annotations: annotations of the source images.
+        crop_annotations: annotations of the crops.
+        skipped_images: source images that could not be read.
+        dropped_annotations: unusable annotations left out.
+        warnings: one line per thing the user should know.
+    """
     ann_file: Path
     image_root: Path
     images: int = 0

@@ -13,7 +13,6 @@ Cells whose centre lies outside the view's content (padding) are False in the re
 values are the source's where the source map covers them, else 0."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -529,9 +528,6 @@ class ViewTransform:
     def to_dict(self) -> Dict[str, Any]:
         return dict(view_version=VIEW_VERSION, steps=[s.to_dict() for s in self.steps])
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ViewTransform":
         if not isinstance(d, Mapping) or not isinstance(d.get("steps"), list):
@@ -539,11 +535,3 @@ class ViewTransform:
         if d.get("view_version", VIEW_VERSION) != VIEW_VERSION:
             raise UserError(f"view transform version {d.get('view_version')}, this package reads {VIEW_VERSION}")
         return cls(tuple(step_from_dict(s) for s in d["steps"]))
-
-    @classmethod
-    def from_json(cls, text: str) -> "ViewTransform":
-        try:
-            d = json.loads(text)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"view transform is not JSON: {exc}") from None
-        return cls.from_dict(d)

@@ -123,7 +123,17 @@ def dcn_path(model: nn.Module, mode: str) -> Iterator[int]:
 @dataclass
 class ExportReport:
     """What export_onnx wrote and measured: `checks` holds, per checked input shape (B, 3, H, W), the largest
-    |onnxruntime - PyTorch| of each output map (empty when the check was skipped)."""
+    |onnxruntime - PyTorch| of each output map (empty when the check was skipped).
+
+    Args:
+        path: the ONNX file.
+        seconds: wall time of the export and its checks.
+        size_bytes: the file's size.
+        opset: the ONNX opset.
+        dcn: how the deformable convolution is exported (DCN_MODES).
+        dynamic: batch and image size dynamic (True) or fixed at the sample's.
+        checks: (input shape, output name -> largest difference) per checked shape.
+    """
 
     path: Path
     seconds: float

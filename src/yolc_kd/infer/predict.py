@@ -46,14 +46,28 @@ VIZ_SCORE_THR = 0.3
 
 @dataclass
 class ImageItem:
+    """One image to run on.
+
+    Args:
+        image_id: the COCO image id (an image folder's images count from 1 in name order).
+        path: the image file.
+        file_name: its path relative to the image root.
+    """
     image_id: Any
     path: Path
-    file_name: str  # relative to the image root
+    file_name: str
 
 
 @dataclass
 class ImageSource:
-    """What to run on and how labels map to category ids. ``dataset`` is set for a COCO json."""
+    """What to run on and how labels map to category ids.
+
+    Args:
+        items: the images, in run order.
+        label_to_cat_id: the COCO category id of each label.
+        class_names: the name of each label.
+        dataset: the COCO file's dataset, when the source is one (None for an image folder).
+    """
 
     items: List[ImageItem]
     label_to_cat_id: List[Any]
@@ -124,8 +138,15 @@ def coco_source(ann_file: PathLike, img_root: PathLike, classes: Optional[Sequen
 
 @dataclass
 class ImagePrediction:
-    """Detections of one image in its pixels: boxes (N,4) xyxy, scores (N,), labels (N,);
-    heatmap (C,h,w) over the image content and crop regions (K,4) [x,y,w,h] when kept."""
+    """Detections of one image in its pixels.
+
+    Args:
+        boxes: (N,4) xyxy.
+        scores: (N,).
+        labels: (N,).
+        heatmap: (C,h,w) over the image content, when kept.
+        regions: (K,4) [x,y,w,h] crop regions in the image's pixels, when kept.
+    """
 
     boxes: np.ndarray
     scores: np.ndarray
@@ -255,10 +276,10 @@ class Predictor:
         with torch.inference_mode(), mixed_precision(self.device, self.amp, self.amp_dtype):
             self.model.eval()
             batch = batch.to(self.device)
-            coords = self.crop_model.lsm_coords(batch, metas, **kw) if self.crop_model is not None else None
+            lent_regions = self.crop_model.lsm_coords(batch, metas, **kw) if self.crop_model is not None else None
             results, extras = self.model.simple_test(batch, metas, rescale=True, fusion=self.fusion,
                                                      max_patches=self.max_patches, return_extras=True,
-                                                     crop_coords=coords, keep_heatmap=keep_heatmap, **kw)
+                                                     crop_coords=lent_regions, keep_heatmap=keep_heatmap, **kw)
         batch_hw = tuple(batch.shape[2:])
         del batch
         heat = extras.get("heatmap") if keep_heatmap else None
@@ -303,9 +324,18 @@ def to_coco_results(image_id: Any, pred: ImagePrediction, label_to_cat_id: Seque
 
 @dataclass
 class PredictSummary:
+    """What predict ran and found.
+
+    Args:
+        results: COCO-style detections (image_id, category_id, bbox xywh, score).
+        images: id, file_name, width, height of every processed image.
+        skipped: (file_name, reason) of every image that could not be read.
+        seconds: wall time of the run.
+        viz_files: the pictures written, if any.
+    """
     results: List[Dict[str, Any]]
-    images: List[Dict[str, Any]]  # id, file_name, width, height of every processed image
-    skipped: List[Tuple[str, str]]  # (file_name, reason)
+    images: List[Dict[str, Any]]
+    skipped: List[Tuple[str, str]]
     seconds: float
     viz_files: List[Path] = field(default_factory=list)
 

@@ -110,7 +110,7 @@ def _tag(draw: ImageDraw.ImageDraw, xy: Tuple[float, float], text: str, font: An
 def draw_detections(img: np.ndarray, boxes: Any, labels: Any, scores: Any,
                     class_names: Optional[Sequence[str]] = None, crop_regions: Any = None,
                     heatmap: Any = None, score_thr: float = 0.3) -> Image.Image:
-    """Render detections on an (H,W,3) uint8 image; boxes are xyxy pixels, crops [x,y,w,h]."""
+    """Render detections on an (H,W,3) uint8 image; boxes are xyxy, crop_regions [x,y,w,h], both in its pixels."""
     arr = _np(img)
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)

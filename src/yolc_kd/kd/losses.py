@@ -12,6 +12,7 @@ from yolc_kd import crops
 from yolc_kd.kd.targets import KDTargets
 from yolc_kd.models.losses import gwd_distance_loss, recomputed_in_backward
 from yolc_kd.settings import BOX_KD_DISTANCES, BOX_KD_MODES, DistillSettings, HM_KD_MODES
+from yolc_kd.stride import BOX_STRIDE
 
 
 def _check_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -99,21 +100,21 @@ def cell_weights(heatmap: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tenso
     """(B,C,H,W) teacher probabilities -> (B, h*w) confidence per stride-4 regression cell: max over classes,
     then 4x4 max-pool (pixel (y, x) decodes from cell (y//4, x//4), as YOLCHead.decode_heatmap)."""
     b, _, hh, ww = heatmap.shape
-    if (hh, ww) != (4 * grid_hw[0], 4 * grid_hw[1]):
-        raise ValueError(f"KD heatmap {hh}x{ww} is not 4x the regression grid {grid_hw[0]}x{grid_hw[1]}")
+    if (hh, ww) != (BOX_STRIDE * grid_hw[0], BOX_STRIDE * grid_hw[1]):
+        raise ValueError(f"KD heatmap {hh}x{ww} is not {BOX_STRIDE}x the regression grid {grid_hw[0]}x{grid_hw[1]}")
     conf = heatmap.detach().amax(dim=1, keepdim=True)
-    return F.max_pool2d(conf, 4, stride=4).reshape(b, -1)
+    return F.max_pool2d(conf, BOX_STRIDE, stride=BOX_STRIDE).reshape(b, -1)
 
 
 def patch_cell_weights(targets: KDTargets, grid_hw: Tuple[int, int]) -> torch.Tensor:
     """(Np, ph/4*pw/4) teacher confidence per refine cell of every valid patch: the max-over-classes heatmap
     cut, resized and padded exactly as the image patches (crops.KDPatchPlan.cut), then 4x4 max-pooled."""
     conf = targets.heatmap.detach().float().amax(dim=1, keepdim=True)
-    canvas = (4 * int(grid_hw[0]), 4 * int(grid_hw[1]))  # the canvas the refine maps were computed on
+    canvas = (BOX_STRIDE * int(grid_hw[0]), BOX_STRIDE * int(grid_hw[1]))  # the canvas the refine maps were computed on
     plan = crops.KDPatchPlan.from_targets(targets.patch_boxes, targets.patch_scales, targets.patch_valid,
                                           conf.shape[2:], canvas)
     patches = plan.cut(conf)
-    return F.max_pool2d(patches, 4, stride=4).reshape(patches.shape[0], -1)
+    return F.max_pool2d(patches, BOX_STRIDE, stride=BOX_STRIDE).reshape(patches.shape[0], -1)
 
 
 def _cell_mask(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -16,16 +16,28 @@ class KDTargets:
 
     The three masks say where a target exists; None means everywhere (a teacher that saw the view itself: the
     per-view cache, a live teacher). Targets moved into a view from the image-level cache have no teacher value
-    in the view's padding nor outside the cached crop, and the losses skip those pixels and cells."""
-    heatmap: torch.Tensor       # (B,C,H,W) class probabilities at input resolution
-    coarse: torch.Tensor        # (B,4,h,w) raw coarse xywh maps (stride 4); decode_xywh_to_bbox gives boxes
-    patch_boxes: torch.Tensor   # (B,K,4) crop [x,y,w,h] in view pixels
-    patch_scales: torch.Tensor  # (B,K) resize factor from crop to patch
-    patch_valid: torch.Tensor   # (B,K) bool
-    refine: torch.Tensor        # (B,K,4,ph/4,pw/4) raw refine maps of the teacher on each patch (0 if invalid)
-    heatmap_valid: Optional[torch.Tensor] = None  # (B,1,H,W) bool
-    coarse_valid: Optional[torch.Tensor] = None   # (B,1,h,w) bool
-    refine_valid: Optional[torch.Tensor] = None   # (B,K,1,ph/4,pw/4) bool
+    in the view's padding nor outside the cached crop, and the losses skip those pixels and cells.
+
+    Args:
+        heatmap: (B,C,H,W) class probabilities at input resolution.
+        coarse: (B,4,h,w) raw coarse xywh maps (stride BOX_STRIDE); decode_xywh_to_bbox gives boxes.
+        patch_boxes: (B,K,4) crop [x,y,w,h] in view pixels.
+        patch_scales: (B,K) resize factor from crop to patch.
+        patch_valid: (B,K) bool.
+        refine: (B,K,4,ph/4,pw/4) raw refine maps of the teacher on each patch (0 if invalid).
+        heatmap_valid: (B,1,H,W) bool, or None.
+        coarse_valid: (B,1,h,w) bool, or None.
+        refine_valid: (B,K,1,ph/4,pw/4) bool, or None.
+    """
+    heatmap: torch.Tensor
+    coarse: torch.Tensor
+    patch_boxes: torch.Tensor
+    patch_scales: torch.Tensor
+    patch_valid: torch.Tensor
+    refine: torch.Tensor
+    heatmap_valid: Optional[torch.Tensor] = None
+    coarse_valid: Optional[torch.Tensor] = None
+    refine_valid: Optional[torch.Tensor] = None
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "KDTargets":
         """fn applied to every tensor field (the masks that are None stay None)."""

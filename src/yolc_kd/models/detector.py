@@ -1,7 +1,7 @@
 """The YOLC detector: HRNet -> HRFPN -> YOLCHead, with YOLC's crop-refine-fuse inference."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from yolc_kd.models.hrfpn import HRFPN
 from yolc_kd.models import tiling
 from yolc_kd.models.hrnet import HRNet
 from yolc_kd.models.yolc_head import Dets, YOLCHead, gaussian_blur3x3, local_maximum
+from yolc_kd.stride import BOX_STRIDE
 
 # what the network (backbone + neck + head) returns: ([heatmap], [coarse], [refine]), one entry per feature level
 NetworkOutputs = Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]
@@ -36,6 +37,21 @@ class StudentOutputs(NamedTuple):
 
 
 class YOLC(nn.Module):
+    """YOLC: HRNet backbone -> HRFPN neck -> YOLCHead (a full-resolution class heatmap, coarse and refine box
+    maps at stride BOX_STRIDE), with YOLC's inference: LSM crops of dense regions, refine maps of the crops,
+    detections of the view and of the crops fused (simple_test). Built from an mmdet-style model dict.
+
+    Args:
+        backbone: the backbone's config dict (type HRNet).
+        neck: the neck's config dict (type HRFPN), or None for none.
+        bbox_head: the head's config dict (type YOLCHead); train_cfg and test_cfg are handed to it.
+        train_cfg: training options of the head (mmdet's train_cfg), or None.
+        test_cfg: inference options (topk, NMS, LSM and crop settings, tiling: crops.crop_config,
+            crops.tile_config), or None for YOLCHead's defaults.
+        pretrained: accepted for mmdet config compatibility and not read (load a checkpoint instead).
+        init_cfg: accepted for mmdet config compatibility and not read.
+    """
+
     def __init__(self, backbone: Mapping, neck: Optional[Mapping], bbox_head: Mapping,
                  train_cfg: Optional[Mapping] = None, test_cfg: Optional[Mapping] = None,
                  pretrained: Optional[str] = None, init_cfg=None):
@@ -91,7 +107,7 @@ class YOLC(nn.Module):
             if cut.shape[0]:
                 patch_refine = self.patch_refine(cut)  # all patches, one forward
             else:
-                patch_refine = img.new_zeros((0, 4, patches.canvas[0] // 4, patches.canvas[1] // 4))
+                patch_refine = img.new_zeros((0, 4, patches.canvas[0] // BOX_STRIDE, patches.canvas[1] // BOX_STRIDE))
         return losses, StudentOutputs(heat[0], coarse[0], refine[0], patch_refine)
 
     def patch_refine(self, patches: torch.Tensor) -> torch.Tensor:
@@ -100,20 +116,10 @@ class YOLC(nn.Module):
         assert len(feats) == 1, "YOLC uses one feature level"
         return self.bbox_head.forward_boxes(feats[0])[1]
 
-    # ------------------------------------------------------------------ crop helpers (design names)
-    def _crop_img_tensor(self, img_i: torch.Tensor, coord: Sequence[float]) -> torch.Tensor:
-        return crops.crop_img_tensor(img_i, coord)
-
-    def _build_patch_meta(self, meta: Mapping, patch_shape: Sequence[int], coord: Sequence[float],
-                          scale: float = 1.0) -> dict:
-        return crops.build_patch_meta(meta, patch_shape, coord, scale)
-
-    def _remap_bboxes_to_full(self, bboxes: torch.Tensor, meta_patch: Mapping) -> torch.Tensor:
-        return crops.remap_bboxes_to_full(bboxes, meta_patch)
-
-    def inference_patch_plan(self, img: torch.Tensor, img_metas: List[Mapping], coords: List[np.ndarray],
-                             max_patches: int) -> crops.InferencePatchPlan:
-        """LSM regions -> the inference patch plan with this model's test_cfg.crop."""
+    def inference_patch_plan(self, img: torch.Tensor, img_metas: List[Mapping],
+                             regions_content_xywh: List[np.ndarray], max_patches: int) -> crops.InferencePatchPlan:
+        """LSM regions (per image (K,4) [x, y, w, h] in its content frame) -> the inference patch plan with this
+        model's test_cfg.crop."""
         cfg = self.crop_cfg
         limit = cfg.get("patch_limit", "input")
         if limit not in ("input", "quarter"):
@@ -122,9 +128,9 @@ class YOLC(nn.Module):
         budget = cfg.get("patch_budget")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
             raise ModelConfigError(f"test_cfg.crop.patch_budget must be None or a number > 0, got {budget!r}")
-        return crops.plan_inference_patches(coords, img_metas, img.shape[2:], max_patches, int(cfg["min_patch_size"]),
-                                            float(cfg["enlarge"]), float(cfg["upscale"]), canvas,
-                                            budget=None if budget is None else float(budget))
+        return crops.plan_inference_patches(regions_content_xywh, img_metas, img.shape[2:], max_patches,
+                                            int(cfg["min_patch_size"]), float(cfg["enlarge"]), float(cfg["upscale"]),
+                                            canvas, budget=None if budget is None else float(budget))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -133,9 +139,10 @@ class YOLC(nn.Module):
                     return_extras: bool = False, crop_coords: Optional[List[np.ndarray]] = None,
                     max_pixels: Optional[int] = None, keep_heatmap: bool = True):
         """Full-image detection -> LSM on this model's heatmap (or the given crop_coords, e.g. another model's
-        LSM regions from lsm_coords) -> one batched forward over all patches -> remap -> fusion -> class-wise
-        NMS. Returns per image (dets (N,5) [x1,y1,x2,y2,score], labels (N,)); with return_extras also
-        dict(heatmap=(B,C,H,W) or None without keep_heatmap, regions=per image (K,4)).
+        LSM regions from lsm_coords: per image (K,4) [x, y, w, h] in its content frame) -> one batched forward
+        over all patches -> remap -> fusion -> class-wise NMS. Returns per image (dets (N,5) [x1,y1,x2,y2,score],
+        labels (N,)); with return_extras also dict(heatmap=(B,C,H,W) or None without keep_heatmap, regions=per
+        image (K,4) int64 [x, y, w, h] of the selected crops in its content frame).
 
         max_pixels (None: test_cfg.max_pixels): an input of more pixels runs the network in overlapping tiles
         (models/tiling.py), the patch canvas too; 0 never tiles."""
@@ -163,9 +170,9 @@ class YOLC(nn.Module):
         regions: List[np.ndarray] = [np.zeros((0, 4), np.int64) for _ in img_metas]
         results: List[Dets] = list(full)
         if fusion != "none" and max_patches > 0:
-            coords = crop_coords if crop_coords is not None else self._lsm_of_max(lsm_map, img_metas)
+            regions_content_xywh = crop_coords if crop_coords is not None else self._lsm_of_max(lsm_map, img_metas)
             del lsm_map
-            plan = self.inference_patch_plan(img, img_metas, coords, max_patches)
+            plan = self.inference_patch_plan(img, img_metas, regions_content_xywh, max_patches)
             regions = plan.regions
             results = self._fuse_patches(img, img_metas, full, plan, fusion, max_pixels)
         out = []
@@ -214,10 +221,6 @@ class YOLC(nn.Module):
             out["heat"] = heat[0]
         return out
 
-    def _lsm_of_blurred(self, blurred: torch.Tensor, img_metas: List[Mapping]) -> List[np.ndarray]:
-        """LSM on the blurred (B,C,H,W) heatmap: _lsm_of_max on its max over classes."""
-        return self._lsm_of_max(blurred.amax(dim=1, keepdim=True), img_metas)
-
     def _lsm_of_max(self, lsm_map: torch.Tensor, img_metas: List[Mapping]) -> List[np.ndarray]:
         """LSM on the (B,1,H,W) max over classes of the blurred heatmap (YOLC's get_bboxes blurs the heatmap list
         in place, so its LSM reads the blurred map); zeroed in place outside each image: no clusters in padding."""
@@ -259,9 +262,9 @@ class YOLC(nn.Module):
                 ph, pr = maps["peaks"], maps["refine"]
                 del maps
             del canvas
-            # _remap_bboxes_to_full undoes the patch scale (the windows' boxes are in patch pixels)
+            # remap_bboxes_to_full undoes the patch scale (the windows' boxes are in patch pixels)
             for (dets, labels), m, i in zip(self.bbox_head.bboxes_from_windows(ph, pr, windows), metas, plan.owners):
-                dets = self._remap_bboxes_to_full(dets, m)
+                dets = crops.remap_bboxes_to_full(dets, m)
                 dets = meta_to_image(img_metas[i], img.shape[2:], rescale=False).apply_xyxy(dets)
                 per_img[i].append((dets, labels))
         iou = float(self.test_cfg.get("nms_cfg", {}).get("iou_threshold", 0.6))

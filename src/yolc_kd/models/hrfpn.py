@@ -11,7 +11,15 @@ from yolc_kd.errors import ModelConfigError
 
 
 class ConvModule(nn.Module):
-    """mmcv ConvModule without norm/activation: just a biased conv stored as `.conv`."""
+    """mmcv ConvModule without norm/activation: just a biased conv stored as `.conv`.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        kernel_size: the conv's kernel size.
+        padding: the conv's padding.
+        stride: the conv's stride.
+    """
 
     def __init__(self, cin: int, cout: int, kernel_size: int, padding: int = 0, stride: int = 1):
         super().__init__()
@@ -22,6 +30,21 @@ class ConvModule(nn.Module):
 
 
 class HRFPN(nn.Module):
+    """mmdet's HRFPN neck: every HRNet branch upsampled to the first one's resolution and concatenated, a 1x1
+    reduction conv, then num_outs pooled levels (strides 1, 2, 4, ...) each through a 3x3 conv.
+
+    Args:
+        in_channels: channels of each backbone branch, highest resolution first.
+        out_channels: channels of every output level.
+        num_outs: output levels (YOLC uses 1).
+        pooling_type: "MAX" for max pooling between levels, anything else for average pooling (mmdet's "AVG").
+        conv_cfg: must be None (YOLC uses none).
+        norm_cfg: must be None (YOLC uses none).
+        with_cp: accepted for mmdet config compatibility and not read.
+        stride: stride of the output convs.
+        init_cfg: accepted for mmdet config compatibility and not read.
+    """
+
     def __init__(self, in_channels: Sequence[int], out_channels: int, num_outs: int = 5,
                  pooling_type: str = "AVG", conv_cfg: Optional[Mapping] = None, norm_cfg: Optional[Mapping] = None,
                  with_cp: bool = False, stride: int = 1, init_cfg=None):

@@ -18,6 +18,14 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv + BN, a residual connection, ReLU.
+
+    Args:
+        inplanes: input channels.
+        planes: output channels (expansion 1).
+        stride: stride of the first conv.
+        downsample: module matching the identity to the output's shape, or None.
+    """
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
@@ -37,6 +45,14 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """ResNet's bottleneck block ('pytorch' style): 1x1, 3x3 (strided), 1x1 conv + BN, residual, ReLU.
+
+    Args:
+        inplanes: input channels.
+        planes: inner channels; the output has planes * expansion (4).
+        stride: stride of the 3x3 conv.
+        downsample: module matching the identity to the output's shape, or None.
+    """
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
@@ -74,7 +90,16 @@ def _make_blocks(block, inplanes: int, planes: int, num_blocks: int, stride: int
 
 
 class HRModule(nn.Module):
-    """Parallel branches followed by all-to-all fusion (mmdet's HRModule)."""
+    """Parallel branches followed by all-to-all fusion (mmdet's HRModule).
+
+    Args:
+        num_branches: parallel resolutions.
+        block: the block class of every branch (BasicBlock or Bottleneck).
+        num_blocks: blocks per branch.
+        in_channels: input channels per branch.
+        num_channels: block channels per branch (the output has num_channels * block.expansion).
+        multiscale_output: fuse into every branch's resolution (True) or only the highest one.
+    """
 
     def __init__(self, num_branches: int, block, num_blocks: Sequence[int], in_channels: List[int],
                  num_channels: Sequence[int], multiscale_output: bool = True):
@@ -127,7 +152,21 @@ class HRModule(nn.Module):
 
 
 class HRNet(nn.Module):
-    """mmdet's HRNet: stem (two stride-2 convs), layer1, then stages 2-4 with transitions."""
+    """mmdet's HRNet: stem (two stride-2 convs), layer1, then stages 2-4 with transitions.
+
+    Args:
+        extra: the stages' config (stage1 .. stage4: num_modules, num_branches, block, num_blocks,
+            num_channels), as mmdet's `extra`.
+        in_channels: image channels.
+        conv_cfg: must be None or {}.
+        norm_cfg: None or dict(type='BN') (BatchNorm is the only norm).
+        norm_eval: keep the BatchNorm layers in eval mode while training.
+        with_cp: must be False (no activation checkpointing).
+        zero_init_residual: must be False.
+        multiscale_output: the last stage returns every branch (True) or only the highest resolution.
+        pretrained: accepted for mmdet config compatibility and not read (load a checkpoint instead).
+        init_cfg: accepted for mmdet config compatibility and not read.
+    """
 
     def __init__(self, extra: Mapping, in_channels: int = 3, conv_cfg: Optional[Mapping] = None,
                  norm_cfg: Optional[Mapping] = None, norm_eval: bool = True, with_cp: bool = False,

@@ -57,6 +57,14 @@ def gwd_distance_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class GaussianFocalLoss(nn.Module):
+    """mmdet's GaussianFocalLoss (CenterNet's focal loss on gaussian heatmap targets), computed in float32.
+
+    Args:
+        alpha: the focusing power on the prediction.
+        gamma: the power of (1 - target) that down-weights negatives near a peak.
+        loss_weight: factor on the loss.
+    """
+
     def __init__(self, alpha: float = 2.0, gamma: float = 4.0, loss_weight: float = 1.0):
         super().__init__()
         self.alpha, self.gamma, self.loss_weight = alpha, gamma, loss_weight
@@ -68,6 +76,12 @@ class GaussianFocalLoss(nn.Module):
 
 
 class GWDLoss(nn.Module):
+    """YOLC's GWD box loss (gwd_distance_loss on decoded boxes), computed in float32.
+
+    Args:
+        loss_weight: factor on the loss.
+    """
+
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
         self.loss_weight = loss_weight
@@ -79,6 +93,12 @@ class GWDLoss(nn.Module):
 
 
 class L1Loss(nn.Module):
+    """mmdet's L1Loss (|pred - target|, weighted), computed in float32.
+
+    Args:
+        loss_weight: factor on the loss.
+    """
+
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
         self.loss_weight = loss_weight

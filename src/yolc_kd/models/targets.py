@@ -6,6 +6,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from yolc_kd.stride import BOX_STRIDE
+
 
 def _sqrt(x):
     # math.sqrt as mmdet calls it on 0-dim tensors: a float64 root, rounded back to the operand's dtype
@@ -70,7 +72,7 @@ def yolc_targets(gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor], f
     width_ratio = float(feat_w / img_w)
     height_ratio = float(feat_h / img_h)
     ref = gt_bboxes[-1]
-    heat = ref.new_zeros([bs, num_classes, feat_h * 4, feat_w * 4])
+    heat = ref.new_zeros([bs, num_classes, feat_h * BOX_STRIDE, feat_w * BOX_STRIDE])
     xywh = ref.new_zeros([bs * feat_h * feat_w, 4])
     weight = ref.new_zeros([bs * feat_h * feat_w])
     l1_weight = ref.new_zeros([bs * feat_h * feat_w, 4])
@@ -83,7 +85,7 @@ def yolc_targets(gt_bboxes: List[torch.Tensor], gt_labels: List[torch.Tensor], f
         box_w, box_h = x2 - x1, y2 - y1
         radius = gaussian_radius([box_h, box_w], min_overlap=0.3).trunc().clamp(min=0).long()
         # the heatmap peak sits at the integer centre in input pixels (the head is full resolution)
-        draw_gaussians(heat.view(-1, feat_h * 4, feat_w * 4), image * num_classes + labels,
+        draw_gaussians(heat.view(-1, feat_h * BOX_STRIDE, feat_w * BOX_STRIDE), image * num_classes + labels,
                        ((x1 + x2) / 2).trunc().long(), ((y1 + y2) / 2).trunc().long(), radius)
         ctx_int, cty_int = ctx.trunc().long(), cty.trunc().long()
         keep = (cty_int < feat_h) & (ctx_int < feat_w) & (cty_int >= 0) & (ctx_int >= 0)

@@ -15,6 +15,7 @@ from yolc_kd.data.view import meta_content, meta_to_image
 from yolc_kd.models.deform import DeformConv2d
 from yolc_kd.models.losses import build_loss, recomputed_in_backward
 from yolc_kd.models.targets import yolc_targets
+from yolc_kd.stride import BOX_STRIDE
 
 Dets = Tuple[torch.Tensor, torch.Tensor]
 
@@ -56,6 +57,24 @@ def local_maximum(heat: torch.Tensor, kernel: int = 3) -> torch.Tensor:
 
 
 class YOLCHead(nn.Module):
+    """YOLC's head on one feature map: a class heatmap upsampled to full input resolution (local_head), and box
+    maps at stride BOX_STRIDE, coarse (xywh_init, decoded by decode_xywh_to_bbox) and their deformable refinement
+    (xywh_refine); its losses (gaussian focal on the heatmap, GWD + L1 on the boxes), decoding and LSM.
+
+    Args:
+        in_channel: channels of the feature map (the neck's output).
+        feat_channel: channels of the box branch's hidden convolutions.
+        num_classes: object classes (heatmap channels).
+        loss_center_local: heatmap loss config (default GaussianFocalLoss, weight 1).
+        loss_xywh: box loss config for coarse and refine maps (default GWDLoss, weight 2); an L1 loss of
+            weight 0.5 is added to each.
+        train_cfg: mmdet's train_cfg (kept as given).
+        test_cfg: decoding options over DEFAULT_TEST_CFG (topk, local_maximum_kernel, max_per_img, nms_cfg) plus
+            the LSM and crop settings the detector reads.
+        init_cfg: accepted for mmdet config compatibility and not read.
+        heatmap_prior_prob: start the heatmap at this probability (a yolc-kd option; None: YOLC's init, 0.5).
+    """
+
     def __init__(self, in_channel: int, feat_channel: int, num_classes: int,
                  loss_center_local: Optional[Mapping] = None, loss_xywh: Optional[Mapping] = None,
                  train_cfg: Optional[Mapping] = None, test_cfg: Optional[Mapping] = None, init_cfg=None,
@@ -155,7 +174,7 @@ class YOLCHead(nn.Module):
             return dcn - anchor
 
     def decode_xywh_to_bbox(self, xywh: torch.Tensor) -> torch.Tensor:
-        """decode_xywh_to_bbox of the module (the seed's name for it on the head)."""
+        """The module-level decode_xywh_to_bbox, as a method of the head (the loss calls it so)."""
         return decode_xywh_to_bbox(xywh)
 
     # ------------------------------------------------------------------ loss
@@ -224,11 +243,12 @@ class YOLCHead(nn.Module):
         peaks = local_maximum(heat, self.test_cfg["local_maximum_kernel"])
         out = []
         for b, y, x, h, w in windows:
-            ch, cw = -(-h // 4), -(-w // 4)
-            # kernel 1: the peaks are already found; (4ch, 4cw) keeps the regression stride at 4
+            s = BOX_STRIDE
+            ch, cw = -(-h // s), -(-w // s)
+            # kernel 1: the peaks are already found; (s ch, s cw) keeps the regression stride at BOX_STRIDE
             out.append(tuple(t[0] for t in self.decode_heatmap(
-                peaks[b:b + 1, :, y:y + h, x:x + w], xywh[b:b + 1, :, y // 4:y // 4 + ch, x // 4:x // 4 + cw],
-                (4 * ch, 4 * cw), k=self.test_cfg["topk"], kernel=1)))
+                peaks[b:b + 1, :, y:y + h, x:x + w], xywh[b:b + 1, :, y // s:y // s + ch, x // s:x // s + cw],
+                (s * ch, s * cw), k=self.test_cfg["topk"], kernel=1)))
         return out
 
     def decode_heatmap(self, heat: torch.Tensor, xywh: torch.Tensor, img_shape: Sequence[int], k: int = 100,
@@ -242,8 +262,8 @@ class YOLCHead(nn.Module):
         inds = inds % (hh * hw)
         # full-resolution peak -> its stride-4 regression cell (floor division by 4); the row length is the
         # regression map's (= hw // 4 for a whole map, also right for a window whose width is not a multiple of 4)
-        ys = (inds // hw).div(4, rounding_mode="floor").float()
-        xs = (inds % hw).div(4, rounding_mode="floor").float()
+        ys = (inds // hw).div(BOX_STRIDE, rounding_mode="floor").float()
+        xs = (inds % hw).div(BOX_STRIDE, rounding_mode="floor").float()
         cell = (width * ys + xs).long()
         box = xywh.permute(0, 2, 3, 1).reshape(b, -1, 4).gather(1, cell.unsqueeze(-1).expand(-1, -1, 4))
         cx, cy = xs + box[..., 0], ys + box[..., 1]
@@ -264,16 +284,18 @@ class YOLCHead(nn.Module):
     # ------------------------------------------------------------------ LSM
     def LSM(self, center_heatmap_preds: List[torch.Tensor], img_metas: List[Mapping], visualize: bool = False,
             viz_dir: Optional[str] = None) -> List[np.ndarray]:
-        """Cluster regions [x, y, w, h] (int, input pixels without border) for EVERY image of the batch."""
-        coords, binaries = crops.lsm_regions(center_heatmap_preds[0], img_metas, self.lsm_cfg, with_binary=True)
+        """Cluster regions [x, y, w, h] (int, input pixels without border: the image content frame) for EVERY
+        image of the batch."""
+        regions_content_xywh, binaries = crops.lsm_regions(center_heatmap_preds[0], img_metas, self.lsm_cfg,
+                                                           with_binary=True)
         if visualize:
             viz_dir = self._viz_dir(viz_dir)
             for i, (meta, binary) in enumerate(zip(img_metas, binaries)):
                 name = Path(str(meta.get("filename", f"img{i}"))).stem
                 x0, y0, _, _ = meta_content(meta, binary.shape)
-                drawn = coords[i] + np.array([x0, y0, 0, 0])  # the binary map is in the tensor frame
-                crops.save_cluster_png(binary, drawn, Path(viz_dir) / f"lsm_{name}.png")
-        return coords
+                regions_tensor_xywh = regions_content_xywh[i] + np.array([x0, y0, 0, 0])  # the binary map's frame
+                crops.save_cluster_png(binary, regions_tensor_xywh, Path(viz_dir) / f"lsm_{name}.png")
+        return regions_content_xywh
 
     @property
     def lsm_cfg(self) -> Dict[str, object]:
@@ -286,13 +308,3 @@ class YOLCHead(nn.Module):
         if not viz_dir:
             raise ValueError("LSM visualisation needs viz_dir (or test_cfg.lsm.viz_dir)")
         return str(viz_dir)
-
-    def findclusters(self, heatmap: np.ndarray, visualize: bool = False, viz_dir: Optional[str] = None,
-                     name: str = "heatmap") -> np.ndarray:
-        """YOLC's cluster finder on one (1,1,H,W) max-over-classes heatmap -> (K,4) int [x, y, w, h]."""
-        cfg = self.lsm_cfg
-        binary, coords = crops.find_clusters(heatmap, grid=tuple(cfg["grid"]), topk_cells=int(cfg["topk_cells"]),
-                                             threshold=float(cfg["threshold"]))
-        if visualize:
-            crops.save_cluster_png(binary, coords, Path(self._viz_dir(viz_dir)) / f"lsm_{Path(name).stem}.png")
-        return coords

@@ -60,12 +60,25 @@ def numerics_difference(run_m: Mapping[str, Any], device: str) -> Optional[str]:
 
 @dataclass
 class RecomputeOptions:
-    samples: int                        # how many random stored samples to re-run
-    config: str                         # the student's config the cache was made with
-    ckpt: Optional[str] = None          # default distill_cfg.teacher_ckpt, else the manifest's
-    ann: Optional[str] = None           # default the manifest's
+    """What `verify --recompute` re-runs the teacher with.
+
+    Args:
+        samples: how many random stored samples to re-run.
+        config: the student's config the cache was made with.
+        ckpt: the teacher checkpoint (None: distill_cfg.teacher_ckpt, else the manifest's).
+        ann: the annotation file (None: the manifest's).
+        images: the image root (None: the manifest's).
+        seed: picks the samples.
+        device: where the teacher runs ("auto" or a device name).
+        trust: allow checkpoints that need pickle code.
+        progress: show a progress bar.
+    """
+    samples: int
+    config: str
+    ckpt: Optional[str] = None
+    ann: Optional[str] = None
     images: Optional[str] = None
-    seed: int = 0                       # picks the samples
+    seed: int = 0
     device: str = "auto"
     trust: bool = False
     progress: bool = True
@@ -210,7 +223,7 @@ def _image_batches(coco: CocoDetection, aug_cfg: AugmentConfig, reader: CacheRea
     lay = reader.layout
     images = sorted({r // lay.variants for r in chosen})
     rows = ImageRows(coco, aug_cfg, lay.image_rows(), reader.image_ids.tolist(), images)
-    view_hw = (int(aug_cfg.input_size[1]), int(aug_cfg.input_size[0]))
+    view_hw = aug_cfg.input_hw
     shapes = lay.sample_shapes()
     wanted = set(chosen)
 

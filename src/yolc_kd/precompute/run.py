@@ -39,25 +39,48 @@ from yolc_kd.teacher import build_teacher, image_targets, teacher_model_cfg, tea
 
 @dataclass
 class PrecomputeOptions:
+    """How `precompute` writes a cache.
+
+    Args:
+        out: the cache directory.
+        variants: view kind: augmented views per image (the command resolves `auto`).
+        device: a resolved device (runtime.resolve_device; the command resolves `auto`).
+        ckpt: the teacher checkpoint (None: distill_cfg.teacher_ckpt).
+        batch_size: teacher batch.
+        kind: "view" or "image" (cache/schema.py CACHE_KINDS).
+        scales: image kind: cached scales (None: auto over the views' range).
+        regions: image kind: crop slots per row (None: image_level.auto_regions).
+        mirror: image kind: every scale also as the mirrored image.
+        amp: run the teacher under autocast.
+        amp_dtype: --amp-dtype (None: float16 on CUDA, bfloat16 on CPU).
+        trust: allow checkpoints that need pickle code.
+        strict: stop at the first unreadable image instead of skipping it.
+        shard_size: rows per shard (None: 16 views, or one image's scales).
+        workers: image loading processes.
+        threads: CPU intra-op threads, pinned: float results depend on the count.
+        progress: show a progress bar.
+        config_dir: resolves a relative distill_cfg.teacher_config.
+        deterministic: --deterministic: runtime.numerics' repeatable settings.
+    """
     out: Path
-    variants: int                       # view kind: augmented views per image (the command resolves `auto`)
-    device: str                         # a resolved device (runtime.resolve_device; the command resolves `auto`)
-    ckpt: Optional[str] = None          # default: distill_cfg.teacher_ckpt
+    variants: int
+    device: str
+    ckpt: Optional[str] = None
     batch_size: int = 4
-    kind: str = "view"                  # "view" or "image" (cache/schema.py CACHE_KINDS)
-    scales: Optional[Tuple[float, ...]] = None  # image kind: cached scales (None: auto over the views' range)
-    regions: Optional[int] = None       # image kind: crop slots per row (None: image_level.auto_regions)
-    mirror: bool = False                # image kind: every scale also as the mirrored image
+    kind: str = "view"
+    scales: Optional[Tuple[float, ...]] = None
+    regions: Optional[int] = None
+    mirror: bool = False
     amp: bool = False
-    amp_dtype: Optional[str] = None     # --amp-dtype (None: float16 on CUDA, bfloat16 on CPU)
+    amp_dtype: Optional[str] = None
     trust: bool = False
     strict: bool = False
-    shard_size: Optional[int] = None    # rows per shard (None: 16 views, or one image's scales)
+    shard_size: Optional[int] = None
     workers: int = 0
-    threads: int = 1                    # CPU intra-op threads, pinned: float results depend on the count
+    threads: int = 1
     progress: bool = True
-    config_dir: Optional[str] = None    # resolves a relative distill_cfg.teacher_config
-    deterministic: bool = False         # --deterministic: runtime.numerics' repeatable settings
+    config_dir: Optional[str] = None
+    deterministic: bool = False
 
 
 def _check_options(opts: PrecomputeOptions) -> None:
@@ -188,12 +211,12 @@ def _precompute(cfg: Mapping, coco: CocoDetection, opts: PrecomputeOptions) -> D
         raise UserError(f"the teacher predicts {teacher.bbox_head.num_classes} classes but {coco.ann_file} "
                         f"has {coco.num_classes}")
     aug_cfg = augment_config(cfg)
-    w, h = aug_cfg.input_size
-    canvas = crops.patch_canvas((h, w))
+    input_hw = aug_cfg.input_hw
+    canvas = crops.patch_canvas(input_hw)
     if opts.kind == "image":
-        layout = _image_layout(teacher, coco, opts, (h, w), settings, aug_cfg)
+        layout = _image_layout(teacher, coco, opts, input_hw, settings, aug_cfg)
     else:
-        layout = _layout(teacher, coco, opts, (h, w), settings)
+        layout = _layout(teacher, coco, opts, input_hw, settings)
     env = init_distributed(opts.device, backend="gloo", timeout=timedelta(hours=24))  # barriers only; ranks may finish far apart
     rank, world = env.rank, env.world
     manifest = build_manifest(cfg, coco, aug_cfg, teacher_model_cfg(settings, cfg["model"], opts.config_dir), teacher,
@@ -227,7 +250,7 @@ def _fill(store: CacheStore, shards: List[int], teacher: nn.Module, coco: CocoDe
     if layout.kind == "image":
         images = sorted({r // layout.variants for j in shards for r in range(*layout.shard_range(j))})
         jobs: Any = ImageRows(coco, aug_cfg, layout.image_rows(), image_ids, images)
-        view_hw = (int(aug_cfg.input_size[1]), int(aug_cfg.input_size[0]))
+        view_hw = aug_cfg.input_hw
         label: Callable[[Mapping[str, Any]], Any] = lambda item: _label_images(
             teacher, item, view_hw, settings, opts.device, opts.amp, opts.amp_dtype, layout.max_patches)
         to_rows: Callable[..., List[Dict[str, Any]]] = lambda t, r: _image_rows(t, r, seed, layout)

@@ -39,7 +39,16 @@ def image_ids_of(coco: CocoDetection) -> List[int]:
 
 class ViewJobs(Dataset):
     """Item k -> dict(records, img (n_ok,3,H,W) or None, metas): a record per sample of job k with
-    index, image_id, variant, status and params/fingerprint (ok) or reason (skipped). Never raises for a bad image."""
+    index, image_id, variant, status and params/fingerprint (ok) or reason (skipped). Never raises for a bad image.
+
+    Args:
+        coco: the dataset.
+        augment: the training augmentation that draws each view.
+        seed: the run's seed (a view's draw depends on seed, image id and variant).
+        variants: views per image.
+        image_ids: the cache's image ids, by image position.
+        jobs: per job, the sample indices (image position * variants + variant) it makes.
+    """
 
     def __init__(self, coco: CocoDetection, augment: TrainAugment, seed: int, variants: int,
                  image_ids: Sequence[int], jobs: List[List[int]]):

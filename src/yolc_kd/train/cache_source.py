@@ -21,7 +21,11 @@ from yolc_kd.train.image_source import ImageCacheSource
 
 class CacheTargetSource:
     """TargetSource over a finished cache: read() serves one sample's stored targets in the DataLoader workers
-    (raises CacheError, a UserError, for a damaged or skipped sample); targets() dequantises the batch."""
+    (raises CacheError, a UserError, for a damaged or skipped sample); targets() dequantises the batch.
+
+    Args:
+        reader: the opened per-view cache.
+    """
     reads_samples = True
 
     def __init__(self, reader: CacheReader):

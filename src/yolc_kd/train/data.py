@@ -21,7 +21,12 @@ class TargetSource(Protocol):
     """Where the trainer's KD targets come from: the soft-label cache of either kind (train/cache_source.py,
     train/image_source.py) or a live teacher (train/teacher_source.py). The trainer only calls to() and
     targets(); a source that stores per-sample targets (reads_samples) also serves sample_targets() to the
-    dataset in the DataLoader workers."""
+    dataset in the DataLoader workers.
+
+    Args:
+        num_variants: the cached views per image (None: a fresh view every pass).
+        reads_samples: whether the dataset calls sample_targets() per sample.
+    """
     num_variants: Optional[int]
     reads_samples: bool
 
@@ -41,7 +46,16 @@ class TrainSamples(Dataset):
     """Item (k, v): the k-th used image (all of coco, or `indices`, e.g. without the missing files) augmented
     with key (seed, image_id, v); with a source, its cached targets, after checking that the replayed view is
     the one the teacher saw. A bad sample gives dict(bad=message) with skip_bad; else its UserError is raised,
-    or in a DataLoader worker returned as dict(error=message) for OneLineLoader to raise as one line."""
+    or in a DataLoader worker returned as dict(error=message) for OneLineLoader to raise as one line.
+
+    Args:
+        coco: the dataset.
+        augment: the training augmentation.
+        seed: the run's seed (a view's draw depends on seed, image id and variant).
+        source: where per-sample KD targets come from, or None.
+        skip_bad: a bad sample gives dict(bad=message) instead of raising.
+        indices: the image positions to use (None: all of coco).
+    """
 
     def __init__(self, coco: CocoDetection, augment: TrainAugment, seed: int,
                  source: Optional[TargetSource] = None, skip_bad: bool = False,

@@ -63,7 +63,12 @@ def ema_hook(cfg: Mapping) -> Optional[dict]:
 
 
 class WeightAverage:
-    """The running average of a model's weights. `update(model, it)` after each optimizer step."""
+    """The running average of a model's weights. `update(model, it)` after each optimizer step.
+
+    Args:
+        model: the model whose weights are averaged (copied at the start).
+        hook: the EMA hook's config (interval, momentum and its schedule: train/ema.py momentum_fun).
+    """
 
     def __init__(self, model: nn.Module, hook: Mapping[str, Any]):
         self.hook = dict(hook)

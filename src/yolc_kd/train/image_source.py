@@ -17,6 +17,7 @@ from yolc_kd.cache.schema import scaled_hw
 from yolc_kd.data.augment import AugmentedSample, fingerprint_image
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
+from yolc_kd.stride import BOX_STRIDE
 
 _SMALL = ("status", "aug_params", "fingerprint", "variant", "patch_boxes", "patch_scales", "patch_valid")
 
@@ -81,7 +82,7 @@ class ImageCacheSource:
         move = image_view.row_to_view(image_hw, self.layout.row_scale(v), self.layout.row_mirrored(v), sample.view)
         x0, y0, x1, y1 = window = image_view.source_window(move, row_hw)
         chosen = image_view.crops_in_view(row, move, self.min_patch_size, self.max_patches)
-        s = image_view.STRIDE
+        s = BOX_STRIDE
         maps = self.reader.read_requests(
             [("heatmap", (index, slice(None), slice(y0, y1), slice(x0, x1))),
              ("coarse", (index, slice(None), slice(y0 // s, -(-y1 // s)), slice(x0 // s, -(-x1 // s))))]

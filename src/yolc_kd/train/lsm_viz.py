@@ -14,6 +14,14 @@ LSM_VIZ_BATCHES = 2  # the first batches of a run are drawn
 
 
 class LSMVisualizer:
+    """Writes, for the first `batches` batches with KD targets, each view's LSM binary map of the teacher's
+    heatmap with the KD crops the batch used outlined (iter<it>_img<id>_v<variant>.png).
+
+    Args:
+        out_dir: the folder of the PNGs.
+        batches: how many batches to draw.
+    """
+
     def __init__(self, out_dir: Path, batches: int = LSM_VIZ_BATCHES):
         self.out_dir, self.left = Path(out_dir), int(batches)
 

@@ -20,37 +20,37 @@ from yolc_kd import crops
 from yolc_kd.cache.codec import BOXES
 from yolc_kd.data.view import ViewTransform
 from yolc_kd.kd import KDTargets
-
-STRIDE = 4
+from yolc_kd.stride import BOX_STRIDE
 
 
 def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
     """KD targets of one view (batch 1, stored or float dtypes) for the horizontally mirrored view."""
     flip = ViewTransform.hflip(view_hw)
-    if not flip.moves_cells(STRIDE):
-        raise ValueError(f"mirroring needs a view width divisible by {STRIDE}, got {int(view_hw[1])}")
+    if not flip.moves_cells(BOX_STRIDE):
+        raise ValueError(f"mirroring needs a view width divisible by {BOX_STRIDE}, got {int(view_hw[1])}")
     heatmap, _ = flip.apply_map(t.heatmap)
-    coarse, _ = flip.apply_box_map(t.coarse, STRIDE, unit=BOXES.unit(t.coarse))
-    boxes, valid, refine = t.patch_boxes.clone(), t.patch_valid.clone(), t.refine.clone()
+    coarse, _ = flip.apply_box_map(t.coarse, BOX_STRIDE, unit=BOXES.unit(t.coarse))
+    boxes_mirrored_xywh, valid, refine = t.patch_boxes.clone(), t.patch_valid.clone(), t.refine.clone()
     plan = crops.KDPatchPlan.from_targets(t.patch_boxes, t.patch_scales, t.patch_valid, view_hw)
-    canvas = (STRIDE * t.refine.shape[-2], STRIDE * t.refine.shape[-1])
+    canvas = (BOX_STRIDE * t.refine.shape[-2], BOX_STRIDE * t.refine.shape[-1])
     for (b, k), size in zip(t.patch_valid.nonzero().tolist(), plan.sizes()):
         new_box = flip.apply_crop_boxes(t.patch_boxes[b, k][None])[0]
         old_patch = crops.patch_view(t.patch_boxes[b, k].tolist(), size, view_hw, canvas)
         new_patch = crops.patch_view(new_box.tolist(), size, view_hw, canvas)
         moved = old_patch.inverse().then(flip).then(new_patch)
         whole = moved.content_rect() == (0, 0, size[1], size[0])  # the new patch is all old patch pixels
-        if not (whole and moved.moves_cells(STRIDE)):
+        if not (whole and moved.moves_cells(BOX_STRIDE)):
             valid[b, k] = False
             refine[b, k] = 0
             continue
-        maps, _ = moved.apply_box_map(t.refine[b, k], STRIDE, unit=BOXES.unit(t.refine))
+        maps, _ = moved.apply_box_map(t.refine[b, k], BOX_STRIDE, unit=BOXES.unit(t.refine))
         # the canvas below the patch is zero padding in both views, so those rows move with the patch's
         # columns; the columns right of the patch (padding too) keep the teacher's values
-        _, columns = moved.valid_axes(STRIDE, t.refine.shape[-2:])
+        _, columns = moved.valid_axes(BOX_STRIDE, t.refine.shape[-2:])
         refine[b, k] = torch.where(columns.to(maps.device), maps, t.refine[b, k])
-        boxes[b, k] = new_box
-    return replace(t, heatmap=heatmap, coarse=coarse, patch_boxes=boxes, patch_valid=valid, refine=refine)
+        boxes_mirrored_xywh[b, k] = new_box
+    return replace(t, heatmap=heatmap, coarse=coarse, patch_boxes=boxes_mirrored_xywh, patch_valid=valid,
+                   refine=refine)
 
 
 def flip_sample(sample: Dict[str, Any]) -> Dict[str, Any]:

@@ -22,14 +22,20 @@ from yolc_kd.train.loop import Trainer, TrainOptions
 
 @dataclass
 class KDSource:
-    """Where KD targets come from: cache (a folder) or online (a live teacher; teacher_ckpt overrides the config)."""
+    """Where KD targets come from, as the command line asks.
+
+    Args:
+        cache: a soft-label cache folder (offline KD), or None.
+        online: a live teacher computes the targets.
+        teacher_ckpt: the teacher checkpoint (overrides distill_cfg.teacher_ckpt), or None.
+    """
     cache: Optional[str] = None
     online: bool = False
     teacher_ckpt: Optional[str] = None
 
 
 def kd_mode(settings: DistillSettings, kd: KDSource, where: str = "the config") -> str:
-    """Which KD this run does, from distill_cfg.enable (the seed's switch) and the command line:
+    """Which KD this run does, from distill_cfg.enable (the config's KD switch) and the command line:
     "offline" (--cache), "online" (a live teacher) or "none". enable=True with a teacher (--teacher-ckpt or
     distill_cfg.teacher_ckpt) and no --cache is online KD; enable=False is no KD, and a KD source asked for with
     it is one UserError; a config without distill_cfg (enable None) distils only when asked to. Every other
