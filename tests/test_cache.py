@@ -180,6 +180,17 @@ def test_writer_refuses_a_foreign_folder_and_other_settings(tmp_path):
         CacheStore.prepare(tmp_path / "c", other, image_ids=range(6))
 
 
+def test_a_cache_without_an_array_of_the_table_is_one_line_naming_it(made, tmp_path):
+    """A cache made before an array joined cache/arrays.py (or one that lost its folder): the reader names the
+    missing array instead of failing on another."""
+    cache = tmp_path / "soft"
+    shutil.copytree(made.cache, cache)
+    shutil.rmtree(cache / "patch_scales")
+    with pytest.raises(CacheError, match="has no array patch_scales") as exc:
+        CacheReader(cache)
+    assert "\n" not in str(exc.value) and "image_ids" not in str(exc.value)
+
+
 def test_reader_needs_a_cache(tmp_path):
     with pytest.raises(UserError, match="not a yolc-kd cache"):
         CacheReader(tmp_path)

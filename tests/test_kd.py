@@ -1,5 +1,6 @@
 """KD losses."""
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from yolc_kd.kd import (KDTargets, box_distance, cell_weights, heatmap_kd, kd_lo
                         soft_focal_heatmap_kd, teacher_peak_count, weighted_box_kd)
 from yolc_kd.models import build_detector
 from yolc_kd.models.losses import GWDLoss, L1Loss
-from yolc_kd.settings import DistillSettings
+from yolc_kd.settings import HM_KD_MODES, DistillSettings
 
 # the seed's formulas (selected by name); the normalised defaults are tested in the second half of this file
 DCFG = DistillSettings(max_patches_per_img=2, min_patch_size=16, kd_weight_global_hm=2.0,
@@ -94,7 +95,8 @@ def test_defaults_are_the_normalised_losses_and_seed_stays_selectable():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("hm_kd", "focal", r"'distill_cfg\.hm_kd' must be one of 'soft_focal', 'mse', 'kl', got 'focal'"),
+    ("hm_kd", "focal", r"'distill_cfg\.hm_kd' must be one of " + re.escape(", ".join(map(repr, HM_KD_MODES)))
+     + ", got 'focal'"),
     ("box_kd", "l2", r"'distill_cfg\.box_kd' must be one of 'weighted', 'mse'"),
     ("box_kd_distance", "iou", r"'distill_cfg\.box_kd_distance' must be one of 'mse', 'gwd_l1'"),
     ("hm_kd_beta", -1.0, r"hm_kd_beta' must be in 0\.\.8"),

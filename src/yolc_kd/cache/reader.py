@@ -56,8 +56,9 @@ class CacheReader:
         self._windows: Dict[str, Optional[ShardWindows]] = {}  # map arrays read past zarr (shard_windows.py)
         self._pid: Optional[int] = None
         self._done: set = set()
+        arrays = self._open()
         try:
-            self.image_ids = np.asarray(self._open()[IMAGE_IDS][:], dtype=np.int64)
+            self.image_ids = np.asarray(arrays[IMAGE_IDS][:], dtype=np.int64)
         except Exception as exc:
             raise CacheError(f"{self.path}: array '{IMAGE_IDS}' is damaged ({exc})") from None
         self._position = {int(x): i for i, x in enumerate(self.image_ids.tolist())}
@@ -69,7 +70,16 @@ class CacheReader:
 
     def _open(self) -> Dict[str, zarr.Array]:
         if self._arrays is None or self._pid != os.getpid():
-            group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+            try:
+                group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+                present = set(group.array_keys())
+            except Exception as exc:
+                raise CacheError(f"{self.path}: the cache's arrays cannot be opened ({exc})") from None
+            missing = [name for name in array_names() if name not in present]
+            if missing:
+                raise CacheError(f"{self.path} has no array {', '.join(missing)} (cache/arrays.py lists it): it was "
+                                 f"made by a yolc-kd without it or damaged; `yolc-kd verify {self.path}` says which, "
+                                 f"and a new precompute into another folder makes a complete cache")
             self._arrays = {name: group[name] for name in array_names()}
             self._windows = {name: ShardWindows.open(self._arrays[name]) for name in map_names()}
             self._pid = os.getpid()
