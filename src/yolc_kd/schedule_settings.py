@@ -197,7 +197,8 @@ class ScheduleSettings:
             optimizer_config=dict(grad_clip=None if self.grad_clip is None else
                                   dict(max_norm=self.grad_clip, norm_type=self.grad_clip_norm_type)),
             lr_config=lr_config, runner=dict(type=self.runner, **length), evaluation=evaluation,
-            checkpoint_config=dict(interval=self.checkpoint_interval), log_config=dict(interval=self.log_interval, hooks=[]),
+            checkpoint_config=dict(interval=self.checkpoint_interval),
+            log_config=dict(interval=self.log_interval, hooks=[]),
             precise_bn=dict(num_batches=self.precise_bn_batches) if self.precise_bn_batches else None)
 
 
@@ -209,7 +210,8 @@ _FIELDS: Dict[str, Tuple[str, Tuple[type, ...]]] = dict(
     lr_policy=("lr_config.policy", (str,)), warmup=("lr_config.warmup", (str, type(None))),
     warmup_iters=("lr_config.warmup_iters", (int,)), warmup_ratio=("lr_config.warmup_ratio", _NUMBER),
     step=("lr_config.step", (list, tuple)), gamma=("lr_config.gamma", _NUMBER),
-    min_lr=("lr_config.min_lr", _NUMBER + (type(None),)), min_lr_ratio=("lr_config.min_lr_ratio", _NUMBER + (type(None),)),
+    min_lr=("lr_config.min_lr", _NUMBER + (type(None),)),
+    min_lr_ratio=("lr_config.min_lr_ratio", _NUMBER + (type(None),)),
     runner=("runner.type", (str,)), max_epochs=("runner.max_epochs", (int,)), max_iters=("runner.max_iters", (int,)),
     checkpoint_interval=("checkpoint_config.interval", (int,)), eval_interval=("evaluation.interval", (int,)),
     save_best=("evaluation.save_best", (str, type(None))), log_interval=("log_config.interval", (int,)),

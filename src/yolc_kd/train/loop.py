@@ -62,7 +62,8 @@ class Trainer:
 
     State the hooks read: model, optimizer, ema, sampler, loader, source, cfg, schedule (cfg["schedule"]), opts,
     work_dir, rank, dist, iter (iterations finished), start_iter, epoch, total_iters, iters_per_epoch, last (the
-    last step's lr and losses), batch and kd_targets (the step's inputs, until its after_step hooks are done), checkpointer, metrics.
+    last step's lr and losses), batch and kd_targets (the step's inputs, until its after_step hooks are done),
+    checkpointer, metrics.
 
     Args:
         cfg: the config with YOLC's defaults filled in (load_config(..., with_defaults=True)).
