@@ -62,7 +62,7 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping],
     # KD crops: LSM on the raw teacher heatmap (inference reads the blurred one); cached targets depend on it
     coords = teacher.bbox_head.LSM(heat, img_metas)
     plan = crops.plan_kd_patches(coords, img.shape[2:], settings.max_patches_per_img, settings.min_patch_size,
-                                 float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]))
+                                 float(teacher.crop_cfg.enlarge), float(teacher.crop_cfg.upscale))
     patches = plan.cut(img)
     canvas = plan.canvas
     refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // 4, canvas[1] // 4),
@@ -98,7 +98,7 @@ def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], v
     heat[:, :, :, w:] = 0
     coords = crops.image_lsm_regions(heat, (h, w), view_hw, teacher.bbox_head.lsm_cfg)
     plan = crops.plan_kd_patches([coords], (h, w), int(max_regions), settings.min_patch_size,
-                                 float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]),
+                                 float(teacher.crop_cfg.enlarge), float(teacher.crop_cfg.upscale),
                                  crops.patch_canvas(view_hw))
     patches = plan.cut(img[:, :, :h, :w])
     canvas = plan.canvas
@@ -117,5 +117,5 @@ def expected_target_identity(cfg: Mapping, aug_cfg: Any, classes: Sequence[str])
     teacher = teacher_model_cfg(settings, cfg["model"], config_dir)
     w, h = aug_cfg.input_size
     return target_identity(teacher_model=teacher, augment=aug_cfg.to_dict(), input_size=(w, h), classes=classes,
-                           distill=settings.to_dict(), crop=crops.crop_config(teacher.get("test_cfg")),
+                           distill=settings.to_dict(), crop=crops.crop_config(teacher.get("test_cfg")).to_dict(),
                            patch_canvas=crops.patch_canvas((h, w)), seed=int(cfg.get("seed", 0)))
