@@ -80,6 +80,7 @@ BAD = [
     ("optimizer = dict(paramwise_cfg=dict(norm_decay_mult=0))", "'optimizer.paramwise_cfg' is not supported"),
     ("optimizer_config = dict(grad_clip=dict(max_norm=0))", "'optimizer_config.grad_clip.max_norm' must be > 0"),
     ("optimizer_config = dict(grad_clip=35)", "'optimizer_config.grad_clip' must be None or dict("),
+    ("optimizer_config = dict(grad_clip=dict(_delete_=True, norm_type=2))", "'optimizer_config.grad_clip' must be"),
     ("optimizer_config = dict(type='Fp16OptimizerHook')", "unknown key 'optimizer_config.type'"),
     ("lr_config = dict(policy='poly')", "'lr_config.policy' must be one of 'step', 'CosineAnnealing', got 'poly'"),
     ("lr_config = dict(warmup='exp')", "'lr_config.warmup' must be one of 'linear', None, got 'exp'"),
@@ -122,7 +123,8 @@ def test_settings_built_in_code_are_checked_too():
 
 def test_the_trainer_reads_no_schedule_section():
     """The train stage takes cfg["schedule"]; the sections' dicts stay in config / schedule_settings."""
-    sections = {"optimizer_config", "lr_config", "runner", "checkpoint_config", "evaluation", "log_config", "precise_bn"}
+    sections = {"optimizer_config", "lr_config", "runner", "checkpoint_config", "evaluation", "log_config",
+                "precise_bn"}
     for path in sorted((PKG / "train").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in sections:

@@ -86,9 +86,8 @@ class ScheduleSettings:
     def __post_init__(self) -> None:
         for name, (key, expected) in _FIELDS.items():
             check_type(key, getattr(self, name), expected, f" {getattr(self, name)!r}")
-        for name in ("step",):
-            for s in self.step:
-                check_type(f"{_FIELDS[name][0]}[]", s, (int,), f" {s!r}")
+        for s in self.step:
+            check_type("lr_config.step[]", s, (int,), f" {s!r}")
         choices = (("optimizer", tuple(OPTIMIZERS)), ("lr_policy", LR_POLICIES), ("warmup", ("linear", None)),
                    ("runner", RUNNERS), ("save_best", tuple(SAVE_BEST_KEYS) + (None,)))
         for name, allowed in choices:
@@ -148,7 +147,8 @@ class ScheduleSettings:
             if unknown:
                 raise UserError(f"unknown key '{section}.{unknown[0]}' (known: {', '.join(known)})")
         optimizer, clip, lr_cfg = s["optimizer"], s["optimizer_config"].get("grad_clip"), s["lr_config"]
-        if clip is not None and (not isinstance(clip, Mapping) or not set(clip) <= {"max_norm", "norm_type"}):
+        if clip is not None and (not isinstance(clip, Mapping) or "max_norm" not in clip
+                                 or not set(clip) <= {"max_norm", "norm_type"}):
             raise UserError(f"'optimizer_config.grad_clip' must be None or dict(max_norm=..., norm_type=...), "
                             f"got {clip!r}")
         evaluation, log = s["evaluation"], s["log_config"]
@@ -164,15 +164,16 @@ class ScheduleSettings:
                             f"metrics.jsonl and TensorBoard logs), got {hooks!r}")
         save_best = evaluation.get("save_best")
         policy = lr_cfg.get("policy", "step")
-        step = lr_cfg.get("step")
+        step, warmup_iters = lr_cfg.get("step"), lr_cfg.get("warmup_iters")
         d = cls()
         return cls(
             optimizer=optimizer.get("type", d.optimizer), lr=optimizer.get("lr", d.lr),
             optimizer_args={k: v for k, v in optimizer.items() if k not in ("type", "lr")},
-            grad_clip=None if clip is None else clip.get("max_norm"),
-            grad_clip_norm_type=d.grad_clip_norm_type if clip is None else clip.get("norm_type", d.grad_clip_norm_type),
+            grad_clip=None if clip is None else clip["max_norm"],
+            grad_clip_norm_type=(clip or {}).get("norm_type", d.grad_clip_norm_type),
             lr_policy="step" if policy == "Step" else policy, warmup=lr_cfg.get("warmup"),
-            warmup_iters=lr_cfg.get("warmup_iters") or 0, warmup_ratio=lr_cfg.get("warmup_ratio", d.warmup_ratio),
+            warmup_iters=0 if warmup_iters is None else warmup_iters,
+            warmup_ratio=lr_cfg.get("warmup_ratio", d.warmup_ratio),
             step=tuple(step) if isinstance(step, (list, tuple)) else (() if step is None else step),
             gamma=lr_cfg.get("gamma", d.gamma), min_lr=lr_cfg.get("min_lr"), min_lr_ratio=lr_cfg.get("min_lr_ratio"),
             runner=s["runner"].get("type", d.runner), max_epochs=s["runner"].get("max_epochs", d.max_epochs),
