@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_model_cfg
+from conftest import REPO, tiny_model_cfg, train_cli, write_config
 from yolc_kd.config import DEFAULTS, load_config
 from yolc_kd.errors import UserError
 from yolc_kd.schedule_settings import DEFAULT_SECTIONS, ScheduleSettings
@@ -129,3 +129,24 @@ def test_the_trainer_reads_no_schedule_section():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in sections:
                 raise AssertionError(f"{path.relative_to(PKG)}:{node.lineno} reads {node.value!r}")
+
+
+def test_the_trainer_steps_with_the_schedules_optimizer_and_clipping(tmp_path, tiny_data, monkeypatch):
+    """A run's optimizer, lr and gradient clipping (max_norm and norm_type) are the config's ScheduleSettings."""
+    from yolc_kd.train import loop
+
+    clipped, made = [], []
+    real_clip, real_build = loop.nn.utils.clip_grad_norm_, loop.build_optimizer
+    monkeypatch.setattr(loop.nn.utils, "clip_grad_norm_", lambda p, m, n: clipped.append((m, n)) or real_clip(p, m, n))
+    monkeypatch.setattr(loop, "build_optimizer", lambda p, s: made.append(real_build(p, s)) or made[-1])
+    cfg = write_config(tmp_path / "c.py", "optimizer = dict(type='SGD', lr=0.01, momentum=0.5)\n"
+                                          "optimizer_config = dict(grad_clip=dict(max_norm=3, norm_type=1))\n")
+    assert train_cli(cfg, *tiny_data, tmp_path / "w", "--max-iters", "2") == 0
+    assert clipped == [(3.0, 1.0), (3.0, 1.0)]
+    group = made[0].param_groups[0]
+    assert isinstance(made[0], torch.optim.SGD) and group["momentum"] == 0.5 and group["weight_decay"] == 0.0001
+    assert group["lr"] == pytest.approx(0.01 * (1 - (1 - 1 / 2) * (1 - 0.1)))  # the last step's: warmup 2 at 0.1
+    off = write_config(tmp_path / "off.py", "optimizer_config = dict(grad_clip=None)\n")
+    clipped.clear()
+    assert train_cli(off, *tiny_data, tmp_path / "w2", "--max-iters", "1") == 0
+    assert clipped == []
