@@ -47,3 +47,12 @@ def test_bad_crop_settings_are_refused_in_one_line_when_the_model_is_built(test_
     with pytest.raises(ModelConfigError) as exc:
         build_detector(cfg)
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_configs_bad_crop_setting_names_the_file(tmp_path):
+    model = tiny_model_cfg()
+    model["test_cfg"]["crop"] = dict(fusion="wbf")
+    path = tmp_path / "c.py"
+    path.write_text(f"model = {model!r}\n")
+    with pytest.raises(ModelConfigError, match=rf"^config {path}: test_cfg\.crop\.fusion must be one of"):
+        load_config(path)

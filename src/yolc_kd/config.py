@@ -6,8 +6,9 @@ import types
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
+from yolc_kd.crop_settings import CropSettings
 from yolc_kd.data.augment_config import AugmentConfig
-from yolc_kd.errors import UserError
+from yolc_kd.errors import ModelConfigError, UserError
 from yolc_kd.schedule_settings import DEFAULT_SECTIONS, ScheduleSettings
 from yolc_kd.settings import DistillSettings, merge_config, over_defaults
 
@@ -107,6 +108,7 @@ def load_config(path: Union[str, Path], with_defaults: bool = False) -> Dict[str
     if "model" not in cfg:
         raise UserError(f"config {path}: missing required key 'model'")
     _check_declared(cfg, path)
+    _check_crop(cfg["model"], path)
     distill = DistillSettings.from_config(cfg.pop("distill_cfg", None), path)
     schedule = ScheduleSettings.from_config(cfg, path)
     if with_defaults:
@@ -138,6 +140,17 @@ def _check_declared(cfg: Mapping, path: Path) -> None:
         raise UserError(f"config {path}: 'img_norm_cfg' {dict(norm)} is not what the train pipeline normalises "
                         f"with (mean {list(aug.mean)}, std {list(aug.std)}, to_rgb {aug.to_rgb}): set it in the "
                         f"pipeline's Normalize")
+
+
+def _check_crop(model: Mapping, path: Path) -> None:
+    """The model's test_cfg.crop and test_cfg.lsm as CropSettings checks them when the model is built, here with
+    the file named in the one line."""
+    test_cfg = model.get("test_cfg")
+    if isinstance(test_cfg, Mapping):
+        try:
+            CropSettings.from_test_cfg(test_cfg)
+        except ModelConfigError as exc:
+            raise ModelConfigError(f"config {path}: {exc}") from None
 
 
 def augment_config(cfg: Mapping) -> AugmentConfig:
