@@ -138,11 +138,13 @@ def test_sampler_walks_k_views_then_their_mirrors():
 def test_views_needed_follows_the_schedule():
     from yolc_kd.train.schedule import views_needed
 
-    cfg = dict(runner=dict(type="EpochBasedRunner", max_epochs=12))
+    from yolc_kd.schedule_settings import ScheduleSettings
+
+    cfg = dict(schedule=ScheduleSettings(runner="EpochBasedRunner", max_epochs=12))
     assert views_needed(cfg, 200, 8, flip=True) == 6
     assert views_needed(cfg, 200, 8, flip=DistillSettings().cache_flip) == 12  # no mirroring by default
     assert views_needed(cfg, 200, 8, max_iters=120, flip=True) == 3  # 25 iterations per epoch: 4.8 epochs -> 5 -> 3 mirrored
-    assert views_needed(dict(runner=dict(type="IterBasedRunner", max_iters=400)), 200, 4, flip=False) == 8
+    assert views_needed(dict(schedule=ScheduleSettings(runner="IterBasedRunner", max_iters=400)), 200, 4, flip=False) == 8
 
 
 def test_precompute_variants_auto_and_bad_values(tmp_path, capsys):

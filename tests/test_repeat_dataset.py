@@ -48,7 +48,7 @@ def test_yolc_visdrone_schedule_is_240_passes_with_steps_at_90_and_120():
     assert dataset_repeats(cfg) == 5
     images, batch = 6471, int(cfg["data"]["samples_per_gpu"])
     per_epoch = math.ceil(images * 5 / batch)
-    total, steps = schedule_iters(cfg, per_epoch, None)
+    total, steps = schedule_iters(cfg["schedule"], per_epoch, None)
     assert total == 48 * per_epoch
     assert [s * 5 / per_epoch for s in steps] == [90, 120]
     assert schedule_passes(cfg, images, batch) == 240

@@ -12,9 +12,10 @@ import torch.nn as nn
 
 from conftest import train_cli as _train, write_config
 from yolc_kd.errors import UserError
+from yolc_kd.schedule_settings import ScheduleSettings
 from yolc_kd.train.ema import WeightAverage
 from yolc_kd.train.hooks import (BestCheckpointHook, CheckpointHook, Checkpointer, EMAHook, EvalHook, HookBase,
-                                 LoggerHook, LSMHook, PreciseBNHook, ProgressHook, save_best_metric)
+                                 LoggerHook, LSMHook, PreciseBNHook, ProgressHook)
 from yolc_kd.train.metrics_log import MetricsLog, set_aside
 
 
@@ -359,7 +360,7 @@ def test_precise_bn_hook_recomputes_saves_and_logs_after_a_finished_run_only(tmp
     (dict(evaluation=dict(save_best="bbox_mAP")), "bbox_mAP"), (dict(evaluation=dict(save_best="auto")), "bbox_mAP"),
     (dict(evaluation=dict(save_best="bbox_mAP_s", rule="greater")), "bbox_mAP_s")])
 def test_save_best_setting(cfg, metric):
-    assert save_best_metric(cfg) == metric
+    assert ScheduleSettings.from_config(cfg).save_best == metric
 
 
 @pytest.mark.parametrize("cfg,needle", [
@@ -368,7 +369,7 @@ def test_save_best_setting(cfg, metric):
     (dict(checkpoint_config=dict(interval=1, save_best="bbox_mAP")), "evaluation = dict(")])
 def test_bad_save_best_settings_are_one_line(cfg, needle):
     with pytest.raises(UserError) as exc:
-        save_best_metric(cfg)
+        ScheduleSettings.from_config(cfg)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 

@@ -1,15 +1,16 @@
 """mmdet-style Python configs (YOLC's own configs/yolc.py works unmodified) and YOLC's defaults; distill_cfg
-becomes settings.DistillSettings here."""
+becomes settings.DistillSettings and the schedule's sections schedule_settings.ScheduleSettings here."""
 from __future__ import annotations
 
-import copy
 import types
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
+from yolc_kd.crop_settings import CropSettings
 from yolc_kd.data.augment_config import AugmentConfig
-from yolc_kd.errors import UserError
-from yolc_kd.settings import DistillSettings
+from yolc_kd.errors import ModelConfigError, UserError
+from yolc_kd.schedule_settings import DEFAULT_SECTIONS, ScheduleSettings
+from yolc_kd.settings import DistillSettings, merge_config, over_defaults
 
 YOLC_CLASSES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle", "awning-tricycle", "bus", "motor")
 
@@ -22,33 +23,17 @@ DEFAULTS: Dict[str, Any] = dict(
     test_pipeline=None,           # None -> YOLC's test transform (pad to a multiple of 32 around the image)
     crop_size_order=None,         # RandomCenterCropPad.crop_size as 'wh' (None: AugmentConfig's) or mmdet's 'hw'
     data=dict(samples_per_gpu=4, workers_per_gpu=2, train=None, val=None, test=None),
-    optimizer=dict(type="SGD", lr=0.0025, momentum=0.9, weight_decay=0.0001),
-    optimizer_config=dict(grad_clip=dict(max_norm=35, norm_type=2)),
-    lr_config=dict(policy="step", warmup="linear", warmup_iters=1000, warmup_ratio=0.001, step=[18, 24]),
-    runner=dict(type="EpochBasedRunner", max_epochs=48),
-    evaluation=dict(interval=1, metric="bbox"),
-    checkpoint_config=dict(interval=1),
-    log_config=dict(interval=50, hooks=[]),
+    # optimizer, optimizer_config, lr_config, runner, evaluation, checkpoint_config, log_config, precise_bn:
+    # ScheduleSettings' defaults (schedule_settings.py)
+    **DEFAULT_SECTIONS,
     seed=0,
     distill_cfg=None,
-    precise_bn=None,              # e.g. dict(num_batches=20): recompute head BN statistics after training
     # keys YOLC's config carries that yolc-kd reads no meaning from, accepted so the file loads as is
     dataset_type="VisDroneDataset", data_root="", custom_hooks=[], dist_params=dict(backend="nccl"),
     log_level="INFO", load_from=None, resume_from=None, workflow=[("train", 1)], work_dir=None,
     gpu_ids=None, fp16=None, auto_scale_lr=None, opencv_num_threads=0, mp_start_method="fork",
 )
 REQUIRED = ("model",)
-
-def _merge(base: dict, child: Mapping) -> dict:
-    """mmcv-style merge: nested dicts merge key by key unless the child sets _delete_=True."""
-    out = copy.deepcopy(base)
-    for key, value in child.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and not value.get("_delete_", False):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = {k: v for k, v in value.items() if k != "_delete_"} if isinstance(value, Mapping) else value
-    return out
-
 
 def _exec_file(path: Path) -> dict:
     if not path.is_file():
@@ -70,8 +55,8 @@ def _exec_file(path: Path) -> dict:
     if bases:
         merged: dict = {}
         for b in [bases] if isinstance(bases, str) else bases:
-            merged = _merge(merged, _exec_file((path.parent / b).resolve()))
-        cfg = _merge(merged, cfg)
+            merged = merge_config(merged, _exec_file((path.parent / b).resolve()))
+        cfg = merge_config(merged, cfg)
     return cfg
 
 
@@ -93,15 +78,10 @@ def _check_types(cfg: Mapping, path: Path) -> None:
             raise UserError(f"config {path}: 'crop_size_order' must be 'wh' or 'hw', got {value!r}")
 
 
-# (section, key) -> expected type of values yolc-kd reads from inside config sections
+# (section, key) -> expected type of values yolc-kd reads from inside config sections (the schedule's sections:
+# ScheduleSettings)
 _NESTED_TYPES = {
     ("data", "samples_per_gpu"): int, ("data", "workers_per_gpu"): int,
-    ("optimizer", "lr"): (int, float), ("optimizer", "momentum"): (int, float),
-    ("optimizer", "weight_decay"): (int, float),
-    ("lr_config", "warmup_iters"): int, ("lr_config", "warmup_ratio"): (int, float), ("lr_config", "step"): (list, tuple),
-    ("runner", "max_epochs"): int, ("runner", "max_iters"): int,
-    ("checkpoint_config", "interval"): int, ("log_config", "interval"): int, ("evaluation", "interval"): int,
-    ("precise_bn", "num_batches"): int,
 }
 
 
@@ -117,7 +97,8 @@ def _check_nested_types(cfg: Mapping, path: Union[str, Path]) -> None:
 
 def load_config(path: Union[str, Path], with_defaults: bool = False) -> Dict[str, Any]:
     """Execute an mmdet-style Python config and return its settings as a plain dict, its distill_cfg resolved
-    into cfg["distill"] (settings.DistillSettings; the dict itself is not kept).
+    into cfg["distill"] (settings.DistillSettings; the dict itself is not kept) and its schedule's sections into
+    cfg["schedule"] (schedule_settings.ScheduleSettings).
 
     with_defaults=True fills every missing setting with YOLC's default."""
     path = Path(path)
@@ -127,18 +108,15 @@ def load_config(path: Union[str, Path], with_defaults: bool = False) -> Dict[str
     if "model" not in cfg:
         raise UserError(f"config {path}: missing required key 'model'")
     _check_declared(cfg, path)
+    _check_crop(cfg["model"], path)
     distill = DistillSettings.from_config(cfg.pop("distill_cfg", None), path)
+    schedule = ScheduleSettings.from_config(cfg, path)
     if with_defaults:
-        base = copy.deepcopy(DEFAULTS)
-        for key, value in cfg.items():  # a section of another type (Adam vs SGD) replaces the default whole
-            if isinstance(value, Mapping) and isinstance(base.get(key), dict) and \
-                    value.get("type", base[key].get("type")) != base[key].get("type"):
-                base[key] = {}
-        base.pop("distill_cfg")
-        cfg = _merge(base, cfg)
+        cfg = over_defaults({k: v for k, v in DEFAULTS.items() if k != "distill_cfg"}, cfg)
         if "classes" not in cfg or cfg["classes"] is None:
             cfg["classes"] = YOLC_CLASSES
     cfg["distill"] = distill
+    cfg["schedule"] = schedule
     cfg["_path"] = str(path)
     return cfg
 
@@ -162,6 +140,17 @@ def _check_declared(cfg: Mapping, path: Path) -> None:
         raise UserError(f"config {path}: 'img_norm_cfg' {dict(norm)} is not what the train pipeline normalises "
                         f"with (mean {list(aug.mean)}, std {list(aug.std)}, to_rgb {aug.to_rgb}): set it in the "
                         f"pipeline's Normalize")
+
+
+def _check_crop(model: Mapping, path: Path) -> None:
+    """The model's test_cfg.crop and test_cfg.lsm as CropSettings checks them when the model is built, here with
+    the file named in the one line."""
+    test_cfg = model.get("test_cfg")
+    if isinstance(test_cfg, Mapping):
+        try:
+            CropSettings.from_test_cfg(test_cfg)
+        except ModelConfigError as exc:
+            raise ModelConfigError(f"config {path}: {exc}") from None
 
 
 def augment_config(cfg: Mapping) -> AugmentConfig:

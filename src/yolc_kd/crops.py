@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
+from yolc_kd.crop_settings import CropSettings
 from yolc_kd.data.view import CropPaste, Resize, ViewTransform, meta_content
 from yolc_kd.diskio import atomic_write
 
@@ -250,16 +251,9 @@ def fuse_detections(full: Tuple[torch.Tensor, torch.Tensor], patch: Tuple[torch.
     return dets[keep], labels[keep]
 
 
-# test_cfg.crop defaults; patch_limit: upscale a patch only while it fits the input ("input") or a quarter of
-# it ("quarter": bounded cost)
-# patch_budget: None (YOLC: no bound) or the most patch pixels per image as a share of its area (plan_inference_patches)
-DEFAULT_CROP_CFG = dict(max_patches=4, min_patch_size=64, enlarge=1.2, upscale=1.5, fusion="nms", patch_limit="input",
-                        patch_budget=None)
-
-
-def crop_config(test_cfg: Optional[Mapping]) -> dict:
-    """A model's crop settings: its test_cfg.crop over DEFAULT_CROP_CFG."""
-    return {**DEFAULT_CROP_CFG, **dict((test_cfg or {}).get("crop", {}))}
+def crop_config(test_cfg: Optional[Mapping]) -> CropSettings:
+    """A model's crop settings: its test_cfg.crop over CropSettings' defaults, checked (test_cfg.lsm too)."""
+    return CropSettings.from_test_cfg(test_cfg)
 
 
 # test_cfg.max_pixels: the most input pixels (batch x height x width) of one network forward in the full-image pass;

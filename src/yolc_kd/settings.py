@@ -3,6 +3,7 @@ weights, plus yolc-kd's loss and cache options) becomes DistillSettings here; ev
 object, never the config's dict. The defaults live in the dataclass fields and nowhere else."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -72,12 +73,8 @@ class DistillSettings:
 
     def __post_init__(self) -> None:
         for key, expected in _TYPES.items():
-            value = getattr(self, key)
-            if key == "enable" and value is None:
-                continue
-            if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-                names = "/".join(t.__name__ for t in expected)
-                raise UserError(f"'distill_cfg.{key}' must be {names}, got {type(value).__name__}")
+            if not (key == "enable" and self.enable is None):
+                check_type(f"distill_cfg.{key}", getattr(self, key), expected)
         if not 1 <= self.max_patches_per_img <= 16:
             raise UserError("'distill_cfg.max_patches_per_img' must be in 1..16")
         if self.min_patch_size < 1:
@@ -124,6 +121,36 @@ class DistillSettings:
     def to_dict(self) -> Dict[str, Any]:
         """Every field by name (what a cache manifest records of them)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_type(key: str, value: Any, expected: Tuple[type, ...], shown: str = "") -> None:
+    """One UserError "'key' must be <types>, got <type><shown>" unless value is one of the expected types (a bool
+    is a number only where bool is expected)."""
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        names = "/".join(t.__name__ for t in expected)
+        raise UserError(f"'{key}' must be {names}, got {type(value).__name__}{shown}")
+
+
+def merge_config(base: Mapping, child: Mapping) -> dict:
+    """mmcv-style merge: nested dicts merge key by key unless the child sets _delete_=True."""
+    out = copy.deepcopy(dict(base))
+    for key, value in child.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and not value.get("_delete_", False):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = {k: v for k, v in value.items() if k != "_delete_"} if isinstance(value, Mapping) else value
+    return out
+
+
+def over_defaults(defaults: Mapping, cfg: Mapping) -> dict:
+    """cfg merged over defaults (merge_config); a section of another type than its default's (an Adam optimizer
+    over the default SGD, an IterBasedRunner over the EpochBasedRunner) replaces the default whole."""
+    base = copy.deepcopy(dict(defaults))
+    for key, value in cfg.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict) and \
+                value.get("type", base[key].get("type")) != base[key].get("type"):
+            base[key] = {}
+    return merge_config(base, cfg)
 
 
 _TYPES: Dict[str, Tuple[type, ...]] = dict(

@@ -64,8 +64,8 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping],
     # (LSM's content frame is the view's: a training view's image starts at its top-left corner)
     regions_view_xywh = teacher.bbox_head.LSM(heat, img_metas)
     plan = crops.plan_kd_patches(regions_view_xywh, img.shape[2:], settings.max_patches_per_img,
-                                 settings.min_patch_size, float(teacher.crop_cfg["enlarge"]),
-                                 float(teacher.crop_cfg["upscale"]))
+                                 settings.min_patch_size, float(teacher.crop_cfg.enlarge),
+                                 float(teacher.crop_cfg.upscale))
     patches = plan.cut(img)
     canvas = plan.canvas
     refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // BOX_STRIDE, canvas[1] // BOX_STRIDE),
@@ -101,7 +101,7 @@ def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], v
     heat[:, :, :, w:] = 0
     regions_image_xywh = crops.image_lsm_regions(heat, (h, w), view_hw, teacher.bbox_head.lsm_cfg)
     plan = crops.plan_kd_patches([regions_image_xywh], (h, w), int(max_regions), settings.min_patch_size,
-                                 float(teacher.crop_cfg["enlarge"]), float(teacher.crop_cfg["upscale"]),
+                                 float(teacher.crop_cfg.enlarge), float(teacher.crop_cfg.upscale),
                                  crops.patch_canvas(view_hw))
     patches = plan.cut(img[:, :, :h, :w])
     canvas = plan.canvas
@@ -120,5 +120,6 @@ def expected_target_identity(cfg: Mapping, aug_cfg: Any, classes: Sequence[str])
     config_dir = str(Path(cfg["_path"]).resolve().parent) if cfg.get("_path") else None
     teacher = teacher_model_cfg(settings, cfg["model"], config_dir)
     return target_identity(teacher_model=teacher, augment=aug_cfg.to_dict(), input_size=aug_cfg.input_size,
-                           classes=classes, distill=settings.to_dict(), crop=crops.crop_config(teacher.get("test_cfg")),
+                           classes=classes, distill=settings.to_dict(),
+                           crop=crops.crop_config(teacher.get("test_cfg")).to_dict(),
                            patch_canvas=crops.patch_canvas(aug_cfg.input_hw), seed=int(cfg.get("seed", 0)))

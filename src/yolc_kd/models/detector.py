@@ -61,7 +61,7 @@ class YOLC(nn.Module):
         head_cfg = dict(bbox_head)
         head_cfg.update(train_cfg=train_cfg, test_cfg=test_cfg)  # as mmdet's SingleStageDetector
         self.bbox_head = _build(head_cfg, {"YOLCHead": YOLCHead}, "bbox_head")
-        self.crop_cfg = crops.crop_config(test_cfg)
+        self.crop_cfg = crops.crop_config(test_cfg)  # test_cfg.crop (and .lsm) checked here, once
         self.tile_cfg = crops.tile_config(test_cfg)
         self._network: Optional[Callable[[torch.Tensor], NetworkOutputs]] = None  # see use_network
 
@@ -121,16 +121,11 @@ class YOLC(nn.Module):
         """LSM regions (per image (K,4) [x, y, w, h] in its content frame) -> the inference patch plan with this
         model's test_cfg.crop."""
         cfg = self.crop_cfg
-        limit = cfg.get("patch_limit", "input")
-        if limit not in ("input", "quarter"):
-            raise ModelConfigError(f"test_cfg.crop.patch_limit must be 'input' or 'quarter', got {limit!r}")
-        canvas = crops.patch_canvas(img.shape[2:]) if limit == "quarter" else tuple(img.shape[2:])
-        budget = cfg.get("patch_budget")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
-            raise ModelConfigError(f"test_cfg.crop.patch_budget must be None or a number > 0, got {budget!r}")
+        canvas = crops.patch_canvas(img.shape[2:]) if cfg.patch_limit == "quarter" else tuple(img.shape[2:])
+        budget = cfg.patch_budget
         return crops.plan_inference_patches(regions_content_xywh, img_metas, img.shape[2:], max_patches,
-                                            int(cfg["min_patch_size"]), float(cfg["enlarge"]), float(cfg["upscale"]),
-                                            canvas, budget=None if budget is None else float(budget))
+                                            cfg.min_patch_size, float(cfg.enlarge), float(cfg.upscale), canvas,
+                                            budget=None if budget is None else float(budget))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -147,8 +142,8 @@ class YOLC(nn.Module):
         max_pixels (None: test_cfg.max_pixels): an input of more pixels runs the network in overlapping tiles
         (models/tiling.py), the patch canvas too; 0 never tiles."""
         cfg = self.crop_cfg
-        fusion = fusion or cfg["fusion"]
-        max_patches = cfg["max_patches"] if max_patches is None else max_patches
+        fusion = fusion or cfg.fusion
+        max_patches = cfg.max_patches if max_patches is None else max_patches
         max_pixels = self.tile_cfg["max_pixels"] if max_pixels is None else int(max_pixels)
         tiles = self._tiles(img, max_pixels)
         heat = None

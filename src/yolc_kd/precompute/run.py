@@ -130,7 +130,7 @@ def build_manifest(cfg: Mapping, coco: CocoDetection, aug_cfg: AugmentConfig, te
                    teacher: nn.Module, ckpt: str, layout: Layout, canvas: Tuple[int, int], opts: PrecomputeOptions,
                    world: int) -> Dict[str, Any]:
     m = target_identity(teacher_model=teacher_cfg, augment=aug_cfg.to_dict(), input_size=aug_cfg.input_size,
-                        classes=coco.classes, distill=cfg["distill"].to_dict(), crop=teacher.crop_cfg,
+                        classes=coco.classes, distill=cfg["distill"].to_dict(), crop=teacher.crop_cfg.to_dict(),
                         patch_canvas=canvas, seed=int(cfg.get("seed", 0)))
     m["teacher"].update(ckpt_sha256=sha256_file(ckpt), ckpt_path=str(ckpt))
     dtype = amp_dtype(opts.device, opts.amp, opts.amp_dtype)

@@ -16,11 +16,12 @@ from yolc_kd.data.loading import dataset_repeats
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDLoss, student_losses
 from yolc_kd.runtime import amp_dtype, init_distributed, mixed_precision, numerics, resolve_device
+from yolc_kd.schedule_settings import ScheduleSettings
 from yolc_kd.train.data import TargetSource, TrainLoader, TrainSamples, VariantSampler, collate_train
 from yolc_kd.train.ema import WeightAverage, ema_hook
 from yolc_kd.train.hooks import Checkpointer, HookBase, build_hooks
 from yolc_kd.train.metrics_log import MetricsLog
-from yolc_kd.train.schedule import build_optimizer, check_lr_config, lr_at, schedule_iters, set_lr
+from yolc_kd.train.schedule import build_optimizer, lr_at, schedule_iters, set_lr
 
 
 @dataclass
@@ -59,9 +60,10 @@ class Trainer:
     is one optimizer step; `run` iterates the steps and calls the hooks (train/hooks/: weight average, LSM
     pictures, metrics, progress, checkpoints, evaluation, best checkpoint, precise BN) at their points.
 
-    State the hooks read: model, optimizer, ema, sampler, loader, source, cfg, opts, work_dir, rank, dist,
-    iter (iterations finished), start_iter, epoch, total_iters, iters_per_epoch, last (the last step's lr and
-    losses), batch and kd_targets (the step's inputs, until its after_step hooks are done), checkpointer, metrics.
+    State the hooks read: model, optimizer, ema, sampler, loader, source, cfg, schedule (cfg["schedule"]), opts,
+    work_dir, rank, dist, iter (iterations finished), start_iter, epoch, total_iters, iters_per_epoch, last (the
+    last step's lr and losses), batch and kd_targets (the step's inputs, until its after_step hooks are done),
+    checkpointer, metrics.
 
     Args:
         cfg: the config with YOLC's defaults filled in (load_config(..., with_defaults=True)).
@@ -82,8 +84,8 @@ class Trainer:
         self.ema = WeightAverage(self.model, hook) if hook else None
         self.source = source.to(self.device) if source is not None else None
         self.kd_loss = KDLoss(cfg["distill"]) if source is not None else None
-        self.optimizer = build_optimizer(self.model.parameters(), cfg["optimizer"])
-        self.base_lr = float(setting(cfg, "optimizer", "lr"))
+        self.schedule: ScheduleSettings = cfg["schedule"]
+        self.optimizer = build_optimizer(self.model.parameters(), self.schedule)
         self.batch_size = int(opts.batch_size or setting(cfg, "data", "samples_per_gpu"))
         order_seed = int(cfg.get("seed", 0)) if opts.seed is None else int(opts.seed)
         num_variants = source.num_variants if source is not None else None
@@ -96,10 +98,7 @@ class Trainer:
                                   collate_fn=collate_train, pin_memory=self.device.type == "cuda",
                                   persistent_workers=workers > 0)  # workers stay up across epochs
         self.iters_per_epoch = max(1, math.ceil(len(self.sampler) / self.batch_size))
-        self.total_iters, self.steps = schedule_iters(cfg, self.iters_per_epoch, opts.max_iters)
-        check_lr_config(cfg.get("lr_config") or {})  # a bad policy fails before the first step
-        clip = (cfg.get("optimizer_config") or {}).get("grad_clip") or {}
-        self.max_norm = clip.get("max_norm")
+        self.total_iters, self.steps = schedule_iters(self.schedule, self.iters_per_epoch, opts.max_iters)
         self.work_dir = Path(opts.work_dir)
         self.start_iter = self.iter = self.epoch = self.bad_samples = 0
         self.last: Dict[str, float] = {}
@@ -132,7 +131,7 @@ class Trainer:
             line += f" of {self.repeats} passes (RepeatDataset)"
         line += f" = {epochs * self.repeats:.4g} passes per image"
         steps = [s for s in self.steps if s < self.total_iters]  # the ones this run reaches
-        if steps and check_lr_config(self.cfg.get("lr_config") or {}) == "step":
+        if steps and self.schedule.lr_policy == "step":
             line += "; lr steps at iteration(s) " + ", ".join(
                 f"{s} (pass {s * self.repeats / self.iters_per_epoch:.4g})" for s in steps)
         return line
@@ -157,7 +156,7 @@ class Trainer:
 
     def step(self, batch: Dict[str, Any], it: int) -> Dict[str, float]:
         """One optimizer step on `batch` at 0-based iteration `it`: its lr, total loss and loss terms."""
-        lr = lr_at(it, self.base_lr, self.cfg.get("lr_config") or {}, self.steps, self.total_iters)
+        lr = lr_at(it, self.schedule, self.steps, self.total_iters)
         set_lr(self.optimizer, lr)
         net = self.ddp or self.model
         with mixed_precision(self.device, self.opts.amp, self.amp_dtype):  # an online teacher runs in it too
@@ -174,9 +173,10 @@ class Trainer:
                             f"lower the learning rate or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        if self.max_norm:
+        if self.schedule.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), float(self.max_norm))
+            nn.utils.clip_grad_norm_(self.model.parameters(), float(self.schedule.grad_clip),
+                                     float(self.schedule.grad_clip_norm_type))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return dict(lr=lr, loss=float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()})

@@ -1,5 +1,5 @@
-"""YOLC's optimisation recipe: optimizer from the config, linear warmup, step decay (or mmcv's cosine
-annealing), grad clipping."""
+"""YOLC's optimisation recipe as the trainer runs it: the optimizer, the lr at each iteration (linear warmup, step
+decay or mmcv's cosine annealing) and the run's length, from the config's ScheduleSettings."""
 from __future__ import annotations
 
 import math
@@ -8,51 +8,27 @@ from typing import Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 
 from yolc_kd.data.loading import dataset_repeats
-from yolc_kd.errors import UserError
+from yolc_kd.schedule_settings import OPTIMIZERS, ScheduleSettings
 
-OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
-
-
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping) -> torch.optim.Optimizer:
-    cfg = dict(cfg)
-    kind = cfg.pop("type", "SGD")
-    if kind not in OPTIMIZERS:
-        raise UserError(f"optimizer type {kind!r} is not supported (one of {', '.join(OPTIMIZERS)})")
-    cfg.pop("paramwise_cfg", None)
-    try:
-        return OPTIMIZERS[kind]([p for p in params if p.requires_grad], **cfg)
-    except TypeError as exc:
-        raise UserError(f"optimizer {kind}: {exc}") from None
+def build_optimizer(params: Iterable[torch.nn.Parameter], schedule: ScheduleSettings) -> torch.optim.Optimizer:
+    """The schedule's torch optimizer over the parameters that train (its arguments checked by ScheduleSettings)."""
+    return OPTIMIZERS[schedule.optimizer]([p for p in params if p.requires_grad], lr=schedule.lr,
+                                          **schedule.optimizer_args)
 
 
-LR_POLICIES = ("step", "CosineAnnealing")  # mmcv's names (mmcv also takes "Step")
-
-
-def check_lr_config(lr_cfg: Mapping) -> str:
-    """The policy of an lr_config, checked: one of LR_POLICIES, cosine with exactly one of min_lr/min_lr_ratio."""
-    policy = str(lr_cfg.get("policy", "step"))
-    policy = "step" if policy == "Step" else policy
-    if policy not in LR_POLICIES:
-        raise UserError(f"lr_config.policy {policy!r} is not supported (one of {', '.join(LR_POLICIES)})")
-    if policy == "CosineAnnealing" and (("min_lr" in lr_cfg) == ("min_lr_ratio" in lr_cfg)):
-        raise UserError("lr_config with policy='CosineAnnealing' needs exactly one of min_lr and min_lr_ratio")
-    return policy
-
-
-def lr_at(it: int, base_lr: float, lr_cfg: Mapping, steps_in_iters: Sequence[int], total_iters: int) -> float:
+def lr_at(it: int, schedule: ScheduleSettings, steps_in_iters: Sequence[int], total_iters: int) -> float:
     """mmcv's step or cosine-annealing policy with linear warmup, at iteration `it` (0-based). Cosine anneals
     over the run's total iterations (so `--max-iters` shortens the whole schedule, not just its end)."""
-    if check_lr_config(lr_cfg) == "CosineAnnealing":
-        target = float(lr_cfg["min_lr"]) if "min_lr" in lr_cfg else base_lr * float(lr_cfg["min_lr_ratio"])
+    base_lr = float(schedule.lr)
+    if schedule.lr_policy == "CosineAnnealing":
+        target = float(schedule.min_lr) if schedule.min_lr is not None else base_lr * float(schedule.min_lr_ratio)
         progress = min(it, total_iters) / max(1, total_iters)
         lr = target + 0.5 * (base_lr - target) * (1 + math.cos(math.pi * progress))
     else:
-        gamma = float(lr_cfg.get("gamma", 0.1))
-        lr = base_lr * gamma ** sum(it >= s for s in steps_in_iters)
-    warmup_iters = int(lr_cfg.get("warmup_iters", 0) or 0)
-    if lr_cfg.get("warmup") == "linear" and it < warmup_iters:
-        ratio = float(lr_cfg.get("warmup_ratio", 0.001))
-        lr *= 1 - (1 - it / warmup_iters) * (1 - ratio)
+        lr = base_lr * float(schedule.gamma) ** sum(it >= s for s in steps_in_iters)
+    warmup_iters = schedule.warmup_iters
+    if schedule.warmup == "linear" and it < warmup_iters:
+        lr *= 1 - (1 - it / warmup_iters) * (1 - float(schedule.warmup_ratio))
     return lr
 
 
@@ -61,17 +37,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def schedule_iters(cfg: Mapping, iters_per_epoch: int, max_iters: Optional[int]) -> Tuple[int, list]:
-    """(total iterations, lr step iterations) of the config's runner; max_iters overrides the total."""
-    runner = cfg.get("runner") or {}
-    lr_cfg = cfg.get("lr_config") or {}
-    steps = list(lr_cfg.get("step") or [])
-    if runner.get("type") == "IterBasedRunner":
-        total = int(runner.get("max_iters", 1000))
-        steps_iters = [int(s) for s in steps]
+def schedule_iters(schedule: ScheduleSettings, iters_per_epoch: int, max_iters: Optional[int]) -> Tuple[int, list]:
+    """(total iterations, lr step iterations) of the schedule's runner; max_iters overrides the total."""
+    if schedule.by_epoch:
+        total = schedule.max_epochs * iters_per_epoch
+        steps_iters = [int(s) * iters_per_epoch for s in schedule.step]
     else:
-        total = int(runner.get("max_epochs", 48)) * iters_per_epoch
-        steps_iters = [int(s) * iters_per_epoch for s in steps]
+        total = schedule.max_iters
+        steps_iters = [int(s) for s in schedule.step]
     return (int(max_iters) if max_iters else total), steps_iters
 
 
@@ -90,5 +63,5 @@ def schedule_passes(cfg: Mapping, num_images: int, batch_size: int, max_iters: O
     RepeatDataset's times (a partly trained epoch still visits items of each of its passes)."""
     repeats = dataset_repeats(cfg)
     per_epoch = max(1, math.ceil(math.ceil(num_images * repeats / world) / batch_size))
-    total, _ = schedule_iters(cfg, per_epoch, max_iters)
+    total, _ = schedule_iters(cfg["schedule"], per_epoch, max_iters)
     return math.ceil(total / per_epoch) * repeats

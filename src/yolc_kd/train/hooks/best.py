@@ -3,12 +3,13 @@ save_best='bbox_mAP')` (EvalHook's save_best) keeps WORK_DIR/best.pth."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from tqdm import tqdm
 
 from yolc_kd.checkpoint import read_checkpoint
 from yolc_kd.errors import UserError
+from yolc_kd.schedule_settings import SAVE_BEST_KEYS
 from yolc_kd.train.hooks.base import HookBase
 from yolc_kd.train.metrics_log import set_aside
 
@@ -16,30 +17,8 @@ if TYPE_CHECKING:
     from yolc_kd.train.loop import Trainer
 
 BEST_NAME = "best.pth"
-# mmdet's COCO bbox keys -> the trainer's evaluation (recipe.make_eval_fn); 'auto' is the first, as in mmdet
-SAVE_BEST_KEYS = dict(bbox_mAP="AP", bbox_mAP_50="AP50", bbox_mAP_75="AP75", bbox_mAP_s="AP_small")
 SAVE_BEST_MEANING = dict(bbox_mAP="COCO AP@[.5:.95]", bbox_mAP_50="COCO AP@.5", bbox_mAP_75="COCO AP@.75",
                          bbox_mAP_s="COCO AP@[.5:.95] of small objects")
-
-
-def save_best_metric(cfg: Mapping[str, Any]) -> Optional[str]:
-    """evaluation.save_best checked: the mmdet metric name to keep the best checkpoint by, or None (off)."""
-    if "save_best" in (cfg.get("checkpoint_config") or {}):
-        raise UserError("checkpoint_config.save_best: mmdet reads save_best from the evaluation settings; write "
-                        "evaluation = dict(interval=1, metric='bbox', save_best='bbox_mAP')")
-    evaluation = cfg.get("evaluation") or {}
-    metric = evaluation.get("save_best")
-    if metric is None:
-        return None
-    if metric == "auto":
-        metric = next(iter(SAVE_BEST_KEYS))
-    if metric not in SAVE_BEST_KEYS:
-        raise UserError(f"evaluation.save_best must be one of 'auto', {', '.join(map(repr, SAVE_BEST_KEYS))}, "
-                        f"got {metric!r}")
-    if evaluation.get("rule") not in (None, "greater"):
-        raise UserError(f"evaluation.rule={evaluation['rule']!r}: {metric} is an AP, greater is better "
-                        f"(rule='greater' or leave it out)")
-    return metric
 
 
 class BestCheckpointHook(HookBase):
@@ -55,7 +34,8 @@ class BestCheckpointHook(HookBase):
     --resume remembers the best score from best.pth; a fresh run sets an earlier run's best.pth aside.
 
     Args:
-        metric: the mmdet key (save_best_metric): 'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75' or 'bbox_mAP_s'.
+        metric: the mmdet key (ScheduleSettings.save_best): 'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75' or
+            'bbox_mAP_s'.
     """
 
     def __init__(self, metric: str = "bbox_mAP"):
