@@ -141,7 +141,7 @@ def _precompute_image(cfg: Path, teacher: Path, train: Path, out: Path, scales: 
     if stamp.exists():
         return json.loads(stamp.read_text())
     t0 = time.perf_counter()
-    mirror = ["--mirror"] if scales.endswith("m") else []
+    mirror = ["--mirror", "on" if scales.endswith("m") else "off"]
     subprocess.run([sys.executable, "-m", "yolc_kd", "precompute", "--kind", "image", "--scales", scales.rstrip("m"),
                     *mirror,
                     "--config", str(cfg), "--ckpt", str(teacher), "--ann", str(train / "annotations.json"),
