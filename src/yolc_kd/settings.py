@@ -1,4 +1,4 @@
-"""Typed, validated settings resolved once from a config's sections. `distill_cfg` (the seed's KD switches and
+"""Typed, validated settings resolved once from a config's sections. `distill_cfg` (the design notes' KD switches and
 weights, plus yolc-kd's loss and cache options) becomes DistillSettings here; every other module receives that
 object, never the config's dict. The defaults live in the dataclass fields and nowhere else."""
 from __future__ import annotations

@@ -26,21 +26,40 @@ from yolc_kd.train.schedule import build_optimizer, lr_at, schedule_iters, set_l
 
 @dataclass
 class TrainOptions:
+    """What `yolc-kd train` says beyond the config.
+
+    Args:
+        work_dir: checkpoints, metrics.jsonl and pictures go here.
+        max_iters: --max-iters (None: the config's runner).
+        resume: --resume from work_dir's latest checkpoint.
+        device: --device (auto, cpu, cuda, cuda:N).
+        workers: loader processes (None: data.workers_per_gpu).
+        batch_size: images per step and process (None: data.samples_per_gpu).
+        amp: --amp mixed precision.
+        amp_dtype: --amp-dtype (None: float16 on CUDA, bfloat16 on the CPU).
+        log_interval: iterations between metric records (None: log_config.interval).
+        eval_fn: (model, iteration) -> COCO metrics, called on rank 0 at the evaluation interval.
+        progress: show the progress bar.
+        trust: --trust-checkpoint: allow checkpoints that need pickle code on --resume.
+        seed: sample-order seed (None: the config's seed).
+        kd_mode: what the target source is, for the run's first log line.
+        deterministic: --deterministic: runtime.numerics' repeatable settings.
+    """
     work_dir: Path
     max_iters: Optional[int] = None
     resume: bool = False
     device: str = "auto"
     workers: Optional[int] = None
-    batch_size: Optional[int] = None             # default data.samples_per_gpu
+    batch_size: Optional[int] = None
     amp: bool = False
-    amp_dtype: Optional[str] = None              # --amp-dtype (None: float16 on CUDA, bfloat16 on CPU)
+    amp_dtype: Optional[str] = None
     log_interval: Optional[int] = None
-    eval_fn: Optional[Callable[[nn.Module, int], Dict[str, Any]]] = None  # called on rank 0 after an epoch
+    eval_fn: Optional[Callable[[nn.Module, int], Dict[str, Any]]] = None
     progress: bool = True
-    trust: bool = False                          # --trust-checkpoint: allow pickle checkpoints on --resume
-    seed: Optional[int] = None                   # sample-order seed (None: the config's seed)
-    kd_mode: str = "no KD"                       # what the target source is, for the run's first log line
-    deterministic: bool = False                  # --deterministic: runtime.numerics' repeatable settings
+    trust: bool = False
+    seed: Optional[int] = None
+    kd_mode: str = "no KD"
+    deterministic: bool = False
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
