@@ -100,11 +100,8 @@ def check_images(coco: CocoDetection, skip_bad: bool, skip_hint: str = "pass --s
 
 
 # (section, key, minimum) of the counts in a config that reach the trainer and precompute
-CONFIG_COUNTS: Tuple[Tuple[str, str, int], ...] = (
-    ("data", "samples_per_gpu", 1), ("data", "workers_per_gpu", 0), ("runner", "max_iters", 1),
-    ("runner", "max_epochs", 1), ("lr_config", "warmup_iters", 0), ("checkpoint_config", "interval", 1),
-    ("log_config", "interval", 1), ("evaluation", "interval", 1), ("precise_bn", "num_batches", 0),
-)
+# the data section's counts (the schedule's are ScheduleSettings', checked when the config is loaded)
+CONFIG_COUNTS: Tuple[Tuple[str, str, int], ...] = (("data", "samples_per_gpu", 1), ("data", "workers_per_gpu", 0))
 
 
 def check_config_counts(cfg: Mapping) -> None:
