@@ -481,9 +481,10 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
     ann.write_text(json.dumps(dict(images=info, annotations=[],
                                    categories=[dict(id=j + 1, name=n) for j, n in enumerate(classes)])))
     manifest = expected_target_identity(cfg, aug_cfg, classes)
+    from yolc_kd.crop_settings import LSMSettings
+
     test_cfg = dict(manifest["teacher"]["model"].get("test_cfg") or {})
-    lsm_cfg = {**crops.LSM_DEFAULTS, **{a: b for a, b in dict(test_cfg.get("lsm") or {}).items()
-                                        if a in crops.LSM_DEFAULTS}}
+    lsm_cfg = LSMSettings.from_test_cfg(test_cfg)
     tile_cfg = crops.tile_config(test_cfg)
     enlarge, upscale = float(manifest["crop"]["enlarge"]), float(manifest["crop"]["upscale"])
     manifest["teacher"].update(ckpt_sha256="0" * 64, ckpt_path="(synthetic targets, no teacher)")
@@ -567,7 +568,7 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
         layout_source=source, images=n_images, scales=list(scales), view_scale_range=[lo, hi], rows=layout.num_samples,
         canvas_hw=list(canvas), coarse_hw=list(layout.coarse_hw), crop_slots_R=regions, refine_hw=list(layout.refine_hw),
         image_sizes={key: len(v) for key, v in by_size.items()}, map_noise=args.map_noise,
-        lsm_cfg=jsonable(lsm_cfg), crop=dict(enlarge=enlarge, upscale=upscale, min_patch_size=dcfg.min_patch_size),
+        lsm_cfg=jsonable(lsm_cfg.to_dict()), crop=dict(enlarge=enlarge, upscale=upscale, min_patch_size=dcfg.min_patch_size),
         crops_per_row_mean=float(np.mean(crops_row)), crops_per_row_min=int(np.min(crops_row)),
         crops_per_row_max=int(np.max(crops_row)),
         crops_per_row_by_scale={f"{s:g}": float(np.mean([r["crops"] for r in per_row if r["scale"] == s]))

@@ -107,9 +107,8 @@ def tiny_model_cfg(num_classes: int = 3, widths=(8, 16, 32, 64), neck: int = 32,
 def findclusters(head, heatmap: np.ndarray) -> np.ndarray:
     """YOLC's YOLCHead.findclusters: the LSM cluster finder (crops.find_clusters) with the head's lsm_cfg on one
     (1,1,H,W) max-over-classes heatmap -> (K,4) int [x, y, w, h] in heatmap pixels."""
-    cfg = head.lsm_cfg
-    return crops.find_clusters(heatmap, grid=tuple(cfg["grid"]), topk_cells=int(cfg["topk_cells"]),
-                               threshold=float(cfg["threshold"]))[1]
+    lsm = head.lsm_cfg
+    return crops.find_clusters(heatmap, grid=lsm.grid, topk_cells=lsm.topk_cells, threshold=float(lsm.threshold))[1]
 
 
 def verify_cache(path, deep: bool = False, progress: bool = False, annotations=None) -> list:

@@ -5,7 +5,7 @@ import pytest
 from conftest import REPO, tiny_model_cfg
 from yolc_kd import crops
 from yolc_kd.config import load_config
-from yolc_kd.crop_settings import CropSettings
+from yolc_kd.crop_settings import CropSettings, LSMSettings
 from yolc_kd.errors import ModelConfigError
 from yolc_kd.models import build_detector
 
@@ -22,6 +22,20 @@ def test_defaults_and_a_configs_crop_settings():
     assert model.crop_cfg == CropSettings(max_patches=2, min_patch_size=48, enlarge=1.2, upscale=1.5, fusion="nms",
                                           patch_budget=0.34)
 
+
+
+def test_lsm_settings_are_yolcs_constants_unless_the_config_says_otherwise():
+    """LSM's defaults are YOLC's findclusters constants (16x10 grid, 15 cells, 10/11), in LSMSettings only; a
+    model's test_cfg.lsm overrides them and its head hands the typed settings to crops.lsm_regions."""
+    d = LSMSettings()
+    assert (d.grid, d.topk_cells, d.threshold, d.viz_dir) == ((16, 10), 15, 10.0 / 11.0, None)
+    got = LSMSettings.from_test_cfg(dict(lsm=dict(grid=[8, 5], topk_cells=4)))
+    assert got == LSMSettings(grid=(8, 5), topk_cells=4) and got.grid == (8, 5)
+    cfg = tiny_model_cfg(3)
+    cfg["test_cfg"] = dict(cfg["test_cfg"], lsm=dict(topk_cells=3))
+    assert build_detector(cfg).bbox_head.lsm_cfg == LSMSettings(topk_cells=3)
+    with pytest.raises(ModelConfigError, match="test_cfg.lsm.topk_cells must be an integer >= 1, got 0"):
+        LSMSettings(topk_cells=0)
 
 BAD = [
     (dict(crop=dict(max_patch=2)), "unknown key test_cfg.crop.max_patch (known: max_patches, "),

@@ -1,5 +1,5 @@
-"""CropSettings: a model's test_cfg.crop (the patches fused inference cuts from the LSM regions) typed and checked
-once, when the model is built, with its test_cfg.lsm keys (crops.LSM_DEFAULTS' meaning). The defaults live in the
+"""CropSettings and LSMSettings: a model's test_cfg.crop (the patches fused inference cuts from the LSM regions) and
+test_cfg.lsm (how LSM finds the regions) typed and checked once, when the model is built. The defaults live in the
 dataclass fields and nowhere else."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from yolc_kd.settings import check_type
 
 FUSIONS = ("nms", "replace", "none")
 PATCH_LIMITS = ("input", "quarter")
-LSM_KEYS = ("grid", "topk_cells", "threshold", "viz_dir")  # test_cfg.lsm: crops.LSM_DEFAULTS and the PNG folder
+LSM_KEYS = ("grid", "topk_cells", "threshold", "viz_dir")  # test_cfg.lsm: LSMSettings' fields
 _NUMBER = (int, float)
 
 
@@ -61,14 +61,13 @@ class CropSettings:
         """The crop settings of a model's test_cfg, its test_cfg.lsm checked too; an unknown key or a bad value is
         one ModelConfigError naming the key."""
         test_cfg = test_cfg or {}
-        crop, lsm = test_cfg.get("crop") or {}, test_cfg.get("lsm") or {}
-        for name, section, known in (("crop", crop, tuple(_TYPES)), ("lsm", lsm, LSM_KEYS)):
-            if not isinstance(section, Mapping):
-                raise ModelConfigError(f"test_cfg.{name} must be a dict, got {type(section).__name__}")
-            unknown = [k for k in section if k not in known]
-            if unknown:
-                raise ModelConfigError(f"unknown key test_cfg.{name}.{unknown[0]} (known: {', '.join(known)})")
-        _check_lsm(lsm)
+        crop = test_cfg.get("crop") or {}
+        if not isinstance(crop, Mapping):
+            raise ModelConfigError(f"test_cfg.crop must be a dict, got {type(crop).__name__}")
+        unknown = [k for k in crop if k not in _TYPES]
+        if unknown:
+            raise ModelConfigError(f"unknown key test_cfg.crop.{unknown[0]} (known: {', '.join(_TYPES)})")
+        LSMSettings.from_test_cfg(test_cfg)
         return cls(**dict(crop))
 
     def replace(self, **changes: Any) -> "CropSettings":
@@ -77,6 +76,43 @@ class CropSettings:
 
     def to_dict(self) -> Dict[str, Any]:
         """Every field by name (what a cache manifest records of them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class LSMSettings:
+    """test_cfg.lsm, typed and checked (LSMSettings.from_test_cfg reads a model's test_cfg); YOLC's constants are
+    the defaults.
+
+    Args:
+        grid: (cells across, cells down) of the grid LSM scores on a view's max-over-classes heatmap.
+        topk_cells: the highest-scoring cells kept.
+        threshold: the binarisation level of the inverted, peak-normalised heatmap (YOLC's 10 / 11: a pixel
+            counts when that map is at most floor(threshold x 255); crops.find_clusters).
+        viz_dir: folder of the LSM pictures (None: the model's default).
+    """
+    grid: Tuple[int, int] = (16, 10)
+    topk_cells: int = 15
+    threshold: float = 10.0 / 11.0
+    viz_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(self.grid) if isinstance(self.grid, (list, tuple)) else self.grid)
+        _check_lsm(self.to_dict())
+
+    @classmethod
+    def from_test_cfg(cls, test_cfg: Optional[Mapping]) -> "LSMSettings":
+        """The LSM settings of a model's test_cfg (test_cfg.lsm over the defaults); an unknown key or a bad value
+        is one ModelConfigError naming the key."""
+        lsm = (test_cfg or {}).get("lsm") or {}
+        if not isinstance(lsm, Mapping):
+            raise ModelConfigError(f"test_cfg.lsm must be a dict, got {type(lsm).__name__}")
+        unknown = [k for k in lsm if k not in LSM_KEYS]
+        if unknown:
+            raise ModelConfigError(f"unknown key test_cfg.lsm.{unknown[0]} (known: {', '.join(LSM_KEYS)})")
+        return cls(**dict(lsm))
+
+    def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 

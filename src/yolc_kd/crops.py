@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from yolc_kd.crop_settings import CropSettings
+from yolc_kd.crop_settings import CropSettings, LSMSettings
 from yolc_kd.data.view import CropPaste, Resize, ViewTransform, meta_content
 from yolc_kd.diskio import atomic_write
 
@@ -44,13 +44,9 @@ def _grid_components(mask: np.ndarray) -> List[Tuple[int, int, int, int]]:
     return comps
 
 
-# YOLC's LSM constants (findclusters): a 16x10 grid over the map, the 15 densest cells, hot = below 10/11 of 255
-LSM_DEFAULTS = dict(grid=(16, 10), topk_cells=15, threshold=10.0 / 11.0)
-
-
-def find_clusters(heatmap: np.ndarray, grid: Tuple[int, int] = LSM_DEFAULTS["grid"],
-                  topk_cells: int = LSM_DEFAULTS["topk_cells"],
-                  threshold: float = LSM_DEFAULTS["threshold"]) -> Tuple[np.ndarray, np.ndarray]:
+def find_clusters(heatmap: np.ndarray, grid: Tuple[int, int] = LSMSettings.grid,
+                  topk_cells: int = LSMSettings.topk_cells,
+                  threshold: float = LSMSettings.threshold) -> Tuple[np.ndarray, np.ndarray]:
     """YOLC's findclusters on a (1,1,H,W) max-over-classes heatmap.
 
     Returns the binary map (uint8 0/255) and (K,4) int64 regions [x, y, w, h] in heatmap pixels.
@@ -78,16 +74,16 @@ def find_clusters(heatmap: np.ndarray, grid: Tuple[int, int] = LSM_DEFAULTS["gri
     return binary, comps
 
 
-def lsm_regions(heatmap: torch.Tensor, img_metas: Sequence[Mapping], lsm_cfg: Mapping = None,
+def lsm_regions(heatmap: torch.Tensor, img_metas: Sequence[Mapping], lsm: Optional[LSMSettings] = None,
                 with_binary: bool = False):
     """LSM for every image of a batch: (B,C,H,W) heatmap -> per image (K,4) int64 regions [x, y, w, h] in
     the image content frame (the meta's border subtracted). with_binary also returns the binary maps."""
-    cfg = {**LSM_DEFAULTS, **dict(lsm_cfg or {})}
+    lsm = lsm if lsm is not None else LSMSettings()
     locmap = heatmap.detach().max(dim=1, keepdim=True)[0].float().cpu().numpy()
     out, binaries = [], []
     for i, meta in enumerate(img_metas):
-        binary, regions_xywh = find_clusters(locmap[i:i + 1], grid=tuple(cfg["grid"]),
-                                             topk_cells=int(cfg["topk_cells"]), threshold=float(cfg["threshold"]))
+        binary, regions_xywh = find_clusters(locmap[i:i + 1], grid=lsm.grid, topk_cells=lsm.topk_cells,
+                                             threshold=float(lsm.threshold))
         x0, y0, _, _ = meta_content(meta, locmap.shape[2:])
         regions_xywh[:, 0] -= x0  # tensor -> image content frame, in place
         regions_xywh[:, 1] -= y0
@@ -97,19 +93,19 @@ def lsm_regions(heatmap: torch.Tensor, img_metas: Sequence[Mapping], lsm_cfg: Ma
 
 
 def image_lsm_regions(heatmap: torch.Tensor, content_hw: Sequence[int], view_hw: Sequence[int],
-                      lsm_cfg: Mapping = None) -> np.ndarray:
+                      lsm: Optional[LSMSettings] = None) -> np.ndarray:
     """LSM over a whole image larger than a view: (1,C,H,W) heatmap whose image fills [:h, :w] (content_hw) ->
     (K,4) int64 regions [x, y, w, h] in image pixels. The grid keeps a view's cell size (view_hw / LSM's grid)
     and the share of cells kept (topk_cells of the view's grid), so every part of the image is judged as a view
     there would be."""
-    cfg = {**LSM_DEFAULTS, **dict(lsm_cfg or {})}
+    lsm = lsm if lsm is not None else LSMSettings()
     h, w = int(content_hw[0]), int(content_hw[1])
-    gx, gy = (int(v) for v in cfg["grid"])
+    gx, gy = lsm.grid
     cell_w, cell_h = max(1, int(view_hw[1]) // gx), max(1, int(view_hw[0]) // gy)
     nx, ny = max(1, round(w / cell_w)), max(1, round(h / cell_h))
-    topk = max(1, round(int(cfg["topk_cells"]) * nx * ny / (gx * gy)))
+    topk = max(1, round(lsm.topk_cells * nx * ny / (gx * gy)))
     locmap = heatmap.detach()[:1, :, :h, :w].max(dim=1, keepdim=True)[0].float().cpu().numpy()
-    _, regions_image_xywh = find_clusters(locmap, grid=(nx, ny), topk_cells=topk, threshold=float(cfg["threshold"]))
+    _, regions_image_xywh = find_clusters(locmap, grid=(nx, ny), topk_cells=topk, threshold=float(lsm.threshold))
     return regions_image_xywh
 
 

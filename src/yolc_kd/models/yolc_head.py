@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from yolc_kd import crops
+from yolc_kd.crop_settings import LSMSettings
 from yolc_kd.data.view import meta_content, meta_to_image
 from yolc_kd.models.deform import DeformConv2d
 from yolc_kd.models.losses import build_loss, recomputed_in_backward
@@ -298,13 +299,12 @@ class YOLCHead(nn.Module):
         return regions_content_xywh
 
     @property
-    def lsm_cfg(self) -> Dict[str, object]:
-        """test_cfg.lsm over YOLC's constants (crops.LSM_DEFAULTS)."""
-        lsm = {k: v for k, v in dict(self.test_cfg.get("lsm", {})).items() if k in crops.LSM_DEFAULTS}
-        return {**crops.LSM_DEFAULTS, **lsm}
+    def lsm_cfg(self) -> LSMSettings:
+        """test_cfg.lsm over YOLC's constants (LSMSettings)."""
+        return LSMSettings.from_test_cfg(self.test_cfg)
 
     def _viz_dir(self, viz_dir: Optional[str]) -> str:
-        viz_dir = viz_dir or self.test_cfg.get("lsm", {}).get("viz_dir")
+        viz_dir = viz_dir or self.lsm_cfg.viz_dir
         if not viz_dir:
             raise ValueError("LSM visualisation needs viz_dir (or test_cfg.lsm.viz_dir)")
         return str(viz_dir)
