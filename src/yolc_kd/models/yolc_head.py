@@ -109,6 +109,7 @@ class YOLCHead(nn.Module):
                              .reshape(1, -1, 1, 1), persistent=False)
         self.train_cfg = dict(train_cfg or {})
         self.test_cfg = {**DEFAULT_TEST_CFG, **dict(test_cfg or {})}
+        self.lsm_cfg = LSMSettings.from_test_cfg(self.test_cfg)  # test_cfg.lsm over YOLC's constants, checked once
         self.heatmap_prior_prob = heatmap_prior_prob
         self.init_weights()
 
@@ -297,11 +298,6 @@ class YOLCHead(nn.Module):
                 regions_tensor_xywh = regions_content_xywh[i] + np.array([x0, y0, 0, 0])  # the binary map's frame
                 crops.save_cluster_png(binary, regions_tensor_xywh, Path(viz_dir) / f"lsm_{name}.png")
         return regions_content_xywh
-
-    @property
-    def lsm_cfg(self) -> LSMSettings:
-        """test_cfg.lsm over YOLC's constants (LSMSettings)."""
-        return LSMSettings.from_test_cfg(self.test_cfg)
 
     def _viz_dir(self, viz_dir: Optional[str]) -> str:
         viz_dir = viz_dir or self.lsm_cfg.viz_dir
