@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_model_cfg
 from yolc_kd.data.augment import AugmentConfig, TestTransform, TrainAugment
 from yolc_kd.data.photometric import apply_photometric
-from yolc_kd.data.view import CropPaste, HFlip, Resize, ViewTransform, meta_view
+from yolc_kd.data.view import CropPaste, HFlip, Resize, ViewTransform
+from yolc_kd.data.view_meta import meta_view
 from yolc_kd.errors import UserError
 from yolc_kd.models import build_detector
 
@@ -200,7 +201,7 @@ def test_detections_and_regions_leave_the_tensor_through_the_inverse_view():
     """meta_to_image is the one way from the tensor to the image: an mmdet-style meta's border and scale_factor
     (mmdet's meaning: boxes minus the border, divided by the scale factor), a predict-style view with a resize, and
     apply_xyxy's inverse round trip through a flip; inverted network boxes stay inverted (YOLC keeps them)."""
-    from yolc_kd.data.view import meta_rescale, meta_to_image
+    from yolc_kd.data.view_meta import meta_rescale, meta_to_image
 
     meta = dict(img_shape=(40, 60, 3), pad_shape=(48, 76, 3), border=np.array([4, 4, 8, 8], np.float32),
                 scale_factor=np.full(4, 0.5, np.float32))

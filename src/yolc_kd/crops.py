@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from yolc_kd.crop_settings import CropSettings, LSMSettings
-from yolc_kd.data.view import CropPaste, Resize, ViewTransform, meta_content
+from yolc_kd.data.view import CropPaste, Resize, ViewTransform
+from yolc_kd.data.view_meta import meta_content
 from yolc_kd.diskio import atomic_write
 
 

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from yolc_kd import crops
 from yolc_kd.data.augment import AugmentConfig, TestTransform, collate_test
-from yolc_kd.data.view import ViewTransform, meta_rescale, meta_to_image
+from yolc_kd.data.view import ViewTransform
+from yolc_kd.data.view_meta import meta_rescale, meta_to_image
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.images import display_path, load_image_rgb, read_image_size
 from yolc_kd.data.loading import check_images

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from yolc_kd import crops
-from yolc_kd.data.view import meta_rescale, meta_to_image, meta_view
+from yolc_kd.data.view_meta import meta_rescale, meta_to_image, meta_view
 from yolc_kd.errors import ModelConfigError
 from yolc_kd.models.hrfpn import HRFPN
 from yolc_kd.models import tiling

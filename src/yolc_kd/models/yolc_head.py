@@ -12,7 +12,7 @@ from torchvision.ops import batched_nms
 
 from yolc_kd import crops
 from yolc_kd.crop_settings import LSMSettings
-from yolc_kd.data.view import meta_content, meta_to_image
+from yolc_kd.data.view_meta import meta_content, meta_to_image
 from yolc_kd.models.deform import DeformConv2d
 from yolc_kd.models.losses import build_loss, recomputed_in_backward
 from yolc_kd.models.targets import yolc_targets
