@@ -463,7 +463,7 @@ def bench_image_size(tmp: Path, args, per_view: Dict[str, Any] = None) -> Tuple[
     lays = [layouts[i % len(layouts)] for i in range(n_images)]
     hws = [(int(lay["height"]), int(lay["width"])) for lay in lays]
     lo, hi = view_scale_range(aug_cfg, hws)
-    scales = auto_scales(lo, hi)                       # precompute --scales auto
+    scales = auto_scales(lo, hi)                       # precompute --scales auto --mirror off (3 plain scales)
     canvas = canvas_hw(hws, scales)
     try:  # precompute --regions auto, as precompute/run.py _image_layout calls it
         from yolc_kd.precompute.image_level import largest_scaled

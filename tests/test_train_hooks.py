@@ -317,15 +317,15 @@ def test_progress_hook_counts_from_the_resumed_iteration(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- LSM pictures, precise BN
-def test_lsm_hook_draws_the_steps_targets_but_not_callable_ones(tmp_path):
+def test_lsm_hook_draws_each_steps_targets(tmp_path):
     drawn = []
     t = StandIn(tmp_path)
     hook = LSMHook(lambda it, batch, targets: drawn.append((it, batch, targets)))
     t.iter, t.batch, t.kd_targets = 1, {"keys": [(0, 0)]}, "targets"
     hook.after_step(t)
-    t.iter, t.kd_targets = 2, lambda heat: "completed by the student's heatmap"
+    t.iter, t.batch, t.kd_targets = 2, {"keys": [(1, 0)]}, "more targets"
     hook.after_step(t)
-    assert drawn == [(0, {"keys": [(0, 0)]}, "targets")]
+    assert drawn == [(0, {"keys": [(0, 0)]}, "targets"), (1, {"keys": [(1, 0)]}, "more targets")]
 
 
 def test_precise_bn_hook_recomputes_saves_and_logs_after_a_finished_run_only(tmp_path):

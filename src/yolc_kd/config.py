@@ -6,7 +6,7 @@ import types
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
-from yolc_kd.crop_settings import CropSettings
+from yolc_kd.crop_settings import CropSettings, LSMSettings
 from yolc_kd.data.augment_config import AugmentConfig
 from yolc_kd.errors import ModelConfigError, UserError
 from yolc_kd.schedule_settings import DEFAULT_SECTIONS, ScheduleSettings
@@ -149,6 +149,7 @@ def _check_crop(model: Mapping, path: Path) -> None:
     if isinstance(test_cfg, Mapping):
         try:
             CropSettings.from_test_cfg(test_cfg)
+            LSMSettings.from_test_cfg(test_cfg)
         except ModelConfigError as exc:
             raise ModelConfigError(f"config {path}: {exc}") from None
 

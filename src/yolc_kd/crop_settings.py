@@ -58,8 +58,8 @@ class CropSettings:
 
     @classmethod
     def from_test_cfg(cls, test_cfg: Optional[Mapping]) -> "CropSettings":
-        """The crop settings of a model's test_cfg, its test_cfg.lsm checked too; an unknown key or a bad value is
-        one ModelConfigError naming the key."""
+        """The crop settings of a model's test_cfg (test_cfg.lsm is LSMSettings', which the head builds); an
+        unknown key or a bad value is one ModelConfigError naming the key."""
         test_cfg = test_cfg or {}
         crop = test_cfg.get("crop") or {}
         if not isinstance(crop, Mapping):
@@ -67,7 +67,6 @@ class CropSettings:
         unknown = [k for k in crop if k not in _TYPES]
         if unknown:
             raise ModelConfigError(f"unknown key test_cfg.crop.{unknown[0]} (known: {', '.join(_TYPES)})")
-        LSMSettings.from_test_cfg(test_cfg)
         return cls(**dict(crop))
 
     def replace(self, **changes: Any) -> "CropSettings":

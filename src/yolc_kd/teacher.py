@@ -66,13 +66,20 @@ def teacher_targets(teacher: YOLC, img: torch.Tensor, img_metas: List[Mapping],
     plan = crops.plan_kd_patches(regions_view_xywh, img.shape[2:], settings.max_patches_per_img,
                                  settings.min_patch_size, float(teacher.crop_cfg.enlarge),
                                  float(teacher.crop_cfg.upscale))
+    return _with_refine(teacher, plan, img, heat[0].float(), coarse[0].float())
+
+
+def _with_refine(teacher: YOLC, plan: crops.KDPatchPlan, img: torch.Tensor, heat: torch.Tensor,
+                 coarse: torch.Tensor) -> KDTargets:
+    """The KD targets of the views of img: its heatmap and coarse maps, and the plan's patches cut from img run
+    through the teacher's refine branch in one batched forward (zero maps in empty slots), float32."""
     patches = plan.cut(img)
     canvas = plan.canvas
     refine = img.new_zeros((img.shape[0], plan.valid.shape[1], 4, canvas[0] // BOX_STRIDE, canvas[1] // BOX_STRIDE),
                            dtype=torch.float32)
     if patches.shape[0]:
         refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
-    return KDTargets(heatmap=heat[0].float(), coarse=coarse[0].float(), patch_boxes=plan.boxes.to(img.device),
+    return KDTargets(heatmap=heat, coarse=coarse, patch_boxes=plan.boxes.to(img.device),
                      patch_scales=plan.scales.to(img.device), patch_valid=plan.valid.to(img.device), refine=refine)
 
 
@@ -103,14 +110,7 @@ def image_targets(teacher: YOLC, img: torch.Tensor, content_hw: Sequence[int], v
     plan = crops.plan_kd_patches([regions_image_xywh], (h, w), int(max_regions), settings.min_patch_size,
                                  float(teacher.crop_cfg.enlarge), float(teacher.crop_cfg.upscale),
                                  crops.patch_canvas(view_hw))
-    patches = plan.cut(img[:, :, :h, :w])
-    canvas = plan.canvas
-    refine = img.new_zeros((1, plan.valid.shape[1], 4, canvas[0] // BOX_STRIDE, canvas[1] // BOX_STRIDE),
-                           dtype=torch.float32)
-    if patches.shape[0]:
-        refine[plan.valid.to(img.device)] = teacher.patch_refine(patches).float()
-    return KDTargets(heatmap=heat, coarse=coarse, patch_boxes=plan.boxes.to(img.device),
-                     patch_scales=plan.scales.to(img.device), patch_valid=plan.valid.to(img.device), refine=refine)
+    return _with_refine(teacher, plan, img[:, :, :h, :w], heat, coarse)
 
 
 def expected_target_identity(cfg: Mapping, aug_cfg: Any, classes: Sequence[str]) -> Dict[str, Any]:

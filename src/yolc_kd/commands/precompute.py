@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from yolc_kd.cli_args import add_amp_args, add_data_args, add_device_arg, check_amp_args, check_count
 from yolc_kd.errors import UserError
@@ -77,30 +77,25 @@ def _variants(args: argparse.Namespace, cfg: dict, num_images: int) -> int:
     return k
 
 
-def _kind(args: argparse.Namespace) -> str:
-    """--kind auto: the kind of the finished cache at --out (a rerun resumes it), else view when --variants is
-    given, else image."""
-    from yolc_kd.cache.writer import open_existing
-
+def _kind(args: argparse.Namespace, existing: Optional[dict]) -> str:
+    """--kind auto: the kind of the finished cache at --out (`existing`, its manifest: a rerun resumes it), else
+    view when --variants is given, else image."""
     if args.kind != "auto":
         return args.kind
-    existing = open_existing(Path(args.out))
     if existing is not None:
-        return str(existing[1].get("kind", "view"))
+        return str(existing.get("kind", "view"))
     return "view" if args.variants is not None or args.train_iters is not None else "image"
 
 
-def _image_rows(args: argparse.Namespace, cfg: dict, coco: Any) -> Tuple[tuple, bool]:
-    """--kind image: (scales, mirrored) from --scales and --mirror (auto: as the image-level cache at --out
-    has it, so a rerun resumes it; else on when the augmentation flips)."""
-    from yolc_kd.cache.writer import open_existing
+def _image_rows(args: argparse.Namespace, cfg: dict, coco: Any, existing: Optional[dict]) -> Tuple[tuple, bool]:
+    """--kind image: (scales, mirrored) from --scales and --mirror (auto: as the image-level cache at --out,
+    `existing` its manifest, has it, so a rerun resumes it; else on when the augmentation flips)."""
     from yolc_kd.config import augment_config
     from yolc_kd.precompute.image_level import image_hws, parse_scales, view_scale_range
 
     aug_cfg = augment_config(cfg)
-    existing = open_existing(Path(args.out)) if args.mirror == "auto" else None
-    if existing is not None and existing[1].get("kind") == "image":
-        mirror = bool(existing[1].get("mirrored", False))
+    if args.mirror == "auto" and existing is not None and existing.get("kind") == "image":
+        mirror = bool(existing.get("mirrored", False))
     else:
         mirror = args.mirror == "on" or (args.mirror == "auto" and aug_cfg.flip_ratio > 0)
     return parse_scales(args.scales or "auto", *view_scale_range(aug_cfg, image_hws(coco)), mirrored=mirror), mirror
@@ -125,6 +120,7 @@ def _report_skipped(manifest: dict, out: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from yolc_kd.config import load_config, setting
     from yolc_kd.data.loading import check_config_counts, load_dataset, resolve_data
+    from yolc_kd.cache.writer import open_existing
     from yolc_kd.precompute.run import PrecomputeOptions, precompute
     from yolc_kd.runtime import resolve_device
 
@@ -136,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     check_config_counts(cfg)
     ann, images = resolve_data(cfg, args.ann, args.images)
     coco = load_dataset(cfg, ann, images)
-    kind = _kind(args)
+    found = open_existing(Path(args.out))
+    existing = found[1] if found is not None else None  # the manifest of a cache already at --out
+    kind = _kind(args, existing)
     image_kind = kind == "image"
     if image_kind and args.variants is not None:
         raise UserError("--variants is for --kind view (an image-level cache serves every view); use --scales")
@@ -146,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                         ("--regions", args.regions is not None)):
         if given and not image_kind:
             raise UserError(f"{flag} is for --kind image (a per-view cache holds each view as the student sees it)")
-    scales, mirror = _image_rows(args, cfg, coco) if image_kind else (None, False)
+    scales, mirror = _image_rows(args, cfg, coco, existing) if image_kind else (None, False)
     opts = PrecomputeOptions(
         out=Path(args.out), ckpt=args.ckpt, variants=1 if image_kind else _variants(args, cfg, len(coco)),
         kind=kind, scales=scales, regions=args.regions, mirror=mirror,

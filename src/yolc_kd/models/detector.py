@@ -61,7 +61,7 @@ class YOLC(nn.Module):
         head_cfg = dict(bbox_head)
         head_cfg.update(train_cfg=train_cfg, test_cfg=test_cfg)  # as mmdet's SingleStageDetector
         self.bbox_head = _build(head_cfg, {"YOLCHead": YOLCHead}, "bbox_head")
-        self.crop_cfg = crops.crop_config(test_cfg)  # test_cfg.crop (and .lsm) checked here, once
+        self.crop_cfg = crops.crop_config(test_cfg)  # test_cfg.crop checked here, once (.lsm: the head's)
         self.tile_cfg = crops.tile_config(test_cfg)
         self._network: Optional[Callable[[torch.Tensor], NetworkOutputs]] = None  # see use_network
 

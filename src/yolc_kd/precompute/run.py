@@ -28,7 +28,7 @@ from yolc_kd.data.coco import CocoDetection
 from yolc_kd.data.loading import OneLineLoader, check_images
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
-from yolc_kd.precompute.image_level import (ImageRows, auto_regions, auto_scales, canvas_hw, image_hws,
+from yolc_kd.precompute.image_level import (ImageRows, auto_regions, canvas_hw, image_hws, parse_scales,
                                             largest_scaled, view_scale_range)
 from yolc_kd.precompute.views import ViewJobs, image_ids_of, passthrough, plan_jobs
 from yolc_kd.progress import progress_bar
@@ -114,7 +114,8 @@ def _image_layout(teacher: nn.Module, coco: CocoDetection, opts: PrecomputeOptio
     """Image kind: a row per (image, scale) on a canvas holding the largest scaled image; the map strides and the
     refine canvas from a view's blank forward (_layout)."""
     hws = image_hws(coco)
-    scales = tuple(opts.scales) if opts.scales else auto_scales(*view_scale_range(aug_cfg, hws))
+    scales = tuple(opts.scales) if opts.scales else parse_scales("auto", *view_scale_range(aug_cfg, hws),
+                                                                 mirrored=opts.mirror)
     view = _layout(teacher, coco, opts, input_hw, settings)
     canvas = canvas_hw(hws, scales)
     stride = input_hw[0] // view.coarse_hw[0]

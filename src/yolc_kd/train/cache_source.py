@@ -19,6 +19,9 @@ from yolc_kd.kd import KDTargets
 from yolc_kd.teacher import expected_target_identity
 from yolc_kd.train.image_source import ImageCacheSource
 
+_TARGETS = target_specs()  # the table's KD target arrays, and what read() takes of a sample
+_READ = [t.name for t in _TARGETS] + ["fingerprint", "status", "aug_params"]
+
 class CacheTargetSource:
     """TargetSource over a finished cache: read() serves one sample's stored targets in the DataLoader workers
     (raises CacheError, a UserError, for a damaged or skipped sample); targets() dequantises the batch.
@@ -54,13 +57,12 @@ class CacheTargetSource:
             index = self.reader.index_of(image_id, variant)
         except (KeyError, IndexError) as exc:
             raise CacheError(str(exc.args[0] if exc.args else exc)) from None
-        targets = target_specs()
-        s = self.reader.read_sample(index, [t.name for t in targets] + ["fingerprint", "status", "aug_params"])
+        s = self.reader.read_sample(index, _READ)
         if int(s["status"]) != STATUS_OK:
             raise CacheError(f"cache sample (image id {image_id}, variant {variant}) was skipped at precompute: "
                              f"{str(s['aug_params'])}")
         # stored dtypes travel through the DataLoader (4x fewer bytes to collate); dequantize_targets() after
-        t = KDTargets(**{a.name: torch.from_numpy(np.asarray(s[a.name], a.dtype))[None] for a in targets})
+        t = KDTargets(**{a.name: torch.from_numpy(np.asarray(s[a.name], a.dtype))[None] for a in _TARGETS})
         return self.reader.fingerprint(s), t
 
 

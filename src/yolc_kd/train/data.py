@@ -33,8 +33,8 @@ class TargetSource(Protocol):
     def to(self, device: torch.device) -> "TargetSource":
         """Move what the source computes with to the training device."""
 
-    def targets(self, batch: Mapping[str, Any]) -> Any:
-        """KDTargets of a batch already on the device (or a function of the student's heatmap giving them)."""
+    def targets(self, batch: Mapping[str, Any]) -> KDTargets:
+        """KDTargets of a batch already on the device."""
 
     def sample_targets(self, image_id: int, variant: int, image: np.ndarray,
                        sample: AugmentedSample) -> Union[KDTargets, ImageViewTargets]:

@@ -221,7 +221,7 @@ class Trainer:
                 if not self._usable(batch):
                     continue
                 self.call_hooks("before_step")
-                self.last = self.step(_to_device(batch, self.device), self.iter)
+                self.last = self.step(self.to_device(batch), self.iter)
                 self.iter += 1
                 self.call_hooks("after_step")
                 self.batch = self.kd_targets = None

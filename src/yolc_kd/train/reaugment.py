@@ -31,7 +31,7 @@ def flip_targets(t: KDTargets, view_hw: tuple) -> KDTargets:
     heatmap, _ = flip.apply_map(t.heatmap)
     coarse, _ = flip.apply_box_map(t.coarse, BOX_STRIDE, unit=BOXES.unit(t.coarse))
     boxes_mirrored_xywh, valid, refine = t.patch_boxes.clone(), t.patch_valid.clone(), t.refine.clone()
-    plan = crops.KDPatchPlan.from_targets(t.patch_boxes, t.patch_scales, t.patch_valid, view_hw)
+    plan = t.patch_plan(view_hw)
     canvas = (BOX_STRIDE * t.refine.shape[-2], BOX_STRIDE * t.refine.shape[-1])
     for (b, k), size in zip(t.patch_valid.nonzero().tolist(), plan.sizes()):
         new_box = flip.apply_crop_boxes(t.patch_boxes[b, k][None])[0]

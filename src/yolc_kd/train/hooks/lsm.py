@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 class LSMHook(HookBase):
     """Draws each step's KD targets (the teacher's LSM map and crop boxes) until the visualizer has drawn its
-    batches. Targets that the student's heatmap completes inside its forward (a callable) are not drawn.
+    batches.
 
     Args:
         visualizer: writes the PNGs (train/lsm_viz.py).
@@ -22,6 +22,4 @@ class LSMHook(HookBase):
         self.visualizer = visualizer
 
     def after_step(self, trainer: "Trainer") -> None:
-        targets = trainer.kd_targets
-        if not callable(targets):
-            self.visualizer(trainer.iter - 1, trainer.batch, targets)
+        self.visualizer(trainer.iter - 1, trainer.batch, trainer.kd_targets)
