@@ -14,7 +14,8 @@ import zarr
 from conftest import (assert_same_arrays, cli_args, kill_9_inside_precompute, make_setup, subprocess_env,
                       verify_cache)
 from yolc_kd.cache.reader import CacheReader
-from yolc_kd.cache.schema import WRITE_CONFIG, padded, scaled_hw
+from yolc_kd.cache.schema import WRITE_CONFIG, padded
+from yolc_kd.data.view_steps import scaled_hw
 from yolc_kd.cache.verify import check_cache
 from yolc_kd.cli import main
 

@@ -159,7 +159,7 @@ def augment_config(cfg: Mapping) -> AugmentConfig:
     crop_size_order."""
     order = cfg.get("crop_size_order")
     return AugmentConfig.from_pipeline(cfg.get("train_pipeline"), cfg.get("test_pipeline"),
-                                       **({} if order is None else dict(crop_size_order=order)))
+                                       crop_size_order=order)
 
 
 def num_classes_of(model_cfg: Mapping) -> int:

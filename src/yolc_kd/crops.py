@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms
 
 from yolc_kd.crop_settings import CropSettings, LSMSettings
 from yolc_kd.data.view import CropPaste, Resize, ViewTransform
+from yolc_kd.data.view_steps import scaled_hw
 from yolc_kd.data.view_meta import meta_content
 from yolc_kd.diskio import atomic_write
 
@@ -171,6 +172,7 @@ def build_patch_meta(meta: Mapping, patch_shape: Sequence[int], box_tensor_xywh:
     sx, sy = (scale, scale) if np.isscalar(scale) else scale
     m["scale_factor"] = np.array([sx, sy, sx, sy], dtype=np.float32)
     m["border"] = np.zeros(4, dtype=np.float32)
+    m.pop("view", None)  # the image's view is not the patch's: its fields above describe the patch
     return m
 
 
@@ -330,7 +332,7 @@ class PatchPlan(ABC):
         slots, boxes, scales = self.host()
         for i, k in slots:
             x1, y1, x2, y2 = crop_bounds(boxes[i, k], self.view_hw)
-            out.append(self._fit(_resized_hw(y2 - y1, x2 - x1, float(scales[i, k]))))
+            out.append(self._fit(scaled_hw((y2 - y1, x2 - x1), float(scales[i, k]))))
         return out
 
     def _resized(self, img: torch.Tensor) -> List[torch.Tensor]:
@@ -462,7 +464,7 @@ def plan_inference_patches(regions_content_xywh: Sequence[np.ndarray], img_metas
                 scale = min(scale, (max(left, 0.0) / (w * h)) ** 0.5)
                 if scale < 1.0:
                     continue
-                rh, rw = _resized_hw(h, w, scale)
+                rh, rw = scaled_hw((h, w), scale)
                 left -= rh * rw
             boxes[i, k] = torch.tensor([x + ox, y + oy, w, h], dtype=torch.float32)
             scales[i, k] = scale
@@ -470,11 +472,6 @@ def plan_inference_patches(regions_content_xywh: Sequence[np.ndarray], img_metas
             kept.append(k)
         regions.append(regs[kept] if budget is not None else regs)
     return InferencePatchPlan(boxes, scales, valid, canvas, view_hw, regions)
-
-
-def _resized_hw(h: int, w: int, scale: float) -> Tuple[int, int]:
-    """(h, w) of a crop resized by scale (PatchPlan.sizes and the patch budget round alike)."""
-    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 def patch_view(box_view_xywh: Sequence[float], size_hw: Sequence[int], view_hw: Sequence[int],

@@ -28,7 +28,8 @@ import torch
 
 from yolc_kd import crops
 from yolc_kd.cache.codec import BOXES, HEATMAP
-from yolc_kd.cache.schema import Layout, scaled_hw
+from yolc_kd.cache.schema import Layout
+from yolc_kd.data.view_steps import scaled_hw
 from yolc_kd.data.view import ViewTransform
 from yolc_kd.data.view_steps import HFlip, Resize
 from yolc_kd.kd import KDTargets

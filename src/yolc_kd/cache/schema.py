@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
@@ -108,11 +108,6 @@ class Layout:
 
 
 PAD_DIVISOR = 32  # an image-kind row's teacher input: its scaled image padded to multiples of this
-
-
-def scaled_hw(hw: Sequence[int], scale: float) -> Tuple[int, int]:
-    """(h, w) of an image resized by scale (at least one pixel, Python's round): an image-kind row's frame."""
-    return max(1, round(int(hw[0]) * scale)), max(1, round(int(hw[1]) * scale))
 
 
 def padded(n: int) -> int:

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from yolc_kd.cache.arrays import IMAGE_IDS, STATUS_OK, STATUS_SKIPPED, sample_specs
-from yolc_kd.cache.schema import scaled_hw
+from yolc_kd.data.view_steps import scaled_hw
 
 
 _MAX_RANGES = 6                            # sample ranges shown in one fault line

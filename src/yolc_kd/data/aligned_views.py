@@ -23,7 +23,7 @@ from .augment import (AUGMENT_VERSION, AugmentConfig, AugmentedSample, TrainAugm
 from .augment_config import rescale_size
 from .photometric import apply_photometric, draw_photometric
 from .view import ViewTransform
-from .view_steps import CropPaste, HFlip, Resize, fill_rgb
+from .view_steps import CropPaste, HFlip, Resize, fill_rgb, scaled_hw
 
 DEFAULT_GRID = 8  # px of the scaled image: the teacher's output repeats under shifts by multiples of 8 (measured)
 
@@ -62,7 +62,7 @@ class AlignedViews(TrainAugment):
         ch, cw = crop["crop_hw"] if crop is not None else (h, w)
         nw, _ = rescale_size(cw, ch, cfg.img_scale, cfg.keep_ratio)
         scale = self._nearest(nw / cw)
-        sh, sw = max(1, round(h * scale)), max(1, round(w * scale))  # = cache.schema.scaled_hw (data: no cache import)
+        sh, sw = scaled_hw((h, w), scale)  # the cached row's size
         H, W = self.input_h, self.input_w
         cx, cy = crop["center_xy"] if crop is not None else (w / 2, h / 2)
         # window origin in the scaled image: on the row's grid (a mirrored row's grid runs from the right edge)

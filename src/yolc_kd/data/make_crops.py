@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from yolc_kd.crop_settings import LSMSettings
 from yolc_kd.crops import find_clusters, select_regions
 from yolc_kd.data.coco import CocoDetection, _load_json
 from yolc_kd.data.images import PathLike, display_path, load_image_rgb
@@ -31,8 +32,7 @@ from yolc_kd.models.targets import draw_gaussians, gaussian_radius
 MARKER = ".yolc-kd-make-crops"  # written first, so a re-run (also after a crash) may reuse the folder
 ANN_NAME = "annotations.json"
 JPEG_QUALITY = 95  # cv2.imwrite's default, which gen_crop.py uses
-LSM_GRID = (16, 10)
-LSM_TOPK_CELLS = 15
+LSM = LSMSettings()  # YOLC's LSM constants, as gen_crop.py uses them
 
 
 @dataclass
@@ -93,9 +93,9 @@ def crop_regions(boxes: np.ndarray, img_hw: Sequence[int], crops_per_image: int 
     h, w = int(img_hw[0]), int(img_hw[1])
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     # gen_crop.py fails on an image without boxes; here it simply gets no crop (LSM needs >= 1 cell pixel too)
-    if not len(boxes) or w < LSM_GRID[0] or h < LSM_GRID[1]:
+    if not len(boxes) or w < LSM.grid[0] or h < LSM.grid[1]:
         return np.zeros((0, 4), dtype=np.int64)
-    _, coords = find_clusters(gt_heatmap(boxes, (h, w)), grid=LSM_GRID, topk_cells=LSM_TOPK_CELLS)
+    _, coords = find_clusters(gt_heatmap(boxes, (h, w)), grid=LSM.grid, topk_cells=LSM.topk_cells)
     top = largest_regions(coords, crops_per_image, min_size)
     # clamped to [0, W] and rounded (gen_crop.py clamps to W-1 and truncates, losing the last row/column)
     regions = select_regions(top, (h, w), max_patches=len(top), min_size=0, enlarge=enlarge)
@@ -301,7 +301,7 @@ def make_crop_dataset(ann_file: PathLike, image_root: PathLike, out_dir: PathLik
     if not len(coco):
         raise UserError(f"{ann_shown} lists no images")
     rels = [coco.image_info(i)["file_name"] for i in range(len(coco))]
-    _check_names(rels, min(crops_per_image, LSM_TOPK_CELLS))  # LSM yields at most one region per cell
+    _check_names(rels, min(crops_per_image, LSM.topk_cells))  # LSM yields at most one region per cell
 
     anns = raw.get("annotations") or []
     image_ids = {coco.image_info(i)["id"]: i for i in range(len(coco))}

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from yolc_kd.errors import UserError
+from yolc_kd.stride import BOX_STRIDE
 
 from .augment_config import AUGMENT_VERSION, AugmentConfig
 from .view_steps import HW, Affine, CropPaste, HFlip, Rect, Resize, Step, clip_xyxy, fill_rgb, step_from_dict
@@ -434,7 +435,7 @@ class ViewTransform:
         out = F.grid_sample(flat, grid[None], mode="bilinear", padding_mode="border", align_corners=False)
         return _round_into(out.reshape(*lead, *n_out), x.dtype), valid
 
-    def apply_box_map(self, x: torch.Tensor, stride: int = 4, out_stride: Optional[int] = None,
+    def apply_box_map(self, x: torch.Tensor, stride: int = BOX_STRIDE, out_stride: Optional[int] = None,
                       out_size: Optional[Sequence[int]] = None, unit: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
         """YOLC's box maps (..., 4, h, w) at `stride` (cell (x, y) holds dx, dy, w/2, h/2 in cells times `unit`:
         box centre ((x + dx) s, (y + dy) s), half sizes (w/2 s, h/2 s) in pixels, as decode_xywh_to_bbox reads

@@ -86,6 +86,12 @@ def _const(like: Any, values: Sequence[float]) -> Any:
     return like.new_tensor(values)
 
 
+def scaled_hw(hw: Sequence[int], scale: float) -> HW:
+    """(h, w) of a frame resized by scale (at least one pixel, Python's round): an image-level cache row, an aligned
+    view's scaled image and a resized patch all round so."""
+    return max(1, round(int(hw[0]) * scale)), max(1, round(int(hw[1]) * scale))
+
+
 def clip_xyxy(boxes: np.ndarray, hw: HW) -> np.ndarray:
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, hw[1])
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, hw[0])

@@ -256,8 +256,8 @@ class Predictor:
                         f"{tiling.gib(available)} of memory is available: {hint}")
 
     def _prepare(self, img: np.ndarray) -> Tuple[torch.Tensor, dict]:
-        """The test transform of one image, downscaled first when input_hw says so (its meta's scale_factor
-        then maps boxes back to the image's own pixels)."""
+        """The test transform of one image, downscaled first when input_hw says so (the Resize step at the head
+        of its meta's view then maps boxes and regions back to the image's own pixels)."""
         h, w = img.shape[:2]
         nh, nw = self.input_hw(h, w)
         if (nh, nw) == (h, w):

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from yolc_kd.cache.image_view import row_frame
 from yolc_kd.cache.arrays import IMAGE_MAP_TILE, STATUS_OK, STATUS_SKIPPED
-from yolc_kd.cache.schema import padded, scaled_hw
+from yolc_kd.cache.schema import padded
+from yolc_kd.data.view_steps import scaled_hw
 from yolc_kd.data.augment import AugmentConfig, fingerprint_image, normalise, rescale_size
 from yolc_kd.data.coco import CocoDetection
 from yolc_kd.errors import UserError

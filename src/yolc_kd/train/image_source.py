@@ -13,7 +13,7 @@ import torch
 from yolc_kd.cache import image_view
 from yolc_kd.cache.arrays import STATUS_OK, dequantize_targets
 from yolc_kd.cache.reader import CacheError, CacheReader
-from yolc_kd.cache.schema import scaled_hw
+from yolc_kd.data.view_steps import scaled_hw
 from yolc_kd.data.augment import AugmentedSample, fingerprint_image
 from yolc_kd.errors import UserError
 from yolc_kd.kd import KDTargets
